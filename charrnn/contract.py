@@ -1,0 +1,81 @@
+"""The tensor contract between the exported model, the Triton configs and the client: defined once, here.
+
+Every served model (TensorRT, ONNX Runtime, python backend) shows clients the same interface:
+
+    INPUT_IDS  int32 (B, T)          T >= 1: a prompt chunk, or the one last sampled character
+    LOGITS     fp32  (B, V)          next-character logits after the last input position
+
+The exported ONNX graph / TensorRT plan also carries the recurrent state explicitly, as ONE packed tensor
+(Triton pairs several implicit states by sorted position, not by name: server issue #8586):
+
+    STATE_IN   fp32  (B, S, L, H)    S = 2 for LSTM (h, c), 1 for GRU / SimpleRNN; L layers; H hidden
+    STATE_OUT  fp32  (B, S, L, H)
+
+Batch is first everywhere so Triton's implicit state (dims exclude batch) and batching work.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+INPUT_IDS = "INPUT_IDS"
+LOGITS = "LOGITS"
+STATE_IN = "STATE_IN"
+STATE_OUT = "STATE_OUT"
+
+# Triton / ONNX / NumPy spellings of the two dtypes the contract uses.
+IDS_DTYPE = np.int32
+FLOAT_DTYPE = np.float32
+TRITON_DTYPE = {np.dtype(np.int32): "INT32", np.dtype(np.float32): "FP32"}
+
+# Serving limits (also the TensorRT optimization profile).
+MAX_BATCH_SIZE = 64  # sequences per execution
+MAX_T = 256  # characters per request (longer prompts are sent in chunks)
+
+# Sequence batcher: an idle sequence is freed after this (Triton's default of 1 s is far too short).
+MAX_SEQUENCE_IDLE_US = 60_000_000
+
+# Model config parameter that carries the vocabulary to clients (JSON of charrnn.vocab.Vocab).
+VOCAB_PARAMETER = "vocab_json"
+
+CELLS = ("lstm", "gru", "rnn")
+
+
+def state_slots(cell: str) -> int:
+    """S: how many per-layer vectors a cell carries (LSTM: h and c)."""
+    if cell not in CELLS:
+        raise ValueError(f"cell must be one of {CELLS}, got {cell!r}")
+    return 2 if cell == "lstm" else 1
+
+
+@dataclass(frozen=True)
+class Contract:
+    """Shapes of the four tensors for one model; -1 marks a dynamic dim (batch, T)."""
+
+    cell: str
+    layers: int
+    hidden: int
+    vocab_size: int
+
+    @property
+    def state_dims(self) -> tuple[int, int, int]:
+        """State dims without the batch dim (what Triton's `state { dims }` wants)."""
+        return (state_slots(self.cell), self.layers, self.hidden)
+
+    def inputs(self) -> dict[str, tuple[np.dtype, tuple[int, ...]]]:
+        """name -> (dtype, full shape with batch) of the exported graph's inputs."""
+        return {
+            INPUT_IDS: (np.dtype(IDS_DTYPE), (-1, -1)),
+            STATE_IN: (np.dtype(FLOAT_DTYPE), (-1, *self.state_dims)),
+        }
+
+    def outputs(self) -> dict[str, tuple[np.dtype, tuple[int, ...]]]:
+        return {
+            LOGITS: (np.dtype(FLOAT_DTYPE), (-1, self.vocab_size)),
+            STATE_OUT: (np.dtype(FLOAT_DTYPE), (-1, *self.state_dims)),
+        }
+
+    def zero_state(self, batch: int) -> np.ndarray:
+        return np.zeros((batch, *self.state_dims), dtype=FLOAT_DTYPE)

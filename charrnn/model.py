@@ -1,0 +1,162 @@
+"""The char-RNN in Keras: embedding -> N x (LSTM | GRU | SimpleRNN) -> Dense(vocab), and its model directory.
+
+Default = NVIDIA sampleCharRNN: embedding 512 -> 2 x LSTM 512 -> Dense(65). The recurrent state is explicit
+(`call(ids, state)` returns the new state) so the same weights run as a trainer, a reference sampler and an
+exported step function (`INPUT_IDS`, `STATE_IN` -> `LOGITS`, `STATE_OUT`; see charrnn.contract).
+
+A model directory describes itself (char-rnn style): config.json, vocab.json, model.weights.h5, model_card.json.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")  # a visible GPU makes Keras emit CudnnRNNV3, which tf2onnx can't convert
+
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+import keras  # noqa: E402
+
+from charrnn.contract import CELLS, Contract, state_slots  # noqa: E402
+from charrnn.errors import UserError  # noqa: E402
+from charrnn.vocab import Vocab  # noqa: E402
+
+CONFIG_FILE = "config.json"
+VOCAB_FILE = "vocab.json"
+WEIGHTS_FILE = "model.weights.h5"
+CARD_FILE = "model_card.json"
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture; everything needed to rebuild the model before loading weights."""
+
+    vocab_size: int
+    cell: str = "lstm"
+    layers: int = 2
+    hidden: int = 512
+    embedding: int = 512
+    dropout: float = 0.0  # between layers, training only
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.cell in CELLS, "cell", f"must be one of {', '.join(CELLS)}, got {self.cell!r}"),
+            (self.layers >= 1, "layers", f"must be >= 1, got {self.layers}"),
+            (self.hidden >= 1, "hidden size", f"must be >= 1, got {self.hidden}"),
+            (self.embedding >= 1, "embedding size", f"must be >= 1, got {self.embedding}"),
+            (0.0 <= self.dropout < 1.0, "dropout", f"must be in [0, 1), got {self.dropout}"),
+            (self.vocab_size >= 2, "vocabulary", f"needs >= 2 characters, got {self.vocab_size}"),
+        ]
+        for ok, what, why in checks:
+            if not ok:
+                raise UserError(what, why, "fix the flag or config.json")
+
+    @property
+    def contract(self) -> Contract:
+        return Contract(self.cell, self.layers, self.hidden, self.vocab_size)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise UserError(CONFIG_FILE, f"unknown keys {sorted(unknown)}", "check the model directory")
+        return cls(**d)
+
+
+_RNN_LAYER = {"lstm": keras.layers.LSTM, "gru": keras.layers.GRU, "rnn": keras.layers.SimpleRNN}
+
+
+class CharRNN(keras.Model):
+    """Embedding -> stacked RNN -> Dense. `call` takes and returns the packed state (B, S, L, H)."""
+
+    def __init__(self, config: ModelConfig, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.config = config
+        c = config
+        self.embed = keras.layers.Embedding(c.vocab_size, c.embedding, name="embedding")
+        self.rnns = [
+            _RNN_LAYER[c.cell](c.hidden, return_sequences=True, return_state=True, name=f"{c.cell}_{i}")
+            for i in range(c.layers)
+        ]
+        self.drop = keras.layers.Dropout(c.dropout)
+        self.head = keras.layers.Dense(c.vocab_size, name="head")
+
+    def zero_state(self, batch) -> tf.Tensor:
+        return tf.zeros([batch, *self.config.contract.state_dims], tf.float32)
+
+    def call(self, ids, state=None, training=False):
+        """ids (B, T) int32, state (B, S, L, H) or None -> logits (B, T, V), state (B, S, L, H)."""
+        if state is None:
+            state = self.zero_state(tf.shape(ids)[0])
+        x = self.embed(ids)  # (B, T, E)
+        new_layers = []
+        for layer_index, rnn in enumerate(self.rnns):
+            x = self.drop(x, training=training)
+            initial = [state[:, s, layer_index, :] for s in range(state_slots(self.config.cell))]  # S x (B, H)
+            x, *final = rnn(x, initial_state=initial, training=training)  # x (B, T, H)
+            new_layers.append(tf.stack(final, axis=1))  # (B, S, H)
+        x = self.drop(x, training=training)
+        logits = self.head(x)  # (B, T, V)
+        return logits, tf.stack(new_layers, axis=2)  # (B, S, L, H)
+
+    def step(self, ids, state):
+        """The exported function: logits after the LAST position only. (B, T), (B,S,L,H) -> (B, V), (B,S,L,H)."""
+        logits, new_state = self(ids, state, training=False)
+        return logits[:, -1, :], new_state
+
+
+def build_model(config: ModelConfig) -> CharRNN:
+    model = CharRNN(config)
+    model(tf.zeros([1, 1], tf.int32))  # create the weights
+    return model
+
+
+# --- model directory ----------------------------------------------------------------------------
+
+
+def save_model_dir(out: str | Path, model: CharRNN, vocab: Vocab, card: dict | None = None) -> None:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / CONFIG_FILE).write_text(model.config.to_json() + "\n")
+    vocab.save(out / VOCAB_FILE)
+    model.save_weights(str(out / WEIGHTS_FILE))
+    if card is not None:
+        (out / CARD_FILE).write_text(json.dumps(card, indent=2) + "\n")
+
+
+def load_model_dir(path: str | Path) -> tuple[CharRNN, Vocab, dict]:
+    """Rebuild the model from a model directory; returns (model, vocab, model card or {})."""
+    path = Path(path)
+    fix = "pass a directory written by `make train` (config.json, vocab.json, model.weights.h5)"
+    if not path.is_dir():
+        raise UserError(str(path), "model directory not found", fix)
+    for name in (CONFIG_FILE, VOCAB_FILE, WEIGHTS_FILE):
+        if not (path / name).is_file():
+            raise UserError(str(path), f"missing {name}", fix)
+    try:
+        config = ModelConfig.from_dict(json.loads((path / CONFIG_FILE).read_text()))
+    except ValueError as e:
+        raise UserError(str(path / CONFIG_FILE), f"not valid JSON ({e})", fix) from e
+    vocab = Vocab.load(path / VOCAB_FILE)
+    if len(vocab) != config.vocab_size:
+        raise UserError(
+            str(path),
+            f"vocabulary mismatch: vocab.json has {len(vocab)} characters, the model {config.vocab_size}",
+            "use the vocab.json the model was trained with",
+        )
+    model = build_model(config)
+    try:
+        model.load_weights(str(path / WEIGHTS_FILE))
+    except Exception as e:  # h5py/keras raise many types for a corrupt or mismatched file
+        raise UserError(str(path / WEIGHTS_FILE), f"cannot load weights ({type(e).__name__}: {e})", fix) from e
+    card_path = path / CARD_FILE
+    card = json.loads(card_path.read_text()) if card_path.is_file() else {}
+    return model, vocab, card

@@ -1,0 +1,1 @@
+"""Stage 1 of the pipeline: data -> trained TensorFlow model directory (train, evaluate, sample)."""
