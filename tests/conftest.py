@@ -1,0 +1,50 @@
+"""Shared fixtures: the corpus, a tiny model trained for real by the project's trainer, free ports."""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+CORPUS = ROOT / "data" / "tinyshakespeare.txt"
+SHIPPED_MODEL = ROOT / "models" / "shakespeare-lstm-2x512"
+PY = sys.executable
+
+os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+# Small but real: trained by train.train on the real corpus (a few seconds on 2 cores).
+TINY_FLAGS = ["--hidden-size", "48", "--embedding-size", "16", "--num-layers", "2", "--dropout", "0",
+              "--batch-size", "16", "--seq-length", "50", "--max-steps", "60", "--eval-every", "30",
+              "--checkpoint-every", "30", "--learning-rate", "0.01", "--quiet"]
+
+
+@pytest.fixture(scope="session")
+def corpus() -> Path:
+    if not CORPUS.is_file():
+        pytest.fail(f"{CORPUS} missing: run `make data` (make test does it)")
+    return CORPUS
+
+
+def train_tiny(out: Path, extra: list[str] | None = None) -> Path:
+    from train.train import main
+
+    rc = main(["--data", str(CORPUS), "--out", str(out), *TINY_FLAGS, *(extra or [])])
+    assert rc == 0, f"tiny training failed with exit code {rc}"
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model(corpus, tmp_path_factory) -> Path:
+    """A 2x48 LSTM model directory trained for 60 steps (shared by the whole session: don't modify)."""
+    return train_tiny(tmp_path_factory.mktemp("tiny") / "tiny-lstm")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
