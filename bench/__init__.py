@@ -1,0 +1,1 @@
+"""Benchmarks: perf_analyzer input data and scripts for the Triton services."""

@@ -1,0 +1,1 @@
+"""Serving: what the Triton containers serve (docker-compose.yml, serve/Dockerfile)."""

@@ -1,0 +1,16 @@
+"""The models of model_repository/ that the Triton services serve: named once, here.
+
+docker-compose.yml serves all of them on a GPU host (`triton`) and the ones in CPU_MODELS on a CPU-only host
+(`triton-cpu`, which mounts those model folders one by one so Triton never sees the GPU-only TensorRT model).
+tests/test_compose.py imports this module and checks that every model folder the compose file names is listed
+here, so a rename shows up as a failing test instead of a container that silently serves nothing.
+
+The folders themselves (config.pbtxt, model.onnx, model.plan) are produced by `make export` and
+`python -m export.build_plan`; they need not exist for the compose file to be checked.
+"""
+
+SERVED_MODELS = ("charrnn_trt", "charrnn_onnx", "charrnn_python")
+
+# TensorRT plans run only on the GPU they were built for; the other two run on CPU (or GPU, for ONNX Runtime).
+GPU_ONLY_MODELS = ("charrnn_trt",)
+CPU_MODELS = tuple(m for m in SERVED_MODELS if m not in GPU_ONLY_MODELS)

@@ -1,0 +1,285 @@
+"""docker-compose.yml, serve/Dockerfile and bench/perf.sh, checked statically.
+
+Our machines have no Docker engine and no GPU, so nothing here starts a container: the checks are on the parsed
+YAML (PyYAML, anchors and `<<` merges resolved as Compose resolves them) and on the text of the Dockerfile and the
+perf script, against the rules in the README's "Production: docker compose on a GPU host".
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from serve.models import CPU_MODELS, GPU_ONLY_MODELS, SERVED_MODELS
+
+ROOT = Path(__file__).resolve().parent.parent
+COMPOSE_FILE = ROOT / "docker-compose.yml"
+DOCKERFILE = ROOT / "serve" / "Dockerfile"
+PERF_SH = ROOT / "bench" / "perf.sh"
+
+SERVER_SERVICES = ("triton", "triton-cpu")
+PROFILES = {"triton": None, "triton-cpu": ["cpu"], "export-trt": ["export"], "perf": ["perf"]}
+RELEASE_VAR = re.compile(r"\$\{TRITON_RELEASE(?::-([^}]*))?\}")
+# Restricted-API categories Triton knows (src/restricted_features.h) and the ones we lock.
+KNOWN_CATEGORIES = {"health", "metadata", "inference", "shared-memory", "model-config", "model-repository",
+                    "statistics", "trace", "logging"}
+LOCKED = {"model-repository", "shared-memory", "logging", "trace"}
+# What clients and perf_analyzer use; locking any of these would break serving or benchmarking.
+MUST_STAY_OPEN = {"health", "metadata", "inference", "model-config", "statistics"}
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict:
+    return yaml.safe_load(COMPOSE_FILE.read_text())
+
+
+@pytest.fixture(scope="module")
+def services(compose) -> dict:
+    return compose["services"]
+
+
+def command_args(service: dict) -> list[str]:
+    cmd = service.get("command", [])
+    return shlex.split(cmd) if isinstance(cmd, str) else [str(a) for a in cmd]
+
+
+def flag_values(args: list[str], flag: str) -> list[str]:
+    return [a.split("=", 1)[1] for a in args if a.startswith(flag + "=")]
+
+
+def bind_mounts(service: dict) -> list[dict]:
+    """Every volume as {source, target, read_only}, short or long syntax."""
+    out = []
+    for v in service.get("volumes", []):
+        if isinstance(v, str):
+            parts = v.split(":")
+            out.append({"source": parts[0], "target": parts[1], "read_only": parts[2:] == ["ro"], "type": "bind"})
+        else:
+            out.append({"source": v.get("source"), "target": v["target"], "read_only": bool(v.get("read_only")),
+                        "type": v["type"]})
+    return out
+
+
+def all_strings(node) -> list[str]:
+    if isinstance(node, str):
+        return [node]
+    if isinstance(node, dict):
+        return [s for k, v in node.items() for s in all_strings(k) + all_strings(v)]
+    if isinstance(node, list):
+        return [s for v in node for s in all_strings(v)]
+    return []
+
+
+# ---- services and profiles ----------------------------------------------------------------------------------
+
+def test_yaml_parses_and_has_the_four_services(services):
+    assert set(PROFILES) <= set(services)
+
+
+@pytest.mark.parametrize("name", PROFILES)
+def test_profiles(services, name):
+    assert services[name].get("profiles") == PROFILES[name]
+
+
+def test_server_services_are_exactly_the_ones_running_tritonserver(services):
+    running = {n for n, s in services.items() if command_args(s)[:1] == ["tritonserver"]}
+    assert running == set(SERVER_SERVICES)
+
+
+# ---- network exposure -----------------------------------------------------------------------------------------
+
+def test_every_port_binds_loopback_only(services):
+    seen = 0
+    for name, s in services.items():
+        for p in s.get("ports", []):
+            seen += 1
+            if isinstance(p, dict):
+                assert p.get("host_ip") == "127.0.0.1", f"{name}: {p}"
+            else:
+                assert isinstance(p, str) and p.startswith("127.0.0.1:"), f"{name}: port {p!r} not on 127.0.0.1"
+    assert seen, "no ports published at all"
+
+
+@pytest.mark.parametrize("name", SERVER_SERVICES)
+def test_server_ports_http_grpc_metrics(services, name):
+    published = {p.split(":")[-1] for p in services[name]["ports"]}
+    assert published == {"8000", "8001", "8002"}
+
+
+# ---- server flags ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", SERVER_SERVICES)
+def test_server_hardening_flags(services, name):
+    args = command_args(services[name])
+    assert flag_values(args, "--model-repository") == ["/models"]
+    assert flag_values(args, "--model-control-mode") == ["none"]
+    assert flag_values(args, "--strict-readiness") == ["true"]
+    assert not any(a.startswith("--load-model") for a in args), "--load-model only applies to explicit mode"
+    (timeout,) = flag_values(args, "--exit-timeout-secs")
+    grace = services[name]["stop_grace_period"]
+    assert grace.endswith("s") and int(grace[:-1]) > int(timeout), "Docker would SIGKILL before Triton's timeout"
+
+
+@pytest.mark.parametrize("name", SERVER_SERVICES)
+@pytest.mark.parametrize("flag", ["--http-restricted-api", "--grpc-restricted-protocol"])
+def test_restricted_apis(services, name, flag):
+    (value,) = flag_values(command_args(services[name]), flag)
+    # Syntax per the docs (fact sheet 7.2): <categories>:<key>=<value>, with a colon.
+    m = re.fullmatch(r"([a-z,-]+):([A-Za-z0-9-]+)=(.+)", value)
+    assert m, f"{flag}={value} is not <apis>:<key>=<value>"
+    categories = set(m.group(1).split(","))
+    assert categories <= KNOWN_CATEGORIES
+    assert categories == LOCKED
+    assert not categories & MUST_STAY_OPEN
+    # The key comes from the environment and has no default: a default written here would be public.
+    assert re.fullmatch(r"\$\{TRITON_ADMIN_KEY:\?[^}$]+\}", m.group(3)), m.group(3)
+
+
+@pytest.mark.parametrize("name", SERVER_SERVICES)
+def test_healthcheck_shm_and_user(services, name):
+    s = services[name]
+    test = s["healthcheck"]["test"]
+    assert test[0] == "CMD" and "curl" in test[1]
+    assert any(a.endswith(":8000/v2/health/ready") for a in test)
+    assert s["shm_size"]
+    assert s.get("user") == "triton-server"
+
+
+# ---- GPU ------------------------------------------------------------------------------------------------------
+
+def gpu_devices(service: dict) -> list[dict]:
+    return (((service.get("deploy") or {}).get("resources") or {}).get("reservations") or {}).get("devices", [])
+
+
+@pytest.mark.parametrize("name", ["triton", "export-trt"])
+def test_gpu_reserved(services, name):
+    (dev,) = gpu_devices(services[name])
+    assert dev["driver"] == "nvidia" and dev["capabilities"] == ["gpu"]
+
+
+@pytest.mark.parametrize("name", ["triton-cpu", "perf"])
+def test_no_gpu(services, name):
+    assert not gpu_devices(services[name])
+
+
+# ---- mounts and models ----------------------------------------------------------------------------------------
+
+def test_every_host_path_exists_or_is_a_served_model_folder(services):
+    for name, s in services.items():
+        for m in bind_mounts(s):
+            assert m["type"] == "bind", f"{name}: only bind mounts expected"
+            rel = Path(m["source"])
+            assert not rel.is_absolute(), f"{name}: {rel} must be relative to the repository"
+            parts = (ROOT / rel).resolve().relative_to(ROOT).parts
+            # model_repository/* is produced by `make export`; the names must be ones we serve.
+            if parts[:1] == ("model_repository",):
+                assert len(parts) <= 2, f"{name}: mount {rel} inside a model folder"
+                assert len(parts) == 1 or parts[1] in SERVED_MODELS, f"{name}: {rel} is not in SERVED_MODELS"
+            else:
+                assert (ROOT / rel).exists(), f"{name}: host path {rel} does not exist in the repository"
+
+
+def test_every_model_named_is_served():
+    named = set(re.findall(r"model_repository/([A-Za-z0-9_]+)", COMPOSE_FILE.read_text()))
+    named |= set(re.findall(r"\b(charrnn_[a-z0-9_]+)\b", COMPOSE_FILE.read_text()))
+    assert named and named <= set(SERVED_MODELS), named - set(SERVED_MODELS)
+
+
+def test_gpu_server_serves_the_whole_repository_read_only(services):
+    (m,) = bind_mounts(services["triton"])
+    assert (Path(m["source"]).parts, m["target"], m["read_only"]) == (("model_repository",), "/models", True)
+
+
+def test_cpu_server_mounts_exactly_the_cpu_models(services):
+    mounts = bind_mounts(services["triton-cpu"])
+    assert all(m["read_only"] for m in mounts)
+    assert sorted(Path(m["source"]).parts[-1] for m in mounts) == sorted(CPU_MODELS)
+    assert all(m["target"] == f"/models/{Path(m['source']).name}" for m in mounts)
+    assert not any(g in m["source"] for g in GPU_ONLY_MODELS for m in mounts)
+
+
+def test_served_models_match_the_exporter():
+    configs = pytest.importorskip("export.configs", reason="export.configs (make export) not present")
+    assert tuple(configs.MODELS) == SERVED_MODELS
+
+
+# ---- one release for every image --------------------------------------------------------------------------------
+
+def test_one_triton_release_everywhere(services):
+    text = COMPOSE_FILE.read_text()
+    defaults = {m.group(1) for m in RELEASE_VAR.finditer(text)}
+    assert len(defaults) == 1, f"TRITON_RELEASE defaults disagree: {defaults}"
+    (default,) = defaults
+    assert re.fullmatch(r"\d\d\.\d\d", default)
+    for name, s in services.items():
+        image = s.get("image", "")
+        assert RELEASE_VAR.search(image), f"{name}: image {image!r} does not use TRITON_RELEASE"
+        if "build" in s:
+            assert RELEASE_VAR.fullmatch(str(s["build"]["args"]["TRITON_RELEASE"]))
+            assert (ROOT / s["build"]["context"] / s["build"]["dockerfile"]).resolve() == DOCKERFILE
+    # No release number written out anywhere else (an image tag that escaped the variable).
+    for line in text.splitlines():
+        code = line.split("#", 1)[0]
+        assert not re.search(r"\d\d\.\d\d-py3", RELEASE_VAR.sub("", code)), line
+    # The Dockerfile's ARG has the same default and is what FROM uses.
+    dockerfile = DOCKERFILE.read_text()
+    assert re.search(rf"^ARG TRITON_RELEASE={re.escape(default)}$", dockerfile, re.M)
+    froms = re.findall(r"^FROM (\S+)", dockerfile, re.M)
+    assert froms == ["nvcr.io/nvidia/tritonserver:${TRITON_RELEASE}-py3"]
+    assert dockerfile.index("ARG TRITON_RELEASE") < dockerfile.index("FROM ")
+
+
+def test_images_are_the_ngc_ones(services):
+    assert services["export-trt"]["image"].startswith("nvcr.io/nvidia/tensorrt:")
+    assert services["export-trt"]["image"].endswith("-py3")
+    assert services["perf"]["image"].startswith("nvcr.io/nvidia/tritonserver:")
+    assert services["perf"]["image"].endswith("-py3-sdk")
+
+
+# ---- the image --------------------------------------------------------------------------------------------------
+
+def test_dockerfile_adds_what_charrnn_python_needs():
+    text = DOCKERFILE.read_text()
+    assert re.search(r"pip install .*\"onnxruntime==\d+\.\d+\.\d+\"", text), "pin onnxruntime"
+    assert '"numpy<2"' in text
+    assert re.search(r"^COPY .*charrnn/ /opt/charrnn/charrnn/$", text, re.M)
+    assert re.search(r"PYTHONPATH=/opt/charrnn\b", text)
+    assert re.search(r"^USER triton-server$", text, re.M)
+    dockerignore = (ROOT / ".dockerignore").read_text().split()
+    assert "*" in dockerignore and "!charrnn/" in dockerignore
+
+
+# ---- export and perf services -----------------------------------------------------------------------------------
+
+def test_export_service_runs_build_plan(services):
+    s = services["export-trt"]
+    script = " ".join(command_args(s))
+    assert "python3 -m export.build_plan" in script
+    assert "--out model_repository/charrnn_trt/1/model.plan" in script
+    writable = [m for m in bind_mounts(s) if not m["read_only"]]
+    assert [Path(m["source"]).parts for m in writable] == [("model_repository", "charrnn_trt")]
+
+
+def test_perf_service(services):
+    s = services["perf"]
+    assert s["depends_on"]["triton"]["condition"] == "service_healthy"
+    assert command_args(s) == ["bash", "/bench/perf.sh"]
+    targets = {m["target"]: m for m in bind_mounts(s)}
+    assert Path(targets["/bench"]["source"]).parts == ("bench",) and targets["/bench"]["read_only"]
+    assert Path(targets["/results"]["source"]).parts == ("bench", "results")
+    assert s["environment"]["TRITON_GRPC"] == "triton:8001"
+
+
+def test_perf_script_is_valid_bash_with_the_sequence_flags():
+    subprocess.run(["bash", "-n", str(PERF_SH)], check=True)
+    text = PERF_SH.read_text()
+    for flag in ["-m \"$model\"", "-u \"$TRITON_GRPC\"", "-i grpc", "--streaming", "--input-data",
+                 "--sequence-length \"$SEQUENCE_LENGTH\"", "--sequence-length-variation 0",
+                 "--sequence-id-range", "--concurrency-range", "--percentile=", "-f \"$out\""]:
+        assert flag in text, flag
+    assert 'INPUT_DATA:-/results/perf_input.json' in text
