@@ -1,0 +1,138 @@
+"""Talking to Triton: connect, pick a model, read its vocabulary, and send sequence requests.
+
+`Connection` hides the two protocols behind one call, `send(request_id, ids, sequence_id, start, end)`,
+whose results arrive on `results` (a queue of (request_id, logits (V,) or None, error or None, seconds)).
+gRPC uses ONE bidirectional stream for every sequence (what the sequence batcher batches across);
+HTTP has no streaming, so a small thread pool issues blocking requests.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from charrnn.contract import INPUT_IDS, LOGITS, VOCAB_PARAMETER
+from charrnn.errors import UnavailableError, UserError
+from charrnn.vocab import Vocab
+
+MODEL_PREFERENCE = ("charrnn_trt", "charrnn_onnx", "charrnn_python")
+
+
+class Connection:
+    def __init__(self, url: str, protocol: str = "grpc", workers: int = 8, timeout: float = 10.0) -> None:
+        if protocol not in ("grpc", "http"):
+            raise UserError("--protocol", f"must be grpc or http, got {protocol!r}")
+        if not url or "/" in url.split("://")[-1] or ":" not in url.split("://")[-1]:
+            raise UserError("--url", f"expected host:port, got {url!r}", "e.g. 127.0.0.1:8001 for gRPC")
+        self.url, self.protocol = url.split("://")[-1], protocol
+        self.results: queue.Queue = queue.Queue()
+        self._sent: dict[str, float] = {}
+        self._stream = False
+        try:
+            if protocol == "grpc":
+                import tritonclient.grpc as tc
+
+                self.client = tc.InferenceServerClient(self.url)
+            else:
+                import tritonclient.http as tc
+
+                self.client = tc.InferenceServerClient(self.url, concurrency=workers,
+                                                       connection_timeout=timeout, network_timeout=timeout)
+                self._pool = ThreadPoolExecutor(max_workers=workers)
+            self.tc = tc
+            live = self.client.is_server_live()
+        except Exception as e:  # tritonclient raises InferenceServerException, gRPC/geventhttp errors, ...
+            raise UnavailableError(f"server {self.url}", f"unreachable over {protocol} ({_short(e)})",
+                                   "start it with `make serve`, or pass --url/--protocol") from e
+        if not live:
+            raise UnavailableError(f"server {self.url}", "not live", "check the server log")
+
+    # --- model and vocabulary ---------------------------------------------------------------------
+    def pick_model(self, requested: str | None) -> str:
+        """The requested model if ready, else the first ready of MODEL_PREFERENCE."""
+        candidates = [requested] if requested else list(MODEL_PREFERENCE)
+        for name in candidates:
+            try:
+                if self.client.is_model_ready(name):
+                    return name
+            except Exception:  # a model that does not exist answers with an error
+                continue
+        what = f"model {requested}" if requested else "models " + ", ".join(MODEL_PREFERENCE)
+        raise UnavailableError(what, f"not ready on {self.url}", "check `make serve` / the server log, or --model")
+
+    def vocabulary(self, model: str) -> Vocab:
+        config = self.client.get_model_config(model, as_json=True) if self.protocol == "grpc" else \
+            self.client.get_model_config(model)
+        config = config.get("config", config)
+        try:
+            return Vocab.from_json(config["parameters"][VOCAB_PARAMETER]["string_value"])
+        except KeyError as e:
+            raise UnavailableError(f"model {model}", f"its config has no {VOCAB_PARAMETER} parameter",
+                                   "export it with `make export`") from e
+
+    # --- requests ---------------------------------------------------------------------------------
+    def _inputs(self, ids: np.ndarray):
+        inp = self.tc.InferInput(INPUT_IDS, [1, len(ids)], "INT32")
+        inp.set_data_from_numpy(np.asarray(ids, np.int32).reshape(1, -1))
+        return [inp]
+
+    def _on_result(self, request_id: str, result, error) -> None:
+        seconds = time.perf_counter() - self._sent.pop(request_id, time.perf_counter())
+        if error is not None:
+            self.results.put((request_id, None, error, seconds))
+        else:
+            self.results.put((request_id, result.as_numpy(LOGITS)[0], None, seconds))
+
+    def _stream_callback(self, result, error) -> None:
+        request_id = result.get_response().id if result is not None else None
+        if request_id is None and error is not None:  # gRPC errors carry no id: find it in the message
+            request_id = _request_id_from(error, self._sent)
+        self._on_result(request_id, result, error)
+
+    def send(self, request_id: str, ids: np.ndarray, model: str, sequence_id: int, start: bool, end: bool) -> None:
+        self._sent[request_id] = time.perf_counter()
+        if self.protocol == "grpc":
+            if not self._stream:
+                self.client.start_stream(callback=self._stream_callback)
+                self._stream = True
+            self.client.async_stream_infer(model, self._inputs(ids), request_id=request_id,
+                                           sequence_id=sequence_id, sequence_start=start, sequence_end=end)
+        else:
+            def call():
+                try:
+                    r = self.client.infer(model, self._inputs(ids), request_id=request_id, sequence_id=sequence_id,
+                                          sequence_start=start, sequence_end=end)
+                    self._on_result(request_id, r, None)
+                except Exception as e:
+                    self._on_result(request_id, None, e)
+
+            self._pool.submit(call)
+
+    def close(self) -> None:
+        try:
+            if self._stream:
+                self.client.stop_stream()
+                self._stream = False
+            if self.protocol == "http":
+                self._pool.shutdown(wait=True)
+            self.client.close()
+        except Exception:
+            pass
+
+
+def _short(e: Exception) -> str:
+    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return text[:200]
+
+
+def _request_id_from(error, pending: dict[str, float]) -> str | None:
+    """gRPC stream errors have no response id; with one request per sequence in flight, match the text."""
+    text = str(error)
+    matches = [rid for rid in pending if f"sequence {rid.split(':')[0]}" in text]
+    if len(matches) == 1:
+        return matches[0]
+    return next(iter(pending)) if len(pending) == 1 else None  # None: cannot tell which sequence failed

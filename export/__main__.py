@@ -1,0 +1,70 @@
+"""`make export`: model directory -> ONNX -> TensorRT readiness check -> Triton model repository.
+
+    python -m export --model models/shakespeare-lstm-2x512 --repo model_repository
+
+Writes <repo>/charrnn_onnx/1/model.onnx (also used by charrnn_python) and every config.pbtxt. The
+TensorRT plan (<repo>/charrnn_trt/1/model.plan) needs NVIDIA's TensorRT container: `make plan`.
+Exit codes: 0 ok, 1 the TensorRT readiness check failed, 2 bad model directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import time
+from pathlib import Path
+
+from charrnn.errors import CheckFailed, cli
+
+ROOT = Path(__file__).resolve().parent.parent
+PYTHON_MODEL_SOURCE = ROOT / "model_repository" / "charrnn_python" / "1" / "model.py"
+
+
+@cli
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="models/shakespeare-lstm-2x512", help="model directory (make train)")
+    p.add_argument("--repo", default="model_repository", help="Triton model repository to write")
+    args = p.parse_args(argv)
+
+    from charrnn.model import load_model_dir
+    from export import configs
+    from export.onnx_export import export_onnx
+    from export.trt_check import check_model
+
+    t0 = time.time()
+    print(f"[1/4] loading {args.model}")
+    model, vocab, _ = load_model_dir(args.model)
+    repo = Path(args.repo)
+    onnx_path = repo / configs.ONNX / "1" / configs.ARTIFACT[configs.ONNX]
+    print(f"[2/4] TF -> ONNX (tf2onnx): {onnx_path}")
+    proto = export_onnx(model, onnx_path)
+    python_onnx = repo / configs.PYTHON / "1" / configs.ARTIFACT[configs.PYTHON]
+    python_onnx.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(onnx_path, python_onnx)
+    python_src = repo / configs.PYTHON / "1" / "model.py"
+    if python_src.resolve() != PYTHON_MODEL_SOURCE.resolve():  # exporting to another repository
+        shutil.copyfile(PYTHON_MODEL_SOURCE, python_src)
+
+    print("[3/4] TensorRT readiness (static)")
+    report = check_model(proto)
+    print("      " + report.text().replace("\n", "\n      "))
+    if not report.ready:
+        raise CheckFailed(str(onnx_path), "the graph is not TensorRT-ready", "see the problems above")
+
+    print(f"[4/4] Triton configs in {repo}/")
+    contract = model.config.contract
+    for path in configs.write_repository(repo, contract, vocab):
+        config = configs.load_config(path)
+        if config.name != configs.PYTHON:
+            problems = configs.check_config_against_onnx(config, proto)
+            if problems:
+                raise CheckFailed(str(path), "; ".join(problems), "fix export/configs.py")
+        print(f"      {path}  ({configs.describe(config)})")
+    print(f"done in {time.time() - t0:.1f} s. Next: `make verify` (ONNX vs TF parity); "
+          f"`make plan` builds {repo}/{configs.TRT}/1/model.plan in NVIDIA's TensorRT container.")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,76 @@
+"""TF model directory -> ONNX step model with explicit, packed state (tf2onnx).
+
+    python -m export.onnx_export --model models/shakespeare-lstm-2x512 --out /tmp/model.onnx
+
+The graph is the model's `step`:  INPUT_IDS int32 (B, T), STATE_IN fp32 (B, S, L, H)
+-> LOGITS fp32 (B, V) (after the last input position), STATE_OUT fp32 (B, S, L, H); batch and T dynamic.
+tf2onnx rewrites each Keras LSTM/GRU into one ONNX LSTM/GRU op (checked by export.trt_check).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import onnx
+
+from charrnn.contract import INPUT_IDS, LOGITS, STATE_IN, STATE_OUT
+
+OPSET = 17
+DIM_NAMES = {0: "batch"}  # dynamic dims get readable names in the graph; INPUT_IDS dim 1 is "T"
+
+
+def _rename_value(graph: onnx.GraphProto, old: str, new: str) -> None:
+    """Rename a graph input/output and every reference to it (including inside subgraphs)."""
+    if old == new:
+        return
+    for node in graph.node:
+        node.input[:] = [new if n == old else n for n in node.input]
+        node.output[:] = [new if n == old else n for n in node.output]
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                _rename_value(attr.g, old, new)
+    for vi in list(graph.input) + list(graph.output) + list(graph.value_info):
+        if vi.name == old:
+            vi.name = new
+
+
+def _name_dims(vi: onnx.ValueInfoProto, names: dict[int, str]) -> None:
+    for i, dim in enumerate(vi.type.tensor_type.shape.dim):
+        if i in names:
+            dim.ClearField("dim_value")
+            dim.dim_param = names[i]
+
+
+def export_onnx(model, out: str | Path, opset: int = OPSET) -> onnx.ModelProto:
+    """Convert a charrnn.model.CharRNN to ONNX at `out` with the contract's names; returns the proto."""
+    os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+    import tensorflow as tf
+    import tf2onnx
+
+    contract = model.config.contract
+    spec = (tf.TensorSpec([None, None], tf.int32, name="input_ids"),
+            tf.TensorSpec([None, *contract.state_dims], tf.float32, name="state_in"))
+
+    @tf.function(input_signature=spec)
+    def step(input_ids, state_in):
+        logits, state_out = model.step(input_ids, state_in)
+        return {LOGITS: logits, STATE_OUT: state_out}  # dict keys become the ONNX output names
+
+    proto, _ = tf2onnx.convert.from_function(step, input_signature=spec, opset=opset)
+    graph = proto.graph
+    # TF lower-cases function argument names; give the inputs the contract's names.
+    for vi in list(graph.input):
+        new = {"input_ids": INPUT_IDS, "state_in": STATE_IN}.get(vi.name.split(":")[0], vi.name)
+        _rename_value(graph, vi.name, new)
+    for vi in graph.input:
+        _name_dims(vi, {0: "batch", 1: "T"} if vi.name == INPUT_IDS else DIM_NAMES)
+    for vi in graph.output:
+        _name_dims(vi, DIM_NAMES)
+    proto.doc_string = (f"charrnn step: {INPUT_IDS} (batch, T) int32 + {STATE_IN} {('batch', *contract.state_dims)} "
+                        f"-> {LOGITS} (batch, {contract.vocab_size}) + {STATE_OUT}; cell {contract.cell}")
+    onnx.checker.check_model(proto)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(proto, str(out))
+    return proto

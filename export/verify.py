@@ -1,0 +1,109 @@
+"""`make verify`: the sampleCharRNN "Expect/Received" check, ONNX Runtime vs the TensorFlow model.
+
+    python -m export.verify --model models/shakespeare-lstm-2x512 --onnx model_repository/charrnn_onnx/1/model.onnx
+
+1. Random batches (B up to 8) and long sequences, state carried chunk to chunk through the explicit
+   STATE_IN/STATE_OUT tensors: max |logit difference| must be <= --tolerance (1e-4).
+2. Greedy generation from several prompts, one character per step through the explicit state:
+   the ONNX text must equal the TF text character for character (--length, default 1000).
+Exit codes: 0 pass, 1 mismatch, 2 bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+
+from charrnn.contract import INPUT_IDS, LOGITS, STATE_IN, STATE_OUT
+from charrnn.errors import CheckFailed, UserError, cli
+
+PROMPTS = ("ROMEO:\n", "First Citizen:\nBefore we proceed", "KING HENRY", "O, ", "\n")
+
+
+def ort_session(path: str, threads: int = 1):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    try:
+        return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    except Exception as e:  # onnxruntime raises its own exception types
+        raise UserError(str(path), f"cannot load ONNX model ({type(e).__name__})", "run `make export`") from e
+
+
+def ort_step(session):
+    """A charrnn.sampling.generate step function over the explicit-state ONNX model."""
+    def step(ids, state):
+        if state is None:
+            shape = session.get_inputs()[1].shape
+            state = np.zeros((ids.shape[0], *shape[1:]), np.float32)
+        logits, new_state = session.run([LOGITS, STATE_OUT], {INPUT_IDS: ids.astype(np.int32), STATE_IN: state})
+        return logits, new_state
+
+    return step
+
+
+def compare_logits(model, session, batches=(1, 3, 8), length: int = 300, chunk: int = 64,
+                   seed: int = 0) -> float:
+    """Max |Δ logit| between TF and ONNX over random text, state carried across chunks."""
+    rng = np.random.default_rng(seed)
+    worst = 0.0
+    tf_step, onnx_step = model.step, ort_step(session)
+    V = model.config.vocab_size
+    for b in batches:
+        ids = rng.integers(0, V, (b, length), dtype=np.int32)
+        tf_state = model.zero_state(b)
+        onnx_state = None
+        for s in range(0, length, chunk):
+            x = ids[:, s : s + chunk]
+            tf_logits, tf_state = tf_step(x, tf_state)
+            onnx_logits, onnx_state = onnx_step(x, onnx_state)
+            worst = max(worst, float(np.abs(tf_logits.numpy() - onnx_logits).max()))
+    return worst
+
+
+@cli
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="models/shakespeare-lstm-2x512")
+    p.add_argument("--onnx", default="model_repository/charrnn_onnx/1/model.onnx")
+    p.add_argument("--length", type=int, default=1000, help="greedy characters per prompt")
+    p.add_argument("--tolerance", type=float, default=1e-4, help="max |Δ logit| allowed")
+    args = p.parse_args(argv)
+
+    from charrnn.model import load_model_dir
+    from charrnn.sampling import Sampler, SamplingParams, generate
+    from train.sample import tf_step
+
+    model, vocab, _ = load_model_dir(args.model)
+    session = ort_session(args.onnx)
+    t0 = time.time()
+    delta = compare_logits(model, session)
+    ok_logits = delta <= args.tolerance
+    print(f"logits: batches 1/3/8 x 300 chars, state carried in chunks of 64: max |delta| = {delta:.2e} "
+          f"(tolerance {args.tolerance:.0e}) {'PASS' if ok_logits else 'FAIL'}")
+    failures = [] if ok_logits else [f"max |delta logit| {delta:.2e} > {args.tolerance:.0e}"]
+    greedy = SamplingParams(greedy=True)
+    for prompt in PROMPTS:
+        prime = vocab.encode(prompt)
+        expect = vocab.decode(generate(tf_step(model), prime, args.length, Sampler(greedy, len(vocab))))
+        received = vocab.decode(generate(ort_step(session), prime, args.length, Sampler(greedy, len(vocab))))
+        same = expect == received
+        first_diff = next((i for i, (a, b) in enumerate(zip(expect, received)) if a != b), None)
+        print(f"\nprompt {prompt!r}: greedy {args.length} chars {'PASS' if same else 'FAIL'}")
+        print(f"  Expect:   {expect[:70]!r}...")
+        print(f"  Received: {received[:70]!r}...")
+        if not same:
+            print(f"  first difference at character {first_diff}")
+            failures.append(f"greedy text differs for prompt {prompt!r} at character {first_diff}")
+    print(f"\n{'PASS' if not failures else 'FAIL'} ({time.time() - t0:.1f} s)")
+    if failures:
+        raise CheckFailed("verify", "; ".join(failures), "re-run `make export`; if it persists, report it")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,272 @@
+"""A real Triton server without Docker: the tritonserver binary shipped in the nvidia-pytriton wheel.
+
+    python -m serve.local start [--grpc-port 8001 --http-port 8000 --metrics-port 8002]   # `make serve`
+    python -m serve.local stop                                                           # `make stop`
+    python -m serve.local run        # foreground; Ctrl-C stops it
+
+The wheel's server (2.51.0) has only the python backend, so only the models that run on it are loaded:
+a repository view (symlinks) with charrnn_python. A backend directory is prepared with the python backend
+stub matching the running Python. With `--tritonserver PATH` (e.g. a real install's `tritonserver` on
+PATH) the same launcher runs that binary with its own backends and every model it can load.
+Safe defaults: loopback addresses, model control mode none, restricted admin APIs, logs to a file.
+Exit codes: 0 ok, 2 bad input, 3 the server did not become ready (its log is printed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from charrnn.errors import UnavailableError, UserError, cli
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_RUN_DIR = ROOT / "logs" / "serve"
+LOCAL_MODELS = ("charrnn_python",)  # what the wheel's server (python backend only) can run
+RESTRICTED = "model-repository,shared-memory,logging,trace"  # admin APIs: need the admin key header
+ADMIN_HEADER = "admin-key"
+
+
+def pytriton_dist() -> tuple[Path, Path]:
+    """(tritonserver dist dir, its shared-library dir) inside the installed nvidia-pytriton wheel."""
+    try:
+        import pytriton
+    except ImportError as e:
+        raise UnavailableError("nvidia-pytriton", "not installed", "run `make setup`") from e
+    pkg = Path(pytriton.__file__).resolve().parent
+    dist, libs = pkg / "tritonserver", pkg.parent / "nvidia_pytriton.libs"
+    if not (dist / "bin" / "tritonserver").is_file():
+        raise UnavailableError(str(dist), "no tritonserver binary in the nvidia-pytriton wheel", "reinstall it")
+    return dist, libs
+
+
+def prepare_backends(run_dir: Path) -> Path:
+    """backends/python with libtriton_python.so, its utils and the stub for this Python version."""
+    dist, _ = pytriton_dist()
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    stub = dist / "python_backend_stubs" / version / "triton_python_backend_stub"
+    if not stub.is_file():
+        raise UnavailableError("python backend stub", f"none for Python {version} in the wheel",
+                               "use Python 3.8-3.13")
+    backend = run_dir / "backends" / "python"
+    backend.mkdir(parents=True, exist_ok=True)
+    for src in (dist / "backends" / "python" / "libtriton_python.so",
+                dist / "backends" / "python" / "triton_python_backend_utils.py", stub):
+        dst = backend / src.name
+        if not dst.exists() or dst.stat().st_size != src.stat().st_size:
+            shutil.copy2(src, dst)
+    return run_dir / "backends"
+
+
+def prepare_repository(repo: Path, run_dir: Path, models: tuple[str, ...]) -> Path:
+    """A repository view with only `models` (symlinks), so the server loads nothing it cannot run."""
+    view = run_dir / "repository"
+    if view.exists():
+        shutil.rmtree(view)
+    view.mkdir(parents=True)
+    for name in models:
+        src = (repo / name).resolve()
+        if not (src / "config.pbtxt").is_file():
+            raise UserError(str(src), "model not found in the repository", "run `make export`")
+        if not any((src / "1").glob("model.*")):
+            raise UserError(str(src / "1"), "no model file", "run `make export`")
+        (view / name).symlink_to(src, target_is_directory=True)
+    return view
+
+
+class LocalTriton:
+    """Start/stop one tritonserver process; a context manager for tests, the demo and the benchmark."""
+
+    def __init__(self, repo: str | Path = ROOT / "model_repository", run_dir: str | Path = DEFAULT_RUN_DIR,
+                 http_port: int = 8000, grpc_port: int = 8001, metrics_port: int = 8002,
+                 models: tuple[str, ...] = LOCAL_MODELS, tritonserver: str | None = None,
+                 extra_args: tuple[str, ...] = (), ready_timeout: float = 120.0) -> None:
+        self.repo, self.run_dir = Path(repo), Path(run_dir)
+        self.http_port, self.grpc_port, self.metrics_port = http_port, grpc_port, metrics_port
+        self.models, self.tritonserver, self.extra_args = models, tritonserver, tuple(extra_args)
+        self.ready_timeout = ready_timeout
+        self.log_path = self.run_dir / "triton.log"
+        self.admin_key = secrets.token_hex(16)
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def grpc_url(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    @property
+    def http_url(self) -> str:
+        return f"127.0.0.1:{self.http_port}"
+
+    def command(self) -> tuple[list[str], dict[str, str]]:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+        if self.tritonserver:  # a real Triton install: its own backends, the whole repository
+            binary, repo_arg, backend_args = self.tritonserver, str(self.repo.resolve()), []
+        else:
+            dist, libs = pytriton_dist()
+            binary = str(dist / "bin" / "tritonserver")
+            repo_arg = str(prepare_repository(self.repo, self.run_dir, self.models))
+            backend_args = [f"--backend-directory={prepare_backends(self.run_dir)}"]
+            env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [env.get("LD_LIBRARY_PATH"), str(libs)]))
+            # The stub embeds this Python: put its environment first so it finds numpy/onnxruntime/charrnn.
+            env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+        restricted = f"{RESTRICTED}:{ADMIN_HEADER}={self.admin_key}"
+        args = [binary, f"--model-repository={repo_arg}", *backend_args,
+                "--model-control-mode=none", "--strict-readiness=true", "--exit-on-error=true",
+                "--http-address=127.0.0.1", f"--http-port={self.http_port}",
+                "--grpc-address=127.0.0.1", f"--grpc-port={self.grpc_port}",
+                "--metrics-address=127.0.0.1", f"--metrics-port={self.metrics_port}",
+                f"--http-restricted-api={restricted}", f"--grpc-restricted-protocol={restricted}",
+                "--exit-timeout-secs=5", "--log-verbose=0", *self.extra_args]
+        return args, env
+
+    def start(self) -> "LocalTriton":
+        args, env = self.command()
+        log = open(self.log_path, "ab")
+        log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(args)}\n".encode())
+        log.flush()
+        # Own process group: stop() takes the python backend stubs (children) down with the server.
+        self.process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                        start_new_session=True, cwd=self.run_dir)
+        log.close()
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def is_ready(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"http://{self.http_url}/v2/health/ready", timeout=1) as r:
+                return r.status == 200
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def wait_ready(self) -> None:
+        deadline = time.monotonic() + self.ready_timeout
+        delay = 0.02
+        while time.monotonic() < deadline:
+            if self.process is not None and self.process.poll() is not None:
+                raise UnavailableError("tritonserver", f"exited with code {self.process.returncode} before it "
+                                       f"was ready; log {self.log_path}:\n{self.log_tail()}", "see the log")
+            if self.is_ready():
+                return
+            time.sleep(delay)  # polling backoff while waiting on readiness
+            delay = min(delay * 1.5, 0.5)
+        raise UnavailableError("tritonserver", f"not ready after {self.ready_timeout:.0f} s; log "
+                               f"{self.log_path}:\n{self.log_tail()}", "see the log")
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def stop(self, timeout: float = 20.0) -> int | None:
+        """SIGTERM the process group, SIGKILL after `timeout`; returns the server's exit code."""
+        p, self.process = self.process, None
+        if p is None:
+            return None
+        return stop_group(p.pid, lambda: p.poll(), timeout, wait=lambda t: p.wait(t))
+
+    def __enter__(self) -> "LocalTriton":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+
+
+def stop_group(pgid: int, poll, timeout: float, wait=None) -> int | None:
+    """Stop a server started in its own session (pgid == pid) and everything in its group."""
+    try:
+        os.killpg(pgid, signal.SIGTERM)
+    except ProcessLookupError:
+        return poll()
+    deadline = time.monotonic() + timeout
+    code = None
+    if wait is not None:
+        try:
+            code = wait(timeout)
+        except subprocess.TimeoutExpired:
+            pass
+    while _group_alive(pgid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if _group_alive(pgid):
+        os.killpg(pgid, signal.SIGKILL)
+    return code if code is not None else poll()
+
+
+# --- CLI: make serve / make stop --------------------------------------------------------------------
+PID_FILE = DEFAULT_RUN_DIR / "triton.pid"
+
+
+@cli
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("action", choices=["start", "stop", "run", "status"])
+    p.add_argument("--repo", default=str(ROOT / "model_repository"), help="model repository")
+    p.add_argument("--http-port", type=int, default=8000)
+    p.add_argument("--grpc-port", type=int, default=8001)
+    p.add_argument("--metrics-port", type=int, default=8002)
+    p.add_argument("--models", default=",".join(LOCAL_MODELS), help="comma-separated models to load")
+    p.add_argument("--tritonserver", default=None,
+                   help="use this tritonserver binary (a real install) instead of the wheel's")
+    args = p.parse_args(argv)
+
+    if args.action in ("stop", "status"):
+        if not PID_FILE.is_file():
+            print("no local server recorded (make serve starts one)")
+            return 0
+        pid = int(PID_FILE.read_text().split()[0])
+        if args.action == "status":
+            print(f"local server pid {pid}: {'running' if _group_alive(pid) else 'not running'}")
+            return 0
+        stop_group(pid, lambda: None, timeout=20)
+        PID_FILE.unlink(missing_ok=True)
+        print(f"stopped local server (pid {pid})")
+        return 0
+
+    server = LocalTriton(repo=args.repo, http_port=args.http_port, grpc_port=args.grpc_port,
+                         metrics_port=args.metrics_port, models=tuple(filter(None, args.models.split(","))),
+                         tritonserver=args.tritonserver)
+    if args.action == "start" and PID_FILE.is_file() and _group_alive(int(PID_FILE.read_text().split()[0])):
+        raise UserError("make serve", "a local server is already running", "`make stop` first")
+    t0 = time.time()
+    server.start()
+    print(f"Triton ready in {time.time() - t0:.1f} s: grpc {server.grpc_url}, http {server.http_url}, "
+          f"models {', '.join(server.models)}; log {server.log_path}")
+    if args.action == "start":
+        PID_FILE.write_text(f"{server.process.pid}\n")
+        server.process = None  # leave it running; `make stop` stops it
+        return 0
+    try:  # run: foreground until Ctrl-C
+        server.process.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
