@@ -41,6 +41,9 @@ class ModelConfig:
     hidden: int = 512
     embedding: int = 512
     dropout: float = 0.0  # between layers, training only
+    # GRU only: Keras' default (True, cuDNN-style) applies the reset gate after the recurrent matmul; TF1's
+    # GRUCell applies it before (False), so models imported by train.import_tf1 need False.
+    reset_after: bool = True
 
     def __post_init__(self) -> None:
         checks = [
@@ -60,7 +63,10 @@ class ModelConfig:
         return Contract(self.cell, self.layers, self.hidden, self.vocab_size)
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2)
+        d = asdict(self)
+        if d["reset_after"]:  # the default: left out so config.json of every other model stays as it was
+            del d["reset_after"]
+        return json.dumps(d, indent=2)
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
@@ -83,7 +89,8 @@ class CharRNN(keras.Model):
         c = config
         self.embed = keras.layers.Embedding(c.vocab_size, c.embedding, name="embedding")
         self.rnns = [
-            _RNN_LAYER[c.cell](c.hidden, return_sequences=True, return_state=True, name=f"{c.cell}_{i}")
+            _RNN_LAYER[c.cell](c.hidden, return_sequences=True, return_state=True, name=f"{c.cell}_{i}",
+                               **({"reset_after": c.reset_after} if c.cell == "gru" else {}))
             for i in range(c.layers)
         ]
         self.drop = keras.layers.Dropout(c.dropout)
