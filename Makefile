@@ -8,11 +8,12 @@ PY := $(VENV)/bin/python
 MODEL ?= models/shakespeare-lstm-2x512
 REPO ?= model_repository
 # The shipped model was trained with exactly these flags (see its model_card.json).
-TRAIN_FLAGS ?= --max-steps 1300 --eval-every 100 --checkpoint-every 100
+TRAIN_FLAGS ?= --max-steps 1000 --eval-every 100 --checkpoint-every 100
 SAMPLE_FLAGS ?= --prompt "ROMEO:" --length 500 --temperature 0.8 --seed 1
 PYTEST_FLAGS ?=
 
-.PHONY: setup data train evaluate sample export verify plan serve stop demo test test-slow clean help
+.PHONY: setup data train evaluate sample export verify plan serve stop demo test test-slow clean help \
+        import perf-input compose-plan compose-up compose-up-cpu compose-down perf
 
 help:
 	@grep -E '^[a-z-]+:.*## ' Makefile | sed 's/:.*## /\t/'
@@ -38,6 +39,35 @@ evaluate: data ## test-split perplexity of $(MODEL)
 sample: setup ## generate text in-process with TensorFlow (the reference sampler)
 	$(PY) -m train.sample --model $(MODEL) $(SAMPLE_FLAGS)
 
+ONNX := $(REPO)/charrnn_onnx/1/model.onnx
+DEMO_FLAGS ?= --prompt "ROMEO:" --length 500 --temperature 0.8 --seed 1
+
+$(ONNX): $(MODEL)/model.weights.h5 $(MODEL)/config.json | setup
+	$(PY) -m export --model $(MODEL) --repo $(REPO)
+
+export: setup ## TF model -> ONNX -> TensorRT readiness check -> Triton model repository
+	$(PY) -m export --model $(MODEL) --repo $(REPO)
+
+verify: $(ONNX) ## Expect/Received parity: ONNX Runtime vs TensorFlow (logits and 1,000 greedy chars)
+	$(PY) -m export.verify --model $(MODEL) --onnx $(ONNX)
+
+plan: compose-plan ## TensorRT plan: needs NVIDIA's TensorRT container on a GPU host (see README)
+
+serve: $(ONNX) ## start the local Triton server (python backend) on 127.0.0.1:8000/8001/8002
+	$(PY) -m serve.local start
+
+stop: setup ## stop the server `make serve` started
+	$(PY) -m serve.local stop
+
+demo: $(ONNX) ## THE MAIN JOB: local Triton up, ~500 characters generated through it, server down
+	$(PY) -m client.demo $(DEMO_FLAGS)
+
+# Import a TF1 char-rnn model (checkpoint or sampleCharRNN .wts); see `python -m train.import_tf1 --help`.
+IMPORT_FLAGS ?= --wts data/char-rnn.wts --vocab-builtin samplecharrnn --out models/samplecharrnn-import
+
+import: setup ## import a TF1 char-rnn checkpoint or sampleCharRNN .wts dump into a model directory (IMPORT_FLAGS)
+	$(PY) -m train.import_tf1 $(IMPORT_FLAGS)
+
 test: setup data ## the test suite (what CI runs); slow suites are excluded
 	$(PY) -m pytest -m "not slow" $(PYTEST_FLAGS)
 
@@ -46,3 +76,32 @@ test-slow: setup data ## only the slow suites
 
 clean: ## remove generated artifacts (keeps .venv, data and the shipped model)
 	rm -rf logs export/build $(REPO)/*/1/model.onnx .pytest_cache
+
+# ---- production: docker compose on a GPU host (NGC containers; never run on our CPU machines) ----
+PERF_FLAGS ?= --streams 64 --prompt-length 64 --steps 256 --seed 0
+COMPOSE ?= docker compose
+export HOST_UID := $(shell id -u)
+export HOST_GID := $(shell id -g)
+
+# docker compose reads .env: Triton's admin key for the restricted APIs, random, created once (gitignored, mode 600).
+.env:
+	@umask 077 && printf 'TRITON_ADMIN_KEY=%s\n' "$$(od -An -N16 -tx1 /dev/urandom | tr -d ' \n')" > $@
+	@echo "created .env with a random TRITON_ADMIN_KEY (see docker-compose.yml)"
+
+perf-input: data ## perf_analyzer input from the test split -> bench/results/perf_input.json
+	$(PY) -m bench.perf_input --out bench/results/perf_input.json $(PERF_FLAGS)
+
+compose-plan: .env ## GPU host: build model.plan in NVIDIA's TensorRT container (after make export)
+	$(COMPOSE) --profile export run --rm export-trt
+
+compose-up: .env ## GPU host: Triton with all three models on 127.0.0.1:8000-8002 (waits until ready)
+	$(COMPOSE) up -d --build --wait triton
+
+compose-up-cpu: .env ## CPU-only host: Triton with charrnn_onnx + charrnn_python
+	$(COMPOSE) up -d --build --wait triton-cpu
+
+compose-down: ## stop every compose service of the project
+	$(COMPOSE) --profile cpu --profile export --profile perf down
+
+perf: perf-input .env ## GPU host: perf_analyzer sweep in the SDK container -> bench/results/<model>.csv
+	$(COMPOSE) --profile perf run --rm perf

@@ -3,7 +3,8 @@
 `Connection` hides the two protocols behind one call, `send(request_id, ids, sequence_id, start, end)`,
 whose results arrive on `results` (a queue of (request_id, logits (V,) or None, error or None, seconds)).
 gRPC uses ONE bidirectional stream for every sequence (what the sequence batcher batches across);
-HTTP has no streaming, so a small thread pool issues blocking requests.
+HTTP has no streaming and tritonclient.http (gevent) is not thread-safe, so `send` runs the request
+synchronously and queues its result: sequences then take turns, one request at a time.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from __future__ import annotations
 import json
 import queue
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -23,7 +23,7 @@ MODEL_PREFERENCE = ("charrnn_trt", "charrnn_onnx", "charrnn_python")
 
 
 class Connection:
-    def __init__(self, url: str, protocol: str = "grpc", workers: int = 8, timeout: float = 10.0) -> None:
+    def __init__(self, url: str, protocol: str = "grpc", timeout: float = 10.0) -> None:
         if protocol not in ("grpc", "http"):
             raise UserError("--protocol", f"must be grpc or http, got {protocol!r}")
         if not url or "/" in url.split("://")[-1] or ":" not in url.split("://")[-1]:
@@ -40,9 +40,8 @@ class Connection:
             else:
                 import tritonclient.http as tc
 
-                self.client = tc.InferenceServerClient(self.url, concurrency=workers,
-                                                       connection_timeout=timeout, network_timeout=timeout)
-                self._pool = ThreadPoolExecutor(max_workers=workers)
+                self.client = tc.InferenceServerClient(self.url, connection_timeout=timeout,
+                                                       network_timeout=timeout)
             self.tc = tc
             live = self.client.is_server_live()
         except Exception as e:  # tritonclient raises InferenceServerException, gRPC/geventhttp errors, ...
@@ -102,23 +101,18 @@ class Connection:
             self.client.async_stream_infer(model, self._inputs(ids), request_id=request_id,
                                            sequence_id=sequence_id, sequence_start=start, sequence_end=end)
         else:
-            def call():
-                try:
-                    r = self.client.infer(model, self._inputs(ids), request_id=request_id, sequence_id=sequence_id,
-                                          sequence_start=start, sequence_end=end)
-                    self._on_result(request_id, r, None)
-                except Exception as e:
-                    self._on_result(request_id, None, e)
-
-            self._pool.submit(call)
+            try:
+                r = self.client.infer(model, self._inputs(ids), request_id=request_id, sequence_id=sequence_id,
+                                      sequence_start=start, sequence_end=end)
+                self._on_result(request_id, r, None)
+            except Exception as e:  # tritonclient.utils.InferenceServerException, connection errors
+                self._on_result(request_id, None, e)
 
     def close(self) -> None:
         try:
             if self._stream:
                 self.client.stop_stream()
                 self._stream = False
-            if self.protocol == "http":
-                self._pool.shutdown(wait=True)
             self.client.close()
         except Exception:
             pass

@@ -11,7 +11,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 CORPUS = ROOT / "data" / "tinyshakespeare.txt"
-SHIPPED_MODEL = ROOT / "models" / "shakespeare-lstm-2x512"
+# CHARRNN_TEST_MODEL: run the suite against another model directory (e.g. a snapshot while training).
+SHIPPED_MODEL = Path(os.environ.get("CHARRNN_TEST_MODEL", ROOT / "models" / "shakespeare-lstm-2x512"))
 PY = sys.executable
 
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")

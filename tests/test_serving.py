@@ -1,0 +1,209 @@
+"""End to end through the real local Triton server (python backend): the client vs the TF reference."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from charrnn.sampling import Sampler, SamplingParams, generate as reference_generate
+from tests.conftest import ROOT, SHIPPED_MODEL, free_port
+
+PROMPTS = ["ROMEO:\n", "First Citizen:\nBefore we proceed any further, hear me speak.", "KING HENRY VI:\nO"]
+
+
+@pytest.fixture(scope="session")
+def shipped():
+    """(model, vocab) of the committed 2x512 model, loaded in TensorFlow (the reference)."""
+    from charrnn.model import load_model_dir
+
+    model, vocab, _ = load_model_dir(SHIPPED_MODEL)
+    return model, vocab
+
+
+@pytest.fixture(scope="session")
+def repo(tmp_path_factory):
+    """`python -m export` of the shipped model into a fresh repository."""
+    from export.__main__ import main as export_main
+
+    out = tmp_path_factory.mktemp("repo")
+    assert export_main(["--model", str(SHIPPED_MODEL), "--repo", str(out)]) == 0
+    return out
+
+
+def start_server(repo: Path, run_dir: Path, **kw):
+    from serve.local import LocalTriton
+
+    return LocalTriton(repo=repo, run_dir=run_dir, http_port=free_port(), grpc_port=free_port(),
+                       metrics_port=free_port(), **kw).start()
+
+
+@pytest.fixture(scope="session")
+def server(repo, tmp_path_factory):
+    s = start_server(repo, tmp_path_factory.mktemp("serve"))
+    yield s
+    s.stop()
+
+
+def tf_text(shipped, prompt: str, length: int, params: SamplingParams) -> str:
+    from train.sample import tf_step
+
+    model, vocab = shipped
+    return vocab.decode(reference_generate(tf_step(model), vocab.encode(prompt), length,
+                                           Sampler(params, len(vocab))))
+
+
+def served(server, prompts, length, params, protocol="grpc"):
+    from client.generate import generate
+    from client.session import Connection
+
+    conn = Connection(server.grpc_url if protocol == "grpc" else server.http_url, protocol)
+    try:
+        model = conn.pick_model(None)
+        vocab = conn.vocabulary(model)
+        seqs = generate(conn, model, vocab, prompts, length, params)
+    finally:
+        conn.close()
+    return [vocab.decode(s.generated) for s in seqs]
+
+
+def run_client(*args, timeout=120):
+    return subprocess.run([sys.executable, "-m", "client", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_greedy_through_triton_equals_tf_reference(shipped, server):
+    greedy = SamplingParams(greedy=True)
+    want = [tf_text(shipped, p, 500, greedy) for p in PROMPTS]
+    got = served(server, PROMPTS, 500, [greedy] * len(PROMPTS))
+    for prompt, w, g in zip(PROMPTS, want, got):
+        assert g == w, f"prompt {prompt!r}: first difference at {next(i for i, (a, b) in enumerate(zip(w, g)) if a != b)}"
+    assert len(set(got)) == len(got), "different prompts should give different greedy texts"
+
+
+def test_seeded_sampling_through_triton_equals_tf_reference(shipped, server):
+    params = SamplingParams(temperature=0.9, top_k=20, top_p=0.95, seed=11)
+    assert served(server, [PROMPTS[0]], 200, [params]) == [tf_text(shipped, PROMPTS[0], 200, params)]
+
+
+def test_long_prompt_is_chunked_and_matches(shipped, server):
+    from charrnn.contract import MAX_T
+
+    text = (ROOT / "data" / "tinyshakespeare.txt").read_text()[-3000:]
+    prompt = text[: 2 * MAX_T + 37]  # three chunks
+    greedy = SamplingParams(greedy=True)
+    assert served(server, [prompt], 100, [greedy]) == [tf_text(shipped, prompt, 100, greedy)]
+
+
+def test_concurrent_sequences_do_not_leak_state(server):
+    """8 sequences interleaved on one stream (batched by the server) each equal their solo run."""
+    prompts = [f"{name}:\n" for name in ("ROMEO", "JULIET", "HAMLET", "LEAR", "MACBETH", "OTHELLO", "PUCK", "IAGO")]
+    params = [SamplingParams(temperature=1.0, seed=100 + i) for i in range(len(prompts))]
+    together = served(server, prompts, 150, params)
+    solo = [served(server, [p], 150, [q])[0] for p, q in zip(prompts, params)]
+    assert together == solo
+    assert len(set(together)) == len(together)
+
+
+def test_same_seed_same_text_different_seed_differs(server):
+    a = run_client("--url", server.grpc_url, "--seed", "5", "--length", "120", "--quiet")
+    b = run_client("--url", server.grpc_url, "--seed", "5", "--length", "120", "--quiet")
+    c = run_client("--url", server.grpc_url, "--seed", "6", "--length", "120", "--quiet")
+    assert a.returncode == b.returncode == c.returncode == 0, a.stderr + c.stderr
+    assert a.stdout == b.stdout
+    assert a.stdout != c.stdout
+
+
+def test_http_protocol_gives_the_same_text(server):
+    greedy = SamplingParams(greedy=True)
+    assert served(server, PROMPTS[:2], 100, [greedy] * 2, protocol="http") == \
+        served(server, PROMPTS[:2], 100, [greedy] * 2)
+
+
+def test_client_cli_streams_and_checks_expect(shipped, server):
+    want = tf_text(shipped, "ROMEO:", 80, SamplingParams(greedy=True))
+    ok = run_client("--url", server.grpc_url, "--prompt", "ROMEO:", "--length", "80", "--greedy", "--expect", want)
+    assert ok.returncode == 0, ok.stderr
+    assert ok.stdout == "ROMEO:" + want + "\n"
+    bad = run_client("--url", server.grpc_url, "--prompt", "ROMEO:", "--length", "80", "--greedy", "--expect", "x")
+    assert bad.returncode == 1
+    assert bad.stderr.splitlines()[-1].startswith("error: --expect: the generated text differs")
+
+
+def inference_count(server) -> int:
+    import tritonclient.grpc as tc
+
+    client = tc.InferenceServerClient(server.grpc_url)
+    stats = client.get_inference_statistics("charrnn_python", as_json=True)
+    return int(stats["model_stats"][0].get("inference_count", 0))
+
+
+def test_unknown_character_is_a_client_error_before_anything_is_sent(server):
+    before = inference_count(server)
+    r = run_client("--url", server.grpc_url, "--prompt", "Héllo wörld", "--length", "10")
+    assert r.returncode == 2
+    assert r.stderr.startswith("error: prompt:") and "'é'" in r.stderr and "'ö'" in r.stderr
+    assert inference_count(server) == before
+
+
+@pytest.mark.parametrize("args, code, pattern", [
+    (["--length", "0"], 2, r"^error: --length: must be >= 1"),
+    (["--prompt", ""], 2, r"^error: --prompt: is empty"),
+    (["--temperature", "-1"], 2, r"^error: temperature: must be > 0"),
+    (["--top-k", "1000"], 2, r"^error: top-k: must be in 1\.\.65"),
+    (["--top-p", "0"], 2, r"^error: top-p: must be in \(0, 1\]"),
+    (["--model", "no_such_model"], 3, r"^error: model no_such_model: not ready"),
+])
+def test_bad_client_input_gives_clear_errors(server, args, code, pattern):
+    r = run_client("--url", server.grpc_url, *args)
+    assert r.returncode == code, r.stderr
+    assert re.search(pattern, r.stderr), r.stderr
+
+
+@pytest.mark.parametrize("url", ["127.0.0.1:{port}", "not a url"])
+def test_unreachable_server_is_a_clear_error(url):
+    r = run_client("--url", url.format(port=free_port()), "--length", "5")
+    assert r.returncode in (2, 3)
+    assert r.stderr.startswith("error: ")
+    if r.returncode == 3:
+        assert "unreachable" in r.stderr and "make serve" in r.stderr
+
+
+def test_sequences_stay_on_their_instance_with_two_instances(tmp_path, repo):
+    """With 2 model instances (each holds its own states), concurrent sequences still match solo runs."""
+    import shutil
+
+    two = tmp_path / "repo2"
+    shutil.copytree(repo / "charrnn_python", two / "charrnn_python")
+    config = two / "charrnn_python" / "config.pbtxt"
+    text = config.read_text()
+    assert "count: 1 " in text
+    config.write_text(text.replace("count: 1 ", "count: 2 "))
+    s = start_server(two, tmp_path / "serve")
+    try:
+        prompts = [f"{c}:" for c in "ABCDEFGHIJKL"]
+        params = [SamplingParams(temperature=1.0, seed=7 + i) for i in range(len(prompts))]
+        together = served(s, prompts, 100, params)
+        solo = [served(s, [p], 100, [q])[0] for p, q in zip(prompts, params)]
+        log = s.log_path.read_text()
+    finally:
+        s.stop()
+    assert together == solo
+    assert "charrnn_python_0_1" in log, "the second instance should have been created"
+
+
+def test_launcher_stops_the_server_and_leaves_no_process(tmp_path, repo):
+    s = start_server(repo, tmp_path / "serve")
+    pid = s.process.pid
+    children = subprocess.run(["pgrep", "-g", str(pid)], capture_output=True, text=True).stdout.split()
+    assert len(children) >= 2, "server + python backend stub expected in the process group"
+    s.stop()
+    left = subprocess.run(["pgrep", "-g", str(pid)], capture_output=True, text=True).stdout.split()
+    assert left == []
+    assert not s.is_ready()
