@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
 
     step = int(step_var.numpy())
     bar = tqdm(total=max_steps, initial=step, disable=args.quiet, unit="step", dynamic_ncols=True,
-               file=sys.stdout, mininterval=2)
+               file=sys.stdout, mininterval=2 if sys.stdout.isatty() else 60)  # a log file gets a line a minute
     t_start = time.time()
     chars_per_step = args.batch_size * args.seq_length
     from charrnn.data import stream_batches

@@ -1,0 +1,300 @@
+"""`make bench`: served generation through the local Triton vs in-process baselines, measured in ONE run.
+
+    python -m bench.bench                          # full sweep (a few minutes)
+    python -m bench.bench --quick                  # smaller counts, for a smoke test
+
+Measures, on this machine:
+  in-process  TF reference step (batch 1); ONNX Runtime step at batch 1, 8, 64; ORT prime of a
+              256-character prompt
+  served      concurrent sequences 1, 4, 16, 64 on one gRPC stream, each primed with a 64-character
+              test-split prompt then generating 256 characters one request per character: characters/s,
+              per-request latency p50/p90/p95/p99; time to first character after a 256-character prompt
+  ratios      served 1-stream chars/s / ORT batch-1 chars/s; served 64-sequence chars/s / ORT batch-64
+Writes bench/results/bench.csv (perf_analyzer column names, microseconds), bench.png, bench.md, and
+the table between the bench markers in README.md.
+Exit codes: 0 ok, 2 bad input, 3 the server did not start.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import re
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from charrnn.errors import UserError, cli
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+README = ROOT / "README.md"
+MARK_START, MARK_END = "<!-- bench:start -->", "<!-- bench:end -->"
+
+
+def machine() -> dict:
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = ""
+    try:
+        kb = int(re.search(r"MemTotal:\s+(\d+)", Path("/proc/meminfo").read_text()).group(1))
+        mem = f"{kb / 2**20:.0f} GiB"
+    except (OSError, AttributeError):
+        pass
+    return {"cores": os.cpu_count(), "cpu": cpu, "memory": mem, "python": platform.python_version(),
+            "gpu": "none"}
+
+
+def timed(fn, repeat: int, warmup: int = 3) -> float:
+    """Median seconds of fn() over `repeat` runs after `warmup`."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def percentiles(values_s: list[float]) -> dict[str, float]:
+    us = np.asarray(values_s) * 1e6
+    return {f"p{q} latency": float(np.percentile(us, q)) for q in (50, 90, 95, 99)}
+
+
+# --- in-process baselines -------------------------------------------------------------------------
+def baselines(model_dir: Path, onnx_path: Path, prompt_ids: np.ndarray, repeat: int, threads: int) -> dict:
+    from export.verify import ort_session
+    from charrnn.contract import INPUT_IDS, LOGITS, STATE_IN, STATE_OUT
+
+    out = {}
+    session = ort_session(str(onnx_path), threads=threads)
+    dims = session.get_inputs()[1].shape[1:]
+    for b in (1, 8, 64):
+        feeds = {INPUT_IDS: np.zeros((b, 1), np.int32), STATE_IN: np.zeros((b, *dims), np.float32)}
+        s = timed(lambda: session.run([LOGITS, STATE_OUT], feeds), repeat)
+        out[f"ort_b{b}"] = {"step_us": s * 1e6, "chars_per_s": b / s}
+        print(f"  ONNX Runtime step batch {b:>2}: {s * 1e6:8.0f} us  -> {b / s:8.0f} chars/s", flush=True)
+    feeds = {INPUT_IDS: prompt_ids[None, :].astype(np.int32), STATE_IN: np.zeros((1, *dims), np.float32)}
+    s = timed(lambda: session.run([LOGITS, STATE_OUT], feeds), max(5, repeat // 20))
+    out["ort_prime_256"] = {"seconds": s}
+    print(f"  ONNX Runtime prime of {len(prompt_ids)} chars: {s * 1e3:.1f} ms", flush=True)
+
+    from charrnn.model import load_model_dir
+    import tensorflow as tf
+
+    tf.config.threading.set_intra_op_parallelism_threads(threads)
+    model, _, _ = load_model_dir(model_dir)
+    step = tf.function(model.step, reduce_retracing=True)
+    ids, state = tf.zeros([1, 1], tf.int32), model.zero_state(1)
+    s = timed(lambda: [t.numpy() for t in step(ids, state)], max(20, repeat // 4))
+    out["tf_b1"] = {"step_us": s * 1e6, "chars_per_s": 1 / s}
+    print(f"  TensorFlow reference step batch 1: {s * 1e6:.0f} us -> {1 / s:.0f} chars/s", flush=True)
+    return out
+
+
+# --- served ---------------------------------------------------------------------------------------
+def served_run(server, prompts: list[str], length: int, seed: int) -> dict:
+    from charrnn.sampling import SamplingParams
+    from client.generate import generate
+    from client.session import Connection
+
+    conn = Connection(server.grpc_url, "grpc")
+    try:
+        model = conn.pick_model(None)
+        vocab = conn.vocabulary(model)
+        params = [SamplingParams(temperature=1.0, seed=seed + i) for i in range(len(prompts))]
+        cpu0, t0 = time.process_time(), time.perf_counter()
+        seqs = generate(conn, model, vocab, prompts, length, params)
+        wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+    finally:
+        conn.close()
+    latencies = [x for s in seqs for x in s.latencies]
+    chars = sum(len(s.generated) for s in seqs)
+    return {"Concurrency": len(prompts), "Inferences/Second": len(latencies) / wall, "Chars/Second": chars / wall,
+            **percentiles(latencies), "Requests": len(latencies), "Seconds": wall,
+            "Client CPU %": 100 * cpu / wall}
+
+
+def time_to_first_char(server, prompt: str, repeat: int) -> float:
+    """Median seconds from sending a prompt (one request) to having the first generated character."""
+    from charrnn.sampling import SamplingParams
+    from client.generate import generate
+    from client.session import Connection
+
+    conn = Connection(server.grpc_url, "grpc")
+    try:
+        model = conn.pick_model(None)
+        vocab = conn.vocabulary(model)
+        times = []
+        for i in range(repeat + 2):
+            t0 = time.perf_counter()
+            generate(conn, model, vocab, [prompt], 1, [SamplingParams(greedy=True)])
+            if i >= 2:  # 2 warm-up runs
+                times.append(time.perf_counter() - t0)
+    finally:
+        conn.close()
+    return statistics.median(times)
+
+
+def write_outputs(result: dict, out_dir: Path) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = result["served"]
+    cols = ["Concurrency", "Inferences/Second", "Chars/Second", "p50 latency", "p90 latency", "p95 latency",
+            "p99 latency", "Requests", "Seconds", "Client CPU %"]
+    with open(out_dir / "bench.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols)
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: (f"{r[k]:.1f}" if isinstance(r[k], float) else r[k]) for k in cols})
+    (out_dir / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
+    plot(result, out_dir / "bench.png")
+    md = markdown(result)
+    (out_dir / "bench.md").write_text(md)
+    if README.is_file():
+        text = README.read_text()
+        if MARK_START in text and MARK_END in text:
+            head, rest = text.split(MARK_START, 1)
+            _, tail = rest.split(MARK_END, 1)
+            README.write_text(f"{head}{MARK_START}\n{md}{MARK_END}{tail}")
+
+
+def markdown(result: dict) -> str:
+    m, b, r = result["machine"], result["baselines"], result["ratios"]
+    lines = [f"Measured by `make bench` on {m['cores']} cores ({m['cpu']}), {m['memory']}, no GPU, "
+             f"Python {m['python']}, {result['date']}; {result['model']}; client and server on the same machine.",
+             "",
+             "| Concurrency | Inferences/Second | chars/s | p50 latency (us) | p90 (us) | p95 (us) | p99 (us) | client CPU % |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for row in result["served"]:
+        lines.append(f"| {row['Concurrency']} | {row['Inferences/Second']:.0f} | {row['Chars/Second']:.0f} | "
+                     f"{row['p50 latency']:.0f} | {row['p90 latency']:.0f} | {row['p95 latency']:.0f} | "
+                     f"{row['p99 latency']:.0f} | {row['Client CPU %']:.0f} |")
+    lines += ["",
+              "| in-process baseline | step | chars/s |", "|---|---:|---:|",
+              f"| TensorFlow reference, batch 1 | {b['tf_b1']['step_us']:.0f} us | {b['tf_b1']['chars_per_s']:.0f} |"]
+    for k in (1, 8, 64):
+        x = b[f"ort_b{k}"]
+        lines.append(f"| ONNX Runtime, batch {k} | {x['step_us']:.0f} us | {x['chars_per_s']:.0f} |")
+    lines.append(f"| ONNX Runtime prime, 256 chars | {b['ort_prime_256']['seconds'] * 1e3:.1f} ms | |")
+    lines += ["",
+              "| ratio | measured | target |", "|---|---:|---:|",
+              f"| served 1-stream chars/s | {r['served_1']:.0f} | >= 1,200 |",
+              f"| served 64-seq / served 1-stream | {r['s64_over_s1']:.2f}x | >= 5x |",
+              f"| served 1-stream / ORT batch-1 | {r['s1_over_ort1']:.2f} | |",
+              f"| served 64-seq / ORT batch-64 | {r['s64_over_ort64']:.2f} | |",
+              f"| time to first char, 256-char prompt / ORT prime | {r['ttfc_over_prime']:.2f} "
+              f"({result['ttfc_256_s'] * 1e3:.1f} ms) | <= 1.5 |", ""]
+    return "\n".join(lines)
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["served"]
+    c = [r["Concurrency"] for r in rows]
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    a1.plot(c, [r["Chars/Second"] for r in rows], "o-", label="served (Triton, python backend)")
+    b = result["baselines"]
+    for k, style in ((1, ":"), (8, "-."), (64, "--")):
+        a1.axhline(b[f"ort_b{k}"]["chars_per_s"], linestyle=style, color="gray", label=f"in-process ORT batch {k}")
+    a1.axhline(b["tf_b1"]["chars_per_s"], linestyle=":", color="orange", label="in-process TF batch 1")
+    a1.set(xscale="log", yscale="log", xlabel="concurrent sequences", ylabel="characters / s",
+           title="Throughput")
+    a1.set_xticks(c, [str(x) for x in c])
+    a1.legend(fontsize=7)
+    for q, style in (("p50", "o-"), ("p95", "s--"), ("p99", "^:")):
+        a2.plot(c, [r[f"{q} latency"] / 1000 for r in rows], style, label=q)
+    a2.set(xscale="log", xlabel="concurrent sequences", ylabel="per-request latency (ms)",
+           title="Latency per character request")
+    a2.set_xticks(c, [str(x) for x in c])
+    a2.legend(fontsize=8)
+    m = result["machine"]
+    fig.suptitle(f"charrnn on Triton: {m['cores']} cores, {m['cpu']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+@cli
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default=str(ROOT / "models" / "shakespeare-lstm-2x512"))
+    p.add_argument("--repo", default=str(ROOT / "model_repository"))
+    p.add_argument("--data", default=str(ROOT / "data" / "tinyshakespeare.txt"))
+    p.add_argument("--concurrency", default="1,4,16,64", help="comma-separated sequence counts")
+    p.add_argument("--prompt-length", type=int, default=64)
+    p.add_argument("--length", type=int, default=256, help="characters generated per sequence")
+    p.add_argument("--threads", type=int, default=1, help="ORT/TF threads for the in-process baselines")
+    p.add_argument("--quick", action="store_true", help="small counts (smoke test; figures not meaningful)")
+    p.add_argument("--out", default=str(RESULTS))
+    args = p.parse_args(argv)
+    levels = [int(x) for x in args.concurrency.split(",") if x]
+    if not levels or min(levels) < 1:
+        raise UserError("--concurrency", f"needs positive integers, got {args.concurrency!r}")
+    if args.quick:
+        args.length, levels = 32, [1, 4]
+    repeat = 20 if args.quick else 300
+
+    from charrnn.data import load_splits
+    from charrnn.model import load_model_dir  # noqa: F401  (fail early on a bad model dir)
+    from charrnn.vocab import Vocab
+    from client.demo import free_port
+    from serve.local import LocalTriton
+
+    vocab = Vocab.load(Path(args.model) / "vocab.json")
+    _, _, _, test = load_splits(args.data, vocab)
+    onnx_path = Path(args.repo) / "charrnn_onnx" / "1" / "model.onnx"
+    if not onnx_path.is_file():
+        raise UserError(str(onnx_path), "not found", "run `make export`")
+    prompt256 = test[:256]
+    result = {"machine": machine(), "date": time.strftime("%Y-%m-%d"), "model": Path(args.model).name}
+    print(f"machine: {result['machine']}")
+    print("[1/3] in-process baselines", flush=True)
+    result["baselines"] = baselines(Path(args.model), onnx_path, prompt256, repeat, args.threads)
+
+    print("[2/3] served generation through the local Triton server", flush=True)
+    server = LocalTriton(repo=args.repo, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port())
+    rows = []
+    with server:
+        served_run(server, [vocab.decode(test[:args.prompt_length])], 16, 0)  # warm-up
+        for c in levels:
+            starts = np.linspace(1000, len(test) - args.prompt_length - 1, c).astype(int)
+            prompts = [vocab.decode(test[s : s + args.prompt_length]) for s in starts]
+            row = served_run(server, prompts, args.length, seed=c)
+            rows.append(row)
+            print(f"  {c:>3} sequences: {row['Chars/Second']:7.0f} chars/s  p50 {row['p50 latency']:6.0f} us  "
+                  f"p99 {row['p99 latency']:6.0f} us  client CPU {row['Client CPU %']:.0f}%", flush=True)
+        print("[3/3] time to first character after a 256-character prompt", flush=True)
+        ttfc = time_to_first_char(server, vocab.decode(prompt256), 5 if args.quick else 20)
+    result["served"], result["ttfc_256_s"] = rows, ttfc
+    by_c = {r["Concurrency"]: r for r in rows}
+    b = result["baselines"]
+    s1 = by_c.get(1, rows[0])["Chars/Second"]
+    s64 = by_c.get(64, rows[-1])["Chars/Second"]
+    result["ratios"] = {"served_1": s1, "s64_over_s1": s64 / s1, "s1_over_ort1": s1 / b["ort_b1"]["chars_per_s"],
+                        "s64_over_ort64": s64 / b["ort_b64"]["chars_per_s"],
+                        "ttfc_over_prime": ttfc / b["ort_prime_256"]["seconds"]}
+    print(f"  time to first char: {ttfc * 1e3:.1f} ms ({result['ratios']['ttfc_over_prime']:.2f}x ORT prime)")
+    write_outputs(result, Path(args.out))
+    print(f"\n{markdown(result)}\nwrote {args.out}/bench.csv, bench.png, bench.md")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
