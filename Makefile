@@ -13,7 +13,7 @@ SAMPLE_FLAGS ?= --prompt "ROMEO:" --length 500 --temperature 0.8 --seed 1
 PYTEST_FLAGS ?=
 
 .PHONY: setup data train evaluate sample export verify plan serve stop demo test test-slow clean help \
-        import perf-input compose-plan compose-up compose-up-cpu compose-down perf
+        bench import perf-input compose-plan compose-up compose-up-cpu compose-down perf
 
 help:
 	@grep -E '^[a-z-]+:.*## ' Makefile | sed 's/:.*## /\t/'
@@ -61,6 +61,9 @@ stop: setup ## stop the server `make serve` started
 
 demo: $(ONNX) ## THE MAIN JOB: local Triton up, ~500 characters generated through it, server down
 	$(PY) -m client.demo $(DEMO_FLAGS)
+
+bench: $(ONNX) data ## measured sweep: served generation (1..64 sequences) vs in-process baselines -> bench/results/
+	$(PY) -m bench.bench
 
 # Import a TF1 char-rnn model (checkpoint or sampleCharRNN .wts); see `python -m train.import_tf1 --help`.
 IMPORT_FLAGS ?= --wts data/char-rnn.wts --vocab-builtin samplecharrnn --out models/samplecharrnn-import

@@ -70,30 +70,62 @@ def filter_logits(logits: np.ndarray, top_k: int = 0, top_p: float = 1.0, temper
     return z
 
 
+def gumbel(noise: np.ndarray) -> np.ndarray:
+    """Gumbel(0, 1) noise from uniforms in (0, 1): -log(-log(u)), float32."""
+    return -np.log(-np.log(noise.astype(np.float32, copy=False)))
+
+
 def choose(logits: np.ndarray, params: SamplingParams, noise: np.ndarray | None) -> np.ndarray:
     """Pick ids from logits (..., V) with Gumbel noise from uniforms `noise` (..., V). Returns int32 (...)."""
     if params.greedy:
         return np.argmax(logits, axis=-1).astype(np.int32)
-    z = filter_logits(logits, params.top_k, params.top_p, params.temperature)
-    gumbel = -np.log(-np.log(noise.astype(np.float32)))
-    return np.argmax(z + gumbel, axis=-1).astype(np.int32)
+    return _choose_gumbel(logits, params, gumbel(noise))
+
+
+def _choose_gumbel(logits: np.ndarray, params: SamplingParams, g: np.ndarray) -> np.ndarray:
+    if params.top_k == 0 and params.top_p >= 1.0:  # the common case: no filtering, no sort
+        z = np.asarray(logits, dtype=np.float32) / np.float32(params.temperature)
+    else:
+        z = filter_logits(logits, params.top_k, params.top_p, params.temperature)
+    return np.argmax(z + g, axis=-1).astype(np.int32)
 
 
 class Sampler:
-    """One sequence's sampler: holds its parameters and noise stream. `next(logits (V,)) -> id`."""
+    """One sequence's sampler: holds its parameters and noise stream. `next(logits (V,)) -> id`.
+
+    Uniforms are drawn from the stream in blocks (drawing k rows at once gives the same numbers as k
+    single rows) and turned into Gumbel noise once per block: per character only an add and an argmax.
+    """
+
+    BLOCK = 64
 
     def __init__(self, params: SamplingParams, vocab_size: int) -> None:
         self.params = params.validate(vocab_size)
         self.vocab_size = vocab_size
         self.rng = noise_stream(params.seed)
+        self._uniform = np.empty((0, vocab_size), np.float32)  # drawn, not yet used
+        self._gumbel = self._uniform
 
     def noise(self, steps: int) -> np.ndarray:
         """Take the next (steps, V) uniforms from this sequence's stream."""
-        return uniform_noise(self.rng, steps, self.vocab_size)
+        if steps > len(self._uniform):
+            fresh = uniform_noise(self.rng, max(steps - len(self._uniform), self.BLOCK), self.vocab_size)
+            self._uniform = np.concatenate([self._uniform, fresh])
+            self._gumbel = gumbel(self._uniform)
+        taken = self._uniform[:steps]
+        self._uniform, self._gumbel = self._uniform[steps:], self._gumbel[steps:]
+        return taken
 
     def next(self, logits: np.ndarray) -> int:
-        noise = None if self.params.greedy else self.noise(1)[0]
-        return int(choose(np.asarray(logits).reshape(-1), self.params, noise))
+        logits = np.asarray(logits).reshape(-1)
+        if self.params.greedy:
+            return int(np.argmax(logits))
+        if not len(self._gumbel):
+            fresh = uniform_noise(self.rng, self.BLOCK, self.vocab_size)
+            self._uniform, self._gumbel = fresh, gumbel(fresh)
+        g = self._gumbel[0]
+        self._uniform, self._gumbel = self._uniform[1:], self._gumbel[1:]
+        return int(_choose_gumbel(logits, self.params, g))
 
 
 def generate(step, prime_ids: np.ndarray, length: int, sampler: Sampler, state=None, on_id=None) -> list[int]:

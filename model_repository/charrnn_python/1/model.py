@@ -97,7 +97,7 @@ class TritonPythonModel:
                 self.logger.log_info(f"evicted {len(idle)} idle sequence(s); {live} live")
 
     # --- inference ------------------------------------------------------------------------------
-    def _check(self, request) -> tuple[np.ndarray | None, str | None]:
+    def _check(self, request, corr, flags) -> tuple[np.ndarray | None, str | None]:
         """(ids (1, T), None) for a good request, (None, error message) for a bad one."""
         tensor = pb_utils.get_input_tensor_by_name(request, INPUT_IDS)
         if tensor is None:
@@ -106,39 +106,37 @@ class TritonPythonModel:
         if ids.dtype != np.int32:
             return None, f"{INPUT_IDS}: dtype must be INT32, got {ids.dtype}"
         if ids.ndim != 2 or ids.shape[0] != 1 or not 1 <= ids.shape[1] <= MAX_T:
-            return None, f"{INPUT_IDS}: shape must be [1, T] with 1 <= T <= {MAX_T}, got {list(ids.shape)} " \
-                         "(send long prompts in chunks)"
+            return None, (f"{INPUT_IDS}: shape must be [1, T] with 1 <= T <= {MAX_T}, got {list(ids.shape)} "
+                          "(send long prompts in chunks)")
         if ids.min() < 0 or ids.max() >= self.vocab_size:
             return None, f"{INPUT_IDS}: ids must be in 0..{self.vocab_size - 1}, got {int(ids.min())}..{int(ids.max())}"
-        corr = request.correlation_id()
         if corr in (0, ""):
             return None, "sequence id: missing (this model is stateful: send sequence_id, sequence_start, sequence_end)"
-        if not request.flags() & START and corr not in self.states:
+        if not flags & START and corr not in self.states:
             return None, (f"unknown sequence (never started, ended, or idle longer than "
                           f"{self.idle_s - 1.0:.0f} s) (start it again with sequence_start=True)")
         return ids, None
 
     def execute(self, requests):
         responses = [None] * len(requests)
-        groups: dict[int, list[tuple[int, np.ndarray]]] = {}  # T -> [(request index, ids (1, T))]
+        groups: dict[int, list] = {}  # T -> [(request index, correlation id, flags, ids (1, T))]
         with self.lock:
             for i, request in enumerate(requests):
-                ids, error = self._check(request)
+                corr, flags = request.correlation_id(), request.flags()
+                ids, error = self._check(request, corr, flags)
                 if error:  # named by sequence: gRPC stream errors reach clients without a request id
-                    message = f"sequence {request.correlation_id()}: {error}"
+                    message = f"sequence {corr}: {error}"
                     responses[i] = pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(message))
                 else:
-                    groups.setdefault(ids.shape[1], []).append((i, ids))
+                    groups.setdefault(ids.shape[1], []).append((i, corr, flags, ids))
             for members in groups.values():
-                batch = [requests[i] for i, _ in members]
-                ids = np.concatenate([x for _, x in members])  # (B, T)
-                state = np.stack([self.zero if r.flags() & START else self.states[r.correlation_id()]
-                                  for r in batch])  # (B, S, L, H)
+                ids = members[0][3] if len(members) == 1 else np.concatenate([m[3] for m in members])  # (B, T)
+                state = np.stack([self.zero if flags & START else self.states[corr]
+                                  for _, corr, flags, _ in members])  # (B, S, L, H)
                 logits, new_state = self.session.run([LOGITS, STATE_OUT], {INPUT_IDS: ids, STATE_IN: state})
                 now = time.monotonic()
-                for row, ((i, _), request) in enumerate(zip(members, batch)):
-                    corr = request.correlation_id()
-                    if request.flags() & END:
+                for row, (i, corr, flags, _) in enumerate(members):
+                    if flags & END:
                         self.states.pop(corr, None)
                         self.last_used.pop(corr, None)
                     else:
