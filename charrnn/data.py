@@ -49,6 +49,9 @@ def fetch_corpus(dest: str | Path, shared: str | Path | None = None, url: str = 
         try:
             with urllib.request.urlopen(url, timeout=timeout) as r, open(tmp, "wb") as f:
                 shutil.copyfileobj(r, f)
+                promised = r.headers.get("Content-Length")
+            if promised is not None and tmp.stat().st_size < int(promised):
+                raise OSError(f"connection closed after {tmp.stat().st_size} of {promised} bytes")
         except (urllib.error.URLError, OSError) as e:
             tmp.unlink(missing_ok=True)
             raise UnavailableError(url, f"download failed ({e})", "check the network or pass --corpus FILE") from e

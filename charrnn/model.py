@@ -74,6 +74,13 @@ class ModelConfig:
         unknown = set(d) - known
         if unknown:
             raise UserError(CONFIG_FILE, f"unknown keys {sorted(unknown)}", "check the model directory")
+        if "vocab_size" not in d:
+            raise UserError(CONFIG_FILE, "missing key 'vocab_size'", "check the model directory")
+        types = {"vocab_size": int, "layers": int, "hidden": int, "embedding": int, "cell": str,
+                 "dropout": (int, float), "reset_after": bool}
+        for key, value in d.items():
+            if not isinstance(value, types[key]) or (types[key] is int and isinstance(value, bool)):
+                raise UserError(CONFIG_FILE, f"{key} has the wrong type ({value!r})", "check the model directory")
         return cls(**d)
 
 

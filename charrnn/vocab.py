@@ -58,6 +58,8 @@ class Vocab:
             chars = json.loads(text)["chars"]
         except (ValueError, KeyError, TypeError) as e:
             raise UserError("vocabulary", f"not a vocab JSON object with 'chars' ({e})") from e
+        if not isinstance(chars, list) or not all(isinstance(c, str) for c in chars):
+            raise UserError("vocabulary", "'chars' must be a list of one-character strings", "rebuild it")
         return cls(chars)
 
     def save(self, path: str | Path) -> None:
@@ -66,6 +68,9 @@ class Vocab:
     @classmethod
     def load(cls, path: str | Path) -> "Vocab":
         try:
-            return cls.from_json(Path(path).read_text())
+            return cls.from_json(Path(path).read_text(encoding="utf-8"))
         except OSError as e:
             raise UserError(str(path), f"cannot read vocabulary ({e.strerror})", "check the path") from e
+        except UnicodeDecodeError as e:
+            raise UserError(str(path), "not a UTF-8 JSON vocabulary (a pickle?)",
+                            "use vocab.json; pickled vocabularies only via `make import --trust-pickle`") from e

@@ -198,12 +198,6 @@ def test_load_bad_config(tmp_path, lstm_dir):
         load_model_dir(d)
 
 
-@pytest.mark.xfail(
-    reason="BUG charrnn/model.py ModelConfig.from_dict / load_model_dir: a config.json missing a required "
-    "key (vocab_size) raises a raw TypeError from the dataclass constructor instead of a UserError",
-    raises=TypeError,
-    strict=True,
-)
 def test_load_config_missing_key_is_user_error(tmp_path, lstm_dir):
     d = _broken(tmp_path, lstm_dir)
     cfg = json.loads((lstm_dir / CONFIG_FILE).read_text())

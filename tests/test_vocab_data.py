@@ -101,12 +101,6 @@ def test_vocab_load_bad_json_or_missing_file(tmp_path):
         Vocab.load(tmp_path / "missing.json")
 
 
-@pytest.mark.xfail(
-    reason="BUG charrnn/vocab.py Vocab.load: only OSError is caught around Path.read_text, so a non-UTF-8 "
-    "vocab file (e.g. a pickled vocab) raises a raw UnicodeDecodeError instead of a UserError",
-    raises=UnicodeDecodeError,
-    strict=True,
-)
 def test_vocab_load_refuses_a_pickle_with_user_error(tmp_path):
     path = tmp_path / "vocab.json"
     path.write_bytes(pickle.dumps({"chars": list("abc")}))

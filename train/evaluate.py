@@ -35,11 +35,16 @@ def evaluate_loss(model, ids: np.ndarray, batch_size: int = 32, seq_len: int = 2
     x_all = ids[: batch_size * per].reshape(batch_size, per)  # (B, N)
     y_all = ids[1 : batch_size * per + 1].reshape(batch_size, per)
 
-    @tf.function(reduce_retracing=True)
-    def chunk_loss(x, y, state):
-        logits, state = model(x, state, training=False)  # (B, t, V)
-        ce = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=y, logits=logits)
-        return tf.reduce_sum(tf.cast(ce, tf.float64)), state
+    chunk_loss = getattr(model, "_charrnn_chunk_loss", None)
+    if chunk_loss is None:  # one traced function per model, reused by every evaluation of it
+
+        @tf.function(reduce_retracing=True)
+        def chunk_loss(x, y, state):
+            logits, state = model(x, state, training=False)  # (B, t, V)
+            ce = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=y, logits=logits)
+            return tf.reduce_sum(tf.cast(ce, tf.float64)), state
+
+        object.__setattr__(model, "_charrnn_chunk_loss", chunk_loss)
 
     total, state = 0.0, model.zero_state(batch_size)
     starts = range(0, per, seq_len)

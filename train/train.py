@@ -81,11 +81,12 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(args.data, "the validation split is empty", "use a larger text")
     max_steps = args.max_steps or math.ceil(args.max_epochs * steps_per_epoch)
 
+    from charrnn.model import CARD_FILE, ModelConfig, build_model, load_model_dir, save_model_dir  # sets TF env first
+
     import numpy as np
     import tensorflow as tf
     import keras
 
-    from charrnn.model import CARD_FILE, ModelConfig, build_model, load_model_dir, save_model_dir
     from train.evaluate import evaluate_loss
 
     keras.utils.set_random_seed(args.seed)
