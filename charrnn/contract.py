@@ -79,3 +79,21 @@ class Contract:
 
     def zero_state(self, batch: int) -> np.ndarray:
         return np.zeros((batch, *self.state_dims), dtype=FLOAT_DTYPE)
+
+
+# --- Server-side generation (issue 7): K characters per request, sampled inside the graph -----------------
+#
+# The generation graph (export/gen_export.py; models charrnn_gen_*) takes the step contract's INPUT_IDS and
+# STATE_IN plus the sampling inputs, and returns K sampled ids instead of LOGITS:
+#
+#     NOISE        fp32  (B, K, V)   uniforms in (0, 1), one row per generated character (K = NOISE dim 1)
+#     TEMPERATURE  fp32  (B, 1)      > 0 samples; 0 = greedy (argmax of the raw logits)
+#     TOP_K        int32 (B, 1)      keep the k most likely characters (0 = all)
+#     OUTPUT_IDS   int32 (B, K)      id_1..id_K; id_1 follows the last INPUT_IDS; id_K is NOT fed back
+#                                    (the next request sends it as its INPUT_IDS, like the per-character client)
+#     STATE_OUT    fp32  (B, S, L, H) state after INPUT_IDS and id_1..id_{K-1}
+NOISE = "NOISE"
+TEMPERATURE = "TEMPERATURE"
+TOP_K = "TOP_K"
+OUTPUT_IDS = "OUTPUT_IDS"
+MAX_K = 256  # characters generated per request (also the TensorRT optimization profile)

@@ -2,8 +2,10 @@
 
     python -m export --model models/shakespeare-lstm-2x512 --repo model_repository
 
-Writes <repo>/charrnn_onnx/1/model.onnx (also used by charrnn_python) and every config.pbtxt. The
-TensorRT plan (<repo>/charrnn_trt/1/model.plan) needs NVIDIA's TensorRT container: `make plan`.
+Writes <repo>/charrnn_onnx/1/model.onnx (also used by charrnn_python), the generation graph
+<repo>/charrnn_gen_onnx/1/model.onnx (also used by charrnn_gen_python and charrnn_gen_stream; see
+export/gen_export.py) and every config.pbtxt. The TensorRT plans (<repo>/charrnn_trt/1/model.plan,
+<repo>/charrnn_gen_trt/1/model.plan) need NVIDIA's TensorRT container: `make plan`.
 Exit codes: 0 ok, 1 the TensorRT readiness check failed, 2 bad model directory.
 """
 
@@ -18,6 +20,26 @@ from charrnn.errors import CheckFailed, cli
 
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON_MODEL_SOURCE = ROOT / "model_repository" / "charrnn_python" / "1" / "model.py"
+# charrnn_gen_python's model.py also serves charrnn_gen_stream (decoupled by its config): copied there.
+GEN_PYTHON_MODEL_SOURCE = ROOT / "model_repository" / "charrnn_gen_python" / "1" / "model.py"
+
+
+def export_generation(model, repo: Path):
+    """The generation graph into charrnn_gen_onnx and the python gen models' folders; returns its proto."""
+    from export import configs
+    from export.gen_export import export_gen_onnx
+
+    gen_onnx = repo / configs.GEN_ONNX / "1" / configs.ARTIFACT[configs.GEN_ONNX]
+    print(f"      generation graph (K characters per call): {gen_onnx}")
+    proto = export_gen_onnx(model, gen_onnx)
+    for name in (configs.GEN_PYTHON, configs.GEN_STREAM):
+        folder = repo / name / "1"
+        folder.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(gen_onnx, folder / configs.ARTIFACT[name])
+        src = folder / "model.py"
+        if src.resolve() != GEN_PYTHON_MODEL_SOURCE.resolve():
+            shutil.copyfile(GEN_PYTHON_MODEL_SOURCE, src)
+    return proto
 
 
 @cli
@@ -45,24 +67,32 @@ def main(argv: list[str] | None = None) -> int:
     python_src = repo / configs.PYTHON / "1" / "model.py"
     if python_src.resolve() != PYTHON_MODEL_SOURCE.resolve():  # exporting to another repository
         shutil.copyfile(PYTHON_MODEL_SOURCE, python_src)
+    gen_proto = export_generation(model, repo)
 
     print("[3/4] TensorRT readiness (static)")
     report = check_model(proto)
     print("      " + report.text().replace("\n", "\n      "))
     if not report.ready:
         raise CheckFailed(str(onnx_path), "the graph is not TensorRT-ready", "see the problems above")
+    gen_report = check_model(gen_proto)
+    print("      generation graph: " + gen_report.text().replace("\n", "\n      "))
+    if not gen_report.ready:
+        raise CheckFailed(str(repo / configs.GEN_ONNX), "the generation graph is not TensorRT-ready",
+                          "see the problems above")
 
     print(f"[4/4] Triton configs in {repo}/")
     contract = model.config.contract
     for path in configs.write_repository(repo, contract, vocab):
         config = configs.load_config(path)
         if config.name != configs.PYTHON:
-            problems = configs.check_config_against_onnx(config, proto)
+            graph = gen_proto if config.name in configs.GEN_MODELS else proto
+            problems = configs.check_config_against_onnx(config, graph)
             if problems:
                 raise CheckFailed(str(path), "; ".join(problems), "fix export/configs.py")
         print(f"      {path}  ({configs.describe(config)})")
     print(f"done in {time.time() - t0:.1f} s. Next: `make verify` (ONNX vs TF parity); "
-          f"`make plan` builds {repo}/{configs.TRT}/1/model.plan in NVIDIA's TensorRT container.")
+          f"`make plan` builds {repo}/{configs.TRT}/1/model.plan and {repo}/{configs.GEN_TRT}/1/model.plan in "
+          "NVIDIA's TensorRT container.")
     return 0
 
 

@@ -14,6 +14,12 @@ Equivalent trtexec line (batch 1..64, T 1..256 with opt T=1: generation is one c
       --optShapes=INPUT_IDS:64x1,STATE_IN:64x2x2x512 \
       --maxShapes=INPUT_IDS:64x256,STATE_IN:64x2x2x512   [--fp16]
 
+The generation graph (charrnn_gen_trt; export/gen_export.py) is built the same way; its extra inputs get
+profile entries too (NOISE 1..64 x 1..MAX_K x V, opt K 32; TEMPERATURE and TOP_K 1..64 x 1):
+
+    python -m export.build_plan --onnx model_repository/charrnn_gen_onnx/1/model.onnx \
+        --out model_repository/charrnn_gen_trt/1/model.plan
+
 Every input, including STATE_IN, gets a profile entry: Triton validates [max_batch_size] + state dims
 against the engine's profile. When onnxruntime is importable the plan is also checked against ONNX
 Runtime on random batches. Exit codes: 0 ok, 1 parity failed, 2 bad input, 3 TensorRT not available.
@@ -27,7 +33,8 @@ from pathlib import Path
 
 import numpy as np
 
-from charrnn.contract import INPUT_IDS, LOGITS, MAX_BATCH_SIZE, MAX_T, STATE_IN, STATE_OUT
+from charrnn.contract import (INPUT_IDS, LOGITS, MAX_BATCH_SIZE, MAX_K, MAX_T, NOISE, OUTPUT_IDS, STATE_IN,
+                              STATE_OUT, TEMPERATURE, TOP_K)
 from charrnn.errors import CheckFailed, UnavailableError, UserError, cli
 
 NO_TENSORRT = (
@@ -47,12 +54,18 @@ def import_tensorrt():
     return trt
 
 
-def profile_shapes(state_dims: tuple[int, ...], max_batch: int, max_t: int) -> dict[str, tuple[tuple, tuple, tuple]]:
-    """name -> (min, opt, max) shapes of the optimization profile."""
-    return {
+def profile_shapes(state_dims: tuple[int, ...], max_batch: int, max_t: int, gen_vocab: int | None = None,
+                   max_k: int = MAX_K) -> dict[str, tuple[tuple, tuple, tuple]]:
+    """name -> (min, opt, max) shapes of the optimization profile (gen_vocab: the generation graph's V)."""
+    shapes = {
         INPUT_IDS: ((1, 1), (max_batch, 1), (max_batch, max_t)),
         STATE_IN: ((1, *state_dims), (max_batch, *state_dims), (max_batch, *state_dims)),
     }
+    if gen_vocab is not None:
+        shapes[NOISE] = ((1, 1, gen_vocab), (max_batch, min(32, max_k), gen_vocab), (max_batch, max_k, gen_vocab))
+        for name in (TEMPERATURE, TOP_K):
+            shapes[name] = ((1, 1), (max_batch, 1), (max_batch, 1))
+    return shapes
 
 
 def build_plan(onnx_path: Path, out: Path, max_batch: int, max_t: int, fp16: bool, workspace_mib: int) -> bytes:
@@ -67,8 +80,9 @@ def build_plan(onnx_path: Path, out: Path, max_batch: int, max_t: int, fp16: boo
     if not parser.parse(onnx_path.read_bytes()):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise CheckFailed(str(onnx_path), f"TensorRT's ONNX parser failed: {errors}", "check `make export` output")
-    state_dims = tuple(network.get_input(i).shape for i in range(network.num_inputs)
-                       if network.get_input(i).name == STATE_IN)[0][1:]
+    inputs = {network.get_input(i).name: tuple(network.get_input(i).shape) for i in range(network.num_inputs)}
+    state_dims = inputs[STATE_IN][1:]
+    gen_vocab = inputs[NOISE][2] if NOISE in inputs else None  # the generation graph
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_mib << 20)
     if fp16:
@@ -76,7 +90,7 @@ def build_plan(onnx_path: Path, out: Path, max_batch: int, max_t: int, fp16: boo
             raise UserError("--fp16", "this TensorRT has no FP16 builder flag (TensorRT 11 wants an FP16 ONNX)")
         config.set_flag(trt.BuilderFlag.FP16)
     profile = builder.create_optimization_profile()
-    for name, (lo, opt, hi) in profile_shapes(tuple(state_dims), max_batch, max_t).items():
+    for name, (lo, opt, hi) in profile_shapes(tuple(state_dims), max_batch, max_t, gen_vocab).items():
         profile.set_shape(name, lo, opt, hi)
         print(f"  profile {name}: min {lo} opt {opt} max {hi}")
     config.add_optimization_profile(profile)
@@ -140,8 +154,11 @@ def check_parity(plan: bytes, onnx_path: Path, batches=(1, 8, MAX_BATCH_SIZE), l
     context = engine.create_execution_context()
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     shapes = {i.name: i.shape for i in session.get_inputs() + session.get_outputs()}
-    state_dims, vocab = shapes[STATE_IN][1:], shapes[LOGITS][1]
+    state_dims = shapes[STATE_IN][1:]
     rng = np.random.default_rng(0)
+    if NOISE in shapes:
+        return _check_gen_parity(trt, engine, context, session, state_dims, shapes[NOISE][2], rng, batches)
+    vocab = shapes[LOGITS][1]
     worst = 0.0
     for b in batches:
         for t in lengths:
@@ -150,6 +167,29 @@ def check_parity(plan: bytes, onnx_path: Path, batches=(1, 8, MAX_BATCH_SIZE), l
             want = dict(zip((LOGITS, STATE_OUT), session.run([LOGITS, STATE_OUT], feeds)))
             got = trt_run(trt, engine, context, feeds)
             worst = max(worst, *(float(np.abs(want[k] - got[k]).max()) for k in want))
+    return worst
+
+
+def _check_gen_parity(trt, engine, context, session, state_dims, vocab, rng, batches, ks=(1, 16)) -> float:
+    """Generation graph: OUTPUT_IDS must match ONNX Runtime (a near-tie may flip one id: at most 1% of rows
+    may differ); returns max |delta| of STATE_OUT over the rows whose ids match."""
+    worst, rows, differing = 0.0, 0, 0
+    for b in batches:
+        for k in ks:
+            feeds = {INPUT_IDS: rng.integers(0, vocab, (b, 5), dtype=np.int32),
+                     STATE_IN: (0.5 * rng.standard_normal((b, *state_dims))).astype(np.float32),
+                     NOISE: np.maximum(rng.random((b, k, vocab), dtype=np.float32), np.float32(1e-7)),
+                     TEMPERATURE: rng.choice(np.float32([0.0, 0.8, 1.0]), (b, 1)).astype(np.float32),
+                     TOP_K: rng.choice(np.int32([0, 1, 5, vocab]), (b, 1)).astype(np.int32)}
+            want = dict(zip((OUTPUT_IDS, STATE_OUT), session.run([OUTPUT_IDS, STATE_OUT], feeds)))
+            got = trt_run(trt, engine, context, feeds)
+            same = (want[OUTPUT_IDS] == got[OUTPUT_IDS]).all(axis=1)
+            rows, differing = rows + b, differing + int((~same).sum())
+            if same.any():
+                worst = max(worst, float(np.abs(want[STATE_OUT][same] - got[STATE_OUT][same]).max()))
+    if differing > 0.01 * rows:
+        raise CheckFailed("generation plan", f"OUTPUT_IDS differ from ONNX Runtime in {differing} of {rows} rows",
+                          "rebuild without --fp16 or report it")
     return worst
 
 

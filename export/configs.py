@@ -5,6 +5,13 @@ Three models show clients the same interface (INPUT_IDS in, LOGITS out, sequence
   charrnn_onnx    ONNX Runtime, CPU or GPU, implicit state
   charrnn_python  python backend + ONNX Runtime; the python backend has no implicit state, so the model
                   keeps each sequence's state itself (model_repository/charrnn_python/1/model.py)
+
+Four more generate K characters per request on the server (issue 7; the generation graph of
+export/gen_export.py: INPUT_IDS, NOISE, TEMPERATURE, TOP_K in, OUTPUT_IDS out):
+  charrnn_gen_trt     TensorRT plan of the generation graph, GPU, implicit state
+  charrnn_gen_onnx    ONNX Runtime, implicit state
+  charrnn_gen_python  python backend + ONNX Runtime, state in model.py (model_repository/charrnn_gen_python/1)
+  charrnn_gen_stream  the same model.py, decoupled: one response per character as it is generated (gRPC stream)
 """
 
 from __future__ import annotations
@@ -14,16 +21,24 @@ from pathlib import Path
 from google.protobuf import text_format
 from google.protobuf.text_encoding import CEscape
 
-from charrnn.contract import (INPUT_IDS, LOGITS, MAX_BATCH_SIZE, MAX_SEQUENCE_IDLE_US, MAX_T, STATE_IN,
-                              STATE_OUT, TRITON_DTYPE, VOCAB_PARAMETER, Contract)
+from charrnn.contract import (INPUT_IDS, LOGITS, MAX_BATCH_SIZE, MAX_K, MAX_SEQUENCE_IDLE_US, MAX_T, NOISE,
+                              OUTPUT_IDS, STATE_IN, STATE_OUT, TEMPERATURE, TOP_K, TRITON_DTYPE, VOCAB_PARAMETER,
+                              Contract)
 from charrnn.errors import CheckFailed, UserError
 from charrnn.vocab import Vocab
 
 TRT, ONNX, PYTHON = "charrnn_trt", "charrnn_onnx", "charrnn_python"
-MODELS = (TRT, ONNX, PYTHON)
+GEN_TRT, GEN_ONNX = "charrnn_gen_trt", "charrnn_gen_onnx"
+GEN_PYTHON, GEN_STREAM = "charrnn_gen_python", "charrnn_gen_stream"
+STEP_MODELS = (TRT, ONNX, PYTHON)  # the step graph: LOGITS out, the client samples
+GEN_MODELS = (GEN_TRT, GEN_ONNX, GEN_PYTHON, GEN_STREAM)  # the generation graph: OUTPUT_IDS out
+MODELS = STEP_MODELS + GEN_MODELS
 CONFIG = "config.pbtxt"
-ARTIFACT = {TRT: "model.plan", ONNX: "model.onnx", PYTHON: "model.onnx"}
-IMPLICIT_STATE = (TRT, ONNX)
+ARTIFACT = {TRT: "model.plan", ONNX: "model.onnx", PYTHON: "model.onnx",
+            GEN_TRT: "model.plan", GEN_ONNX: "model.onnx", GEN_PYTHON: "model.onnx", GEN_STREAM: "model.onnx"}
+IMPLICIT_STATE = (TRT, ONNX, GEN_TRT, GEN_ONNX)
+PYTHON_MODELS = (PYTHON, GEN_PYTHON, GEN_STREAM)
+DECOUPLED = (GEN_STREAM,)  # model_transaction_policy { decoupled: true }
 
 # Batcher settings shared by all three (see README "Serving"): `oldest` batches across sequences,
 # one request per sequence per batch, only requests of equal T together.
@@ -36,7 +51,43 @@ _HEADER = {
     ONNX: ('platform: "onnxruntime_onnx"', "KIND_AUTO", "ONNX Runtime; KIND_AUTO = GPU if present, else CPU"),
     PYTHON: ('backend: "python"', "KIND_CPU", "python backend running model.onnx with ONNX Runtime; "
              "state kept per correlation id in model.py"),
+    GEN_TRT: ('platform: "tensorrt_plan"', "KIND_GPU", "server-side generation, TensorRT engine built from the "
+              "generation graph (charrnn_gen_onnx/1/model.onnx) by export.build_plan"),
+    GEN_ONNX: ('platform: "onnxruntime_onnx"', "KIND_AUTO", "server-side generation, ONNX Runtime running the "
+               "generation graph (export/gen_export.py); KIND_AUTO = GPU if present, else CPU"),
+    GEN_PYTHON: ('backend: "python"', "KIND_CPU", "server-side generation, python backend running the generation "
+                 "graph with ONNX Runtime; state kept per correlation id in model.py"),
+    GEN_STREAM: ('backend: "python"', "KIND_CPU", "server-side generation streamed: decoupled python backend, one "
+                 "response per character as it is generated (gRPC streaming only); state kept in model.py"),
 }
+
+
+def _io_text(name: str, contract: Contract) -> str:
+    """The input/output section (and its comment) of a config."""
+    ids_t, logits_t = TRITON_DTYPE[contract.inputs()[INPUT_IDS][0]], TRITON_DTYPE[contract.outputs()[LOGITS][0]]
+    if name not in GEN_MODELS:
+        return f"""# Clients send only characters: INPUT_IDS is (1, T) per request, 1 <= T <= {MAX_T}
+# (a prompt chunk, or the one last sampled character); LOGITS are for the character after the last one.
+input [ {{ name: "{INPUT_IDS}"  data_type: TYPE_{ids_t}  dims: [ -1 ] }} ]
+output [ {{ name: "{LOGITS}"  data_type: TYPE_{logits_t}  dims: [ {contract.vocab_size} ] }} ]"""
+    v = contract.vocab_size
+    if name in DECOUPLED:
+        out = ("# Decoupled: K responses per request, each OUTPUT_IDS (1, 1) = the next character, sent as soon as\n"
+               "# it is generated; the K-th is flagged final. Needs gRPC streaming (HTTP takes one response).")
+    else:
+        out = "# OUTPUT_IDS (1, K): the K sampled ids, in one response."
+    return f"""# Server-side generation: clients send characters and the sampling inputs, the server samples K characters:
+#   INPUT_IDS   (1, T), 1 <= T <= {MAX_T}: a prompt chunk, or the last id of the previous response (never fed yet)
+#   NOISE       (1, K, {v}), 1 <= K <= {MAX_K}: uniforms in (0, 1), one row per character (Gumbel-max sampling)
+#   TEMPERATURE (1, 1): > 0 samples, 0 = greedy (argmax);   TOP_K (1, 1): keep the k most likely, 0 = all
+{out}
+input [
+  {{ name: "{INPUT_IDS}"  data_type: TYPE_{ids_t}  dims: [ -1 ] }},
+  {{ name: "{NOISE}"  data_type: TYPE_FP32  dims: [ -1, {v} ] }},
+  {{ name: "{TEMPERATURE}"  data_type: TYPE_FP32  dims: [ 1 ] }},
+  {{ name: "{TOP_K}"  data_type: TYPE_{ids_t}  dims: [ 1 ] }}
+]
+output [ {{ name: "{OUTPUT_IDS}"  data_type: TYPE_{ids_t}  dims: [ -1 ] }} ]"""
 
 
 def render_config(name: str, contract: Contract, vocab: Vocab) -> str:
@@ -47,7 +98,6 @@ def render_config(name: str, contract: Contract, vocab: Vocab) -> str:
         raise UserError("vocabulary", f"has {len(vocab)} characters, the model {contract.vocab_size}",
                         "export with the model's own vocab.json")
     platform, kind, what = _HEADER[name]
-    ids_t, logits_t = TRITON_DTYPE[contract.inputs()[INPUT_IDS][0]], TRITON_DTYPE[contract.outputs()[LOGITS][0]]
     state_t = TRITON_DTYPE[contract.inputs()[STATE_IN][0]]
     dims = ", ".join(str(d) for d in contract.state_dims)
     state = ""
@@ -67,27 +117,26 @@ def render_config(name: str, contract: Contract, vocab: Vocab) -> str:
     }}
   ]"""
     params = {VOCAB_PARAMETER: vocab.to_json()}
-    if name == PYTHON:
+    if name in PYTHON_MODELS:
         params["intra_op_threads"] = "1"  # ONNX Runtime threads per instance (2-core machine: 1 is fastest)
     param_text = "\n".join(
         f'parameters {{ key: "{k}" value: {{ string_value: "{CEscape(v, as_utf8=True)}" }} }}'
         for k, v in params.items())
+    equal = "T and K" if name in GEN_MODELS else "T"
+    policy = "\nmodel_transaction_policy { decoupled: true }\n" if name in DECOUPLED else ""
     return f"""# Generated by `make export` (export/configs.py) from charrnn/contract.py -- do not edit by hand.
 # {name}: {what}.
 name: "{name}"
 {platform}
 max_batch_size: {MAX_BATCH_SIZE}
-
-# Clients send only characters: INPUT_IDS is (1, T) per request, 1 <= T <= {MAX_T}
-# (a prompt chunk, or the one last sampled character); LOGITS are for the character after the last one.
-input [ {{ name: "{INPUT_IDS}"  data_type: TYPE_{ids_t}  dims: [ -1 ] }} ]
-output [ {{ name: "{LOGITS}"  data_type: TYPE_{logits_t}  dims: [ {contract.vocab_size} ] }} ]
+{policy}
+{_io_text(name, contract)}
 
 sequence_batching {{
   # A sequence idle this long is freed (Triton's default, 1 s, is far too short for interactive use).
   max_sequence_idle_microseconds: {MAX_SEQUENCE_IDLE_US}
   # oldest: batch the oldest request of up to max_candidate_sequences sequences per execution;
-  # never two requests of one sequence in a batch; only requests with equal T are batched together.
+  # never two requests of one sequence in a batch; only requests with equal {equal} are batched together.
   oldest {{
     max_candidate_sequences: {MAX_BATCH_SIZE}
     preferred_batch_size: [ {MAX_BATCH_SIZE} ]
@@ -95,7 +144,7 @@ sequence_batching {{
   }}{state}
 }}
 
-instance_group [ {{ count: {PYTHON_INSTANCES if name == PYTHON else 1}  kind: {kind} }} ]
+instance_group [ {{ count: {PYTHON_INSTANCES if name in PYTHON_MODELS else 1}  kind: {kind} }} ]
 
 # The vocabulary travels with the model: clients read it with get_model_config.
 {param_text}

@@ -5,7 +5,8 @@
 Checks against TensorRT's ONNX-parser support list (../shared/tensorrt/onnx_ops_supported.txt, or the
 copy in export/): every op (including Loop/If subgraphs) is supported, op-specific restrictions we rely
 on (LSTM/GRU layout 0, input_forget 0), opset in the parser's range, no unsupported dtypes on graph I/O,
-and dynamic dims only on batch (dim 0) and T (INPUT_IDS dim 1).
+and dynamic dims only on batch (dim 0), T (INPUT_IDS dim 1) and K (NOISE / OUTPUT_IDS dim 1 of the
+generation graph, export.gen_export).
 Exit codes: 0 ready, 1 not ready, 2 bad input.
 """
 
@@ -18,13 +19,15 @@ from pathlib import Path
 
 import onnx
 
-from charrnn.contract import INPUT_IDS
+from charrnn.contract import INPUT_IDS, NOISE, OUTPUT_IDS
 from charrnn.errors import CheckFailed, UserError, cli
 
 ROOT = Path(__file__).resolve().parent.parent
 OPS_FILE_CANDIDATES = (ROOT.parent / "shared" / "tensorrt" / "onnx_ops_supported.txt",
                        ROOT / "export" / "onnx_ops_supported.txt")
 OPSET_RANGE = (9, 24)  # "TensorRT 10.15 supports operators in the inclusive range of opset 9 to opset 24"
+# Graph I/O that may have a dynamic dim 1 (besides batch): T of INPUT_IDS, K of the generation graph.
+DYNAMIC_DIM1 = {INPUT_IDS: "T", NOISE: "K", OUTPUT_IDS: "K"}
 IO_DTYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16,
              onnx.TensorProto.INT32, onnx.TensorProto.INT64, onnx.TensorProto.BOOL, onnx.TensorProto.UINT8}
 
@@ -92,11 +95,11 @@ def check_model(model: onnx.ModelProto, ops_file: str | Path | None = None) -> R
         t = vi.type.tensor_type
         if t.elem_type not in IO_DTYPES:
             rep.problems.append(f"{vi.name}: dtype {onnx.TensorProto.DataType.Name(t.elem_type)} not supported on I/O")
-        allowed_dynamic = {0, 1} if vi.name == INPUT_IDS else {0}
+        allowed_dynamic = {0, 1} if vi.name in DYNAMIC_DIM1 else {0}
         for i, d in enumerate(t.shape.dim):
             if not d.HasField("dim_value") and i not in allowed_dynamic:
                 rep.problems.append(f"{vi.name}: dim {i} is dynamic ({d.dim_param or '?'}); only batch"
-                                    f"{' and T' if vi.name == INPUT_IDS else ''} may be")
+                                    f"{' and ' + DYNAMIC_DIM1[vi.name] if vi.name in DYNAMIC_DIM1 else ''} may be")
     return rep
 
 

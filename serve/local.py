@@ -5,9 +5,11 @@
     python -m serve.local run        # foreground; Ctrl-C stops it
 
 The wheel's server (2.51.0) has only the python backend, so only the models that run on it are loaded:
-a repository view (symlinks) with charrnn_python. A backend directory is prepared with the python backend
-stub matching the running Python. With `--tritonserver PATH` (e.g. a real install's `tritonserver` on
-PATH) the same launcher runs that binary with its own backends and every model it can load.
+a repository view (symlinks) with the models asked for, among LOCAL_MODELS (charrnn_python, charrnn_gen_python,
+charrnn_gen_stream): all of them for `make serve`, charrnn_python alone by default for LocalTriton. A backend
+directory is prepared with the python backend stub matching the running Python. With `--tritonserver PATH`
+(e.g. a real install's `tritonserver` on PATH) the same launcher runs that binary with its own backends and
+every model it can load.
 Safe defaults: loopback addresses, model control mode none, restricted admin APIs, logs to a file.
 Exit codes: 0 ok, 2 bad input, 3 the server did not become ready (its log is printed).
 """
@@ -30,7 +32,8 @@ from charrnn.errors import UnavailableError, UserError, cli
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_RUN_DIR = ROOT / "logs" / "serve"
-LOCAL_MODELS = ("charrnn_python",)  # what the wheel's server (python backend only) can run
+LOCAL_MODELS = ("charrnn_python", "charrnn_gen_python", "charrnn_gen_stream")  # the wheel's server: python backend only
+DEFAULT_MODELS = ("charrnn_python",)  # what LocalTriton loads unless told (`make serve` loads every LOCAL_MODELS)
 RESTRICTED = "model-repository,shared-memory,logging,trace"  # admin APIs: need the admin key header
 ADMIN_HEADER = "admin-key"
 
@@ -87,7 +90,7 @@ class LocalTriton:
 
     def __init__(self, repo: str | Path = ROOT / "model_repository", run_dir: str | Path = DEFAULT_RUN_DIR,
                  http_port: int = 8000, grpc_port: int = 8001, metrics_port: int = 8002,
-                 models: tuple[str, ...] = LOCAL_MODELS, tritonserver: str | None = None,
+                 models: tuple[str, ...] = DEFAULT_MODELS, tritonserver: str | None = None,
                  extra_args: tuple[str, ...] = (), ready_timeout: float = 120.0) -> None:
         self.repo, self.run_dir = Path(repo), Path(run_dir)
         self.http_port, self.grpc_port, self.metrics_port = http_port, grpc_port, metrics_port

@@ -9,8 +9,10 @@ The folders themselves (config.pbtxt, model.onnx, model.plan) are produced by `m
 `python -m export.build_plan`; they need not exist for the compose file to be checked.
 """
 
-SERVED_MODELS = ("charrnn_trt", "charrnn_onnx", "charrnn_python")
+SERVED_MODELS = ("charrnn_trt", "charrnn_onnx", "charrnn_python",
+                 # server-side generation, K characters per request (export/gen_export.py)
+                 "charrnn_gen_trt", "charrnn_gen_onnx", "charrnn_gen_python", "charrnn_gen_stream")
 
-# TensorRT plans run only on the GPU they were built for; the other two run on CPU (or GPU, for ONNX Runtime).
-GPU_ONLY_MODELS = ("charrnn_trt",)
+# TensorRT plans run only on the GPU they were built for; the others run on CPU (or GPU, for ONNX Runtime).
+GPU_ONLY_MODELS = ("charrnn_trt", "charrnn_gen_trt")
 CPU_MODELS = tuple(m for m in SERVED_MODELS if m not in GPU_ONLY_MODELS)

@@ -261,8 +261,9 @@ def test_export_service_runs_build_plan(services):
     script = " ".join(command_args(s))
     assert "python3 -m export.build_plan" in script
     assert "--out model_repository/charrnn_trt/1/model.plan" in script
+    assert "--out model_repository/charrnn_gen_trt/1/model.plan" in script  # the generation graph's plan
     writable = [m for m in bind_mounts(s) if not m["read_only"]]
-    assert [Path(m["source"]).parts for m in writable] == [("model_repository", "charrnn_trt")]
+    assert [Path(m["source"]).parts for m in writable] == [("model_repository", name) for name in GPU_ONLY_MODELS]
 
 
 def test_perf_service(services):

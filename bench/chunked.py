@@ -1,0 +1,142 @@
+"""Benchmark of server-side generation (client --chunk K on charrnn_gen_*), to be wired into bench/bench.py.
+
+    from bench.chunked import bench_chunked, ort_gen_chars_per_s
+    rows = bench_chunked(server, vocab, prompts, K=(1, 8, 32, 128), length=256)
+    ort = ort_gen_chars_per_s("model_repository/charrnn_gen_onnx/1/model.onnx", K=128)
+
+    python -m bench.chunked [--repo model_repository] [--length 256]   # standalone: starts its own local server
+
+For every K: one sequence alone, then 16 sequences on one gRPC stream (batched by the sequence batcher),
+each primed with its prompt and generating `length` characters at K characters per request, seeded sampling
+(temperature 1). K = 1 is one request per character, i.e. the per-character protocol on the gen model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+KS = (1, 8, 32, 128)
+SEQUENCES = (1, 16)
+
+
+def _url(server) -> str:
+    return server if isinstance(server, str) else server.grpc_url
+
+
+def chunked_run(server, vocab, prompts: list[str], k: int, length: int, model: str = "charrnn_gen_python",
+                seed: int = 0) -> dict:
+    """One timed generate_chunked run: chars/s, requests/s, per-request and first-character latency."""
+    from charrnn.sampling import SamplingParams
+    from client.chunked import GenStream, generate_chunked
+
+    stream = GenStream(_url(server))
+    try:
+        params = [SamplingParams(temperature=1.0, seed=seed + i) for i in range(len(prompts))]
+        cpu0, t0 = time.process_time(), time.perf_counter()
+        seqs = generate_chunked(None, model, vocab, prompts, length, params, k, stream=stream)
+        wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+    finally:
+        stream.close()
+    latencies = [x for s in seqs for x in s.latencies]
+    firsts = [x for s in seqs for x in s.first_char]
+    chars = sum(len(s.generated) for s in seqs)
+    return {"model": model, "K": k, "sequences": len(prompts), "chars_per_s": chars / wall,
+            "requests_per_s": len(latencies) / wall, "seconds": wall, "requests": len(latencies),
+            "p50_request_ms": 1e3 * statistics.median(latencies), "p50_first_char_ms": 1e3 * statistics.median(firsts),
+            "client_cpu_pct": 100 * cpu / wall}
+
+
+def bench_chunked(server, vocab, prompts: list[str], K: Iterable[int] | int = KS, length: int = 256,
+                  model: str = "charrnn_gen_python", sequences: Iterable[int] = SEQUENCES,
+                  on_row=None) -> list[dict]:
+    """chars/s of server-side generation for each K in `K`, single-stream and 16 sequences.
+
+    server: a serve.local.LocalTriton (or a gRPC host:port) serving `model`; prompts: at least one prompt
+    (cycled to 16). Returns one dict per (K, sequences) with chars_per_s (plus requests/s, latencies, ...).
+    """
+    ks = [K] if isinstance(K, int) else list(K)
+    chunked_run(server, vocab, prompts[:1], 8, 16, model)  # warm-up (ORT session, gRPC channel)
+    rows = []
+    for k in ks:
+        for n in sequences:
+            batch = [prompts[i % len(prompts)] for i in range(n)]
+            row = chunked_run(server, vocab, batch, k, length, model, seed=100 * k + n)
+            rows.append(row)
+            if on_row is not None:
+                on_row(row)
+    return rows
+
+
+def ort_gen_chars_per_s(onnx_path: str | Path, K: int = 128, batch: int = 1, repeat: int = 5,
+                        threads: int = 1) -> float:
+    """In-process ONNX Runtime: characters/s of the generation graph, `batch` rows x K characters per call."""
+    import onnxruntime as ort
+
+    from charrnn.contract import INPUT_IDS, NOISE, STATE_IN, TEMPERATURE, TOP_K
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
+    session = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
+    shapes = {i.name: i.shape for i in session.get_inputs()}
+    vocab = shapes[NOISE][2]
+    rng = np.random.default_rng(0)
+    feeds = {INPUT_IDS: rng.integers(0, vocab, (batch, 1), dtype=np.int32),
+             STATE_IN: np.zeros((batch, *shapes[STATE_IN][1:]), np.float32),
+             NOISE: np.maximum(rng.random((batch, K, vocab), dtype=np.float32), np.float32(1e-7)),
+             TEMPERATURE: np.ones((batch, 1), np.float32), TOP_K: np.zeros((batch, 1), np.int32)}
+    session.run(None, feeds)  # warm-up
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        session.run(None, feeds)
+        times.append(time.perf_counter() - t0)
+    return batch * K / statistics.median(times)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--repo", default=str(ROOT / "model_repository"), help="exported repository (make export)")
+    p.add_argument("--data", default=str(ROOT / "data" / "tinyshakespeare.txt"))
+    p.add_argument("--length", type=int, default=256, help="characters generated per sequence")
+    p.add_argument("--k", default=",".join(map(str, KS)), help="comma-separated characters per request")
+    p.add_argument("--model", default="charrnn_gen_python")
+    args = p.parse_args(argv)
+    import socket
+    import tempfile
+
+    from export.configs import load_config, vocab_of
+    from serve.local import LocalTriton
+
+    def free_port() -> int:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            return sock.getsockname()[1]
+
+    repo = Path(args.repo)
+    vocab = vocab_of(load_config(repo / args.model / "config.pbtxt"))
+    text = Path(args.data).read_text()
+    prompts = [text[s : s + 64] for s in np.linspace(len(text) - 20000, len(text) - 100, 16).astype(int)]
+    ks = [int(x) for x in args.k.split(",") if x]
+    print(f"in-process ORT, generation graph, batch 1, K=128: "
+          f"{ort_gen_chars_per_s(repo / 'charrnn_gen_onnx' / '1' / 'model.onnx'):.0f} chars/s", flush=True)
+    server = LocalTriton(repo=repo, run_dir=tempfile.mkdtemp(prefix="charrnn-bench-chunked-"),
+                         http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),
+                         models=("charrnn_python", "charrnn_gen_python", "charrnn_gen_stream"))
+    with server:
+        bench_chunked(server, vocab, prompts, ks, args.length, args.model, on_row=lambda r: print(
+            f"  {r['model']} K={r['K']:>3} x{r['sequences']:>2}: {r['chars_per_s']:7.0f} chars/s, "
+            f"{r['requests_per_s']:6.1f} req/s, p50 request {r['p50_request_ms']:.1f} ms, "
+            f"first char {r['p50_first_char_ms']:.1f} ms", flush=True))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

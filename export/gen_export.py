@@ -1,0 +1,219 @@
+"""TF model directory -> ONNX *generation* graph: K characters sampled per call, inside the graph (tf2onnx).
+
+    python -m export.gen_export --model models/shakespeare-lstm-2x512 --out /tmp/gen.onnx
+
+Inputs:  INPUT_IDS int32 (B, T), STATE_IN fp32 (B, S, L, H), NOISE fp32 (B, K, V) uniforms in (0, 1),
+         TEMPERATURE fp32 (B, 1) (0 = greedy), TOP_K int32 (B, 1) (0 = all)
+Outputs: OUTPUT_IDS int32 (B, K), STATE_OUT fp32 (B, S, L, H)            (see charrnn.contract)
+
+Semantics (= the per-character client with charrnn.sampling): consume INPUT_IDS -> logits ->
+id_1 = argmax(topk_filter(logits / T) + gumbel(NOISE[:, 0])) -> feed id_1 -> ... -> id_K, which is NOT fed:
+STATE_OUT is the state after INPUT_IDS and id_1..id_{K-1}, and the next call sends id_K as its INPUT_IDS.
+
+Graph: the prompt goes through the model's own `step` (tf2onnx turns each Keras RNN layer into one ONNX
+LSTM/GRU/RNN op, like the step export); the K-1 further characters run in a tf.while_loop -> ONNX `Loop`
+(-> TensorRT ILoop) whose body calls the model's layers with T=1 through each RNN layer's `.cell` (MatMul,
+Add, Sigmoid, Tanh, Mul: the cell's own code, no re-implemented LSTM math). TensorRT-friendly by construction:
+  - no Multinomial / RandomUniform: the Gumbel noise comes from the NOISE input (-log(-log(u)));
+  - top-k per row: TopK(k = V) sorts each row once, GatherElements picks the row's k-th value (threshold);
+  - temperature 0 -> greedy: Where(T > 0, sampled, ArgMax(raw logits));
+  - the Loop has a trip count (K - 1) and no scan outputs (TensorRT: "scan output length cannot be dynamic");
+    the ids go into a fixed-shape (B, K) loop-carried buffer, written with Where(Range(K) == i, id, buffer);
+  - TF's while_loop carries every captured tensor (the weights, NOISE, ...) as a loop variable; those are
+    rewritten to be read from the outer scope (hoist_loop_invariants), so only ids, state and buffer recur.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from charrnn.contract import (FLOAT_DTYPE, IDS_DTYPE, INPUT_IDS, NOISE, OUTPUT_IDS, STATE_IN, STATE_OUT,
+                              TEMPERATURE, TOP_K, Contract, state_slots)
+from charrnn.errors import CheckFailed, cli
+from export.onnx_export import OPSET, _name_dims, _rename_value
+
+_ARG_NAMES = {"input_ids": INPUT_IDS, "state_in": STATE_IN, "noise": NOISE, "temperature": TEMPERATURE,
+              "top_k": TOP_K}
+
+
+def gen_inputs(contract: Contract) -> dict[str, tuple[np.dtype, tuple[int, ...]]]:
+    """name -> (dtype, full shape, -1 = dynamic) of the generation graph's inputs."""
+    return {
+        INPUT_IDS: (np.dtype(IDS_DTYPE), (-1, -1)),
+        STATE_IN: (np.dtype(FLOAT_DTYPE), (-1, *contract.state_dims)),
+        NOISE: (np.dtype(FLOAT_DTYPE), (-1, -1, contract.vocab_size)),
+        TEMPERATURE: (np.dtype(FLOAT_DTYPE), (-1, 1)),
+        TOP_K: (np.dtype(IDS_DTYPE), (-1, 1)),
+    }
+
+
+def gen_outputs(contract: Contract) -> dict[str, tuple[np.dtype, tuple[int, ...]]]:
+    return {
+        OUTPUT_IDS: (np.dtype(IDS_DTYPE), (-1, -1)),
+        STATE_OUT: (np.dtype(FLOAT_DTYPE), (-1, *contract.state_dims)),
+    }
+
+
+def generation_function(model):
+    """The tf.function exported as the generation graph (also runnable in TF, for tests)."""
+    import tensorflow as tf
+
+    config = model.config
+    contract = config.contract
+    slots, vocab = state_slots(config.cell), config.vocab_size
+    spec = (tf.TensorSpec([None, None], tf.int32, name="input_ids"),
+            tf.TensorSpec([None, *contract.state_dims], tf.float32, name="state_in"),
+            tf.TensorSpec([None, None, vocab], tf.float32, name="noise"),
+            tf.TensorSpec([None, 1], tf.float32, name="temperature"),
+            tf.TensorSpec([None, 1], tf.int32, name="top_k"))
+
+    def choose(logits, u, temperature, kth_index):
+        """One character per row: logits (B, V), u (B, V) -> ids (B,) int32 (= charrnn.sampling.choose)."""
+        greedy = tf.cast(tf.argmax(logits, axis=-1, output_type=tf.int64), tf.int32)
+        sample = temperature > 0.0  # (B, 1)
+        z = logits / tf.where(sample, temperature, tf.ones_like(temperature))  # (B, V)
+        ordered = tf.math.top_k(z, k=vocab, sorted=True).values  # (B, V) descending: ONNX TopK
+        kth = tf.gather(ordered, kth_index, axis=1, batch_dims=1)  # (B, 1): ONNX GatherElements
+        z = tf.where(z < kth, tf.constant(-np.inf, tf.float32), z)
+        g = -tf.math.log(-tf.math.log(u))
+        sampled = tf.cast(tf.argmax(z + g, axis=-1, output_type=tf.int64), tf.int32)
+        return tf.where(sample[:, 0], sampled, greedy)
+
+    def cell_step(ids, state):
+        """One character through the model's own layers (T = 1): ids (B,) -> logits (B, V), state."""
+        x = model.embed(ids)  # (B, E)
+        new_layers = []
+        for layer_index, rnn in enumerate(model.rnns):
+            previous = [state[:, s, layer_index, :] for s in range(slots)]
+            x, final = rnn.cell(x, previous, training=False)  # dropout: identity at inference
+            final = final if isinstance(final, (list, tuple)) else [final]
+            new_layers.append(tf.stack(list(final), axis=1))  # (B, S, H)
+        return model.head(x), tf.stack(new_layers, axis=2)
+
+    @tf.function(input_signature=spec)
+    def generate(input_ids, state_in, noise, temperature, top_k):
+        batch, k_total = tf.shape(noise)[0], tf.shape(noise)[1]
+        # k-th largest index per row; 0 (and anything outside 1..V) keeps every character.
+        k = tf.where((top_k <= 0) | (top_k > vocab), tf.fill(tf.shape(top_k), vocab), top_k)
+        kth_index = k - 1  # (B, 1)
+        logits, state = model.step(input_ids, state_in)  # the prompt: ONNX LSTM ops
+        first = choose(logits, noise[:, 0, :], temperature, kth_index)
+        positions = tf.range(k_total)[None, :]  # (1, K)
+        out = tf.where(tf.equal(positions, 0), first[:, None], tf.zeros([batch, k_total], tf.int32))
+
+        def body(i, previous, state, out):
+            logits, state = cell_step(previous, state)
+            chosen = choose(logits, tf.gather(noise, i, axis=1), temperature, kth_index)
+            out = tf.where(tf.equal(positions, i), chosen[:, None], out)
+            return i + 1, chosen, state, out
+
+        _, _, state, out = tf.while_loop(
+            lambda i, *_: i < k_total, body, (tf.constant(1), first, state, out),
+            maximum_iterations=k_total - 1)
+        return {OUTPUT_IDS: out, STATE_OUT: state}
+
+    return generate, spec
+
+
+def hoist_loop_invariants(graph: onnx.GraphProto) -> int:
+    """Drop the Loop-carried values a body only passes through (TF's while_loop carries every captured tensor:
+    the weights, NOISE, ...); the body then reads them from the outer scope. Returns how many were dropped.
+
+    Without this, every iteration copies all the weights from one loop variable to the next (ONNX Runtime),
+    and TensorRT would make each weight an IRecurrenceLayer.
+    """
+    consumed = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
+    dropped = 0
+    for node in graph.node:
+        if node.op_type != "Loop":
+            continue
+        body = next(a.g for a in node.attribute if a.name == "body")
+        n_carried = len(body.input) - 2  # body inputs: iteration, cond, carried...
+        keep = []
+        for j in range(n_carried):
+            inner, outer, final = body.input[2 + j].name, node.input[2 + j], node.output[j]
+            if body.output[1 + j].name == inner and final not in consumed and outer:
+                _rename_value(body, inner, outer)  # the body reads the outer value directly
+                dropped += 1
+            else:
+                keep.append(j)
+        scan = list(node.output[n_carried:])
+        body_inputs = [body.input[0], body.input[1]] + [body.input[2 + j] for j in keep]
+        body_outputs = [body.output[0]] + [body.output[1 + j] for j in keep] + list(body.output[1 + n_carried:])
+        node_inputs = list(node.input[:2]) + [node.input[2 + j] for j in keep]
+        node_outputs = [node.output[j] for j in keep] + scan
+        del body.input[:], body.output[:], node.input[:], node.output[:]
+        body.input.extend(body_inputs)
+        body.output.extend(body_outputs)
+        node.input.extend(node_inputs)
+        node.output.extend(node_outputs)
+    return dropped
+
+
+def export_gen_onnx(model, out: str | Path, opset: int = OPSET) -> onnx.ModelProto:
+    """Convert a charrnn.model.CharRNN's generation function to ONNX at `out`; returns the proto."""
+    os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+    import tf2onnx
+
+    contract = model.config.contract
+    generate, spec = generation_function(model)
+    proto, _ = tf2onnx.convert.from_function(generate, input_signature=spec, opset=opset)
+    graph = proto.graph
+    hoist_loop_invariants(graph)
+    for vi in list(graph.input):
+        _rename_value(graph, vi.name, _ARG_NAMES.get(vi.name.split(":")[0], vi.name))
+    dims = {INPUT_IDS: {0: "batch", 1: "T"}, NOISE: {0: "batch", 1: "K"}, OUTPUT_IDS: {0: "batch", 1: "K"}}
+    for vi in list(graph.input) + list(graph.output):
+        _name_dims(vi, dims.get(vi.name, {0: "batch"}))
+    proto.doc_string = (f"charrnn generation: {INPUT_IDS} (batch, T) + {STATE_IN} + {NOISE} (batch, K, "
+                        f"{contract.vocab_size}) + {TEMPERATURE} (batch, 1) + {TOP_K} (batch, 1) -> {OUTPUT_IDS} "
+                        f"(batch, K) + {STATE_OUT}; cell {contract.cell}")
+    onnx.checker.check_model(proto)
+    problems = check_gen_io(proto, contract)
+    if problems:
+        raise CheckFailed(str(out), "; ".join(problems), "fix export/gen_export.py")
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(proto, str(out))
+    return proto
+
+
+def check_gen_io(proto: onnx.ModelProto, contract: Contract) -> list[str]:
+    """The graph's inputs/outputs against gen_inputs/gen_outputs; returns problems (empty = ok)."""
+    want = {**gen_inputs(contract), **gen_outputs(contract)}
+    got = {}
+    for vi in list(proto.graph.input) + list(proto.graph.output):
+        t = vi.type.tensor_type
+        got[vi.name] = (np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.elem_type)),
+                        tuple(d.dim_value if d.HasField("dim_value") else -1 for d in t.shape.dim))
+    problems = [f"{name}: want {w}, graph has {got.get(name, 'nothing')}" for name, w in want.items()
+                if got.get(name) != w]
+    extra = sorted(set(got) - set(want))
+    if extra:
+        problems.append(f"unexpected graph inputs/outputs {extra}")
+    return problems
+
+
+@cli
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="models/shakespeare-lstm-2x512", help="model directory")
+    p.add_argument("--out", required=True, help="ONNX file to write")
+    args = p.parse_args(argv)
+    from charrnn.model import load_model_dir
+    from export.trt_check import check_model
+
+    model, _, _ = load_model_dir(args.model)
+    proto = export_gen_onnx(model, args.out)
+    report = check_model(proto)
+    print(report.text())
+    return 0 if report.ready else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
