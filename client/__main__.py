@@ -7,8 +7,13 @@
 The vocabulary comes from the server (the model config's vocab_json parameter). Sampling is the same
 code as the TensorFlow reference sampler (charrnn.sampling), so with --greedy or a --seed the text equals
 `make sample`'s. With --num-sequences N, sequence i uses seed + i.
-Exit codes: 0 ok, 1 --expect mismatch, 2 bad input, 3 server unreachable / model not ready / server error,
-130 interrupted (the sequences are ended on the server first).
+
+Restart-safe: the text generated so far is kept here. If the server goes away or forgets a sequence, the
+client reconnects (up to --retries times, waiting --retry-delay, doubling, at most --retry-max-wait in all),
+re-primes a new sequence with prompt + generated text and continues: with --greedy or a --seed the final
+text equals an uninterrupted run. If it gives up, what was generated so far is printed to stdout first.
+Exit codes: 0 ok, 1 --expect mismatch, 2 bad input, 3 server unreachable / model not ready / server error
+(after the retries), 130 interrupted (the sequences are ended on the server first).
 """
 
 from __future__ import annotations
@@ -31,6 +36,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     g.add_argument("--model", default=None,
                    help="model to use (default: first ready of charrnn_trt, charrnn_onnx, charrnn_python)")
     add_sampling_flags(p)
+    g = p.add_argument_group("retries")
+    g.add_argument("--retries", type=int, default=5,
+                   help="reconnect attempts per server outage before giving up (0: give up at once)")
+    g.add_argument("--retry-delay", type=float, default=0.5,
+                   help="seconds before the first reconnect attempt; doubled per attempt (at most 8 s)")
+    g.add_argument("--retry-max-wait", type=float, default=60.0,
+                   help="give up when the waits of one outage would exceed this many seconds")
     g = p.add_argument_group("output")
     g.add_argument("--num-sequences", type=int, default=1, help="independent sequences generated in parallel")
     g.add_argument("--expect", default=None, help="exit 1 unless the generated text (of sequence 0) equals this")
@@ -42,14 +54,31 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         raise UserError("--prompt", "is empty", "give at least one character")
     if args.num_sequences < 1:
         raise UserError("--num-sequences", f"must be >= 1, got {args.num_sequences}")
+    from client.generate import RetryPolicy
+
+    args.retry = RetryPolicy(retries=args.retries, delay=args.retry_delay, max_wait=args.retry_max_wait).validate()
     return args
+
+
+def print_texts(seqs, vocab, model: str, args, params, stream_one: bool, partial: bool = False) -> list[str]:
+    """The final texts on stdout (a streamed single sequence is already there: end its line)."""
+    texts = [vocab.decode(s.generated) for s in seqs]
+    if stream_one:
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        return texts
+    for seq, text in zip(seqs, texts):
+        note = f"; partial: {len(text)} of {args.length} characters" if partial and len(text) < args.length else ""
+        print(f"=== sequence {seq.index} ({model}, seed {params[seq.index].seed}{note}) ===\n{args.prompt}{text}\n")
+    sys.stdout.flush()
+    return texts
 
 
 @cli
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     base = sampling_params(args)
-    from client.generate import generate
+    from client.generate import GenerationFailed, generate
     from client.session import Connection
 
     conn = Connection(args.url, args.protocol)
@@ -64,21 +93,27 @@ def main(argv: list[str] | None = None) -> int:
             sys.stdout.write(args.prompt)
             sys.stdout.flush()
 
+        mid_line = [False]  # a streamed line of text is open on stdout
+
         def on_char(index: int, char: str) -> None:
             if stream_one:
                 sys.stdout.write(char)
                 sys.stdout.flush()
+                mid_line[0] = True
 
-        seqs = generate(conn, model, vocab, [args.prompt] * args.num_sequences, args.length, params, on_char)
+        def on_retry(message: str) -> None:  # on stderr, on a line of its own
+            print(("\n" if mid_line[0] else "") + message, file=sys.stderr, flush=True)
+            mid_line[0] = False
+
+        try:
+            seqs = generate(conn, model, vocab, [args.prompt] * args.num_sequences, args.length, params, on_char,
+                            retry=args.retry, on_retry=on_retry)
+        except GenerationFailed as e:  # nothing lost: print what was generated before giving up
+            print_texts(e.sequences, vocab, model, args, params, stream_one, partial=True)
+            raise
     finally:
         conn.close()
-    texts = [vocab.decode(s.generated) for s in seqs]
-    if stream_one:
-        sys.stdout.write("\n")
-    else:
-        for seq, text in zip(seqs, texts):
-            seed = params[seq.index].seed
-            print(f"=== sequence {seq.index} ({model}, seed {seed}) ===\n{args.prompt}{text}\n")
+    texts = print_texts(seqs, vocab, model, args, params, stream_one)
     print(f"[{model} via {args.protocol}://{conn.url}: {args.num_sequences} x {args.length} characters]",
           file=sys.stderr)
     if args.expect is not None and texts[0] != args.expect:

@@ -28,10 +28,15 @@ class Connection:
             raise UserError("--protocol", f"must be grpc or http, got {protocol!r}")
         if not url or "/" in url.split("://")[-1] or ":" not in url.split("://")[-1]:
             raise UserError("--url", f"expected host:port, got {url!r}", "e.g. 127.0.0.1:8001 for gRPC")
-        self.url, self.protocol = url.split("://")[-1], protocol
+        self.url, self.protocol, self.timeout = url.split("://")[-1], protocol, timeout
         self.results: queue.Queue = queue.Queue()
         self._sent: dict[str, float] = {}
         self._stream = False
+        self._open()
+
+    def _open(self) -> None:
+        """Create the tritonclient client and check the server is live (UnavailableError if not)."""
+        protocol, timeout = self.protocol, self.timeout
         try:
             if protocol == "grpc":
                 import tritonclient.grpc as tc
@@ -49,6 +54,28 @@ class Connection:
                                    "start it with `make serve`, or pass --url/--protocol") from e
         if not live:
             raise UnavailableError(f"server {self.url}", "not live", "check the server log")
+
+    def reopen(self) -> None:
+        """Connect again from scratch (after the server went away): a new client and, on first send, a new
+        stream. Results still in flight on the old connection are dropped (`results` is a new queue).
+        Raises UnavailableError while the server is not reachable."""
+        self.abort()
+        self.results = queue.Queue()
+        self._sent = {}
+        self._open()
+
+    def abort(self) -> None:
+        """Close without waiting for requests in flight (close() waits for them on a live stream)."""
+        try:
+            if self._stream:
+                self.client.stop_stream(cancel_requests=True)
+        except Exception:
+            pass
+        self._stream = False
+        try:
+            self.client.close()
+        except Exception:
+            pass
 
     # --- model and vocabulary ---------------------------------------------------------------------
     def pick_model(self, requested: str | None) -> str:
@@ -96,7 +123,9 @@ class Connection:
         self._sent[request_id] = time.perf_counter()
         if self.protocol == "grpc":
             if not self._stream:
-                self.client.start_stream(callback=self._stream_callback)
+                results = self.results  # a stream's late callbacks never reach a reopened connection's queue
+                self.client.start_stream(callback=lambda result, error: self._stream_callback(result, error)
+                                         if self.results is results else None)
                 self._stream = True
             self.client.async_stream_infer(model, self._inputs(ids), request_id=request_id,
                                            sequence_id=sequence_id, sequence_start=start, sequence_end=end)
