@@ -68,6 +68,9 @@ bench: $(ONNX) data ## measured sweep: served generation (1..64 sequences) vs in
 # Import a TF1 char-rnn model (checkpoint or sampleCharRNN .wts); see `python -m train.import_tf1 --help`.
 IMPORT_FLAGS ?= --wts data/char-rnn.wts --vocab-builtin samplecharrnn --out models/samplecharrnn-import
 
+soak: $(ONNX) ## 64 sequences x 2,000 characters through the local Triton: 0 errors, server RSS stable (SOAK_FLAGS)
+	$(PY) -m bench.soak $(SOAK_FLAGS)
+
 import: setup ## import a TF1 char-rnn checkpoint or sampleCharRNN .wts dump into a model directory (IMPORT_FLAGS)
 	$(PY) -m train.import_tf1 $(IMPORT_FLAGS)
 

@@ -10,6 +10,8 @@ Measures, on this machine:
               test-split prompt then generating 256 characters one request per character: characters/s,
               per-request latency p50/p90/p95/p99; time to first character after a 256-character prompt
   ratios      served 1-stream chars/s / ORT batch-1 chars/s; served 64-sequence chars/s / ORT batch-64
+  server-side generation (charrnn_gen_python, client --chunk K): K = 1, 8, 32, 128 characters per request,
+              one sequence and 16 sequences, vs the in-process ORT generation graph at K = 128 (bench/chunked.py)
 Writes bench/results/bench.csv (perf_analyzer column names, microseconds), bench.png, bench.md, and
 the table between the bench markers in README.md.
 Exit codes: 0 ok, 2 bad input, 3 the server did not start.
@@ -197,6 +199,23 @@ def markdown(result: dict) -> str:
               f"| served 64-seq / ORT batch-64 | {r['s64_over_ort64']:.2f} | |",
               f"| time to first char, 256-char prompt / ORT prime | {r['ttfc_over_prime']:.2f} "
               f"({result['ttfc_256_s'] * 1e3:.1f} ms) | <= 1.5 |", ""]
+    ch = result.get("chunked")
+    if ch:
+        ort1 = b["ort_b1"]["chars_per_s"]
+        lines += ["Server-side generation (`python -m client --chunk K`, charrnn_gen_python; seeded sampling, "
+                  f"temperature 1; {ch['rows'][0]['sequences'] if ch['rows'] else 1} and 16 sequences):", "",
+                  "| K (chars/request) | sequences | chars/s | requests/s | p50 request (ms) | p50 first char (ms) "
+                  "| / ORT batch-1 step |", "|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in ch["rows"]:
+            lines.append(f"| {r['K']} | {r['sequences']} | {r['chars_per_s']:.0f} | {r['requests_per_s']:.0f} | "
+                         f"{r['p50_request_ms']:.1f} | {r['p50_first_char_ms']:.1f} | {r['chars_per_s'] / ort1:.2f} |")
+        single = [r for r in ch["rows"] if r["K"] == ch["ort_gen_k"] and r["sequences"] == 1]
+        lines += ["", f"In-process ORT generation graph, batch 1, K = {ch['ort_gen_k']}: "
+                      f"{ch['ort_gen_chars_per_s']:.0f} chars/s."]
+        if single:
+            lines += [f"Target (issue 7): served single-stream at K = {ch['ort_gen_k']} >= 50% of in-process ORT "
+                      f"batch-1 chars/s: **{100 * single[0]['chars_per_s'] / ort1:.0f}%**."]
+        lines.append("")
     return "\n".join(lines)
 
 
@@ -231,6 +250,24 @@ def plot(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def chunked_section(server, vocab, test: np.ndarray, args, ks: list[int]) -> dict:
+    """[4/4] server-side generation: chars/s for each K, 1 and 16 sequences, and the in-process reference."""
+    from bench.chunked import bench_chunked, ort_gen_chars_per_s
+
+    print(f"[4/4] server-side generation (charrnn_gen_python), K = {ks}", flush=True)
+    gen_onnx = Path(args.repo) / "charrnn_gen_onnx" / "1" / "model.onnx"
+    ort_k = max(ks)
+    ort = ort_gen_chars_per_s(gen_onnx, K=ort_k, threads=args.threads)
+    print(f"  in-process ORT generation graph, batch 1, K={ort_k}: {ort:.0f} chars/s", flush=True)
+    starts = np.linspace(1000, len(test) - args.prompt_length - 1, 16).astype(int)
+    prompts = [vocab.decode(test[s : s + args.prompt_length]) for s in starts]
+    rows = bench_chunked(server, vocab, prompts, ks, args.length, on_row=lambda r: print(
+        f"  K={r['K']:>3} x{r['sequences']:>2} sequences: {r['chars_per_s']:7.0f} chars/s, "
+        f"{r['requests_per_s']:6.1f} requests/s, p50 request {r['p50_request_ms']:.1f} ms, "
+        f"first char {r['p50_first_char_ms']:.1f} ms", flush=True))
+    return {"rows": rows, "ort_gen_k": ort_k, "ort_gen_chars_per_s": ort}
+
+
 @cli
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -240,6 +277,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", default="1,4,16,64", help="comma-separated sequence counts")
     p.add_argument("--prompt-length", type=int, default=64)
     p.add_argument("--length", type=int, default=256, help="characters generated per sequence")
+    p.add_argument("--chunks", default="1,8,32,128",
+                   help="server-side generation: comma-separated K (characters per request); empty: skip")
     p.add_argument("--threads", type=int, default=1, help="ORT/TF threads for the in-process baselines")
     p.add_argument("--quick", action="store_true", help="small counts (smoke test; figures not meaningful)")
     p.add_argument("--out", default=str(RESULTS))
@@ -247,8 +286,11 @@ def main(argv: list[str] | None = None) -> int:
     levels = [int(x) for x in args.concurrency.split(",") if x]
     if not levels or min(levels) < 1:
         raise UserError("--concurrency", f"needs positive integers, got {args.concurrency!r}")
+    ks = [int(x) for x in args.chunks.split(",") if x]
+    if any(k < 1 for k in ks):
+        raise UserError("--chunks", f"needs positive integers, got {args.chunks!r}")
     if args.quick:
-        args.length, levels = 32, [1, 4]
+        args.length, levels, ks = 32, [1, 4], ks[:2]
     repeat = 20 if args.quick else 300
 
     from charrnn.data import load_splits
@@ -265,11 +307,13 @@ def main(argv: list[str] | None = None) -> int:
     prompt256 = test[:256]
     result = {"machine": machine(), "date": time.strftime("%Y-%m-%d"), "model": Path(args.model).name}
     print(f"machine: {result['machine']}")
-    print("[1/3] in-process baselines", flush=True)
+    print("[1/4] in-process baselines", flush=True)
     result["baselines"] = baselines(Path(args.model), onnx_path, prompt256, repeat, args.threads)
 
-    print("[2/3] served generation through the local Triton server", flush=True)
-    server = LocalTriton(repo=args.repo, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port())
+    print("[2/4] served generation through the local Triton server", flush=True)
+    models = ("charrnn_python", "charrnn_gen_python") if ks else ("charrnn_python",)
+    server = LocalTriton(repo=args.repo, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),
+                         models=models)
     rows = []
     with server:
         served_run(server, [vocab.decode(test[:args.prompt_length])], 16, 0)  # warm-up
@@ -280,8 +324,9 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(row)
             print(f"  {c:>3} sequences: {row['Chars/Second']:7.0f} chars/s  p50 {row['p50 latency']:6.0f} us  "
                   f"p99 {row['p99 latency']:6.0f} us  client CPU {row['Client CPU %']:.0f}%", flush=True)
-        print("[3/3] time to first character after a 256-character prompt", flush=True)
+        print("[3/4] time to first character after a 256-character prompt", flush=True)
         ttfc = time_to_first_char(server, vocab.decode(prompt256), 5 if args.quick else 20)
+        result["chunked"] = chunked_section(server, vocab, test, args, ks) if ks else None
     result["served"], result["ttfc_256_s"] = rows, ttfc
     by_c = {r["Concurrency"]: r for r in rows}
     b = result["baselines"]

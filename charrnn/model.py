@@ -70,6 +70,8 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
+        if not isinstance(d, dict):
+            raise UserError(CONFIG_FILE, f"must be a JSON object, got {type(d).__name__}", "check the model directory")
         known = {f.name for f in fields(cls)}
         unknown = set(d) - known
         if unknown:

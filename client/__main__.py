@@ -3,6 +3,7 @@
     python -m client --prompt "ROMEO:" --length 500                    # local server from `make serve`
     python -m client --url 127.0.0.1:8001 --model charrnn_trt --greedy
     python -m client --num-sequences 8 --seed 1 --temperature 0.8       # 8 sequences on one gRPC stream
+    python -m client --chunk 32 --seed 1                               # 32 characters per request (server samples)
 
 The vocabulary comes from the server (the model config's vocab_json parameter). Sampling is the same
 code as the TensorFlow reference sampler (charrnn.sampling), so with --greedy or a --seed the text equals
@@ -12,6 +13,8 @@ Restart-safe: the text generated so far is kept here. If the server goes away or
 client reconnects (up to --retries times, waiting --retry-delay, doubling, at most --retry-max-wait in all),
 re-primes a new sequence with prompt + generated text and continues: with --greedy or a --seed the final
 text equals an uninterrupted run. If it gives up, what was generated so far is printed to stdout first.
+With --chunk K the server samples (a charrnn_gen_* model, K characters per request, gRPC only): same seed,
+same text as per character; top-k works, top-p does not; no reconnects (a server error ends the run).
 Exit codes: 0 ok, 1 --expect mismatch, 2 bad input, 3 server unreachable / model not ready / server error
 (after the retries), 130 interrupted (the sequences are ended on the server first).
 """
@@ -36,6 +39,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     g.add_argument("--model", default=None,
                    help="model to use (default: first ready of charrnn_trt, charrnn_onnx, charrnn_python)")
     add_sampling_flags(p)
+    g.add_argument("--chunk", type=int, default=None, metavar="K",
+                   help="server-side generation: K characters per request (1..256) on a charrnn_gen_* model")
     g = p.add_argument_group("retries")
     g.add_argument("--retries", type=int, default=5,
                    help="reconnect attempts per server outage before giving up (0: give up at once)")
@@ -78,6 +83,8 @@ def print_texts(seqs, vocab, model: str, args, params, stream_one: bool, partial
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     base = sampling_params(args)
+    if args.chunk is not None:
+        return main_chunked(args, base)
     from client.generate import GenerationFailed, generate
     from client.session import Connection
 
@@ -116,6 +123,44 @@ def main(argv: list[str] | None = None) -> int:
     texts = print_texts(seqs, vocab, model, args, params, stream_one)
     print(f"[{model} via {args.protocol}://{conn.url}: {args.num_sequences} x {args.length} characters]",
           file=sys.stderr)
+    if args.expect is not None and texts[0] != args.expect:
+        raise CheckFailed("--expect", "the generated text differs from the expected text")
+    return 0
+
+
+def main_chunked(args: argparse.Namespace, base) -> int:
+    """--chunk K: K characters per request on a server-side generation model (client/chunked.py)."""
+    from client.chunked import GenStream, check_chunk, generate_chunked
+
+    check_chunk(args.chunk)
+    if args.protocol != "grpc":
+        raise UserError("--chunk", "needs gRPC (one stream for every sequence; streaming responses)",
+                        "use --protocol grpc and the gRPC port (8001)")
+    stream = GenStream(args.url)
+    try:
+        model = stream.pick_model(args.model)
+        vocab = stream.vocabulary(model)
+        params = [base.validate(len(vocab))]
+        params += [replace(base, seed=None if base.seed is None else base.seed + i)
+                   for i in range(1, args.num_sequences)]
+        stream_one = args.num_sequences == 1 and not args.quiet
+        if stream_one:
+            sys.stdout.write(args.prompt)
+            sys.stdout.flush()
+
+        def on_text(index: int, text: str) -> None:
+            if stream_one:
+                sys.stdout.write(text)
+                sys.stdout.flush()
+
+        seqs = generate_chunked(stream, model, vocab, [args.prompt] * args.num_sequences, args.length, params,
+                                args.chunk, on_text, stream=stream)
+    finally:
+        stream.close()
+    texts = print_texts(seqs, vocab, model, args, params, stream_one)
+    requests = sum(s.sent for s in seqs)
+    print(f"[{model} via grpc://{stream.url}: {args.num_sequences} x {args.length} characters, "
+          f"{args.chunk} per request, {requests} requests]", file=sys.stderr)
     if args.expect is not None and texts[0] != args.expect:
         raise CheckFailed("--expect", "the generated text differs from the expected text")
     return 0

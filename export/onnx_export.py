@@ -4,7 +4,8 @@
 
 The graph is the model's `step`:  INPUT_IDS int32 (B, T), STATE_IN fp32 (B, S, L, H)
 -> LOGITS fp32 (B, V) (after the last input position), STATE_OUT fp32 (B, S, L, H); batch and T dynamic.
-tf2onnx rewrites each Keras LSTM/GRU into one ONNX LSTM/GRU op (checked by export.trt_check).
+tf2onnx rewrites each Keras LSTM layer into one ONNX LSTM op; Keras 3 GRU and SimpleRNN layers come out as an
+ONNX Loop per layer (both are in TensorRT's ONNX op list; export.trt_check checks every op).
 """
 
 from __future__ import annotations

@@ -4,14 +4,13 @@
   2. sequence lifecycle: idle eviction, id reuse after END, a client killed without END;
   3. restart-safe generation: the server is SIGKILLed and restarted mid-generation, nothing is lost;
   5. security defaults: loopback only, model control mode none, admin APIs need the admin key, no
-     pickle/eval/exec outside the explicit --trust-pickle path.
+     pickle/eval/exec anywhere (the --trust-pickle vocabulary path is data-only).
 The soak (4.) is bench/soak.py; its test is marked slow.
 No fixed sleeps: every wait polls a condition under a deadline.
 """
 
 from __future__ import annotations
 
-import ast
 import os
 import queue
 import re
@@ -719,7 +718,9 @@ UNSAFE = re.compile(r"\bpickle\s*\.\s*loads?\s*\(|(?<![\w.])eval\s*\(|(?<![\w.])
                     r"|allow_pickle\s*=\s*True|\byaml\s*\.\s*load\s*\(|\bshell\s*=\s*True")
 
 
-def test_no_pickle_eval_exec_outside_the_trust_pickle_path():
+def test_no_pickle_eval_exec_anywhere():
+    """No unsafe deserialization or evaluation in any committed Python file. (The importer's --trust-pickle
+    path unpickles data only: tests/test_import_tf1.py checks a pickle with a global is refused.)"""
     files = subprocess.run(["git", "ls-files", "*.py"], cwd=ROOT, capture_output=True, text=True,
                            check=True).stdout.split()
     assert len(files) > 20
@@ -732,17 +733,7 @@ def test_no_pickle_eval_exec_outside_the_trust_pickle_path():
             code = line.split("#", 1)[0]
             if UNSAFE.search(code) and not (name == "tests/test_hardening.py" and "UNSAFE" in code):
                 hits.append((name, number, line.strip()))
-    allowed = [(n, k, line) for n, k, line in hits if n == "train/import_tf1.py"]
-    assert hits == allowed, f"unsafe deserialization/evaluation: {[h for h in hits if h not in allowed]}"
-    assert len(allowed) == 1 and "pickle" + ".load(" in allowed[0][2], allowed
-    # ... and that one is reached only with --trust-pickle: it sits in load_vocab(path, trust_pickle),
-    # behind `if not trust_pickle: raise UserError(...)`.
-    tree = ast.parse((ROOT / "train/import_tf1.py").read_text())
-    func = next(n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and
-                n.lineno <= allowed[0][1] <= n.end_lineno)
-    assert func.name == "load_vocab" and "trust_pickle" in [a.arg for a in func.args.args]
-    guard = next(n for n in ast.walk(func) if isinstance(n, ast.If) and ast.unparse(n.test) == "not trust_pickle")
-    assert isinstance(guard.body[0], ast.Raise) and guard.lineno < allowed[0][1]
+    assert hits == [], f"unsafe deserialization/evaluation: {hits}"
 
 
 # --- 4. soak (slow) ---------------------------------------------------------------------------------------

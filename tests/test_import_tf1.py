@@ -407,6 +407,25 @@ def test_error_pickle_needs_trust(tmp_path, capsys, small_ckpt):
     assert rc == 2 and "pickle" in err and "run arbitrary code" in err and "--trust-pickle" in err
 
 
+class _RunsCode:
+    """Unpickling this would call os.system (what a hostile vocabulary pickle does)."""
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("echo pwned > pwned.txt",))
+
+
+def test_trusted_pickle_is_still_data_only(tmp_path, capsys, small_ckpt, monkeypatch):
+    prefix, _, _ = small_ckpt
+    monkeypatch.chdir(tmp_path)
+    pkl = tmp_path / "chars_vocab.pkl"
+    pkl.write_bytes(pickle.dumps((_RunsCode(), {})))
+    rc, _, err = run(["--checkpoint", prefix, "--vocab", pkl, "--trust-pickle", "--out", tmp_path / "x"], capsys)
+    assert rc == 2 and "cannot unpickle" in err and "refusing" in err and "system" in err, err
+    assert not (tmp_path / "pwned.txt").exists() and not (tmp_path / "x").exists()
+
+
 def test_error_peepholes_and_bad_files(tmp_path, capsys, small_ckpt):
     _, w, vocab = small_ckpt
     peep = {k.replace("basic_lstm_cell", "lstm_cell"): v for k, v in w.items()}

@@ -27,7 +27,8 @@ crazydonkey/samplecharrnn (that project hard-codes forget_bias=0.0), TF's defaul
 Vocabulary (ids must be the model's): --vocab FILE (our vocab.json {"chars": [...]}, crazydonkey's
 vocab.json {char: id}, or a text file whose characters, in order, are ids 0..V-1), --vocab-builtin
 samplecharrnn (the 65-character map compiled into sampleCharRNN), or a pickle (sherjilozair's
-chars_vocab.pkl / vocab.pkl) with --trust-pickle. Without --vocab, a vocab.json next to the checkpoint is used.
+chars_vocab.pkl / vocab.pkl) with --trust-pickle (loaded data-only: a pickle that imports or calls anything is
+refused). Without --vocab, a vocab.json next to the checkpoint is used.
 
 Exit codes: 0 ok, 2 bad flags, files, names or shapes.
 """
@@ -38,6 +39,7 @@ import argparse
 import hashlib
 import json
 import os
+import pickle
 import platform
 import re
 import sys
@@ -373,6 +375,14 @@ def _vocab_from_obj(obj, what: str) -> Vocab:
                     'use {"chars": [...]}, {char: id}, a list of characters or a text file')
 
 
+class _DataOnlyUnpickler(pickle.Unpickler):
+    """Unpickles plain data only (str, bytes, int, tuple, list, dict, ...): every global is refused, so a
+    pickle cannot import or call anything. A char-rnn vocabulary pickle needs no globals."""
+
+    def find_class(self, module: str, name: str):
+        raise pickle.UnpicklingError(f"refusing {module}.{name}: only plain data (str, list, dict, ...) is loaded")
+
+
 def load_vocab(path: str, trust_pickle: bool) -> Vocab:
     p = Path(path)
     if not p.is_file():
@@ -382,11 +392,9 @@ def load_vocab(path: str, trust_pickle: bool) -> Vocab:
             raise UserError(path, "this is a Python pickle, and loading a pickle can run arbitrary code",
                             "pass --trust-pickle only if you trust where the file came from, or convert it "
                             "to a vocab.json")
-        import pickle
-
         try:
             with p.open("rb") as f:
-                obj = pickle.load(f, encoding="latin1")  # Python 2 pickles (str chars) load too
+                obj = _DataOnlyUnpickler(f, encoding="latin1").load()  # Python 2 pickles (str chars) load too
         except Exception as e:
             raise UserError(path, f"cannot unpickle ({type(e).__name__}: {e})", "check the file") from e
         return _vocab_from_obj(obj, path)
