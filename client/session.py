@@ -2,78 +2,24 @@
 
 `Connection` hides the two protocols behind one call, `send(request_id, ids, sequence_id, start, end)`,
 whose results arrive on `results` (a queue of (request_id, logits (V,) or None, error or None, seconds)).
-gRPC uses ONE bidirectional stream for every sequence (what the sequence batcher batches across), driven
-directly on Triton's gRPC service stub (`GrpcStream`: requests built as protobufs from a template, the
-logits read straight from the response bytes), because tritonclient.grpc's per-request Python work
-(InferInput, request assembly, InferResult) costs more than the server's own step; tritonclient still does
-everything else (health, model readiness, config). HTTP has no streaming and tritonclient.http (gevent) is not thread-safe, so `send` runs the request
+gRPC uses ONE bidirectional stream for every sequence (what the sequence batcher batches across);
+HTTP has no streaming and tritonclient.http (gevent) is not thread-safe, so `send` runs the request
 synchronously and queues its result: sequences then take turns, one request at a time.
 """
 
 from __future__ import annotations
 
+import json
 import queue
-import threading
 import time
 
 import numpy as np
-
-from typing import Callable
 
 from charrnn.contract import INPUT_IDS, LOGITS, VOCAB_PARAMETER
 from charrnn.errors import UnavailableError, UserError
 from charrnn.vocab import Vocab
 
 MODEL_PREFERENCE = ("charrnn_trt", "charrnn_onnx", "charrnn_python")
-
-
-class GrpcStream:
-    """One ModelStreamInfer bidirectional stream: `send(request)` queues a ModelInferRequest; a reader
-    thread calls on_response(ModelStreamInferResponse) for each answer and on_error(exception) once if the
-    stream dies (server gone, cancelled)."""
-
-    def __init__(self, url: str, on_response: Callable, on_error: Callable) -> None:
-        import grpc
-        from tritonclient.grpc import service_pb2_grpc
-
-        self._channel = grpc.insecure_channel(url)
-        self._requests: queue.SimpleQueue = queue.SimpleQueue()
-        stub = service_pb2_grpc.GRPCInferenceServiceStub(self._channel)
-        self._responses = stub.ModelStreamInfer(iter(self._requests.get, None))
-        self._on_response, self._on_error = on_response, on_error
-        self._closing = False
-        self._reader = threading.Thread(target=self._read, name="grpc-stream-reader", daemon=True)
-        self._reader.start()
-
-    def send(self, request) -> None:
-        if not self._reader.is_alive():
-            raise _stream_error("the stream is no longer in valid state (its connection was lost)", "UNAVAILABLE")
-        self._requests.put(request)
-
-    def _read(self) -> None:
-        try:
-            for response in self._responses:
-                self._on_response(response)
-        except Exception as e:  # grpc.RpcError: UNAVAILABLE (server gone), CANCELLED (closed), ...
-            if not self._closing:
-                code = e.code() if hasattr(e, "code") else None
-                details = e.details() if hasattr(e, "details") else str(e)
-                self._on_error(_stream_error(details or str(e), str(code or "")))
-
-    def close(self, cancel: bool = False) -> None:
-        """Finish the stream: wait for the answers in flight, or (cancel) drop them."""
-        self._closing = cancel
-        if cancel:
-            self._responses.cancel()
-        self._requests.put(None)  # ends the request iterator: the server finishes and closes the stream
-        self._reader.join(timeout=None if not cancel else 5)
-        self._channel.close()
-
-
-def _stream_error(message: str, status: str):
-    from tritonclient.utils import InferenceServerException
-
-    return InferenceServerException(msg=message, status=status)
 
 
 class Connection:
@@ -85,8 +31,7 @@ class Connection:
         self.url, self.protocol, self.timeout = url.split("://")[-1], protocol, timeout
         self.results: queue.Queue = queue.Queue()
         self._sent: dict[str, float] = {}
-        self._stream: GrpcStream | None = None
-        self._templates: dict[str, object] = {}  # model -> ModelInferRequest with everything but the data
+        self._stream = False
         self._open()
 
     def _open(self) -> None:
@@ -121,12 +66,12 @@ class Connection:
 
     def abort(self) -> None:
         """Close without waiting for requests in flight (close() waits for them on a live stream)."""
-        if self._stream is not None:
-            try:
-                self._stream.close(cancel=True)
-            except Exception:
-                pass
-            self._stream = None
+        try:
+            if self._stream:
+                self.client.stop_stream(cancel_requests=True)
+        except Exception:
+            pass
+        self._stream = False
         try:
             self.client.close()
         except Exception:
@@ -161,77 +106,42 @@ class Connection:
         inp.set_data_from_numpy(np.asarray(ids, np.int32).reshape(1, -1))
         return [inp]
 
-    def _on_result(self, request_id: str | None, logits: np.ndarray | None, error) -> None:
+    def _on_result(self, request_id: str, result, error) -> None:
         seconds = time.perf_counter() - self._sent.pop(request_id, time.perf_counter())
-        self.results.put((request_id, logits, error, seconds))
+        if error is not None:
+            self.results.put((request_id, None, error, seconds))
+        else:
+            self.results.put((request_id, result.as_numpy(LOGITS)[0], None, seconds))
 
-    def _on_stream_response(self, response) -> None:
-        """A ModelStreamInferResponse: logits (1, V) fp32 in its raw bytes, or an error message."""
-        r = response.infer_response
-        request_id = r.id or None
-        if response.error_message:
-            error = _stream_error(response.error_message, "")
-            if request_id is None:  # older servers send no id with stream errors: find it in the message
-                request_id = _request_id_from(error, self._sent)
-            self._on_result(request_id, None, error)
-            return
-        seconds = time.perf_counter() - self._sent.pop(request_id, time.perf_counter())
-        self.results.put((request_id, np.frombuffer(r.raw_output_contents[0], np.float32), None, seconds))
-
-    def _grpc_request(self, request_id: str, ids: np.ndarray, model: str, sequence_id: int, start: bool,
-                      end: bool):
-        from tritonclient.grpc import service_pb2
-
-        template = self._templates.get(model)
-        if template is None:
-            template = service_pb2.ModelInferRequest(model_name=model)
-            inp = template.inputs.add(name=INPUT_IDS, datatype="INT32")
-            inp.shape.extend([1, 1])
-            template.outputs.add(name=LOGITS)
-            self._templates[model] = template
-        request = service_pb2.ModelInferRequest()
-        request.CopyFrom(template)
-        request.id = request_id
-        request.inputs[0].shape[1] = len(ids)
-        params = request.parameters
-        params["sequence_id"].int64_param = sequence_id
-        params["sequence_start"].bool_param = start
-        params["sequence_end"].bool_param = end
-        request.raw_input_contents.append(np.ascontiguousarray(ids, np.int32).tobytes())
-        return request
+    def _stream_callback(self, result, error) -> None:
+        request_id = result.get_response().id if result is not None else None
+        if request_id is None and error is not None:  # gRPC errors carry no id: find it in the message
+            request_id = _request_id_from(error, self._sent)
+        self._on_result(request_id, result, error)
 
     def send(self, request_id: str, ids: np.ndarray, model: str, sequence_id: int, start: bool, end: bool) -> None:
         self._sent[request_id] = time.perf_counter()
         if self.protocol == "grpc":
-            if self._stream is None:
-                results = self.results  # a stream's late answers never reach a reopened connection's queue
-
-                def on_response(response) -> None:
-                    if self.results is results:
-                        self._on_stream_response(response)
-
-                def on_error(error) -> None:
-                    if self.results is results:
-                        self.results.put((None, None, error, 0.0))
-
-                self._stream = GrpcStream(self.url, on_response, on_error)
-            self._stream.send(self._grpc_request(request_id, ids, model, sequence_id, start, end))
+            if not self._stream:
+                results = self.results  # a stream's late callbacks never reach a reopened connection's queue
+                self.client.start_stream(callback=lambda result, error: self._stream_callback(result, error)
+                                         if self.results is results else None)
+                self._stream = True
+            self.client.async_stream_infer(model, self._inputs(ids), request_id=request_id,
+                                           sequence_id=sequence_id, sequence_start=start, sequence_end=end)
         else:
             try:
                 r = self.client.infer(model, self._inputs(ids), request_id=request_id, sequence_id=sequence_id,
                                       sequence_start=start, sequence_end=end)
-                self._on_result(request_id, r.as_numpy(LOGITS)[0], None)
+                self._on_result(request_id, r, None)
             except Exception as e:  # tritonclient.utils.InferenceServerException, connection errors
                 self._on_result(request_id, None, e)
 
     def close(self) -> None:
-        if self._stream is not None:
-            try:
-                self._stream.close()
-            except Exception:
-                pass
-            self._stream = None
         try:
+            if self._stream:
+                self.client.stop_stream()
+                self._stream = False
             self.client.close()
         except Exception:
             pass

@@ -159,6 +159,12 @@ def test_unknown_character_is_a_client_error_before_anything_is_sent(server):
     (["--top-k", "1000"], 2, r"^error: top-k: must be in 1\.\.65"),
     (["--top-p", "0"], 2, r"^error: top-p: must be in \(0, 1\]"),
     (["--model", "no_such_model"], 3, r"^error: model no_such_model: not ready"),
+    (["--num-sequences", "0"], 2, r"^error: --num-sequences: must be >= 1"),
+    (["--seed", "-1"], 2, r"^error: seed: must be in 0\.\.2\^63-1"),
+    (["--retries", "-1"], 2, r"^error: --retries: must be >= 0"),
+    (["--chunk", "0"], 2, r"^error: --chunk: must be in 1\.\.256"),
+    (["--chunk", "4", "--protocol", "http"], 2, r"^error: --chunk: needs gRPC"),
+    (["--chunk", "4", "--model", "charrnn_python"], 2, r"^error: --model: charrnn_python is not a server-side"),
 ])
 def test_bad_client_input_gives_clear_errors(server, args, code, pattern):
     r = run_client("--url", server.grpc_url, *args)
