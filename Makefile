@@ -13,7 +13,7 @@ SAMPLE_FLAGS ?= --prompt "ROMEO:" --length 500 --temperature 0.8 --seed 1
 PYTEST_FLAGS ?=
 
 .PHONY: setup data train evaluate sample export verify plan serve stop demo test test-slow clean help \
-        bench import perf-input compose-plan compose-up compose-up-cpu compose-down perf
+        bench soak import perf-input compose-plan compose-up compose-up-cpu compose-down perf
 
 help:
 	@grep -E '^[a-z-]+:.*## ' Makefile | sed 's/:.*## /\t/'

@@ -292,6 +292,25 @@ def test_wts_v2_as_samplecharrnn_reads_it(tmp_path, capsys):
     assert json.loads((out / "vocab.json").read_text())["chars"][:4] == ["\n", "!", " ", "$"]
 
 
+def test_imported_wts_goes_through_export_and_verify(tmp_path, capsys):
+    """The issue's workflow: .wts -> import -> `make export` -> `make verify` (ONNX Runtime == TensorFlow)."""
+    from export.__main__ import main as export_main
+    from export.verify import main as verify_main
+
+    w = tf1_weights("crazydonkey", "lstm", 65, 16, 12, layers=2, seed=6)
+    write_wts(tmp_path / "char-rnn.wts", w)
+    model = tmp_path / "samplecharrnn"
+    rc, _, err = run(["--wts", tmp_path / "char-rnn.wts", "--vocab-builtin", "samplecharrnn", "--out", model], capsys)
+    assert rc == 0, err
+    repo = tmp_path / "repo"
+    assert export_main(["--model", str(model), "--repo", str(repo)]) == 0
+    capsys.readouterr()
+    rc = verify_main(["--model", str(model), "--onnx", str(repo / "charrnn_onnx" / "1" / "model.onnx"),
+                      "--length", "200"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "PASS" in out and "FAIL" not in out, out
+
+
 def test_wts_v1_hex_without_shapes(tmp_path, capsys):
     V, H, E = len(CHARS), 8, 6
     w = tf1_weights("sherjilozair", "lstm", V, H, E, layers=2, seed=6)
