@@ -44,6 +44,11 @@ DECOUPLED = (GEN_STREAM,)  # model_transaction_policy { decoupled: true }
 # one request per sequence per batch, only requests of equal T together.
 MAX_QUEUE_DELAY_US = 100  # wait at most this long to grow a batch
 PYTHON_INSTANCES = 1
+# ONNX Runtime intra-op threads per python-backend instance, measured side by side on our 2-core machine
+# (README "Performance work"): the per-character model shares the cores with the gRPC front end and the
+# client, and 2 threads cost 10-15% at 64 sequences; a generation request keeps ORT busy for K steps while
+# the client waits, and 2 threads made K = 128 1.6x faster. On a bigger host, give them the instance's cores.
+ORT_THREADS = {PYTHON: 1, GEN_PYTHON: 2, GEN_STREAM: 2}
 
 _HEADER = {
     TRT: ('platform: "tensorrt_plan"', "KIND_GPU", "TensorRT engine built from model.onnx by export.build_plan "
@@ -118,7 +123,7 @@ def render_config(name: str, contract: Contract, vocab: Vocab) -> str:
   ]"""
     params = {VOCAB_PARAMETER: vocab.to_json()}
     if name in PYTHON_MODELS:
-        params["intra_op_threads"] = "1"  # ONNX Runtime threads per instance (2-core machine: 1 is fastest)
+        params["intra_op_threads"] = str(ORT_THREADS[name])  # ONNX Runtime threads per instance
     param_text = "\n".join(
         f'parameters {{ key: "{k}" value: {{ string_value: "{CEscape(v, as_utf8=True)}" }} }}'
         for k, v in params.items())

@@ -213,3 +213,41 @@ def test_launcher_stops_the_server_and_leaves_no_process(tmp_path, repo):
     left = subprocess.run(["pgrep", "-g", str(pid)], capture_output=True, text=True).stdout.split()
     assert left == []
     assert not s.is_ready()
+
+
+def test_bench_quick_writes_perf_analyzer_csv_plot_and_table(tmp_path, repo):
+    """`make bench`'s code path end to end (--quick: counts too small for figures); only --out is written."""
+    import csv
+
+    from bench.bench import README
+
+    readme = README.read_bytes()
+    out = tmp_path / "results"
+    r = subprocess.run([sys.executable, "-m", "bench.bench", "--quick", "--repo", str(repo), "--out", str(out)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "[4/4]" in r.stdout, "progress is shown while it runs"
+    assert README.read_bytes() == readme, "a run with --out elsewhere must not rewrite the README"
+    with open(out / "bench.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["Concurrency"]) for r in rows] == [1, 4]
+    for r in rows:  # perf_analyzer's column names, microseconds
+        assert float(r["Inferences/Second"]) > 0 and float(r["Chars/Second"]) > 0
+        assert 0 < float(r["p50 latency"]) <= float(r["p90 latency"]) <= float(r["p99 latency"])
+    assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = (out / "bench.md").read_text()
+    assert "cores" in md and "| ONNX Runtime, batch 64 |" in md and "time to first char" in md
+    assert "| 8 | 16 |" in md, "server-side generation rows (K = 8, 16 sequences) expected"
+
+
+@pytest.mark.parametrize("flags, what", [
+    (["--values", "1"], "error: --values: needs at least two values"),
+    (["--param", "no_such_parameter"], "error: --param: charrnn_gen_python has no config parameter"),
+    (["--model", "charrnn_onnx"], "error: --model: 'charrnn_onnx' does not run on the local server"),
+    (["--k", "0"], "error: --sequences/--k/--rounds/--length: need positive integers"),
+])
+def test_bench_ab_bad_flags_are_clear_errors(repo, flags, what):
+    r = subprocess.run([sys.executable, "-m", "bench.ab", "--repo", str(repo), *flags], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert what in r.stderr
