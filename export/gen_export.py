@@ -26,7 +26,6 @@ Add, Sigmoid, Tanh, Mul: the cell's own code, no re-implemented LSTM math). Tens
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
 import numpy as np
@@ -157,7 +156,6 @@ def hoist_loop_invariants(graph: onnx.GraphProto) -> int:
 
 def export_gen_onnx(model, out: str | Path, opset: int = OPSET) -> onnx.ModelProto:
     """Convert a charrnn.model.CharRNN's generation function to ONNX at `out`; returns the proto."""
-    os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
     import tf2onnx
 
     contract = model.config.contract

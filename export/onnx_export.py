@@ -10,7 +10,6 @@ ONNX Loop per layer (both are in TensorRT's ONNX op list; export.trt_check check
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import onnx
@@ -45,7 +44,6 @@ def _name_dims(vi: onnx.ValueInfoProto, names: dict[int, str]) -> None:
 
 def export_onnx(model, out: str | Path, opset: int = OPSET) -> onnx.ModelProto:
     """Convert a charrnn.model.CharRNN to ONNX at `out` with the contract's names; returns the proto."""
-    os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
     import tensorflow as tf
     import tf2onnx
 

@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import pickle
 import platform
 import re
@@ -155,7 +154,7 @@ class CheckpointStore(Store):
 
     def __init__(self, path: str) -> None:
         self.prefix = resolve_checkpoint(path)
-        import tensorflow as tf
+        from charrnn.model import tf  # charrnn.model sets TensorFlow's environment before importing it
 
         try:
             self.reader = tf.train.load_checkpoint(self.prefix)
@@ -184,7 +183,7 @@ def resolve_checkpoint(path: str) -> str:
     """A checkpoint prefix from a prefix, an .index/.data-*/.meta file, or a directory."""
     p = Path(path)
     if p.is_dir():
-        import tensorflow as tf
+        from charrnn.model import tf  # sets TensorFlow's environment before importing it
 
         latest = tf.train.latest_checkpoint(str(p))
         # The `checkpoint` state file may hold absolute paths from the machine it was trained on.
@@ -754,11 +753,7 @@ def main(argv: list[str] | None = None) -> int:
                                       f"{imp.vocab_size} (softmax_b {plan.names['softmax_b']})",
                         "pass the vocabulary the model was trained with")
 
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    import keras
-    import tensorflow as tf
-
-    from charrnn.model import ModelConfig, build_model, save_model_dir
+    from charrnn.model import ModelConfig, build_model, keras, save_model_dir, tf  # sets TF's environment first
 
     config = ModelConfig(vocab_size=imp.vocab_size, cell=imp.cell, layers=imp.layers, hidden=imp.hidden,
                          embedding=imp.embedding, dropout=0.0, reset_after=False if imp.cell == "gru" else True)
