@@ -9,7 +9,10 @@ Measures, on this machine:
   served      concurrent sequences 1, 4, 16, 64 on one gRPC stream, each primed with a 64-character
               test-split prompt then generating 256 characters one request per character: characters/s,
               per-request latency p50/p90/p95/p99; time to first character after a 256-character prompt
-  ratios      served 1-stream chars/s / ORT batch-1 chars/s; served 64-sequence chars/s / ORT batch-64
+  floor       the same single-stream run against an empty python-backend model (bench/floor_model.py,
+              charrnn_python's config): the round trip every request pays before inference
+  ratios      served 1-stream chars/s / ORT batch-1 chars/s; served 64-sequence chars/s / ORT batch-64;
+              the single-stream bound 1 / (round-trip floor + ORT batch-1 step)
   server-side generation (charrnn_gen_python, client --chunk K): K = 1, 8, 32, 128 characters per request,
               one sequence and 16 sequences, vs the in-process ORT generation graph at K = 128 (bench/chunked.py)
 Writes bench/results/bench.csv (perf_analyzer column names, microseconds), bench.png, bench.md, and
@@ -25,8 +28,10 @@ import json
 import os
 import platform
 import re
+import shutil
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -115,14 +120,14 @@ def baselines(model_dir: Path, onnx_path: Path, prompt_ids: np.ndarray, repeat: 
 
 
 # --- served ---------------------------------------------------------------------------------------
-def served_run(server, prompts: list[str], length: int, seed: int) -> dict:
+def served_run(server, prompts: list[str], length: int, seed: int, model: str | None = None) -> dict:
     from charrnn.sampling import SamplingParams
     from client.generate import generate
     from client.session import Connection
 
     conn = Connection(server.grpc_url, "grpc")
     try:
-        model = conn.pick_model(None)
+        model = conn.pick_model(model)
         vocab = conn.vocabulary(model)
         params = [SamplingParams(temperature=1.0, seed=seed + i) for i in range(len(prompts))]
         cpu0, t0 = time.process_time(), time.perf_counter()
@@ -135,6 +140,28 @@ def served_run(server, prompts: list[str], length: int, seed: int) -> dict:
     return {"Concurrency": len(prompts), "Inferences/Second": len(latencies) / wall, "Chars/Second": chars / wall,
             **percentiles(latencies), "Requests": len(latencies), "Seconds": wall,
             "Client CPU %": 100 * cpu / wall}
+
+
+FLOOR_MODEL = "charrnn_floor"
+
+
+def floor_run(repo: Path, prompt: str, length: int) -> dict:
+    """One sequence, one request per character, against bench/floor_model.py (no inference) served with
+    charrnn_python's config by its own local server: the round trip that bounds per-character serving."""
+    from client.demo import free_port
+    from serve.local import LocalTriton
+
+    with tempfile.TemporaryDirectory(prefix="charrnn-floor-") as tmp:
+        model_dir = Path(tmp) / "repository" / FLOOR_MODEL
+        (model_dir / "1").mkdir(parents=True)
+        config = (repo / "charrnn_python" / "config.pbtxt").read_text()
+        (model_dir / "config.pbtxt").write_text(config.replace('name: "charrnn_python"', f'name: "{FLOOR_MODEL}"'))
+        shutil.copy(Path(__file__).with_name("floor_model.py"), model_dir / "1" / "model.py")
+        server = LocalTriton(repo=model_dir.parent, run_dir=Path(tmp) / "run", http_port=free_port(),
+                             grpc_port=free_port(), metrics_port=free_port(), models=(FLOOR_MODEL,))
+        with server:
+            served_run(server, [prompt], 16, 0, FLOOR_MODEL)  # warm-up
+            return served_run(server, [prompt], length, 1, FLOOR_MODEL)
 
 
 def time_to_first_char(server, prompt: str, repeat: int) -> float:
@@ -208,6 +235,10 @@ def markdown(result: dict) -> str:
               f"| served 64-seq / served 1-stream | {r['s64_over_s1']:.2f}x | >= 5x |",
               f"| served 1-stream / ORT batch-1 (1 thread, as served) | {r['s1_over_ort1']:.2f} | |",
               f"| served 64-seq / ORT batch-64 | {r['s64_over_ort64']:.2f} | |",
+              f"| round-trip floor: empty python-backend model, 1 stream | {r['floor_1']:.0f} chars/s "
+              f"(p50 {result['floor']['p50 latency']:.0f} us) | |",
+              f"| 1-stream bound: 1 / (floor round trip + ORT batch-1 step) | {r['bound_1']:.0f} chars/s | |",
+              f"| served 1-stream / that bound | {r['served_1'] / r['bound_1']:.2f} | |",
               f"| time to first char, 256-char prompt / ORT prime | {r['ttfc_over_prime']:.2f} "
               f"({result['ttfc_256_s'] * 1e3:.1f} ms) | <= 1.5 |", ""]
     ch = result.get("chunked")
@@ -246,6 +277,9 @@ def plot(result: dict, path: Path) -> None:
     c = [r["Concurrency"] for r in rows]
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.2))
     a1.plot(c, [r["Chars/Second"] for r in rows], "o-", label="served, one request per character")
+    if result.get("floor"):
+        a1.plot([1], [result["floor"]["Chars/Second"]], "kx", markersize=9,
+                label="empty python model, 1 sequence (round-trip floor)")
     ch = result.get("chunked") or {"rows": []}
     for k in sorted({r["K"] for r in ch["rows"] if r["K"] > 1}):
         pts = sorted((r["sequences"], r["chars_per_s"]) for r in ch["rows"] if r["K"] == k)
@@ -275,14 +309,14 @@ def plot(result: dict, path: Path) -> None:
 
 
 def chunked_section(server, vocab, test: np.ndarray, args, ks: list[int]) -> dict:
-    """[4/4] server-side generation: chars/s for each K, 1 and 16 sequences, and the in-process reference."""
+    """[4/5] server-side generation: chars/s for each K, 1 and 16 sequences, and the in-process reference."""
     from bench.chunked import bench_chunked, ort_gen_chars_per_s
 
     from export.configs import GEN_PYTHON, load_config
 
     threads = int(load_config(Path(args.repo) / GEN_PYTHON / "config.pbtxt").parameters["intra_op_threads"]
                   .string_value)
-    print(f"[4/4] server-side generation ({GEN_PYTHON}, {threads} ORT threads), K = {ks}", flush=True)
+    print(f"[4/5] server-side generation ({GEN_PYTHON}, {threads} ORT threads), K = {ks}", flush=True)
     gen_onnx = Path(args.repo) / "charrnn_gen_onnx" / "1" / "model.onnx"
     ort_k = max(ks)
     ort = ort_gen_chars_per_s(gen_onnx, K=ort_k, threads=threads)  # the same session options as served
@@ -335,10 +369,10 @@ def main(argv: list[str] | None = None) -> int:
     prompt256 = test[:256]
     result = {"machine": machine(), "date": time.strftime("%Y-%m-%d"), "model": Path(args.model).name}
     print(f"machine: {result['machine']}")
-    print("[1/4] in-process baselines", flush=True)
+    print("[1/5] in-process baselines", flush=True)
     result["baselines"] = baselines(Path(args.model), onnx_path, prompt256, repeat, args.threads)
 
-    print("[2/4] served generation through the local Triton server", flush=True)
+    print("[2/5] served generation through the local Triton server", flush=True)
     models = ("charrnn_python", "charrnn_gen_python") if ks else ("charrnn_python",)
     server = LocalTriton(repo=args.repo, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),
                          models=models)
@@ -352,18 +386,26 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(row)
             print(f"  {c:>3} sequences: {row['Chars/Second']:7.0f} chars/s  p50 {row['p50 latency']:6.0f} us  "
                   f"p99 {row['p99 latency']:6.0f} us  client CPU {row['Client CPU %']:.0f}%", flush=True)
-        print("[3/4] time to first character after a 256-character prompt", flush=True)
+        print("[3/5] time to first character after a 256-character prompt", flush=True)
         ttfc = time_to_first_char(server, vocab.decode(prompt256), 5 if args.quick else 20)
+        print(f"  time to first char: {ttfc * 1e3:.1f} ms "
+              f"({ttfc / result['baselines']['ort_prime_256']['seconds']:.2f}x ORT prime)", flush=True)
         result["chunked"] = chunked_section(server, vocab, test, args, ks) if ks else None
-    result["served"], result["ttfc_256_s"] = rows, ttfc
+    print("[5/5] round-trip floor: the same single stream against an empty python-backend model", flush=True)
+    floor = floor_run(Path(args.repo), vocab.decode(test[:args.prompt_length]), args.length)
+    print(f"  empty python model, 1 sequence: {floor['Chars/Second']:7.0f} chars/s  "
+          f"p50 {floor['p50 latency']:6.0f} us", flush=True)
+    result["served"], result["ttfc_256_s"], result["floor"] = rows, ttfc, floor
     by_c = {r["Concurrency"]: r for r in rows}
     b = result["baselines"]
     s1 = by_c.get(1, rows[0])["Chars/Second"]
     s64 = by_c.get(64, rows[-1])["Chars/Second"]
     result["ratios"] = {"served_1": s1, "s64_over_s1": s64 / s1, "s1_over_ort1": s1 / b["ort_b1"]["chars_per_s"],
                         "s64_over_ort64": s64 / b["ort_b64"]["chars_per_s"],
-                        "ttfc_over_prime": ttfc / b["ort_prime_256"]["seconds"]}
-    print(f"  time to first char: {ttfc * 1e3:.1f} ms ({result['ratios']['ttfc_over_prime']:.2f}x ORT prime)")
+                        "ttfc_over_prime": ttfc / b["ort_prime_256"]["seconds"],
+                        # seconds per request = 1 / requests/s; one stream cannot beat floor + step
+                        "floor_1": floor["Chars/Second"],
+                        "bound_1": 1 / (1 / floor["Inferences/Second"] + b["ort_b1"]["step_us"] / 1e6)}
     write_outputs(result, Path(args.out))
     print(f"\n{markdown(result)}\nwrote {args.out}/bench.csv, bench.png, bench.md")
     return 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -226,7 +227,7 @@ def test_bench_quick_writes_perf_analyzer_csv_plot_and_table(tmp_path, repo):
     r = subprocess.run([sys.executable, "-m", "bench.bench", "--quick", "--repo", str(repo), "--out", str(out)],
                        cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    assert "[4/4]" in r.stdout, "progress is shown while it runs"
+    assert "[5/5]" in r.stdout, "progress is shown while it runs"
     assert README.read_bytes() == readme, "a run with --out elsewhere must not rewrite the README"
     with open(out / "bench.csv") as f:
         rows = list(csv.DictReader(f))
@@ -238,6 +239,9 @@ def test_bench_quick_writes_perf_analyzer_csv_plot_and_table(tmp_path, repo):
     md = (out / "bench.md").read_text()
     assert "cores" in md and "| ONNX Runtime, batch 64 |" in md and "time to first char" in md
     assert "| 8 | 16 |" in md, "server-side generation rows (K = 8, 16 sequences) expected"
+    floor = json.loads((out / "bench.json").read_text())["floor"]  # the empty python model was served and driven
+    assert floor["Concurrency"] == 1 and floor["Requests"] > 0 and floor["Chars/Second"] > 0
+    assert "| round-trip floor: empty python-backend model, 1 stream |" in md
 
 
 @pytest.mark.parametrize("flags, what", [
