@@ -88,7 +88,6 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError("--sequences/--k/--rounds/--length", "need positive integers")
 
     from bench.chunked import bench_chunked
-    from client.demo import free_port
     from export.configs import GEN_MODELS, PYTHON_MODELS, load_config, vocab_of
     from serve.local import LocalTriton
 
@@ -104,8 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     prompts = [text[s : s + 64] for s in starts]
     gen = args.model in GEN_MODELS
     results: dict[tuple, list[float]] = {}
-    server = LocalTriton(repo=scratch / "repository", run_dir=scratch / "run", http_port=free_port(),
-                         grpc_port=free_port(), metrics_port=free_port(), models=tuple(names))
+    server = LocalTriton.on_free_ports(repo=scratch / "repository", run_dir=scratch / "run", models=tuple(names))
     print(f"A/B {args.model}: {args.param} = {values}; one server, {args.rounds} rounds; log {server.log_path}")
     with server:
         for rnd in range(1, args.rounds + 1):
@@ -121,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
                         results.setdefault((name, n, k), []).append(rate)
                         print(f"  round {rnd}  {name:<28} {n:>3} sequences  K={k:<4} {rate:8.0f} chars/s", flush=True)
     shutil.rmtree(scratch, ignore_errors=True)
-    print(f"\n| sequences | K | " + " | ".join(f"{args.param}={v}" for v in values) + " |")
+    print("\n| sequences | K | " + " | ".join(f"{args.param}={v}" for v in values) + " |")
     print("|---:|---:|" + "---:|" * len(values))
     for n in counts:
         for k in (ks if gen else [1]):

@@ -30,7 +30,6 @@ import platform
 import re
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -148,7 +147,6 @@ FLOOR_MODEL = "charrnn_floor"
 def floor_run(repo: Path, prompt: str, length: int) -> dict:
     """One sequence, one request per character, against bench/floor_model.py (no inference) served with
     charrnn_python's config by its own local server: the round trip that bounds per-character serving."""
-    from client.demo import free_port
     from serve.local import LocalTriton
 
     with tempfile.TemporaryDirectory(prefix="charrnn-floor-") as tmp:
@@ -157,8 +155,7 @@ def floor_run(repo: Path, prompt: str, length: int) -> dict:
         config = (repo / "charrnn_python" / "config.pbtxt").read_text()
         (model_dir / "config.pbtxt").write_text(config.replace('name: "charrnn_python"', f'name: "{FLOOR_MODEL}"'))
         shutil.copy(Path(__file__).with_name("floor_model.py"), model_dir / "1" / "model.py")
-        server = LocalTriton(repo=model_dir.parent, run_dir=Path(tmp) / "run", http_port=free_port(),
-                             grpc_port=free_port(), metrics_port=free_port(), models=(FLOOR_MODEL,))
+        server = LocalTriton.on_free_ports(repo=model_dir.parent, run_dir=Path(tmp) / "run", models=(FLOOR_MODEL,))
         with server:
             served_run(server, [prompt], 16, 0, FLOOR_MODEL)  # warm-up
             return served_run(server, [prompt], length, 1, FLOOR_MODEL)
@@ -358,7 +355,6 @@ def main(argv: list[str] | None = None) -> int:
     from charrnn.data import load_splits
     from charrnn.model import load_model_dir  # noqa: F401  (fail early on a bad model dir)
     from charrnn.vocab import Vocab
-    from client.demo import free_port
     from serve.local import LocalTriton
 
     vocab = Vocab.load(Path(args.model) / "vocab.json")
@@ -374,8 +370,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print("[2/5] served generation through the local Triton server", flush=True)
     models = ("charrnn_python", "charrnn_gen_python") if ks else ("charrnn_python",)
-    server = LocalTriton(repo=args.repo, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),
-                         models=models)
+    server = LocalTriton.on_free_ports(repo=args.repo, models=models)
     rows = []
     with server:
         served_run(server, [vocab.decode(test[:args.prompt_length])], 16, 0)  # warm-up

@@ -109,16 +109,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--k", default=",".join(map(str, KS)), help="comma-separated characters per request")
     p.add_argument("--model", default="charrnn_gen_python")
     args = p.parse_args(argv)
-    import socket
     import tempfile
 
     from export.configs import load_config, vocab_of
     from serve.local import LocalTriton
-
-    def free_port() -> int:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            return sock.getsockname()[1]
 
     repo = Path(args.repo)
     vocab = vocab_of(load_config(repo / args.model / "config.pbtxt"))
@@ -127,9 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     ks = [int(x) for x in args.k.split(",") if x]
     print(f"in-process ORT, generation graph, batch 1, K=128: "
           f"{ort_gen_chars_per_s(repo / 'charrnn_gen_onnx' / '1' / 'model.onnx'):.0f} chars/s", flush=True)
-    server = LocalTriton(repo=repo, run_dir=tempfile.mkdtemp(prefix="charrnn-bench-chunked-"),
-                         http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),
-                         models=("charrnn_python", "charrnn_gen_python", "charrnn_gen_stream"))
+    server = LocalTriton.on_free_ports(repo=repo, run_dir=tempfile.mkdtemp(prefix="charrnn-bench-chunked-"),
+                                       models=("charrnn_python", "charrnn_gen_python", "charrnn_gen_stream"))
     with server:
         bench_chunked(server, vocab, prompts, ks, args.length, args.model, on_row=lambda r: print(
             f"  {r['model']} K={r['K']:>3} x{r['sequences']:>2}: {r['chars_per_s']:7.0f} chars/s, "

@@ -29,14 +29,6 @@ PROMPTS = ("ROMEO:\n", "JULIET:\n", "First Citizen:\n", "KING HENRY VI:\n", "HAM
            "LADY MACBETH:\n", "GLOUCESTER:\n")
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def group_rss(pgid: int) -> dict[int, int]:
     """pid -> resident bytes (VmRSS) of every process in process group `pgid`."""
     out = {}
@@ -128,8 +120,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from serve.local import LocalTriton
 
-    server = LocalTriton(repo=args.repo, run_dir=args.run_dir, http_port=free_port(), grpc_port=free_port(),
-                         metrics_port=free_port(), models=(MODEL,), extra_args=tuple(args.server_arg))
+    server = LocalTriton.on_free_ports(repo=args.repo, run_dir=args.run_dir, models=(MODEL,), extra_args=tuple(args.server_arg))
     print(f"soak: {args.sequences} sequences x {args.length} characters on one gRPC stream "
           f"(server log {server.log_path}, {os.cpu_count()} cores)", flush=True)
     with server:

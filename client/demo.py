@@ -8,17 +8,10 @@ Exit codes: those of `python -m client` (0 ok, 2 bad input, 3 server problems).
 
 from __future__ import annotations
 
-import socket
 import sys
 import time
 
 from charrnn.errors import cli
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @cli
@@ -28,7 +21,7 @@ def main(argv: list[str] | None = None) -> int:
 
     argv = list(sys.argv[1:] if argv is None else argv)
     t0 = time.time()
-    server = LocalTriton(http_port=free_port(), grpc_port=free_port(), metrics_port=free_port())
+    server = LocalTriton.on_free_ports()
     print(f"starting the local Triton server (log {server.log_path}) ...", file=sys.stderr)
     with server:
         print(f"ready in {time.time() - t0:.1f} s on {server.grpc_url}; generating:\n", file=sys.stderr)

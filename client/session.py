@@ -9,7 +9,6 @@ synchronously and queues its result: sequences then take turns, one request at a
 
 from __future__ import annotations
 
-import json
 import queue
 import time
 

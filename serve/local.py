@@ -21,6 +21,7 @@ import os
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -85,6 +86,13 @@ def prepare_repository(repo: Path, run_dir: Path, models: tuple[str, ...]) -> Pa
     return view
 
 
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 GRPC_ALLOCATION_POOL = 1024  # >= the requests in flight at once (see LocalTriton.command)
 
 
@@ -102,6 +110,12 @@ class LocalTriton:
         self.log_path = self.run_dir / "triton.log"
         self.admin_key = secrets.token_hex(16)
         self.process: subprocess.Popen | None = None
+
+    @classmethod
+    def on_free_ports(cls, **kwargs) -> "LocalTriton":
+        """A server on three free loopback ports: the demo, the benchmarks and the tests never collide with
+        `make serve` or with each other."""
+        return cls(http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(), **kwargs)
 
     @property
     def grpc_url(self) -> str:
@@ -239,9 +253,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--grpc-port", type=int, default=8001)
     p.add_argument("--metrics-port", type=int, default=8002)
     p.add_argument("--models", default=",".join(LOCAL_MODELS), help="comma-separated models to load")
-    p.add_argument("--tritonserver", default=None,
-                   help="use this tritonserver binary (a real install) instead of the wheel's")
+    p.add_argument("--tritonserver", default=None, metavar="PATH",
+                   help="use this tritonserver binary (a real install, with all its backends) instead of the "
+                        "wheel's; a bare name is looked up on PATH (--tritonserver tritonserver)")
     args = p.parse_args(argv)
+    if args.tritonserver is not None:
+        found = shutil.which(args.tritonserver)
+        if found is None:
+            raise UserError("--tritonserver", f"{args.tritonserver!r} is not an executable file or a command on "
+                            "PATH", "pass the path of a real Triton install's bin/tritonserver, or leave the "
+                            "flag out to run the nvidia-pytriton wheel's server")
+        args.tritonserver = found
 
     if args.action in ("stop", "status"):
         if not PID_FILE.is_file():

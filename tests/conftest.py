@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import sys
 from pathlib import Path
 
@@ -45,7 +44,4 @@ def tiny_model(corpus, tmp_path_factory) -> Path:
     return train_tiny(tmp_path_factory.mktemp("tiny") / "tiny-lstm")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from serve.local import free_port  # noqa: E402,F401  (re-exported for the tests)

@@ -18,7 +18,7 @@ from charrnn.contract import (INPUT_IDS, MAX_K, MAX_T, NOISE, OUTPUT_IDS, STATE_
 from charrnn.errors import UserError
 from charrnn.sampling import Sampler, SamplingParams, generate as reference_generate
 from export import configs
-from tests.conftest import ROOT, SHIPPED_MODEL, free_port
+from tests.conftest import ROOT, SHIPPED_MODEL
 
 GEN_LOCAL = ("charrnn_python", "charrnn_gen_python", "charrnn_gen_stream")
 LENGTH = 160
@@ -72,8 +72,7 @@ def gen_session(gen_onnx):
 def server(repo, tmp_path_factory):
     from serve.local import LocalTriton
 
-    s = LocalTriton(repo=repo, run_dir=tmp_path_factory.mktemp("gen-serve"), http_port=free_port(),
-                    grpc_port=free_port(), metrics_port=free_port(), models=GEN_LOCAL).start()
+    s = LocalTriton.on_free_ports(repo=repo, run_dir=tmp_path_factory.mktemp("gen-serve"), models=GEN_LOCAL).start()
     yield s
     s.stop()
 

@@ -45,8 +45,7 @@ def repo(tmp_path_factory):
 def start_server(repo: Path, run_dir: Path, **kw):
     from serve.local import LocalTriton
 
-    return LocalTriton(repo=repo, run_dir=run_dir, http_port=free_port(), grpc_port=free_port(),
-                       metrics_port=free_port(), models=(MODEL,), **kw).start()
+    return LocalTriton.on_free_ports(repo=repo, run_dir=run_dir, models=(MODEL,), **kw).start()
 
 
 @pytest.fixture(scope="module")

@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
-from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from charrnn.sampling import Sampler, SamplingParams, generate as reference_generate
@@ -41,8 +38,7 @@ def repo(tmp_path_factory):
 def start_server(repo: Path, run_dir: Path, **kw):
     from serve.local import LocalTriton
 
-    return LocalTriton(repo=repo, run_dir=run_dir, http_port=free_port(), grpc_port=free_port(),
-                       metrics_port=free_port(), **kw).start()
+    return LocalTriton.on_free_ports(repo=repo, run_dir=run_dir, **kw).start()
 
 
 @pytest.fixture(scope="session")
@@ -203,6 +199,14 @@ def test_sequences_stay_on_their_instance_with_two_instances(tmp_path, repo):
         s.stop()
     assert together == solo
     assert "charrnn_python_0_1" in log, "the second instance should have been created"
+
+
+@pytest.mark.parametrize("binary", ["/nonexistent/bin/tritonserver", "no-such-tritonserver-command"])
+def test_launcher_names_a_missing_tritonserver_binary(binary):
+    r = subprocess.run([sys.executable, "-m", "serve.local", "run", "--tritonserver", binary], cwd=ROOT,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert r.stderr.startswith(f"error: --tritonserver: {binary!r} is not an executable file"), r.stderr
 
 
 def test_launcher_stops_the_server_and_leaves_no_process(tmp_path, repo):
