@@ -3,13 +3,20 @@
 `SequenceStates` keeps each live sequence's packed state (S, L, H) keyed by correlation id, gathers a
 batch of them for one model call, scatters the new states back, frees a sequence on END, and evicts
 sequences idle longer than the sequence batcher's max_sequence_idle_microseconds (Triton frees the
-slot then but does not tell the model). NumPy only; the python backend's model.py drives it.
+slot then but does not tell the model). `load_stateful_model` is what every python-backend model's
+initialize() checks and loads: its config (batching, oldest sequence batcher, idle timeout, ORT threads)
+and its model.onnx, opened with ONNX Runtime and checked against the tensors the model needs.
+Free of Triton's pb_utils (errors are ValueError, which model.py turns into TritonModelException), so the
+python backend's model.py files drive it and the tests can call it directly.
 """
 
 from __future__ import annotations
 
+import json
 import threading
 import time
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -87,3 +94,50 @@ class SequenceStates:
         self._reaper.join(timeout=5)
         self.states.clear()
         self.last_used.clear()
+
+
+@dataclass
+class StatefulModel:
+    """What a python-backend model's initialize() gets from load_stateful_model."""
+
+    config: dict  # the model's config, as Triton passes it (JSON)
+    session: object  # onnxruntime.InferenceSession of <version>/model.onnx
+    io: dict  # tensor name -> onnxruntime NodeArg (inputs and outputs)
+    idle_seconds: float  # the sequence batcher's max_sequence_idle_microseconds
+    threads: int  # ONNX Runtime intra-op threads (config parameter intra_op_threads)
+
+
+def load_stateful_model(args: dict, tensors: dict[str, str]) -> StatefulModel:
+    """Check the config Triton passes to initialize(args) and open <version>/model.onnx with ONNX Runtime;
+    `tensors` {name: ORT type, e.g. "tensor(int32)"} must all be in the graph. ValueError("<model> requires X,
+    got Y") on anything else."""
+    import onnxruntime as ort
+
+    config = json.loads(args["model_config"])
+    name = args["model_name"]
+    max_batch_size = int(config.get("max_batch_size", 0))
+    if max_batch_size < 1:
+        raise ValueError(f"{name} requires max_batch_size >= 1, got {max_batch_size}")
+    seq = config.get("sequence_batching")
+    if not seq:
+        raise ValueError(f"{name} requires sequence_batching, got none")
+    if "direct" in seq:
+        raise ValueError(f"{name} requires the oldest strategy, got direct (direct pads batches with null requests)")
+    idle_us = int(seq.get("max_sequence_idle_microseconds") or 1_000_000)  # Triton's default: 1 s
+    params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+    threads = int(params.get("intra_op_threads", "1"))
+
+    onnx_path = Path(args["model_repository"]) / args["model_version"] / "model.onnx"
+    if not onnx_path.is_file():
+        raise ValueError(f"{name} requires {onnx_path}, got no such file (run `make export`)")
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    session = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
+    io = {t.name: t for t in session.get_inputs() + session.get_outputs()}
+    for tensor, dtype in tensors.items():
+        if tensor not in io or io[tensor].type != dtype:
+            raise ValueError(f"{name} requires ONNX {tensor} {dtype}, got "
+                             f"{io[tensor].type if tensor in io else 'no such tensor'}")
+    return StatefulModel(config, session, io, idle_us / 1e6, threads)

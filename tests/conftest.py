@@ -45,3 +45,23 @@ def tiny_model(corpus, tmp_path_factory) -> Path:
 
 
 from serve.local import free_port  # noqa: E402,F401  (re-exported for the tests)
+
+
+@pytest.fixture(scope="session")
+def shipped_repo(tmp_path_factory) -> Path:
+    """`python -m export` of the shipped model into a fresh repository (step and generation graphs, every
+    config), once per session. Read-only: a test that changes a config copies the model folder first."""
+    from export.__main__ import main as export_main
+
+    out = tmp_path_factory.mktemp("shipped-repo")
+    assert export_main(["--model", str(SHIPPED_MODEL), "--repo", str(out)]) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def shipped():
+    """(model, vocab) of the shipped model, loaded in TensorFlow (the reference)."""
+    from charrnn.model import load_model_dir
+
+    model, vocab, _ = load_model_dir(SHIPPED_MODEL)
+    return model, vocab

@@ -103,16 +103,6 @@ def exported(tiny_model, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def shipped_repo(tmp_path_factory):
-    """`python -m export` of the shipped model into a fresh repository (once per session)."""
-    from export.__main__ import main as export_main
-
-    out = tmp_path_factory.mktemp("export-repo")
-    assert export_main(["--model", str(SHIPPED_MODEL), "--repo", str(out)]) == 0
-    return out
-
-
-@pytest.fixture(scope="session")
 def shipped_onnx(shipped_repo) -> Path:
     return shipped_repo / configs.ONNX / "1" / "model.onnx"
 

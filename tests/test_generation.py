@@ -18,7 +18,7 @@ from charrnn.contract import (INPUT_IDS, MAX_K, MAX_T, NOISE, OUTPUT_IDS, STATE_
 from charrnn.errors import UserError
 from charrnn.sampling import Sampler, SamplingParams, generate as reference_generate
 from export import configs
-from tests.conftest import ROOT, SHIPPED_MODEL
+from tests.conftest import ROOT
 
 GEN_LOCAL = ("charrnn_python", "charrnn_gen_python", "charrnn_gen_stream")
 LENGTH = 160
@@ -31,29 +31,9 @@ GREEDY = SamplingParams(greedy=True)
 
 
 # --- fixtures -------------------------------------------------------------------------------------------
-
-
 @pytest.fixture(scope="module")
-def shipped():
-    from charrnn.model import load_model_dir
-
-    model, vocab, _ = load_model_dir(SHIPPED_MODEL)
-    return model, vocab
-
-
-@pytest.fixture(scope="module")
-def repo(tmp_path_factory):
-    """`python -m export` of the shipped model (step + generation graphs, every config) into a fresh repository."""
-    from export.__main__ import main as export_main
-
-    out = tmp_path_factory.mktemp("gen-repo")
-    assert export_main(["--model", str(SHIPPED_MODEL), "--repo", str(out)]) == 0
-    return out
-
-
-@pytest.fixture(scope="module")
-def gen_onnx(repo):
-    return repo / configs.GEN_ONNX / "1" / "model.onnx"
+def gen_onnx(shipped_repo):
+    return shipped_repo / configs.GEN_ONNX / "1" / "model.onnx"
 
 
 @pytest.fixture(scope="module")
@@ -69,10 +49,11 @@ def gen_session(gen_onnx):
 
 
 @pytest.fixture(scope="module")
-def server(repo, tmp_path_factory):
+def server(shipped_repo, tmp_path_factory):
     from serve.local import LocalTriton
 
-    s = LocalTriton.on_free_ports(repo=repo, run_dir=tmp_path_factory.mktemp("gen-serve"), models=GEN_LOCAL).start()
+    s = LocalTriton.on_free_ports(repo=shipped_repo, run_dir=tmp_path_factory.mktemp("gen-serve"),
+                                  models=GEN_LOCAL).start()
     yield s
     s.stop()
 
@@ -246,10 +227,10 @@ def test_gen_export_of_one_slot_cells_matches_tf(cell, extra, tmp_path):
 
 
 @pytest.mark.parametrize("name", configs.GEN_MODELS)
-def test_gen_configs_parse_are_committed_and_agree_with_the_graph(name, repo, gen_proto):
+def test_gen_configs_parse_are_committed_and_agree_with_the_graph(name, shipped_repo, gen_proto):
     from tritonclient.grpc import model_config_pb2 as pb
 
-    fresh = (repo / name / configs.CONFIG).read_text()
+    fresh = (shipped_repo / name / configs.CONFIG).read_text()
     committed = ROOT / "model_repository" / name / configs.CONFIG
     assert committed.is_file() and committed.read_text() == fresh, f"{committed} is stale: run `make export`"
     c = configs.parse_config(fresh)

@@ -25,23 +25,13 @@ import numpy as np
 import pytest
 
 from charrnn.sampling import SamplingParams
-from tests.conftest import ROOT, SHIPPED_MODEL, free_port
+from tests.conftest import ROOT, free_port
 
 MODEL = "charrnn_python"
 SHORT_IDLE_US = 2_000_000  # the lifecycle server's max_sequence_idle_microseconds
 
 
 # --- servers ----------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def repo(tmp_path_factory):
-    """`python -m export` of the shipped model into a fresh repository."""
-    from export.__main__ import main as export_main
-
-    out = tmp_path_factory.mktemp("repo")
-    assert export_main(["--model", str(SHIPPED_MODEL), "--repo", str(out)]) == 0
-    return out
-
-
 def start_server(repo: Path, run_dir: Path, **kw):
     from serve.local import LocalTriton
 
@@ -49,19 +39,19 @@ def start_server(repo: Path, run_dir: Path, **kw):
 
 
 @pytest.fixture(scope="module")
-def server(repo, tmp_path_factory):
-    s = start_server(repo, tmp_path_factory.mktemp("serve"))
+def server(shipped_repo, tmp_path_factory):
+    s = start_server(shipped_repo, tmp_path_factory.mktemp("serve"))
     yield s
     s.stop()
 
 
 @pytest.fixture(scope="module")
-def short_idle_server(repo, tmp_path_factory):
+def short_idle_server(shipped_repo, tmp_path_factory):
     """A server whose charrnn_python frees idle sequences after 2 s (the model evicts 1 s later)."""
     import shutil
 
     short = tmp_path_factory.mktemp("repo-short-idle")
-    shutil.copytree(repo / MODEL, short / MODEL)
+    shutil.copytree(shipped_repo / MODEL, short / MODEL)
     config = short / MODEL / "config.pbtxt"
     text = config.read_text()
     new, n = re.subn(r"max_sequence_idle_microseconds: \d+", f"max_sequence_idle_microseconds: {SHORT_IDLE_US}", text)
@@ -492,9 +482,9 @@ def test_client_classifies_server_errors(message, kind):
 
 # --- 3. restart-safe generation -------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def restartable(repo, tmp_path_factory):
+def restartable(shipped_repo, tmp_path_factory):
     """A server the tests kill and restart (on the same ports)."""
-    s = start_server(repo, tmp_path_factory.mktemp("serve-restart"))
+    s = start_server(shipped_repo, tmp_path_factory.mktemp("serve-restart"))
     yield s
     s.stop()
 
@@ -748,8 +738,8 @@ def test_no_pickle_eval_exec_anywhere():
 
 # --- 4. soak (slow) ---------------------------------------------------------------------------------------
 @pytest.mark.slow
-def test_soak_64_sequences_no_errors_and_flat_server_memory(repo, tmp_path):
+def test_soak_64_sequences_no_errors_and_flat_server_memory(shipped_repo, tmp_path):
     from bench.soak import main as soak_main
 
-    assert soak_main(["--repo", str(repo), "--run-dir", str(tmp_path / "serve"), "--sequences", "64",
+    assert soak_main(["--repo", str(shipped_repo), "--run-dir", str(tmp_path / "serve"), "--sequences", "64",
                       "--length", "2000"]) == 0

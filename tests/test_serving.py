@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -11,28 +12,9 @@ from pathlib import Path
 import pytest
 
 from charrnn.sampling import Sampler, SamplingParams, generate as reference_generate
-from tests.conftest import ROOT, SHIPPED_MODEL, free_port
+from tests.conftest import ROOT, free_port
 
 PROMPTS = ["ROMEO:\n", "First Citizen:\nBefore we proceed any further, hear me speak.", "KING HENRY VI:\nO"]
-
-
-@pytest.fixture(scope="session")
-def shipped():
-    """(model, vocab) of the committed 2x512 model, loaded in TensorFlow (the reference)."""
-    from charrnn.model import load_model_dir
-
-    model, vocab, _ = load_model_dir(SHIPPED_MODEL)
-    return model, vocab
-
-
-@pytest.fixture(scope="session")
-def repo(tmp_path_factory):
-    """`python -m export` of the shipped model into a fresh repository."""
-    from export.__main__ import main as export_main
-
-    out = tmp_path_factory.mktemp("repo")
-    assert export_main(["--model", str(SHIPPED_MODEL), "--repo", str(out)]) == 0
-    return out
 
 
 def start_server(repo: Path, run_dir: Path, **kw):
@@ -42,8 +24,8 @@ def start_server(repo: Path, run_dir: Path, **kw):
 
 
 @pytest.fixture(scope="session")
-def server(repo, tmp_path_factory):
-    s = start_server(repo, tmp_path_factory.mktemp("serve"))
+def server(shipped_repo, tmp_path_factory):
+    s = start_server(shipped_repo, tmp_path_factory.mktemp("serve"))
     yield s
     s.stop()
 
@@ -178,12 +160,12 @@ def test_unreachable_server_is_a_clear_error(url):
         assert "unreachable" in r.stderr and "make serve" in r.stderr
 
 
-def test_sequences_stay_on_their_instance_with_two_instances(tmp_path, repo):
+def test_sequences_stay_on_their_instance_with_two_instances(tmp_path, shipped_repo):
     """With 2 model instances (each holds its own states), concurrent sequences still match solo runs."""
     import shutil
 
     two = tmp_path / "repo2"
-    shutil.copytree(repo / "charrnn_python", two / "charrnn_python")
+    shutil.copytree(shipped_repo / "charrnn_python", two / "charrnn_python")
     config = two / "charrnn_python" / "config.pbtxt"
     text = config.read_text()
     assert "count: 1 " in text
@@ -209,8 +191,8 @@ def test_launcher_names_a_missing_tritonserver_binary(binary):
     assert r.stderr.startswith(f"error: --tritonserver: {binary!r} is not an executable file"), r.stderr
 
 
-def test_launcher_stops_the_server_and_leaves_no_process(tmp_path, repo):
-    s = start_server(repo, tmp_path / "serve")
+def test_launcher_stops_the_server_and_leaves_no_process(tmp_path, shipped_repo):
+    s = start_server(shipped_repo, tmp_path / "serve")
     pid = s.process.pid
     children = subprocess.run(["pgrep", "-g", str(pid)], capture_output=True, text=True).stdout.split()
     assert len(children) >= 2, "server + python backend stub expected in the process group"
@@ -220,7 +202,7 @@ def test_launcher_stops_the_server_and_leaves_no_process(tmp_path, repo):
     assert not s.is_ready()
 
 
-def test_bench_quick_writes_perf_analyzer_csv_plot_and_table(tmp_path, repo):
+def test_bench_quick_writes_perf_analyzer_csv_plot_and_table(tmp_path, shipped_repo):
     """`make bench`'s code path end to end (--quick: counts too small for figures); only --out is written."""
     import csv
 
@@ -228,8 +210,8 @@ def test_bench_quick_writes_perf_analyzer_csv_plot_and_table(tmp_path, repo):
 
     readme = README.read_bytes()
     out = tmp_path / "results"
-    r = subprocess.run([sys.executable, "-m", "bench.bench", "--quick", "--repo", str(repo), "--out", str(out)],
-                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+    r = subprocess.run([sys.executable, "-m", "bench.bench", "--quick", "--repo", str(shipped_repo),
+                        "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert "[5/5]" in r.stdout, "progress is shown while it runs"
     assert README.read_bytes() == readme, "a run with --out elsewhere must not rewrite the README"
@@ -254,8 +236,54 @@ def test_bench_quick_writes_perf_analyzer_csv_plot_and_table(tmp_path, repo):
     (["--model", "charrnn_onnx"], "error: --model: 'charrnn_onnx' does not run on the local server"),
     (["--k", "0"], "error: --sequences/--k/--rounds/--length: need positive integers"),
 ])
-def test_bench_ab_bad_flags_are_clear_errors(repo, flags, what):
-    r = subprocess.run([sys.executable, "-m", "bench.ab", "--repo", str(repo), *flags], cwd=ROOT,
+def test_bench_ab_bad_flags_are_clear_errors(shipped_repo, flags, what):
+    r = subprocess.run([sys.executable, "-m", "bench.ab", "--repo", str(shipped_repo), *flags], cwd=ROOT,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2, r.stdout + r.stderr
     assert what in r.stderr
+
+
+# --- initialize(): the checks every python-backend model runs on its config and model.onnx ---------------
+STEP_TENSORS = {"INPUT_IDS": "tensor(int32)", "STATE_IN": "tensor(float)", "LOGITS": "tensor(float)",
+                "STATE_OUT": "tensor(float)"}
+
+
+def initialize_args(model_dir: Path, config) -> dict:
+    """What Triton passes to TritonPythonModel.initialize: the config as JSON, the model's folder and version."""
+    from google.protobuf.json_format import MessageToJson
+
+    return {"model_config": MessageToJson(config, preserving_proto_field_name=True), "model_name": config.name,
+            "model_repository": str(model_dir), "model_version": "1"}
+
+
+def test_load_stateful_model_reads_the_config_and_opens_the_graph(shipped_repo):
+    from charrnn.sequence_state import load_stateful_model
+    from export.configs import load_config
+
+    config = load_config(shipped_repo / "charrnn_python" / "config.pbtxt")
+    model = load_stateful_model(initialize_args(shipped_repo / "charrnn_python", config), STEP_TENSORS)
+    assert model.idle_seconds == config.sequence_batching.max_sequence_idle_microseconds / 1e6 == 60.0
+    assert model.threads == int(config.parameters["intra_op_threads"].string_value)
+    assert model.io["LOGITS"].shape[1] == 65 and model.io["STATE_IN"].shape[1:] == [2, 2, 512]
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda c, d: setattr(c, "max_batch_size", 0), "charrnn_python requires max_batch_size >= 1, got 0"),
+    (lambda c, d: c.ClearField("sequence_batching"), "charrnn_python requires sequence_batching, got none"),
+    (lambda c, d: c.sequence_batching.direct.SetInParent(), "charrnn_python requires the oldest strategy, got direct"),
+    (lambda c, d: (d / "1" / "model.onnx").unlink(), "/1/model.onnx, got no such file (run `make export`)"),
+    (lambda c, d: shutil.copy(d.parent / "charrnn_gen_python" / "1" / "model.onnx", d / "1" / "model.onnx"),
+     "charrnn_python requires ONNX LOGITS tensor(float), got no such tensor"),
+])
+def test_load_stateful_model_refuses_what_the_model_cannot_serve(shipped_repo, tmp_path, change, message):
+    from charrnn.sequence_state import load_stateful_model
+    from export.configs import load_config
+
+    repo = tmp_path / "repo"  # a copy: the change must not reach the session's repository
+    for name in ("charrnn_python", "charrnn_gen_python"):
+        shutil.copytree(shipped_repo / name, repo / name)
+    config = load_config(repo / "charrnn_python" / "config.pbtxt")
+    change(config, repo / "charrnn_python")
+    with pytest.raises(ValueError) as e:
+        load_stateful_model(initialize_args(repo / "charrnn_python", config), STEP_TENSORS)
+    assert message in str(e.value)

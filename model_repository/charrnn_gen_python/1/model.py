@@ -18,58 +18,32 @@ Same ids, same state as the one-response mode.
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import numpy as np
-import onnxruntime as ort
 import triton_python_backend_utils as pb_utils
 
 from charrnn.contract import INPUT_IDS, NOISE, OUTPUT_IDS, STATE_IN, TEMPERATURE, TOP_K
 from charrnn.gen_serving import GenRequest, GenRunner, check_gen_request, group_by_shape
-from charrnn.sequence_state import SequenceStates
+from charrnn.sequence_state import SequenceStates, load_stateful_model
 
 
 def load(args: dict) -> tuple[dict, GenRunner, int]:
     """Shared by charrnn_gen_python and charrnn_gen_stream: checks, ONNX Runtime session, state store."""
-    config = json.loads(args["model_config"])
     name = args["model_name"]
-    if config.get("max_batch_size", 0) < 1:
-        raise pb_utils.TritonModelException(f"{name} requires max_batch_size >= 1, got "
-                                            f"{config.get('max_batch_size')}")
-    seq = config.get("sequence_batching")
-    if not seq:
-        raise pb_utils.TritonModelException(f"{name} requires sequence_batching, got none")
-    if "direct" in seq:
-        raise pb_utils.TritonModelException(f"{name} requires the oldest strategy, got direct "
-                                            "(direct pads batches with null requests)")
-    idle_us = int(seq.get("max_sequence_idle_microseconds") or 1_000_000)
-    params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
-    threads = int(params.get("intra_op_threads", "1"))
-    onnx_path = Path(args["model_repository"]) / args["model_version"] / "model.onnx"
-    if not onnx_path.is_file():
-        raise pb_utils.TritonModelException(f"{name} requires {onnx_path}, got no such file (run `make export`)")
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    session = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
-    io = {t.name: t for t in session.get_inputs() + session.get_outputs()}
-    for tensor, dtype in ((INPUT_IDS, "tensor(int32)"), (STATE_IN, "tensor(float)"), (NOISE, "tensor(float)"),
-                          (TEMPERATURE, "tensor(float)"), (TOP_K, "tensor(int32)"), (OUTPUT_IDS, "tensor(int32)")):
-        if tensor not in io or io[tensor].type != dtype:
-            got = io[tensor].type if tensor in io else "no such tensor"
-            raise pb_utils.TritonModelException(f"{name} requires ONNX {tensor} {dtype} (the generation graph), "
-                                                f"got {got}")
-    vocab_size = int(io[NOISE].shape[2])
-    cfg_dims = [int(d) for i in config.get("input", []) if i["name"] == NOISE for d in i["dims"]]
+    try:  # the generation graph (export/gen_export.py)
+        model = load_stateful_model(args, {INPUT_IDS: "tensor(int32)", STATE_IN: "tensor(float)",
+                                           NOISE: "tensor(float)", TEMPERATURE: "tensor(float)",
+                                           TOP_K: "tensor(int32)", OUTPUT_IDS: "tensor(int32)"})
+    except ValueError as e:
+        raise pb_utils.TritonModelException(str(e)) from e
+    vocab_size = int(model.io[NOISE].shape[2])
+    cfg_dims = [int(d) for i in model.config.get("input", []) if i["name"] == NOISE for d in i["dims"]]
     if cfg_dims != [-1, vocab_size]:
         raise pb_utils.TritonModelException(f"{name} requires input {NOISE} dims [-1, {vocab_size}] "
                                             f"(from model.onnx), got {cfg_dims}")
-    states = SequenceStates(tuple(io[STATE_IN].shape[1:]), idle_us / 1e6, pb_utils.Logger.log_info)
+    states = SequenceStates(tuple(model.io[STATE_IN].shape[1:]), model.idle_seconds, pb_utils.Logger.log_info)
     pb_utils.Logger.log_info(f"{name}: state {states.zero.shape}, vocab {vocab_size}, idle eviction after "
-                             f"{states.idle_s:.1f} s, ORT threads {threads}")
-    return config, GenRunner(session, states), vocab_size
+                             f"{states.idle_s:.1f} s, ORT threads {model.threads}")
+    return model.config, GenRunner(model.session, states), vocab_size
 
 
 def parse(requests, vocab_size: int, states: SequenceStates) -> tuple[list[GenRequest], dict[int, str]]:

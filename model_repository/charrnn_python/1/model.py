@@ -15,57 +15,31 @@ so this model keeps each sequence's packed state (S, L, H) itself (charrnn.seque
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import numpy as np
-import onnxruntime as ort
 import triton_python_backend_utils as pb_utils
 
 from charrnn.contract import INPUT_IDS, LOGITS, MAX_T, STATE_IN, STATE_OUT
-from charrnn.sequence_state import SequenceStates, check_ids
+from charrnn.sequence_state import SequenceStates, check_ids, load_stateful_model
 
 
 class TritonPythonModel:
     def initialize(self, args: dict) -> None:
-        config = json.loads(args["model_config"])
         name = args["model_name"]
-        if config.get("max_batch_size", 0) < 1:
-            raise pb_utils.TritonModelException(f"{name} requires max_batch_size >= 1, got "
-                                                f"{config.get('max_batch_size')}")
-        seq = config.get("sequence_batching")
-        if not seq:
-            raise pb_utils.TritonModelException(f"{name} requires sequence_batching, got none")
-        if "direct" in seq:
-            raise pb_utils.TritonModelException(f"{name} requires the oldest strategy, got direct "
-                                                "(direct pads batches with null requests)")
-        idle_us = int(seq.get("max_sequence_idle_microseconds") or 1_000_000)
-        params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
-        threads = int(params.get("intra_op_threads", "1"))
-
-        onnx_path = Path(args["model_repository"]) / args["model_version"] / "model.onnx"
-        if not onnx_path.is_file():
-            raise pb_utils.TritonModelException(f"{name} requires {onnx_path}, got no such file (run `make export`)")
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads
-        opts.inter_op_num_threads = 1
-        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        self.session = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
-
-        io = {t.name: t for t in self.session.get_inputs() + self.session.get_outputs()}
-        for tensor, dtype in ((INPUT_IDS, "tensor(int32)"), (STATE_IN, "tensor(float)"), (LOGITS, "tensor(float)"),
-                              (STATE_OUT, "tensor(float)")):
-            if tensor not in io or io[tensor].type != dtype:
-                got = io[tensor].type if tensor in io else "no such tensor"
-                raise pb_utils.TritonModelException(f"{name} requires ONNX {tensor} {dtype}, got {got}")
-        self.vocab_size = int(io[LOGITS].shape[1])
-        cfg_dims = [int(d) for o in config.get("output", []) if o["name"] == LOGITS for d in o["dims"]]
+        try:
+            model = load_stateful_model(args, {INPUT_IDS: "tensor(int32)", STATE_IN: "tensor(float)",
+                                               LOGITS: "tensor(float)", STATE_OUT: "tensor(float)"})
+        except ValueError as e:
+            raise pb_utils.TritonModelException(str(e)) from e
+        self.session = model.session
+        self.vocab_size = int(model.io[LOGITS].shape[1])
+        cfg_dims = [int(d) for o in model.config.get("output", []) if o["name"] == LOGITS for d in o["dims"]]
         if cfg_dims != [self.vocab_size]:
             raise pb_utils.TritonModelException(f"{name} requires output {LOGITS} dims [{self.vocab_size}] "
                                                 f"(from model.onnx), got {cfg_dims}")
-        self.states = SequenceStates(tuple(io[STATE_IN].shape[1:]), idle_us / 1e6, pb_utils.Logger.log_info)
+        self.states = SequenceStates(tuple(model.io[STATE_IN].shape[1:]), model.idle_seconds,
+                                     pb_utils.Logger.log_info)
         pb_utils.Logger.log_info(f"{name}: state {self.states.zero.shape}, vocab {self.vocab_size}, idle eviction "
-                                 f"after {self.states.idle_s:.1f} s, ORT threads {threads}")
+                                 f"after {self.states.idle_s:.1f} s, ORT threads {model.threads}")
 
     def execute(self, requests):
         responses = [None] * len(requests)
