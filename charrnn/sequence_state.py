@@ -125,7 +125,10 @@ def load_stateful_model(args: dict, tensors: dict[str, str]) -> StatefulModel:
         raise ValueError(f"{name} requires the oldest strategy, got direct (direct pads batches with null requests)")
     idle_us = int(seq.get("max_sequence_idle_microseconds") or 1_000_000)  # Triton's default: 1 s
     params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
-    threads = int(params.get("intra_op_threads", "1"))
+    threads = params.get("intra_op_threads", "1")
+    if not threads.isdigit() or int(threads) < 1:
+        raise ValueError(f"{name} requires parameter intra_op_threads to be an integer >= 1, got {threads!r}")
+    threads = int(threads)
 
     onnx_path = Path(args["model_repository"]) / args["model_version"] / "model.onnx"
     if not onnx_path.is_file():

@@ -271,6 +271,8 @@ def test_load_stateful_model_reads_the_config_and_opens_the_graph(shipped_repo):
     (lambda c, d: setattr(c, "max_batch_size", 0), "charrnn_python requires max_batch_size >= 1, got 0"),
     (lambda c, d: c.ClearField("sequence_batching"), "charrnn_python requires sequence_batching, got none"),
     (lambda c, d: c.sequence_batching.direct.SetInParent(), "charrnn_python requires the oldest strategy, got direct"),
+    (lambda c, d: c.parameters["intra_op_threads"].__setattr__("string_value", "two"),
+     "charrnn_python requires parameter intra_op_threads to be an integer >= 1, got 'two'"),
     (lambda c, d: (d / "1" / "model.onnx").unlink(), "/1/model.onnx, got no such file (run `make export`)"),
     (lambda c, d: shutil.copy(d.parent / "charrnn_gen_python" / "1" / "model.onnx", d / "1" / "model.onnx"),
      "charrnn_python requires ONNX LOGITS tensor(float), got no such tensor"),
