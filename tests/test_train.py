@@ -263,3 +263,21 @@ def test_evaluate_cli_json_matches_card(tiny_model, corpus, capsys):
 def test_evaluate_cli_bad_model_dir(tmp_path, capsys):
     assert evaluate_cli.main(["--model", str(tmp_path / "nope"), "--json"]) == 2
     assert capsys.readouterr().err.startswith(f"error: {tmp_path / 'nope'}: model directory not found")
+
+
+def test_shipped_model_beats_samplecharrnn_on_the_test_split(corpus, capsys):
+    """`make evaluate` on the shipped model: test perplexity below sampleCharRNN's published 4.940, and the
+    figure its model card (and the README) states; the card names the flags `make train` runs."""
+    import re
+
+    from conftest import ROOT, SHIPPED_MODEL
+
+    capsys.readouterr()
+    assert evaluate_cli.main(["--model", str(SHIPPED_MODEL), "--data", str(corpus), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["split"] == "test" and result["perplexity"] < 4.940
+    card = read_json(SHIPPED_MODEL / "model_card.json")
+    assert result["perplexity"] == pytest.approx(card["metrics"]["test_perplexity"], abs=1e-3)
+    if SHIPPED_MODEL == ROOT / "models" / "shakespeare-lstm-2x512":
+        flags = re.search(r"^TRAIN_FLAGS \?= (.+)$", (ROOT / "Makefile").read_text(), re.M).group(1).strip()
+        assert card["training"]["command"].endswith(flags), (card["training"]["command"], flags)
