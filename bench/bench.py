@@ -15,7 +15,7 @@ Measures, on this machine:
               the single-stream bound 1 / (round-trip floor + ORT batch-1 step)
   server-side generation (charrnn_gen_python, client --chunk K): K = 1, 8, 32, 128 characters per request,
               one sequence and 16 sequences, vs the in-process ORT generation graph at K = 128 (bench/chunked.py)
-Writes bench/results/bench.csv (perf_analyzer column names, microseconds), bench.png, bench.md, and
+Writes bench/results/bench.csv (perf_analyzer column names, microseconds), bench.png, bench.md, bench.json and
 the table between the bench markers in README.md (--out elsewhere: only the files there).
 Exit codes: 0 ok, 2 bad input, 3 the server did not start.
 """
