@@ -147,13 +147,17 @@ FLOOR_MODEL = "charrnn_floor"
 def floor_run(repo: Path, prompt: str, length: int) -> dict:
     """One sequence, one request per character, against bench/floor_model.py (no inference) served with
     charrnn_python's config by its own local server: the round trip that bounds per-character serving."""
+    from google.protobuf import text_format
+
+    from export.configs import load_config
     from serve.local import LocalTriton
 
+    config = load_config(repo / "charrnn_python" / "config.pbtxt")  # Triton's ModelConfig proto
+    config.name = FLOOR_MODEL
     with tempfile.TemporaryDirectory(prefix="charrnn-floor-") as tmp:
         model_dir = Path(tmp) / "repository" / FLOOR_MODEL
         (model_dir / "1").mkdir(parents=True)
-        config = (repo / "charrnn_python" / "config.pbtxt").read_text()
-        (model_dir / "config.pbtxt").write_text(config.replace('name: "charrnn_python"', f'name: "{FLOOR_MODEL}"'))
+        (model_dir / "config.pbtxt").write_text(text_format.MessageToString(config))
         shutil.copy(Path(__file__).with_name("floor_model.py"), model_dir / "1" / "model.py")
         server = LocalTriton.on_free_ports(repo=model_dir.parent, run_dir=Path(tmp) / "run", models=(FLOOR_MODEL,))
         with server:

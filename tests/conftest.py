@@ -1,4 +1,5 @@
-"""Shared fixtures: the corpus, a tiny model trained for real by the project's trainer, free ports."""
+"""Shared fixtures: the corpus, a tiny model trained for real by the project's trainer, the shipped model and
+its export, free ports."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from serve.local import free_port  # noqa: F401  (re-exported: the tests import it from here)
 
 ROOT = Path(__file__).resolve().parent.parent
 CORPUS = ROOT / "data" / "tinyshakespeare.txt"
@@ -42,9 +45,6 @@ def train_tiny(out: Path, extra: list[str] | None = None) -> Path:
 def tiny_model(corpus, tmp_path_factory) -> Path:
     """A 2x48 LSTM model directory trained for 60 steps (shared by the whole session: don't modify)."""
     return train_tiny(tmp_path_factory.mktemp("tiny") / "tiny-lstm")
-
-
-from serve.local import free_port  # noqa: E402,F401  (re-exported for the tests)
 
 
 @pytest.fixture(scope="session")
