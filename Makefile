@@ -13,7 +13,8 @@ SAMPLE_FLAGS ?= --prompt "ROMEO:" --length 500 --temperature 0.8 --seed 1
 PYTEST_FLAGS ?=
 
 .PHONY: setup data train evaluate sample export verify plan serve stop demo test test-slow clean help \
-        bench soak import perf-input compose-plan compose-up compose-up-cpu compose-down perf
+        bench soak import perf-input compose-plan compose-up compose-up-cpu compose-down perf \
+        images compose-up-slim perf-slim
 
 help:
 	@grep -E '^[a-z-]+:.*## ' Makefile | sed 's/:.*## /\t/'
@@ -83,8 +84,12 @@ test-slow: setup data ## only the slow suites
 clean: ## remove generated artifacts (keeps .venv, data and the shipped model)
 	rm -rf logs export/build $(REPO)/*/1/model.onnx .pytest_cache
 
-# ---- production: docker compose on a GPU host (NGC containers; never run on our CPU machines) ----
+# ---- docker compose. Needs Docker >= 20.10 and Compose v2 (`docker compose`); make installs no system packages.
+# The slim stack (any Docker host, no GPU, no NGC registry): Triton 2.51 from the nvidia-pytriton wheel serving the
+# python-backend models, and perf_analyzer from PyPI. The NGC services (`triton`, `triton-cpu`, `export-trt`,
+# `perf`) are for GPU hosts with access to nvcr.io.
 PERF_FLAGS ?= --streams 64 --prompt-length 64 --steps 256 --seed 0
+PERF_K ?= 32
 COMPOSE ?= docker compose
 export HOST_UID := $(shell id -u)
 export HOST_GID := $(shell id -g)
@@ -94,8 +99,9 @@ export HOST_GID := $(shell id -g)
 	@umask 077 && printf 'TRITON_ADMIN_KEY=%s\n' "$$(od -An -N16 -tx1 /dev/urandom | tr -d ' \n')" > $@
 	@echo "created .env with a random TRITON_ADMIN_KEY (see docker-compose.yml)"
 
-perf-input: data ## perf_analyzer input from the test split -> bench/results/perf_input.json
+perf-input: data ## perf_analyzer input from the test split -> bench/results/perf_input.json, perf_input_gen.json
 	$(PY) -m bench.perf_input --out bench/results/perf_input.json $(PERF_FLAGS)
+	$(PY) -m bench.perf_input --out bench/results/perf_input_gen.json --chunk $(PERF_K) $(PERF_FLAGS)
 
 compose-plan: .env ## GPU host: build model.plan in NVIDIA's TensorRT container (after make export)
 	$(COMPOSE) --profile export run --rm export-trt
@@ -106,8 +112,20 @@ compose-up: .env ## GPU host: Triton with all three models on 127.0.0.1:8000-800
 compose-up-cpu: .env ## CPU-only host: Triton with charrnn_onnx + charrnn_python
 	$(COMPOSE) up -d --build --wait triton-cpu
 
-compose-down: ## stop every compose service of the project
-	$(COMPOSE) --profile cpu --profile export --profile perf down
+compose-down: .env ## stop whatever compose services of the project are up (containers and network removed)
+	$(COMPOSE) --profile cpu --profile export --profile perf --profile slim --profile perf-slim down --remove-orphans
 
 perf: perf-input .env ## GPU host: perf_analyzer sweep in the SDK container -> bench/results/<model>.csv
 	$(COMPOSE) --profile perf run --rm perf
+
+images: setup ## build the slim stack's images (host-made wheelhouse; base from Debian's archive if Docker Hub is unreachable)
+	$(PY) -m serve.images
+
+compose-up-slim: $(ONNX) .env ## Triton in Docker, no GPU/NGC: python-backend models on 127.0.0.1:8000-8002 (waits until healthy)
+	$(PY) -m serve.images triton-slim
+	$(COMPOSE) --profile slim up -d --wait triton-slim
+
+perf-slim: perf-input .env ## perf_analyzer (container) vs our client against the slim stack -> bench/results/perf*
+	$(PY) -m serve.images perf-slim
+	$(COMPOSE) --profile slim --profile perf-slim run --rm perf-slim
+	$(PY) -m bench.perf_report --url 127.0.0.1:$${TRITON_GRPC_PORT:-8001}

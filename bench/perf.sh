@@ -1,46 +1,61 @@
 #!/usr/bin/env bash
-# perf_analyzer sweep over the served char-RNN models. Runs INSIDE the Triton SDK container (compose service `perf`,
-# nvcr.io/nvidia/tritonserver:<release>-py3-sdk puts perf_analyzer on PATH); `make perf` generates the input first.
+# perf_analyzer sweep over the served char-RNN models. Runs in a container that has perf_analyzer on PATH:
+# compose service `perf-slim` (bench/Dockerfile.perf, PyPI's perf-analyzer wheel; `make perf-slim`) or `perf`
+# (NVIDIA's SDK image, GPU hosts; `make perf`). `make perf-input` writes the input data first.
 #
-#   /bench/perf.sh                         # all models, concurrency 1 2 4 ... 64
-#   MODELS="charrnn_onnx" CONCURRENCY="1 8" /bench/perf.sh
+#   /bench/perf.sh                         # MODELS at concurrency 1 2 4 ... 64
+#   MODELS="charrnn_python" CONCURRENCY="1 8" MEASUREMENT_INTERVAL_MS=1000 /bench/perf.sh
 #
-# Input: /results/perf_input.json from `python -m bench.perf_input` (one stream per sequence: the prompt request,
-# then one request per character, teacher-forced from the test split).
-# Output: /results/<model>.csv (one row per concurrency; perf_analyzer's -f columns, times in microseconds) and the
-# raw per-run files /results/<model>_c<N>.csv.
+# Input (`python -m bench.perf_input`): /results/perf_input.json for the per-character models (the prompt request,
+# then one request per character, teacher-forced from the test split) and /results/perf_input_gen.json for the
+# generation models charrnn_gen_* (K characters per request, with NOISE, TEMPERATURE and TOP_K).
+# Output: /results/perf_<model>.csv (one row per concurrency; perf_analyzer's -f columns, times in
+# microseconds), and per run /results/perf_<model>_c<N>.csv and .log (perf_analyzer's report, which has the
+# server's inference and execution counts).
 set -euo pipefail
 
 MODELS=${MODELS:-"charrnn_trt charrnn_onnx charrnn_python"}
-TRITON_GRPC=${TRITON_GRPC:-triton:8001}      # the compose service name; gRPC because --streaming needs it
-INPUT_DATA=${INPUT_DATA:-/results/perf_input.json}
+TRITON_GRPC=${TRITON_GRPC:-triton:8001}      # the compose service; gRPC because --streaming needs it
 RESULTS=${RESULTS:-/results}
 # Powers of two up to MAX_BATCH_SIZE (64, charrnn/contract.py): one perf_analyzer run per level, because
 # --concurrency-range only steps linearly (1:64:8 would skip 64).
 CONCURRENCY=${CONCURRENCY:-"1 2 4 8 16 32 64"}
 MEASUREMENT_INTERVAL_MS=${MEASUREMENT_INTERVAL_MS:-5000}   # perf_analyzer's default time window
+MAX_TRIALS=${MAX_TRIALS:-10}   # windows per level before perf_analyzer gives up on a stable measurement
 PERCENTILE=${PERCENTILE:-95}   # stability is judged on p95 latency instead of the average
 
 if ! command -v perf_analyzer >/dev/null; then
-    echo "error: perf_analyzer: not found (run this inside nvcr.io/nvidia/tritonserver:<release>-py3-sdk)" >&2
+    echo "error: perf_analyzer: not found (run this in the perf-slim or perf compose service)" >&2
     exit 3
 fi
-if [[ ! -s $INPUT_DATA ]]; then
-    echo "error: $INPUT_DATA: missing (run \`make perf\` or \`python -m bench.perf_input\` on the host)" >&2
-    exit 2
-fi
 
-# Sequence length = number of requests in one stream (prompt + steps), read from the data itself so the two can
-# never disagree. Variation 0: perf_analyzer otherwise varies lengths by +-20% and loops over the data.
-if [[ -z ${SEQUENCE_LENGTH:-} ]]; then
-    SEQUENCE_LENGTH=$(python3 -c 'import json, sys; print(len(json.load(open(sys.argv[1]))["data"][0]))' "$INPUT_DATA")
-fi
-echo "perf: models [$MODELS], concurrency [$CONCURRENCY], sequences of $SEQUENCE_LENGTH requests, server $TRITON_GRPC"
+cpu_seconds() {  # user + system CPU seconds of this shell's finished children (bash's `times`, 2nd line)
+    times | tail -n 1 | awk '{ split($1, u, /[ms]/); split($2, s, /[ms]/); print u[1] * 60 + u[2] + s[1] * 60 + s[2] }'
+}
+
+input_for() {  # the input data of a model: generation models take K characters per request
+    case $1 in
+        charrnn_gen_*) echo "$RESULTS/perf_input_gen.json" ;;
+        *) echo "$RESULTS/perf_input.json" ;;
+    esac
+}
+for model in $MODELS; do
+    input=$(input_for "$model")
+    if [[ ! -s $input ]]; then
+        echo "error: $input: missing (run \`make perf-input\` on the host)" >&2
+        exit 2
+    fi
+done
+echo "perf: models [$MODELS], concurrency [$CONCURRENCY], server $TRITON_GRPC"
 
 failed=()
 run=0
 for model in $MODELS; do
-    merged="$RESULTS/$model.csv"
+    input=$(input_for "$model")
+    # Sequence length = number of requests in one stream, read from the data itself so the two can never
+    # disagree. Variation 0: perf_analyzer otherwise varies lengths by +-20% and loops over the data.
+    length=$(python3 -c 'import json, sys; print(len(json.load(open(sys.argv[1]))["data"][0]))' "$input")
+    merged="$RESULTS/perf_$model.csv"
     rm -f "$merged"
     for c in $CONCURRENCY; do
         # A disjoint id range per run: sequences of the previous run may still hold their slot on the server until
@@ -49,16 +64,22 @@ for model in $MODELS; do
         first=$((run * 1000000 + 1))
         last=$(((run + 1) * 1000000))
         run=$((run + 1))
-        out="$RESULTS/${model}_c${c}.csv"
-        echo "== $model, concurrency $c (sequence ids $first..$last)"
+        out="$RESULTS/perf_${model}_c${c}.csv"
+        echo "== $model, concurrency $c, sequences of $length requests ($input, ids $first..$last)"
+        cpu0=$(cpu_seconds)
+        t0=$(date +%s.%N)
         if perf_analyzer -m "$model" -u "$TRITON_GRPC" -i grpc --streaming \
-                --input-data "$INPUT_DATA" \
-                --sequence-length "$SEQUENCE_LENGTH" --sequence-length-variation 0 \
+                --input-data "$input" \
+                --sequence-length "$length" --sequence-length-variation 0 \
                 --sequence-id-range "$first:$((last + 1))" \
                 --concurrency-range "$c:$c" \
-                --measurement-interval "$MEASUREMENT_INTERVAL_MS" \
+                --measurement-interval "$MEASUREMENT_INTERVAL_MS" --max-trials "$MAX_TRIALS" \
                 --percentile="$PERCENTILE" \
-                -f "$out"; then
+                -f "$out" 2>&1 | tee "${out%.csv}.log"; then
+            # What perf_analyzer itself cost on this machine (its own CPU, not the server's).
+            echo "perf_analyzer CPU: $(cpu_seconds) - $cpu0 s over $(date +%s.%N) - $t0 s wall" |
+                awk '{ printf "perf_analyzer CPU: %.2f s over %.2f s wall (%.0f%% of one core)\n", $3 - $5, $8 - $10, 100 * ($3 - $5) / ($8 - $10) }' |
+                tee -a "${out%.csv}.log"
             # One table per model: the header once, then each run's rows.
             if [[ ! -e $merged ]]; then head -n 1 "$out" > "$merged"; fi
             tail -n +2 "$out" | grep -v '^[[:space:]]*$' >> "$merged" || true
@@ -72,4 +93,4 @@ if ((${#failed[@]})); then
     echo "perf: FAILED runs: ${failed[*]}" >&2
     exit 1
 fi
-echo "perf: results in $RESULTS/<model>.csv"
+echo "perf: results in $RESULTS/perf_<model>.csv"

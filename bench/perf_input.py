@@ -2,6 +2,12 @@
 
     python -m bench.perf_input --out bench/results/perf_input.json
     python -m bench.perf_input --streams 64 --prompt-length 64 --steps 256 --seed 0
+    python -m bench.perf_input --chunk 32 --out bench/results/perf_input_gen.json    # charrnn_gen_python
+
+With --chunk K the streams are for the generation models (charrnn_gen_*): each request asks for K characters,
+so a stream is steps / K requests, the first carrying the prompt and each later one the next real character.
+Every request also carries NOISE (K, V) seeded uniforms in (0, 1) (base64, float32 little-endian),
+TEMPERATURE [1.0] and TOP_K [0]: what `python -m client --chunk K --seed S` sends.
 
 Each stream is what a real client sends for one generation: the prompt as ONE request (INPUT_IDS of shape
 [prompt_length]), then one request per generated character (shape [1]). Instead of sampled characters it sends
@@ -22,13 +28,14 @@ Exit codes: 0 ok, 2 bad input.
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import os
 from pathlib import Path
 
 import numpy as np
 
-from charrnn.contract import INPUT_IDS, MAX_T
+from charrnn.contract import INPUT_IDS, MAX_K, MAX_T, NOISE, TEMPERATURE, TOP_K
 from charrnn.errors import UserError, cli
 
 
@@ -59,6 +66,26 @@ def build_input_data(test_ids: np.ndarray, offsets: list[int], prompt_length: in
     return {"data": data}
 
 
+def build_gen_input_data(test_ids: np.ndarray, offsets: list[int], prompt_length: int, steps: int, k: int,
+                         vocab_size: int, seed: int) -> dict:
+    """The perf_analyzer JSON for a generation model: per offset one stream of steps // k requests of k
+    characters; the first carries the prompt, each later one the next real character (teacher-forced)."""
+    rng = np.random.default_rng(seed)
+    data = []
+    for off in offsets:
+        window = test_ids[off: off + prompt_length + steps].tolist()
+        stream = []
+        for r in range(steps // k):
+            ids = window[:prompt_length] if r == 0 else [window[prompt_length + r * k - 1]]
+            noise = rng.uniform(np.finfo(np.float32).tiny, 1.0, (k, vocab_size)).astype("<f4")  # (K, V)
+            stream.append({INPUT_IDS: {"content": ids, "shape": [len(ids)]},
+                           NOISE: {"b64": base64.b64encode(noise.tobytes()).decode(), "shape": [k, vocab_size]},
+                           TEMPERATURE: {"content": [1.0], "shape": [1]},
+                           TOP_K: {"content": [0], "shape": [1]}})
+        data.append(stream)
+    return {"data": data}
+
+
 def write_json(obj: dict, out: Path) -> None:
     """Write atomically (temp file + rename) so perf_analyzer never reads a half-written file."""
     try:
@@ -80,7 +107,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompt-length", type=int, default=64,
                    help=f"characters in the first request of each stream (1..{MAX_T}, the per-request limit)")
     p.add_argument("--steps", type=int, default=256, help="one-character requests after the prompt")
-    p.add_argument("--seed", type=int, default=0, help="seed for the stream offsets")
+    p.add_argument("--seed", type=int, default=0, help="seed for the stream offsets (and the NOISE)")
+    p.add_argument("--chunk", type=int, default=None, metavar="K",
+                   help=f"streams for a generation model (charrnn_gen_*): K characters per request (1..{MAX_K}, "
+                        "a divisor of --steps)")
     args = p.parse_args(argv)
 
     # Check the flags before reading the corpus.
@@ -93,15 +123,24 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError("--steps", f"must be >= 1, got {args.steps}")
     if args.seed < 0:
         raise UserError("--seed", f"must be >= 0, got {args.seed}")
+    if args.chunk is not None and not (1 <= args.chunk <= MAX_K and args.steps % args.chunk == 0):
+        raise UserError("--chunk", f"must be in 1..{MAX_K} and divide --steps ({args.steps}), got {args.chunk}")
 
     from charrnn.data import load_splits  # NumPy-only part of charrnn.data
 
-    _, _, _, test_ids = load_splits(args.data)
+    text_vocab, _, _, test_ids = load_splits(args.data)
     offsets = pick_offsets(len(test_ids), args.streams, args.prompt_length + args.steps, args.seed)
-    write_json(build_input_data(test_ids, offsets, args.prompt_length, args.steps), args.out)
-    print(f"{args.out}: {len(offsets)} streams x {args.steps + 1} requests (prompt {args.prompt_length} chars, "
-          f"then {args.steps} x 1) from the test split of {args.data}; "
-          f"perf_analyzer --sequence-length {args.steps + 1} --sequence-length-variation 0")
+    if args.chunk is None:
+        write_json(build_input_data(test_ids, offsets, args.prompt_length, args.steps), args.out)
+        requests = args.steps + 1
+        what = f"prompt {args.prompt_length} chars, then {args.steps} x 1"
+    else:
+        write_json(build_gen_input_data(test_ids, offsets, args.prompt_length, args.steps, args.chunk,
+                                        len(text_vocab), args.seed), args.out)
+        requests = args.steps // args.chunk
+        what = f"K = {args.chunk} characters each, the first with a {args.prompt_length}-char prompt"
+    print(f"{args.out}: {len(offsets)} streams x {requests} requests ({what}) from the test split of "
+          f"{args.data}; perf_analyzer --sequence-length {requests} --sequence-length-variation 0")
     return 0
 
 

@@ -1,0 +1,263 @@
+"""Build the slim compose stack's images without NVIDIA's registry or Docker Hub (`make images`).
+
+    python -m serve.images                 # both images: triton-slim (Triton 2.51) and perf-slim (perf_analyzer)
+    python -m serve.images triton-slim     # one of them
+    SLIM_BASE_IMAGE=my/python:3.11 python -m serve.images    # your own base image
+
+For each image, three steps, each skipped when its product is already there:
+  1. wheelhouse: `pip download` on the host, with the host's pip, of the image's pinned packages (pins from
+     pyproject.toml) for the image's Python and glibc, into build/wheels/<image>/. Containers here cannot reach
+     PyPI; the same path serves hosts behind a proxy or an air gap.
+  2. base image: the official one (python:3.11-slim-bookworm, python:3.13-slim-trixie) if Docker has it or can
+     pull it; otherwise an equivalent made from Debian's archive with mmdebstrap (as root) and `docker import`,
+     tagged charrnn-base:<suite>, the way Debian's own images are made. SLIM_BASE_IMAGE / PERF_BASE_IMAGE
+     override it.
+  3. `docker compose build` of the service, with that base as its BASE_IMAGE build argument.
+Progress goes to stderr; the last line on stdout is the base image per variable (`SLIM_BASE_IMAGE=...`).
+Exit codes: 0 ok, 2 bad input, 3 a tool (docker, compose, mmdebstrap, pip) is missing or a step failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+from charrnn.errors import UnavailableError, UserError, cli
+
+ROOT = Path(__file__).resolve().parent.parent
+WHEELS = ROOT / "build" / "wheels"
+COMPOSE_FILE = ROOT / "docker-compose.yml"
+DEBIAN_MIRROR = "http://deb.debian.org/debian"
+
+
+@dataclass(frozen=True)
+class Image:
+    """One image of the slim stack: its compose service and what its base and wheelhouse must be."""
+
+    service: str  # compose service (and build/wheels/<service>)
+    base_variable: str  # compose variable holding the BASE_IMAGE build argument
+    official_base: str  # the default for users (Docker Hub)
+    suite: str  # Debian suite of that base, for the mmdebstrap equivalent
+    python: str  # the base's Python (major.minor): wheels are downloaded for it
+    glibc: tuple[int, int]  # the suite's glibc: the newest manylinux tag its wheels may carry
+    debs: tuple[str, ...]  # packages of the mmdebstrap base (what the official image has that we use)
+    packages: tuple[str, ...]  # installed with their dependencies
+    packages_no_deps: tuple[str, ...] = ()  # only the wheel itself
+
+    @property
+    def wheelhouse(self) -> Path:
+        return WHEELS / self.service
+
+    @property
+    def debian_base(self) -> str:
+        return f"charrnn-base:{self.suite}-python{self.python}"
+
+
+IMAGES = {
+    # nvidia-pytriton is needed only for the tritonserver binary, python backend and libraries it ships:
+    # its own Python dependencies (pytriton's API) are not.
+    "triton-slim": Image("triton-slim", "SLIM_BASE_IMAGE", "python:3.11-slim-bookworm", "bookworm", "3.11",
+                         (2, 36), ("python3", "python3-venv", "libpython3.11", "passwd", "ca-certificates"),
+                         packages=("numpy", "onnxruntime"), packages_no_deps=("nvidia-pytriton",)),
+    # The perf-analyzer wheel (manylinux_2_38) needs glibc >= 2.38: Debian 13.
+    "perf-slim": Image("perf-slim", "PERF_BASE_IMAGE", "python:3.13-slim-trixie", "trixie", "3.13", (2, 41),
+                       ("python3", "python3-venv", "ca-certificates"), packages=(),
+                       packages_no_deps=("perf-analyzer",)),
+}
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def pins() -> dict[str, str]:
+    """Package name -> exact version, from pyproject.toml (dependencies and every extra): one list of pins."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    specs = list(project["dependencies"])
+    for extra in project.get("optional-dependencies", {}).values():
+        specs += extra
+    out = {}
+    for spec in specs:
+        if "==" in spec:
+            name, version = spec.split("==", 1)
+            out[name.split("[")[0].strip().lower()] = version.split(";")[0].strip()
+    return out
+
+
+def pinned(names: tuple[str, ...]) -> list[str]:
+    """`name==version` for each name, as pyproject.toml pins it."""
+    table = pins()
+    missing = [n for n in names if n not in table]
+    if missing:
+        raise UserError("pyproject.toml", f"no exact pin (name==version) for {', '.join(missing)}",
+                        "pin every package an image installs")
+    return [f"{n}=={table[n]}" for n in names]
+
+
+def manylinux_platforms(glibc: tuple[int, int]) -> list[str]:
+    """pip --platform tags a system with this glibc accepts, newest first (pip does not expand them itself)."""
+    arch = platform.machine()
+    major, minor = glibc
+    return ([f"manylinux_{major}_{m}_{arch}" for m in range(minor, 16, -1)]
+            + [f"manylinux2014_{arch}", f"manylinux2010_{arch}", f"manylinux1_{arch}"])
+
+
+def run(args: list[str], what: str, fix: str, env: dict | None = None, quiet: bool = False) -> str:
+    """Run a command; its failure is an UnavailableError naming `what` with the command's last output lines."""
+    try:
+        p = subprocess.run(args, cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT if quiet else None)
+    except FileNotFoundError as e:
+        raise UnavailableError(args[0], "not found", fix) from e
+    if p.returncode != 0:
+        tail = "\n".join((p.stdout or "").splitlines()[-15:])
+        raise UnavailableError(what, f"`{' '.join(args[:4])} ...` exited with {p.returncode}\n{tail}", fix)
+    return p.stdout
+
+
+def make_wheelhouse(image: Image) -> Path:
+    """build/wheels/<service>/: the wheels to install, for the image's Python and glibc; kept when its
+    requirements file already says the same pins and platform."""
+    requirements = pinned(image.packages) + [f"{r}  # --no-deps" for r in pinned(image.packages_no_deps)]
+    platforms = manylinux_platforms(image.glibc)
+    stamp = "\n".join([f"# python {image.python}, {platforms[0]}", *requirements]) + "\n"
+    house = image.wheelhouse
+    if (house / "requirements.txt").is_file() and (house / "requirements.txt").read_text() == stamp:
+        log(f"[{image.service}] wheelhouse {house.relative_to(ROOT)}: up to date")
+        return house
+    if house.exists():
+        shutil.rmtree(house)
+    house.mkdir(parents=True)
+    t0 = time.monotonic()
+    common = [sys.executable, "-m", "pip", "download", "--disable-pip-version-check", "--quiet",
+              "--only-binary=:all:", "--python-version", image.python, "--implementation", "cp",
+              "--abi", "cp" + image.python.replace(".", ""), "--abi", "abi3", "--abi", "none",
+              *[a for p in platforms for a in ("--platform", p)], "--dest", str(house)]
+    fix = "check that this host reaches PyPI (or a mirror through PIP_INDEX_URL)"
+    log(f"[{image.service}] wheelhouse: pip download {' '.join(pinned(image.packages + image.packages_no_deps))}"
+        f" for Python {image.python}, glibc {image.glibc[0]}.{image.glibc[1]} ...")
+    if image.packages:
+        run(common + pinned(image.packages), f"wheelhouse {image.service}", fix)
+    if image.packages_no_deps:
+        run(common + ["--no-deps"] + pinned(image.packages_no_deps), f"wheelhouse {image.service}", fix)
+    (house / "requirements.txt").write_text(stamp)
+    size = sum(f.stat().st_size for f in house.glob("*.whl")) / 2**20
+    log(f"[{image.service}] wheelhouse: {len(list(house.glob('*.whl')))} wheels, {size:.0f} MiB, "
+        f"{time.monotonic() - t0:.0f} s")
+    return house
+
+
+def docker_has(ref: str) -> bool:
+    return subprocess.run(["docker", "image", "inspect", ref], capture_output=True).returncode == 0
+
+
+def docker_pull(ref: str) -> bool:
+    try:
+        return subprocess.run(["docker", "pull", "--quiet", ref], capture_output=True, timeout=300).returncode == 0
+    except subprocess.TimeoutExpired:
+        return False
+
+
+def debian_base(image: Image) -> str:
+    """An equivalent of the official base from Debian's archive: mmdebstrap | docker import."""
+    ref = image.debian_base
+    if docker_has(ref):
+        log(f"[{image.service}] base: {ref} (made earlier from Debian's archive)")
+        return ref
+    if shutil.which("mmdebstrap") is None:
+        raise UnavailableError(f"base image {image.official_base}", "not available (no registry access) and "
+                               "mmdebstrap is not installed to make one from Debian's archive",
+                               f"install mmdebstrap (apt-get install mmdebstrap) and run as root, or set "
+                               f"{image.base_variable} to an image with Python {image.python}")
+    if os.geteuid() != 0:
+        raise UnavailableError("mmdebstrap", "must run as root to make a base image",
+                               f"run `sudo make images` once, or set {image.base_variable}")
+    log(f"[{image.service}] base: {image.official_base} cannot be pulled; making {ref} from Debian's archive "
+        f"(mmdebstrap {image.suite}: {', '.join(image.debs)}) ...")
+    t0 = time.monotonic()
+    mm = subprocess.Popen(["mmdebstrap", "--quiet", "--variant=apt", f"--include={','.join(image.debs)}",
+                           image.suite, "-", DEBIAN_MIRROR], stdout=subprocess.PIPE)
+    imp = subprocess.run(["docker", "import", "--change", 'CMD ["python3"]',
+                          "--change", "ENV LANG=C.UTF-8", "-", ref], stdin=mm.stdout, capture_output=True,
+                         text=True)
+    mm.stdout.close()
+    if mm.wait() != 0 or imp.returncode != 0:
+        raise UnavailableError(f"base image {ref}", f"mmdebstrap exited with {mm.returncode}, docker import "
+                               f"with {imp.returncode}: {imp.stderr.strip()}",
+                               f"check that {DEBIAN_MIRROR} is reachable")
+    log(f"[{image.service}] base: {ref} made in {time.monotonic() - t0:.0f} s")
+    return ref
+
+
+def base_image(image: Image) -> str:
+    """The BASE_IMAGE build argument: the caller's, the official image, or the Debian-archive equivalent."""
+    chosen = os.environ.get(image.base_variable)
+    if chosen:
+        if not (docker_has(chosen) or docker_pull(chosen)):
+            raise UserError(image.base_variable, f"{chosen!r} is neither local nor pullable",
+                            "docker pull it, or unset the variable")
+        log(f"[{image.service}] base: {chosen} (from {image.base_variable})")
+        return chosen
+    if docker_has(image.official_base) or docker_pull(image.official_base):
+        log(f"[{image.service}] base: {image.official_base}")
+        return image.official_base
+    return debian_base(image)
+
+
+def compose_env(bases: dict[str, str]) -> dict[str, str]:
+    env = dict(os.environ, **bases)
+    # Compose interpolates the whole file; the key only matters to the server's command, not to a build.
+    env.setdefault("TRITON_ADMIN_KEY", "unused-by-docker-compose-build")
+    return env
+
+
+def check_docker() -> None:
+    if shutil.which("docker") is None:
+        raise UnavailableError("docker", "not found", "install Docker >= 20.10 and Compose v2 (see README)")
+    if subprocess.run(["docker", "info"], capture_output=True).returncode != 0:
+        raise UnavailableError("docker", "the Docker engine does not answer (`docker info` failed)",
+                               "start dockerd, or run as a user allowed to use it")
+    if subprocess.run(["docker", "compose", "version"], capture_output=True).returncode != 0:
+        raise UnavailableError("docker compose", "Compose v2 is not installed", "install the Compose v2 plugin")
+
+
+def build(services: list[str]) -> dict[str, str]:
+    """Wheelhouses, bases and `docker compose build` of `services`; returns {base variable: base image}."""
+    check_docker()
+    images = [IMAGES[s] for s in services]
+    bases = {}
+    for image in images:
+        make_wheelhouse(image)
+        bases[image.base_variable] = base_image(image)
+    t0 = time.monotonic()
+    log(f"docker compose build {' '.join(services)} ...")
+    run(["docker", "compose", "-f", str(COMPOSE_FILE), "--profile", "slim", "--profile", "perf-slim", "build",
+         *services], "docker compose build", "see the build output above", env=compose_env(bases))
+    log(f"built {', '.join(services)} in {time.monotonic() - t0:.0f} s")
+    return bases
+
+
+@cli
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m serve.images", description=__doc__.splitlines()[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("services", nargs="*", metavar="SERVICE", help=f"default: all of {', '.join(IMAGES)}")
+    args = p.parse_args(argv)
+    unknown = [s for s in args.services if s not in IMAGES]
+    if unknown:
+        raise UserError("SERVICE", f"unknown {', '.join(unknown)}", f"choose from {', '.join(IMAGES)}")
+    bases = build(args.services or list(IMAGES))
+    print(" ".join(f"{k}={v}" for k, v in bases.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
