@@ -23,14 +23,18 @@ CONCURRENCY=${CONCURRENCY:-"1 2 4 8 16 32 64"}
 MEASUREMENT_INTERVAL_MS=${MEASUREMENT_INTERVAL_MS:-5000}   # perf_analyzer's default time window
 MAX_TRIALS=${MAX_TRIALS:-10}   # windows per level before perf_analyzer gives up on a stable measurement
 PERCENTILE=${PERCENTILE:-95}   # stability is judged on p95 latency instead of the average
+STABILITY=${STABILITY:-10}     # % within which 3 windows must agree (perf_analyzer's default 10)
 
 if ! command -v perf_analyzer >/dev/null; then
     echo "error: perf_analyzer: not found (run this in the perf-slim or perf compose service)" >&2
     exit 3
 fi
 
-cpu_seconds() {  # user + system CPU seconds of this shell's finished children (bash's `times`, 2nd line)
-    times | tail -n 1 | awk '{ split($1, u, /[ms]/); split($2, s, /[ms]/); print u[1] * 60 + u[2] + s[1] * 60 + s[2] }'
+# CPU seconds (user + system) of this shell's finished children, from bash's `times` (2nd line). It must run in
+# this shell, not in a $(...) subshell, which has children of its own.
+TIMES=$(mktemp)
+cpu_seconds() {
+    awk 'END { split($1, u, /[ms]/); split($2, s, /[ms]/); print u[1] * 60 + u[2] + s[1] * 60 + s[2] }' "$TIMES"
 }
 
 input_for() {  # the input data of a model: generation models take K characters per request
@@ -66,6 +70,7 @@ for model in $MODELS; do
         run=$((run + 1))
         out="$RESULTS/perf_${model}_c${c}.csv"
         echo "== $model, concurrency $c, sequences of $length requests ($input, ids $first..$last)"
+        times > "$TIMES"
         cpu0=$(cpu_seconds)
         t0=$(date +%s.%N)
         if perf_analyzer -m "$model" -u "$TRITON_GRPC" -i grpc --streaming \
@@ -74,9 +79,10 @@ for model in $MODELS; do
                 --sequence-id-range "$first:$((last + 1))" \
                 --concurrency-range "$c:$c" \
                 --measurement-interval "$MEASUREMENT_INTERVAL_MS" --max-trials "$MAX_TRIALS" \
-                --percentile="$PERCENTILE" \
+                --percentile="$PERCENTILE" --stability-percentage "$STABILITY" \
                 -f "$out" 2>&1 | tee "${out%.csv}.log"; then
             # What perf_analyzer itself cost on this machine (its own CPU, not the server's).
+            times > "$TIMES"
             echo "perf_analyzer CPU: $(cpu_seconds) - $cpu0 s over $(date +%s.%N) - $t0 s wall" |
                 awk '{ printf "perf_analyzer CPU: %.2f s over %.2f s wall (%.0f%% of one core)\n", $3 - $5, $8 - $10, 100 * ($3 - $5) / ($8 - $10) }' |
                 tee -a "${out%.csv}.log"

@@ -30,10 +30,11 @@ import urllib.request
 from pathlib import Path
 
 from charrnn.errors import UnavailableError, UserError, cli
+from serve.models import PYTHON_MODELS
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_RUN_DIR = ROOT / "logs" / "serve"
-LOCAL_MODELS = ("charrnn_python", "charrnn_gen_python", "charrnn_gen_stream")  # the wheel's server: python backend only
+LOCAL_MODELS = PYTHON_MODELS  # the wheel's server: python backend only
 DEFAULT_MODELS = ("charrnn_python",)  # what LocalTriton loads unless told (`make serve` loads every LOCAL_MODELS)
 RESTRICTED = "model-repository,shared-memory,logging,trace"  # admin APIs: need the admin key header
 ADMIN_HEADER = "admin-key"

@@ -1,7 +1,8 @@
 """The models of model_repository/ that the Triton services serve: named once, here.
 
-docker-compose.yml serves all of them on a GPU host (`triton`) and the ones in CPU_MODELS on a CPU-only host
-(`triton-cpu`, which mounts those model folders one by one so Triton never sees the GPU-only TensorRT model).
+docker-compose.yml serves all of them on a GPU host (`triton`), the ones in CPU_MODELS on a CPU-only host
+(`triton-cpu`, which mounts those model folders one by one so Triton never sees the GPU-only TensorRT model) and
+the PYTHON_MODELS in the slim image (`triton-slim`, no NGC registry needed).
 tests/test_compose.py imports this module and checks that every model folder the compose file names is listed
 here, so a rename shows up as a failing test instead of a container that silently serves nothing.
 
@@ -16,3 +17,6 @@ SERVED_MODELS = ("charrnn_trt", "charrnn_onnx", "charrnn_python",
 # TensorRT plans run only on the GPU they were built for; the others run on CPU (or GPU, for ONNX Runtime).
 GPU_ONLY_MODELS = ("charrnn_trt", "charrnn_gen_trt")
 CPU_MODELS = tuple(m for m in SERVED_MODELS if m not in GPU_ONLY_MODELS)
+# The python-backend models: all that Triton 2.51 from the nvidia-pytriton wheel can serve (it has no TensorRT or
+# ONNX Runtime backend), i.e. the local server (serve/local.py) and the slim compose service (`triton-slim`).
+PYTHON_MODELS = ("charrnn_python", "charrnn_gen_python", "charrnn_gen_stream")

@@ -58,6 +58,16 @@ def shipped_repo(tmp_path_factory) -> Path:
     return out
 
 
+def tf_text(shipped, prompt: str, length: int, params) -> str:
+    """The TensorFlow reference: `length` characters after `prompt` with the project's sampler."""
+    from charrnn.sampling import Sampler, generate as reference_generate
+    from train.sample import tf_step
+
+    model, vocab = shipped
+    return vocab.decode(reference_generate(tf_step(model), vocab.encode(prompt), length,
+                                           Sampler(params, len(vocab))))
+
+
 @pytest.fixture(scope="session")
 def shipped():
     """(model, vocab) of the shipped model, loaded in TensorFlow (the reference)."""

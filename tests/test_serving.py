@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from charrnn.sampling import Sampler, SamplingParams, generate as reference_generate
-from tests.conftest import ROOT, free_port
+from charrnn.sampling import SamplingParams
+from tests.conftest import ROOT, free_port, tf_text
 
 PROMPTS = ["ROMEO:\n", "First Citizen:\nBefore we proceed any further, hear me speak.", "KING HENRY VI:\nO"]
 
@@ -28,14 +28,6 @@ def server(shipped_repo, tmp_path_factory):
     s = start_server(shipped_repo, tmp_path_factory.mktemp("serve"))
     yield s
     s.stop()
-
-
-def tf_text(shipped, prompt: str, length: int, params: SamplingParams) -> str:
-    from train.sample import tf_step
-
-    model, vocab = shipped
-    return vocab.decode(reference_generate(tf_step(model), vocab.encode(prompt), length,
-                                           Sampler(params, len(vocab))))
 
 
 def served(server, prompts, length, params, protocol="grpc"):
