@@ -115,7 +115,7 @@ compose-up-cpu: .env ## CPU-only host: Triton with charrnn_onnx + charrnn_python
 compose-down: .env ## stop whatever compose services of the project are up (containers and network removed)
 	$(COMPOSE) --profile cpu --profile export --profile perf --profile slim --profile perf-slim down --remove-orphans
 
-perf: perf-input .env ## GPU host: perf_analyzer sweep in the SDK container -> bench/results/<model>.csv
+perf: perf-input .env ## GPU host: perf_analyzer sweep in the SDK container -> bench/results/perf_<model>.csv
 	$(COMPOSE) --profile perf run --rm perf
 
 images: setup ## build the slim stack's images (host-made wheelhouse; base from Debian's archive if Docker Hub is unreachable)

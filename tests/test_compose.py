@@ -1,8 +1,9 @@
-"""docker-compose.yml, serve/Dockerfile and bench/perf.sh, checked statically.
+"""docker-compose.yml, the Dockerfiles and bench/perf.sh, checked statically.
 
-Our machines have no Docker engine and no GPU, so nothing here starts a container: the checks are on the parsed
-YAML (PyYAML, anchors and `<<` merges resolved as Compose resolves them) and on the text of the Dockerfile and the
-perf script, against the rules in the README's "Production: docker compose on a GPU host".
+The NGC services need a GPU and nvcr.io, which our machines do not have, so they are checked here only: on the
+parsed YAML (PyYAML, anchors and `<<` merges resolved as Compose resolves them) and on the text of the Dockerfiles
+and the perf script, against the rules in the README's "docker compose". The slim services are checked here too
+and run for real in tests/test_compose_slim.py.
 """
 
 from __future__ import annotations
@@ -15,15 +16,19 @@ from pathlib import Path
 import pytest
 import yaml
 
-from serve.models import CPU_MODELS, GPU_ONLY_MODELS, SERVED_MODELS
+from serve.images import IMAGES, pins
+from serve.models import CPU_MODELS, GPU_ONLY_MODELS, PYTHON_MODELS, SERVED_MODELS
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 DOCKERFILE = ROOT / "serve" / "Dockerfile"
 PERF_SH = ROOT / "bench" / "perf.sh"
 
-SERVER_SERVICES = ("triton", "triton-cpu")
-PROFILES = {"triton": None, "triton-cpu": ["cpu"], "export-trt": ["export"], "perf": ["perf"]}
+SERVER_SERVICES = ("triton", "triton-cpu", "triton-slim")
+NGC_SERVICES = ("triton", "triton-cpu", "export-trt", "perf")
+PROFILES = {"triton": None, "triton-cpu": ["cpu"], "export-trt": ["export"], "perf": ["perf"],
+            "triton-slim": ["slim"], "perf-slim": ["perf-slim"]}
+DEFAULT_VAR = re.compile(r"\$\{[A-Z_]+:-([^}]*)\}")
 RELEASE_VAR = re.compile(r"\$\{TRITON_RELEASE(?::-([^}]*))?\}")
 # Restricted-API categories Triton knows (src/restricted_features.h) and the ones we lock.
 KNOWN_CATEGORIES = {"health", "metadata", "inference", "shared-memory", "model-config", "model-repository",
@@ -52,15 +57,21 @@ def flag_values(args: list[str], flag: str) -> list[str]:
     return [a.split("=", 1)[1] for a in args if a.startswith(flag + "=")]
 
 
+def with_defaults(text: str) -> str:
+    """`${VAR:-default}` -> default: the value Compose uses when VAR is unset."""
+    return DEFAULT_VAR.sub(lambda m: m.group(1), text)
+
+
 def bind_mounts(service: dict) -> list[dict]:
-    """Every volume as {source, target, read_only}, short or long syntax."""
+    """Every volume as {source, target, read_only}, short or long syntax; sources with variable defaults."""
     out = []
     for v in service.get("volumes", []):
         if isinstance(v, str):
             parts = v.split(":")
             out.append({"source": parts[0], "target": parts[1], "read_only": parts[2:] == ["ro"], "type": "bind"})
         else:
-            out.append({"source": v.get("source"), "target": v["target"], "read_only": bool(v.get("read_only")),
+            out.append({"source": with_defaults(v.get("source")), "target": v["target"],
+                        "read_only": bool(v.get("read_only")),
                         "type": v["type"]})
     return out
 
@@ -77,8 +88,8 @@ def all_strings(node) -> list[str]:
 
 # ---- services and profiles ----------------------------------------------------------------------------------
 
-def test_yaml_parses_and_has_the_four_services(services):
-    assert set(PROFILES) <= set(services)
+def test_yaml_parses_and_has_every_service(services):
+    assert set(PROFILES) == set(services)
 
 
 @pytest.mark.parametrize("name", PROFILES)
@@ -144,10 +155,17 @@ def test_restricted_apis(services, name, flag):
 def test_healthcheck_shm_and_user(services, name):
     s = services[name]
     test = s["healthcheck"]["test"]
-    assert test[0] == "CMD" and "curl" in test[1]
-    assert any(a.endswith(":8000/v2/health/ready") for a in test)
+    assert test[0] == "CMD" and test[1] in ("curl", "python3")
+    assert any(re.search(r"//(localhost|127\.0\.0\.1):8000/v2/health/ready\b", a) for a in test)
     assert s["shm_size"]
     assert s.get("user") == "triton-server"
+    assert s["restart"] == "unless-stopped"
+
+
+@pytest.mark.parametrize("name", [*SERVER_SERVICES, "perf-slim"])
+def test_no_capabilities_and_no_new_privileges(services, name):
+    assert services[name]["cap_drop"] == ["ALL"]
+    assert "no-new-privileges:true" in services[name]["security_opt"]
 
 
 # ---- GPU ------------------------------------------------------------------------------------------------------
@@ -162,7 +180,7 @@ def test_gpu_reserved(services, name):
     assert dev["driver"] == "nvidia" and dev["capabilities"] == ["gpu"]
 
 
-@pytest.mark.parametrize("name", ["triton-cpu", "perf"])
+@pytest.mark.parametrize("name", ["triton-cpu", "perf", "triton-slim", "perf-slim"])
 def test_no_gpu(services, name):
     assert not gpu_devices(services[name])
 
@@ -203,6 +221,13 @@ def test_cpu_server_mounts_exactly_the_cpu_models(services):
     assert not any(g in m["source"] for g in GPU_ONLY_MODELS for m in mounts)
 
 
+def test_slim_server_mounts_exactly_the_python_models_read_only(services):
+    mounts = bind_mounts(services["triton-slim"])
+    assert all(m["read_only"] for m in mounts)
+    assert sorted(Path(m["source"]).parts[-1] for m in mounts) == sorted(PYTHON_MODELS)
+    assert all(m["target"] == f"/models/{Path(m['source']).name}" for m in mounts)
+
+
 def test_served_models_match_the_exporter():
     configs = pytest.importorskip("export.configs", reason="export.configs (make export) not present")
     assert tuple(configs.MODELS) == SERVED_MODELS
@@ -216,7 +241,8 @@ def test_one_triton_release_everywhere(services):
     assert len(defaults) == 1, f"TRITON_RELEASE defaults disagree: {defaults}"
     (default,) = defaults
     assert re.fullmatch(r"\d\d\.\d\d", default)
-    for name, s in services.items():
+    for name in NGC_SERVICES:
+        s = services[name]
         image = s.get("image", "")
         assert RELEASE_VAR.search(image), f"{name}: image {image!r} does not use TRITON_RELEASE"
         if "build" in s:
@@ -280,7 +306,112 @@ def test_perf_script_is_valid_bash_with_the_sequence_flags():
     subprocess.run(["bash", "-n", str(PERF_SH)], check=True)
     text = PERF_SH.read_text()
     for flag in ["-m \"$model\"", "-u \"$TRITON_GRPC\"", "-i grpc", "--streaming", "--input-data",
-                 "--sequence-length \"$SEQUENCE_LENGTH\"", "--sequence-length-variation 0",
-                 "--sequence-id-range", "--concurrency-range", "--percentile=", "-f \"$out\""]:
+                 "--sequence-length \"$length\"", "--sequence-length-variation 0",
+                 "--sequence-id-range", "--concurrency-range", "--stability-percentage", "-f \"$out\""]:
         assert flag in text, flag
-    assert 'INPUT_DATA:-/results/perf_input.json' in text
+    assert "/results/perf_input.json" in text and "/results/perf_input_gen.json" in text
+    assert '-f "$out"' in text and 'merged="$RESULTS/perf_$model.csv"' in text
+
+
+# ---- the slim images (no NGC registry) ---------------------------------------------------------------------------
+
+SLIM_DOCKERFILES = {"triton-slim": ROOT / "serve" / "Dockerfile.slim", "perf-slim": ROOT / "bench" / "Dockerfile.perf"}
+
+
+@pytest.mark.parametrize("name", SLIM_DOCKERFILES)
+def test_slim_base_image_is_one_build_argument_with_one_default(services, name):
+    """Compose's BASE_IMAGE default, the Dockerfile's ARG default and serve.images' official base agree."""
+    image, build = IMAGES[name], services[name]["build"]
+    assert (ROOT / build["context"] / build["dockerfile"]).resolve() == SLIM_DOCKERFILES[name]
+    assert build["args"]["BASE_IMAGE"] == f"${{{image.base_variable}:-{image.official_base}}}"
+    text = SLIM_DOCKERFILES[name].read_text()
+    assert re.findall(r"^ARG BASE_IMAGE=(\S+)$", text, re.M) == [image.official_base]
+    assert re.findall(r"^FROM (\S+)$", text, re.M) == ["${BASE_IMAGE}"]
+    assert re.search(rf"^COPY build/wheels/{name}/ ", text, re.M), "install from the host-made wheelhouse"
+    assert "--no-index" in text, "no package index inside the build (containers cannot reach PyPI)"
+    assert f"!{SLIM_DOCKERFILES[name].relative_to(ROOT)}" in (ROOT / ".dockerignore").read_text().split()
+
+
+def test_slim_images_are_tagged_with_what_they_hold(services):
+    """perf-slim's tag is pyproject's perf-analyzer pin; triton-slim's is Triton 2.51.0, the nvidia-pytriton
+    0.7.0 server (test_compose_slim checks the running server reports it)."""
+    assert services["perf-slim"]["image"] == f"charrnn-perf-analyzer:{pins()['perf-analyzer']}"
+    assert pins()["nvidia-pytriton"] == "0.7.0"
+    assert services["triton-slim"]["image"] == "charrnn-tritonserver-slim:2.51.0"
+
+
+def test_slim_server_image_runs_unprivileged_with_the_stub_of_its_python():
+    text = SLIM_DOCKERFILES["triton-slim"].read_text()
+    assert re.search(r"^USER triton-server$", text, re.M)
+    assert re.search(r"useradd --uid 1000 .*triton-server$", text, re.M)
+    version = IMAGES["triton-slim"].python
+    assert f"python_backend_stubs/{version}/triton_python_backend_stub" in text
+    assert f"/opt/venv/lib/python{version}/site-packages/charrnn/" in text
+    assert re.search(rf'v == "{re.escape(version)}"', text), "the build must refuse a base with another Python"
+
+
+def test_perf_slim_service(services):
+    s = services["perf-slim"]
+    assert s["depends_on"]["triton-slim"]["condition"] == "service_healthy"
+    assert command_args(s) == ["bash", "/bench/perf.sh"]
+    assert s["environment"]["TRITON_GRPC"] == "triton-slim:8001"
+    assert set(with_defaults(s["environment"]["MODELS"]).split()) == {"charrnn_python", "charrnn_gen_python"}
+    assert not s.get("ports"), "perf_analyzer reaches the server on the compose network; nothing to publish"
+    targets = {m["target"]: m for m in bind_mounts(s)}
+    assert Path(targets["/bench"]["source"]).parts == ("bench",) and targets["/bench"]["read_only"]
+    assert Path(targets["/results"]["source"]).parts == ("bench", "results")
+
+
+def test_ci_installs_docker_and_makes_the_docker_skip_a_failure():
+    run = (ROOT / ".ci" / "run").read_text()
+    assert "bash .ci/docker.sh" in run and "export CHARRNN_REQUIRE_DOCKER=1" in run
+    assert run.index("docker.sh") < run.index("make test")
+    docker_sh = ROOT / ".ci" / "docker.sh"
+    subprocess.run(["bash", "-n", str(docker_sh)], check=True)
+    assert "/etc/apt/sources.list" not in docker_sh.read_text(), "CI must not change the system's apt sources"
+
+
+# ---- serve.images without Docker: pins, platforms, errors ----------------------------------------------------
+
+def test_image_pins_come_from_pyproject():
+    from serve.images import pinned
+
+    table = pins()
+    for image in IMAGES.values():
+        for spec in pinned(image.packages + image.packages_no_deps):
+            name, version = spec.split("==")
+            assert table[name] == version and re.fullmatch(r"\d+(\.\d+)+", version), spec
+
+
+def test_unpinned_package_is_a_clear_error():
+    from charrnn.errors import UserError
+    from serve.images import pinned
+
+    with pytest.raises(UserError, match=r"pyproject.toml: no exact pin \(name==version\) for no-such-package"):
+        pinned(("numpy", "no-such-package"))
+
+
+def test_wheel_platforms_stay_within_the_image_glibc():
+    from serve.images import manylinux_platforms
+
+    tags = manylinux_platforms((2, 36))
+    assert tags[0].startswith("manylinux_2_36_") and not any("2_37" in t or "2_38" in t for t in tags)
+    assert any(t.startswith("manylinux2014_") for t in tags) and any(t.startswith("manylinux_2_17_") for t in tags)
+    # perf_analyzer's wheel is manylinux_2_38: the Debian 13 image (glibc 2.41) must accept it, bookworm's not.
+    assert any(t.startswith("manylinux_2_38_") for t in manylinux_platforms(IMAGES["perf-slim"].glibc))
+    assert IMAGES["triton-slim"].glibc < (2, 38) <= IMAGES["perf-slim"].glibc
+
+
+def test_images_cli_refuses_an_unknown_service(capsys):
+    from serve.images import main
+
+    assert main(["no-such-image"]) == 2
+    assert "error: SERVICE: unknown no-such-image (choose from triton-slim, perf-slim)" in capsys.readouterr().err
+
+
+def test_images_cli_without_docker_is_a_clear_error(tmp_path, monkeypatch, capsys):
+    from serve.images import main
+
+    monkeypatch.setenv("PATH", str(tmp_path))  # no docker on PATH
+    assert main([]) == 3
+    assert "error: docker: not found (install Docker >= 20.10 and Compose v2" in capsys.readouterr().err

@@ -165,9 +165,13 @@ def test_stack_is_healthy_and_serves_exactly_the_python_models(stack):
     c = th.InferenceServerClient(stack.http_url)
     try:
         index = c.get_model_repository_index(headers={"admin-key": stack.env["TRITON_ADMIN_KEY"]})
+        version = c.get_server_metadata()["version"]
     finally:
         c.close()
     assert sorted((m["name"], m["state"]) for m in index) == sorted((m, "READY") for m in PYTHON_MODELS)
+    # The image's tag says which Triton it holds (the NGC 24.10 release's server).
+    assert stack.inspect()["Config"]["Image"] == f"charrnn-tritonserver-slim:{version}" == \
+        "charrnn-tritonserver-slim:2.51.0"
 
 
 def test_greedy_through_the_container_equals_tensorflow(stack, shipped):
@@ -249,6 +253,26 @@ def test_perf_slim_runs_perf_analyzer_and_writes_its_csv(stack, corpus):
                 assert float(row[column]) >= 0, (column, row)
         log = (results / f"perf_{model}_c4.log").read_text()
         assert "Execution count" in log and "perf_analyzer CPU:" in log, log[-2000:]
+    # make perf-slim's last step: our client at the same concurrencies, the tables and the plot.
+    from bench.perf_report import main as perf_report, read_perf
+
+    assert perf_report(["--results", str(results), "--url", stack.grpc_url, "--data", str(corpus),
+                        "--prompt-length", "32", "--length", "32"]) == 0
+    perf = read_perf(results)
+    assert all(r["Avg Batch"] >= 1 and r["Client CPU %"] > 0 for m in models for r in perf[m]), perf
+    report = json.loads((results / "perf.json").read_text())
+    assert [r["Concurrency"] for r in report["client"]] == [1, 4] and report["chunk"] == 16
+    assert all(r["Inferences/Second"] > 0 and r["Avg Batch"] >= 1 for r in report["client"])
+    table = (results / "perf.md").read_text()
+    assert "| 4 |" in table and "charrnn_gen_python, K = 16" in table, table
+    assert (results / "perf.png").stat().st_size > 10_000
+    # No stable measurement: perf_analyzer itself exits 0 and writes no row; perf.sh must call that a failure.
+    r = stack.compose("run", "--rm", "perf-slim", timeout=300,
+                      env={"PERF_MODELS": "charrnn_python", "PERF_CONCURRENCY": "1", "PERF_INTERVAL_MS": "500",
+                           "PERF_MAX_TRIALS": "3", "PERF_STABILITY": "0"})
+    assert r.returncode == 1 and "perf: FAILED runs: charrnn_python@1" in r.stderr, r.stderr[-2000:]
+    assert not (results / "perf_charrnn_python_c1.csv").exists()
+    assert not (results / "perf_charrnn_python.csv").exists(), "a failed run must not leave an old table behind"
 
 
 # --- security, seen from outside ------------------------------------------------------------------------
