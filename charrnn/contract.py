@@ -34,8 +34,14 @@ TRITON_DTYPE = {np.dtype(np.int32): "INT32", np.dtype(np.float32): "FP32"}
 MAX_BATCH_SIZE = 64  # sequences per execution
 MAX_T = 256  # characters per request (longer prompts are sent in chunks)
 
-# Sequence batcher: an idle sequence is freed after this (Triton's default of 1 s is far too short).
+# Sequence batcher: an idle sequence is freed after this (Triton's default of 1 s is far too short); the default
+# of `python -m export --idle-timeout`.
 MAX_SEQUENCE_IDLE_US = 60_000_000
+# Sequence slots per model instance (the `oldest` strategy's max_candidate_sequences), far above the batch: with
+# slots == batch (64), a 65th sequence waited in Triton's backlog for a free slot, and because Triton answers a
+# gRPC stream's requests in order, every later response on that stream waited behind it (a hang until the idle
+# timeout). Each slot costs the python models one state (2 x 2 x 512 floats = 8 KiB) only while it is in use.
+MAX_SEQUENCES = 1024
 
 # Model config parameter that carries the vocabulary to clients (JSON of charrnn.vocab.Vocab).
 VOCAB_PARAMETER = "vocab_json"
@@ -97,3 +103,6 @@ TEMPERATURE = "TEMPERATURE"
 TOP_K = "TOP_K"
 OUTPUT_IDS = "OUTPUT_IDS"
 MAX_K = 256  # characters generated per request (also the TensorRT optimization profile)
+# Sampling temperature: 0 means greedy (argmax); otherwise at least this. Below it logits / T can overflow fp32
+# (1e-45 gave inf - inf = NaN and degenerate text) and sampling is greedy in all but name anyway.
+MIN_TEMPERATURE = 1e-3

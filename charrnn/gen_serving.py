@@ -19,8 +19,8 @@ from typing import Iterator
 
 import numpy as np
 
-from charrnn.contract import (INPUT_IDS, MAX_K, MAX_T, NOISE, OUTPUT_IDS, STATE_IN, STATE_OUT, TEMPERATURE,
-                              TOP_K)
+from charrnn.contract import (INPUT_IDS, MAX_K, MAX_T, MIN_TEMPERATURE, NOISE, OUTPUT_IDS, STATE_IN, STATE_OUT,
+                              TEMPERATURE, TOP_K)
 from charrnn.sequence_state import SequenceStates, check_ids
 
 
@@ -43,8 +43,8 @@ def check_gen_request(ids, noise, temperature, top_k, vocab_size: int, max_t: in
     if temperature.dtype != np.float32 or temperature.shape != (1, 1):
         return f"{TEMPERATURE}: must be FP32 [1, 1], got {temperature.dtype} {list(temperature.shape)}"
     t = float(temperature[0, 0])
-    if not (np.isfinite(t) and t >= 0):
-        return f"{TEMPERATURE}: must be >= 0 (0 = greedy), got {t}"
+    if not (np.isfinite(t) and (t == 0 or t >= MIN_TEMPERATURE)):
+        return f"{TEMPERATURE}: must be 0 (greedy) or >= {MIN_TEMPERATURE} (smaller values overflow), got {t}"
     if top_k.dtype != np.int32 or top_k.shape != (1, 1):
         return f"{TOP_K}: must be INT32 [1, 1], got {top_k.dtype} {list(top_k.shape)}"
     if not 0 <= int(top_k[0, 0]) <= vocab_size:

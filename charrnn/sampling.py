@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from charrnn.contract import MIN_TEMPERATURE
 from charrnn.errors import UserError
 
 _TINY = np.finfo(np.float32).tiny
@@ -20,7 +21,7 @@ _TINY = np.finfo(np.float32).tiny
 
 @dataclass(frozen=True)
 class SamplingParams:
-    temperature: float = 1.0  # > 0; lower is more conservative
+    temperature: float = 1.0  # >= MIN_TEMPERATURE (1e-3); lower is more conservative
     top_k: int = 0  # keep the k most likely characters (0: all)
     top_p: float = 1.0  # keep the smallest set whose probability reaches p (1: all)
     greedy: bool = False  # argmax; ignores temperature / top-k / top-p / seed
@@ -28,9 +29,9 @@ class SamplingParams:
 
     def validate(self, vocab_size: int) -> "SamplingParams":
         """Raise a UserError naming the bad parameter; return self."""
-        if not self.greedy and not (self.temperature > 0 and np.isfinite(self.temperature)):
-            raise UserError("temperature", f"must be > 0, got {self.temperature}",
-                            "use --greedy for argmax decoding")
+        if not self.greedy and not (np.isfinite(self.temperature) and self.temperature >= MIN_TEMPERATURE):
+            raise UserError("temperature", f"must be >= {MIN_TEMPERATURE} (smaller values overflow "
+                            f"logits / temperature), got {self.temperature}", "use --greedy for argmax decoding")
         if not 0 <= self.top_k <= vocab_size:
             raise UserError("top-k", f"must be in 1..{vocab_size} (the vocabulary size), got {self.top_k}",
                             "or 0 to disable")

@@ -25,6 +25,7 @@ import argparse
 import sys
 from dataclasses import replace
 
+from charrnn.contract import MAX_SEQUENCES
 from charrnn.errors import CheckFailed, UserError, cli
 from train.sample import add_sampling_flags, sampling_params
 
@@ -57,8 +58,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         raise UserError("--length", f"must be >= 1, got {args.length}")
     if not args.prompt:
         raise UserError("--prompt", "is empty", "give at least one character")
-    if args.num_sequences < 1:
-        raise UserError("--num-sequences", f"must be >= 1, got {args.num_sequences}")
+    if not 1 <= args.num_sequences <= MAX_SEQUENCES:
+        raise UserError("--num-sequences", f"must be in 1..{MAX_SEQUENCES} (the sequence slots of a model "
+                        f"instance), got {args.num_sequences}", "run several clients one after another")
     from client.generate import RetryPolicy
 
     args.retry = RetryPolicy(retries=args.retries, delay=args.retry_delay, max_wait=args.retry_max_wait).validate()

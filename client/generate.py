@@ -216,6 +216,10 @@ def generate(conn: Connection, model: str, vocab: Vocab, prompts: list[str], len
                     raise give_up(f"model {model} came back with another vocabulary", "run again from the start")
                 by_request.clear()
                 unfinished = [s for s in seqs if not s.done]
+                # The server may still hold the old sequences (a stalled stream, not a restart): end them, or
+                # they would hold their slots until the idle timeout. Their answers (or "unknown sequence"
+                # errors, after a restart) match no pending request and are dropped below.
+                _end_open_sequences(conn, model, unfinished)
                 for seq, sid in zip(unfinished, new_sequence_ids(len(unfinished))):
                     seq.reprime(sid, max_t)
                     send_next(seq)
@@ -301,7 +305,7 @@ def generate(conn: Connection, model: str, vocab: Vocab, prompts: list[str], len
 
 
 def _end_open_sequences(conn: Connection, model: str, seqs: list[Sequence]) -> None:
-    """Best effort on errors and Ctrl-C: tell the server to free the state of unfinished sequences."""
+    """Best effort on errors, Ctrl-C and re-primes: tell the server to free unfinished sequences' state."""
     for seq in seqs:
         if 0 < seq.sent < seq.total_requests:
             try:

@@ -16,7 +16,8 @@ import shutil
 import time
 from pathlib import Path
 
-from charrnn.errors import CheckFailed, cli
+from charrnn.contract import MAX_SEQUENCE_IDLE_US
+from charrnn.errors import CheckFailed, UserError, cli
 
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON_MODEL_SOURCE = ROOT / "model_repository" / "charrnn_python" / "1" / "model.py"
@@ -47,7 +48,12 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="models/shakespeare-lstm-2x512", help="model directory (make train)")
     p.add_argument("--repo", default="model_repository", help="Triton model repository to write")
+    p.add_argument("--idle-timeout", type=float, default=MAX_SEQUENCE_IDLE_US / 1e6, metavar="SECONDS",
+                   help="free a sequence idle this long (the sequence batcher's max_sequence_idle_microseconds)")
     args = p.parse_args(argv)
+    if not 1 <= args.idle_timeout <= 86_400:
+        raise UserError("--idle-timeout", f"must be in 1..86400 seconds, got {args.idle_timeout}",
+                        "a person at a keyboard needs tens of seconds; Triton's own default is 1 s")
 
     from charrnn.model import load_model_dir
     from export import configs
@@ -82,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"[4/4] Triton configs in {repo}/")
     contract = model.config.contract
-    for path in configs.write_repository(repo, contract, vocab):
+    for path in configs.write_repository(repo, contract, vocab, int(args.idle_timeout * 1e6)):
         config = configs.load_config(path)
         if config.name != configs.PYTHON:
             graph = gen_proto if config.name in configs.GEN_MODELS else proto

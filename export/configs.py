@@ -21,8 +21,8 @@ from pathlib import Path
 from google.protobuf import text_format
 from google.protobuf.text_encoding import CEscape
 
-from charrnn.contract import (INPUT_IDS, LOGITS, MAX_BATCH_SIZE, MAX_K, MAX_SEQUENCE_IDLE_US, MAX_T, NOISE,
-                              OUTPUT_IDS, STATE_IN, STATE_OUT, TEMPERATURE, TOP_K, TRITON_DTYPE, VOCAB_PARAMETER,
+from charrnn.contract import (INPUT_IDS, LOGITS, MAX_BATCH_SIZE, MAX_K, MAX_SEQUENCE_IDLE_US, MAX_SEQUENCES, MAX_T,
+                              NOISE, OUTPUT_IDS, STATE_IN, STATE_OUT, TEMPERATURE, TOP_K, TRITON_DTYPE, VOCAB_PARAMETER,
                               Contract)
 from charrnn.errors import CheckFailed, UserError
 from charrnn.vocab import Vocab
@@ -95,7 +95,7 @@ input [
 output [ {{ name: "{OUTPUT_IDS}"  data_type: TYPE_{ids_t}  dims: [ -1 ] }} ]"""
 
 
-def render_config(name: str, contract: Contract, vocab: Vocab) -> str:
+def render_config(name: str, contract: Contract, vocab: Vocab, idle_us: int = MAX_SEQUENCE_IDLE_US) -> str:
     """config.pbtxt text for one of MODELS, spelled out with comments."""
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}")
@@ -139,11 +139,12 @@ max_batch_size: {MAX_BATCH_SIZE}
 
 sequence_batching {{
   # A sequence idle this long is freed (Triton's default, 1 s, is far too short for interactive use).
-  max_sequence_idle_microseconds: {MAX_SEQUENCE_IDLE_US}
-  # oldest: batch the oldest request of up to max_candidate_sequences sequences per execution;
+  max_sequence_idle_microseconds: {idle_us}
+  # oldest: batch the oldest requests of up to max_batch_size sequences per execution;
   # never two requests of one sequence in a batch; only requests with equal {equal} are batched together.
   oldest {{
-    max_candidate_sequences: {MAX_BATCH_SIZE}
+    # Sequence slots, far more than the batch: a new sequence never waits behind busy ones (contract.py).
+    max_candidate_sequences: {MAX_SEQUENCES}
     preferred_batch_size: [ {MAX_BATCH_SIZE} ]
     max_queue_delay_microseconds: {MAX_QUEUE_DELAY_US}
   }}{state}
@@ -227,15 +228,16 @@ def check_config_against_onnx(config, model_proto) -> list[str]:
     return problems
 
 
-def write_repository(repo: str | Path, contract: Contract, vocab: Vocab) -> list[Path]:
-    """Write config.pbtxt for every model under `repo`; returns the paths written."""
+def write_repository(repo: str | Path, contract: Contract, vocab: Vocab,
+                     idle_us: int = MAX_SEQUENCE_IDLE_US) -> list[Path]:
+    """Write config.pbtxt for every model under `repo` (sequences idle `idle_us` are freed); returns the paths."""
     repo = Path(repo)
     written = []
     for name in MODELS:
         path = repo / name / CONFIG
         path.parent.mkdir(parents=True, exist_ok=True)
         (repo / name / "1").mkdir(exist_ok=True)
-        text = render_config(name, contract, vocab)
+        text = render_config(name, contract, vocab, idle_us)
         parse_config(text)  # never write a config Triton would reject
         path.write_text(text)
         written.append(path)

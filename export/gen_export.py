@@ -32,7 +32,7 @@ import numpy as np
 import onnx
 
 from charrnn.contract import (FLOAT_DTYPE, IDS_DTYPE, INPUT_IDS, NOISE, OUTPUT_IDS, STATE_IN, STATE_OUT,
-                              TEMPERATURE, TOP_K, Contract, state_slots)
+                              MIN_TEMPERATURE, TEMPERATURE, TOP_K, Contract, state_slots)
 from charrnn.errors import CheckFailed, cli
 from export.onnx_export import OPSET, _name_dims, _rename_value
 
@@ -75,7 +75,9 @@ def generation_function(model):
         """One character per row: logits (B, V), u (B, V) -> ids (B,) int32 (= charrnn.sampling.choose)."""
         greedy = tf.cast(tf.argmax(logits, axis=-1, output_type=tf.int64), tf.int32)
         sample = temperature > 0.0  # (B, 1)
-        z = logits / tf.where(sample, temperature, tf.ones_like(temperature))  # (B, V)
+        # Clamped to MIN_TEMPERATURE: the TensorRT / ONNX Runtime backends run this graph without the python
+        # models' request checks, and a subnormal temperature would overflow logits / T.
+        z = logits / tf.where(sample, tf.maximum(temperature, MIN_TEMPERATURE), tf.ones_like(temperature))  # (B, V)
         ordered = tf.math.top_k(z, k=vocab, sorted=True).values  # (B, V) descending: ONNX TopK
         kth = tf.gather(ordered, kth_index, axis=1, batch_dims=1)  # (B, 1): ONNX GatherElements
         z = tf.where(z < kth, tf.constant(-np.inf, tf.float32), z)

@@ -21,8 +21,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from charrnn.contract import (CELLS, INPUT_IDS, LOGITS, MAX_BATCH_SIZE, MAX_SEQUENCE_IDLE_US, MAX_T, STATE_IN,
-                              STATE_OUT, VOCAB_PARAMETER, Contract)
+from charrnn.contract import (CELLS, INPUT_IDS, LOGITS, MAX_BATCH_SIZE, MAX_SEQUENCE_IDLE_US, MAX_SEQUENCES, MAX_T,
+                              STATE_IN, STATE_OUT, VOCAB_PARAMETER, Contract)
 from charrnn.errors import CheckFailed
 from charrnn.vocab import Vocab
 from export import configs
@@ -418,7 +418,8 @@ def test_config_meets_the_documented_requirements(name, source, shipped_repo, sh
     sb = c.sequence_batching
     assert c.HasField("sequence_batching")
     assert sb.WhichOneof("strategy_choice") == "oldest"
-    assert sb.oldest.max_candidate_sequences == MAX_BATCH_SIZE
+    # Sequence slots far above the batch: sequence 65 must not wait for a slot (and block its gRPC stream).
+    assert sb.oldest.max_candidate_sequences == MAX_SEQUENCES >= 16 * MAX_BATCH_SIZE
     assert re.search(r"^\s*max_sequence_idle_microseconds:\s*\d+", text, re.M), "must be set explicitly"
     assert sb.max_sequence_idle_microseconds == MAX_SEQUENCE_IDLE_US > 1_000_000
     assert not c.HasField("dynamic_batching"), "the sequence batcher, not the dynamic batcher"
@@ -797,3 +798,16 @@ def test_export_writes_the_whole_repository(shipped_repo, shipped_proto):
     assert not (shipped_repo / configs.TRT / "1" / "model.plan").exists()  # needs the TensorRT container
     assert sorted(p.parent.name for p in shipped_repo.glob("*/config.pbtxt")) == sorted(configs.MODELS)
     assert set(STEP) <= set(configs.MODELS)
+
+
+def test_export_idle_timeout_flag_sets_every_model_and_refuses_nonsense(tiny_model, tmp_path, capsys):
+    from export.__main__ import main as export_main
+
+    assert export_main(["--model", str(tiny_model), "--repo", str(tmp_path / "bad"), "--idle-timeout", "0"]) == 2
+    assert "error: --idle-timeout: must be in 1..86400 seconds, got 0.0" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+    repo = tmp_path / "repo"
+    assert export_main(["--model", str(tiny_model), "--repo", str(repo), "--idle-timeout", "7.5"]) == 0
+    for name in configs.MODELS:
+        c = configs.load_config(repo / name / "config.pbtxt")
+        assert c.sequence_batching.max_sequence_idle_microseconds == 7_500_000, name

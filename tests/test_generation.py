@@ -199,6 +199,13 @@ def test_gen_onnx_batch_rows_are_independent(gen_session, shipped):
     assert ids[3].tolist() == greedy[0].tolist()
     huge, _ = run_gen(gen_session, prompts[2:3], state[2:3], noise[2:3], 1.0, V + 50)  # clamped: every character
     assert huge[0].tolist() == ids[2].tolist()
+    # A subnormal temperature is clamped in the graph (the TensorRT / ONNX Runtime backends run it without the
+    # python models' checks): the same text as MIN_TEMPERATURE, not the inf - inf degenerate text.
+    from charrnn.contract import MIN_TEMPERATURE
+
+    tiny, _ = run_gen(gen_session, prompts[0:1], state[0:1], noise[0:1], 1e-45, 0)
+    floor, _ = run_gen(gen_session, prompts[0:1], state[0:1], noise[0:1], MIN_TEMPERATURE, 0)
+    assert tiny[0].tolist() == floor[0].tolist()
 
 
 @pytest.mark.parametrize("cell, extra", [("gru", {"reset_after": False}), ("rnn", {})])
@@ -330,7 +337,9 @@ def test_gen_python_rejects_bad_requests_and_keeps_the_state(server, shipped):
         assert error is None
         for noise, t, k, words in ((np.zeros((4, V), np.float32), 1.0, 0, "open interval (0, 1)"),
                                    (np.full((4, V), 1.5, np.float32), 1.0, 0, "open interval (0, 1)"),
-                                   (half, -1.0, 0, "TEMPERATURE: must be >= 0"),
+                                   (half, -1.0, 0, "TEMPERATURE: must be 0 (greedy) or >= 0.001"),
+                                   # subnormal: logits / T overflowed into degenerate text, returned as success
+                                   (half, 1e-45, 0, "TEMPERATURE: must be 0 (greedy) or >= 0.001"),
                                    (half, 1.0, V + 1, f"TOP_K: must be in 0..{V}"),
                                    (np.full((MAX_K + 1, V), 0.5, np.float32), 0.0, 0, f"1 <= K <= {MAX_K}")):
             _, error = call(first[-1:], noise, t, k)

@@ -353,6 +353,33 @@ def test_sequence_whose_start_failed_is_unknown_to_the_model(server):
         stream.close()
 
 
+def test_a_bad_request_is_the_callers_error_400_and_invalid_argument(server):
+    """The models' request checks answer with the caller's status (not INTERNAL / HTTP 500)."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    import tritonclient.grpc as tg
+    from tritonclient.utils import InferenceServerException
+
+    body = {"parameters": {"sequence_id": 8_400_000_001, "sequence_start": True, "sequence_end": True},
+            "inputs": [{"name": "INPUT_IDS", "datatype": "INT32", "shape": [1, 1], "data": [99]}]}
+    request = urllib.request.Request(f"http://{server.http_url}/v2/models/{MODEL}/infer",
+                                     data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(request, timeout=30)
+    assert e.value.code == 400 and "ids must be in 0..64" in e.value.read().decode()
+    client = tg.InferenceServerClient(server.grpc_url)
+    try:
+        ids = tg.InferInput("INPUT_IDS", [1, 1], "INT32")
+        ids.set_data_from_numpy(np.array([[99]], np.int32))
+        with pytest.raises(InferenceServerException) as e:
+            client.infer(MODEL, [ids], sequence_id=8_400_000_002, sequence_start=True, sequence_end=True)
+        assert e.value.status() == "StatusCode.INVALID_ARGUMENT" and "ids must be in 0..64" in e.value.message()
+    finally:
+        client.close()
+
+
 def test_missing_sequence_id_is_refused(server):
     stream = RawStream(server.grpc_url)
     try:

@@ -233,11 +233,37 @@ def test_map_renames_tf0_names(tmp_path, capsys):
     argv = ["--checkpoint", prefix, "--vocab", tmp_path / "vocab.json", "--out", out, "--naming", "sherjilozair"]
     for m in maps:
         argv += ["--map", m]
+    # Cells named with --map come from an unknown project: their forget_bias is not guessed (the scheme's 0.0
+    # was taken before, which converted with logits off by ~2 and exit 0).
     rc, _, err = run(argv, capsys)
+    assert rc == 2 and "error: --forget-bias: required for LSTM cells named with --map" in err, err
+    assert not out.exists()
+    rc, _, err = run([*argv, "--forget-bias", "1.0"], capsys)
     assert rc == 0, err
     ids = seqs(V, 3)
-    want = tf1_reference(w, "crazydonkey", "LSTMCell", ids, 1.0, V)  # sherjilozair => TF default 1.0
+    want = tf1_reference(w, "crazydonkey", "LSTMCell", ids, 1.0, V)
     assert np.max(np.abs(keras_logits(out, ids) - want)) <= TOL
+
+
+def test_map_of_a_cell_scope_keeps_its_cell_class_and_needs_the_forget_bias(tmp_path, capsys):
+    """--map cell_N=<scope>/basic_lstm_cell: the scope's last name says BasicLSTMCell (not LSTMCell)."""
+    V, H, E = len(CHARS), 8, 5
+    w = tf1_weights("crazydonkey", "lstm", V, H, E, layers=2, seed=6, extras=False)
+    renamed = {k.replace("rnn/multi_rnn_cell/", "net/stack/").replace("softmax/", "head/"): v for k, v in w.items()}
+    prefix = save_tf1_checkpoint(tmp_path / "ckpt" / "model", renamed)
+    (tmp_path / "vocab.json").write_text(json.dumps({"chars": list(CHARS)}))
+    out = tmp_path / "mapped"
+    argv = ["--checkpoint", prefix, "--vocab", tmp_path / "vocab.json", "--out", out,
+            "--map", "softmax_w=head/softmax_w", "--map", "softmax_b=head/softmax_b",
+            "--map", "cell_0=net/stack/cell_0/basic_lstm_cell", "--map", "cell_1=net/stack/cell_1/basic_lstm_cell"]
+    rc, _, err = run(argv, capsys)
+    assert rc == 2 and "--forget-bias" in err, err
+    rc, _, err = run([*argv, "--forget-bias", "0.0"], capsys)
+    assert rc == 0, err
+    src = json.loads((out / "model_card.json").read_text())["imported_from"]
+    assert src["tf1_cell"] == "BasicLSTMCell" and src["forget_bias"] == 0.0
+    ids = seqs(V, 3)
+    assert np.max(np.abs(keras_logits(out, ids) - tf1_reference(w, "crazydonkey", "lstm", ids, 0.0, V))) <= TOL
 
 
 # --- sampleCharRNN's .wts -------------------------------------------------------------------------

@@ -257,7 +257,8 @@ def test_cli_unknown_prompt_character(cli_runs):
     (["--length", "-5"], "error: length: must be >= 1, got -5"),
     (["--prompt", ""], "error: prompt: is empty"),
     (["--top-k", "66"], "error: top-k: must be in 1..65"),
-    (["--temperature", "0"], "error: temperature: must be > 0"),
+    (["--temperature", "0"], "error: temperature: must be >= 0.001"),
+    (["--temperature", "1e-45"], "error: temperature: must be >= 0.001 (smaller values overflow"),
 ])
 def test_cli_bad_input_exits_2(tiny_model, capsys, args, message):
     """The CLI's main in-process (a subprocess per case would cost a TensorFlow import each)."""

@@ -126,11 +126,15 @@ def test_unknown_character_is_a_client_error_before_anything_is_sent(server):
 @pytest.mark.parametrize("args, code, pattern", [
     (["--length", "0"], 2, r"^error: --length: must be >= 1"),
     (["--prompt", ""], 2, r"^error: --prompt: is empty"),
-    (["--temperature", "-1"], 2, r"^error: temperature: must be > 0"),
+    (["--temperature", "-1"], 2, r"^error: temperature: must be >= 0\.001"),
+    # a subnormal temperature overflowed logits / T into degenerate text, returned as success
+    (["--temperature", "1e-45"], 2, r"^error: temperature: must be >= 0\.001 \(smaller values overflow"),
+    (["--temperature", "1e-45", "--chunk", "4"], 2, r"^error: temperature: must be >= 0\.001"),
     (["--top-k", "1000"], 2, r"^error: top-k: must be in 1\.\.65"),
     (["--top-p", "0"], 2, r"^error: top-p: must be in \(0, 1\]"),
     (["--model", "no_such_model"], 3, r"^error: model no_such_model: not ready"),
-    (["--num-sequences", "0"], 2, r"^error: --num-sequences: must be >= 1"),
+    (["--num-sequences", "0"], 2, r"^error: --num-sequences: must be in 1\.\.1024"),
+    (["--num-sequences", "1025"], 2, r"^error: --num-sequences: must be in 1\.\.1024 \(the sequence slots"),
     (["--seed", "-1"], 2, r"^error: seed: must be in 0\.\.2\^63-1"),
     (["--retries", "-1"], 2, r"^error: --retries: must be >= 0"),
     (["--chunk", "0"], 2, r"^error: --chunk: must be in 1\.\.256"),

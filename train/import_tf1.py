@@ -459,8 +459,10 @@ class Resolver:
     def layer(self, i: int, cell: str | None) -> Layer | None:
         """Layer i's variables, or None when the layer does not exist."""
         key = f"cell_{i}"
-        if key in self.maps:
-            scopes = [(self.maps[key].rstrip("/"), None)]
+        if key in self.maps:  # a mapped scope ending in a known cell scope (.../basic_lstm_cell) says its class
+            scope = self.maps[key].rstrip("/")
+            last = scope.rsplit("/", 1)[-1]
+            scopes = [(scope, last if last in CELL_SCOPES else None)]
         else:
             scopes = [(f"{self.scheme.multi}/{key}/{s}", s) for s in CELL_SCOPES]
         # Explicitly mapped variables of this layer (cell_N/kernel=...) override or stand alone.
@@ -582,9 +584,10 @@ class Imported:
     variables: dict  # our name -> store name
 
 
-def convert(store: Store, plan: Plan, cell_flag: str | None, forget_bias: float, input_mode: str,
+def convert(store: Store, plan: Plan, cell_flag: str | None, forget_bias: float | None, input_mode: str,
             source: str) -> Imported:
-    """Read the TF1 variables named by `plan` and turn them into Keras weights."""
+    """Read the TF1 variables named by `plan` and turn them into Keras weights. forget_bias None: unknown
+    (cells named with --map), an error if the cells are LSTMs."""
     sm_b = fetch(store, plan.names["softmax_b"], (None,), source)
     V = sm_b.shape[0]
     sm_w = fetch(store, plan.names["softmax_w"], (None, V), source)
@@ -638,6 +641,11 @@ def convert(store: Store, plan: Plan, cell_flag: str | None, forget_bias: float,
                 layer.cell_class = "LSTMCell" if kind == "lstm" else "BasicRNNCell"
             if kind == "lstm":
                 _reject_lstm_extras(store, layer, what)
+                if forget_bias is None:
+                    raise UserError("--forget-bias", f"required for LSTM cells named with --map ({what}): the "
+                                    "forget_bias they were trained with is not in the checkpoint and cannot be "
+                                    "guessed (TF1's default is 1.0; crazydonkey200/sampleCharRNN used 0.0)",
+                                    "pass --forget-bias 1.0 or --forget-bias 0.0, as the model was built")
             G = gates[kind] * H
             k = fetch(store, kernel_name, (in_dim + H, G), what)
             b = fetch(store, bias_name, (G,), what)
@@ -703,7 +711,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--cell", choices=["lstm", "gru", "rnn"], help="expected cell (default: detected)")
     p.add_argument("--forget-bias", type=float, default=None,
                    help="LSTM forget_bias the model was trained with (default: 0.0 for crazydonkey/"
-                        "samplecharrnn naming, else TF's 1.0)")
+                        "samplecharrnn naming, else TF's 1.0; required when cells are named with --map)")
     p.add_argument("--input", choices=["auto", "embedding", "onehot"], default="auto",
                    help="embedding variable, or one-hot characters (default: embedding if present)")
     p.add_argument("--trust-pickle", action="store_true",
@@ -746,7 +754,11 @@ def main(argv: list[str] | None = None) -> int:
 
     store = WtsStore(source) if args.wts else CheckpointStore(source)
     plan = choose_plan(store, args.naming, maps, args.cell, source)
-    forget_bias = plan.scheme.forget_bias if args.forget_bias is None else args.forget_bias
+    # Cells found under the scheme's own names have the scheme's forget_bias; cells named with --map could come
+    # from any project, so their forget_bias must be given (a wrong one still converts, with logits off by ~2).
+    mapped_cells = any(k.split("/")[0].startswith("cell_") for k in maps)
+    forget_bias = (args.forget_bias if args.forget_bias is not None else
+                   None if mapped_cells else plan.scheme.forget_bias)
     imp = convert(store, plan, args.cell, forget_bias, args.input, source)
     if len(vocab) != imp.vocab_size:
         raise UserError("vocabulary", f"{vocab_source} has {len(vocab)} characters but the weights "

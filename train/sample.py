@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from charrnn.contract import MIN_TEMPERATURE
 from charrnn.errors import cli
 
 
@@ -21,7 +22,8 @@ def add_sampling_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("sampling")
     g.add_argument("--prompt", default="ROMEO:\n", help="text to prime the model with")
     g.add_argument("--length", type=int, default=500, help="characters to generate")
-    g.add_argument("--temperature", type=float, default=1.0, help="> 0; lower is more conservative")
+    g.add_argument("--temperature", type=float, default=1.0,
+                   help=f">= {MIN_TEMPERATURE}; lower is more conservative (--greedy for argmax)")
     g.add_argument("--top-k", type=int, default=0, help="sample among the k most likely (0: all)")
     g.add_argument("--top-p", type=float, default=1.0, help="nucleus: smallest set reaching p (1: all)")
     g.add_argument("--greedy", action="store_true", help="argmax decoding (deterministic)")

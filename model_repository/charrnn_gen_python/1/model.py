@@ -63,6 +63,11 @@ def parse(requests, vocab_size: int, states: SequenceStates) -> tuple[list[GenRe
     return valid, errors
 
 
+def invalid(message: str):
+    """The caller's error: gRPC INVALID_ARGUMENT / HTTP 400 (not INTERNAL / 500)."""
+    return pb_utils.TritonError(message, pb_utils.TritonError.INVALID_ARG)
+
+
 class TritonPythonModel:
     def initialize(self, args: dict) -> None:
         config, self.runner, self.vocab_size = load(args)
@@ -75,7 +80,7 @@ class TritonPythonModel:
         with self.runner.states.lock:
             valid, errors = parse(requests, self.vocab_size, self.runner.states)
             for i, message in errors.items():
-                responses[i] = pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(message))
+                responses[i] = pb_utils.InferenceResponse(output_tensors=[], error=invalid(message))
             for group in group_by_shape(valid):
                 ids = self.runner.run(group)  # (B, K)
                 for row, r in enumerate(group):
@@ -90,7 +95,7 @@ class TritonPythonModel:
         with self.runner.states.lock:
             valid, errors = parse(requests, self.vocab_size, self.runner.states)
             for i, message in errors.items():
-                senders[i].send(pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(message)),
+                senders[i].send(pb_utils.InferenceResponse(output_tensors=[], error=invalid(message)),
                                 flags=final)
             for group in group_by_shape(valid):
                 k = group[0].noise.shape[1]

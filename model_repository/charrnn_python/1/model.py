@@ -53,7 +53,8 @@ class TritonPythonModel:
                          check_ids(ids, self.vocab_size, MAX_T) or self.states.check(corr, flags))
                 if error:  # named by sequence: gRPC stream errors reach clients without a request id
                     responses[i] = pb_utils.InferenceResponse(
-                        output_tensors=[], error=pb_utils.TritonError(f"sequence {corr}: {error}"))
+                        output_tensors=[], error=pb_utils.TritonError(f"sequence {corr}: {error}",
+                                                                      pb_utils.TritonError.INVALID_ARG))
                 else:
                     groups.setdefault(ids.shape[1], []).append((i, corr, flags, ids))
             for members in groups.values():
