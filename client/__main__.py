@@ -85,6 +85,7 @@ def print_texts(seqs, vocab, model: str, args, params, stream_one: bool, partial
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     base = sampling_params(args)
+    replace(base, top_k=0).validate(1)  # all but top-k (it needs the vocabulary) before connecting
     if args.chunk is not None:
         return main_chunked(args, base)
     from client.generate import GenerationFailed, generate

@@ -17,6 +17,7 @@ Exit codes: 0 ok, 2 bad input, 3 the server did not become ready (its log is pri
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import secrets
 import shutil
@@ -119,6 +120,44 @@ class LocalTriton:
         return cls(http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(), **kwargs)
 
     @property
+    def shm_prefix(self) -> str:
+        """Prefix of this launcher's python-backend shared-memory regions in /dev/shm: one per run directory, so
+        stale regions of an earlier server of this run directory can be told from everyone else's."""
+        return f"charrnn_{hashlib.sha1(str(self.run_dir.resolve()).encode()).hexdigest()[:12]}_"
+
+    def clean_stale(self) -> list[str]:
+        """Remove what an earlier server of this run directory left after a crash, and only that: python stubs
+        still running from our backend directory without their server (tritonserver cannot unlink or stop
+        them when it is SIGKILLed), then our /dev/shm regions that no live process maps. Returns what went."""
+        stub = (self.run_dir / "backends" / "python" / "triton_python_backend_stub").resolve()
+        removed = []
+        for proc in Path("/proc").glob("[0-9]*"):
+            try:
+                argv0 = (proc / "cmdline").read_bytes().split(b"\0")[0].decode()
+                ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            if argv0 and Path(argv0).resolve() == stub and not _is_tritonserver(ppid):
+                try:
+                    os.kill(int(proc.name), signal.SIGKILL)
+                    removed.append(f"stub pid {proc.name}")
+                except ProcessLookupError:
+                    pass
+        regions = list(Path("/dev/shm").glob(self.shm_prefix + "*"))
+        if regions:
+            mapped = set()
+            for maps in Path("/proc").glob("[0-9]*/maps"):
+                try:
+                    mapped |= {line.split()[-1] for line in maps.read_text().splitlines() if "/dev/shm/" in line}
+                except (OSError, IndexError):
+                    continue
+            for region in regions:
+                if str(region) not in mapped and not any(m.startswith(str(region)) for m in mapped):
+                    region.unlink(missing_ok=True)
+                    removed.append(str(region))
+        return removed
+
+    @property
     def grpc_url(self) -> str:
         return f"127.0.0.1:{self.grpc_port}"
 
@@ -136,7 +175,8 @@ class LocalTriton:
             dist, libs = pytriton_dist()
             binary = str(dist / "bin" / "tritonserver")
             repo_arg = str(prepare_repository(self.repo, self.run_dir, self.models))
-            backend_args = [f"--backend-directory={prepare_backends(self.run_dir)}"]
+            backend_args = [f"--backend-directory={prepare_backends(self.run_dir)}",
+                            f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}"]
             env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [env.get("LD_LIBRARY_PATH"), str(libs)]))
             # The stub embeds this Python: put its environment first so it finds numpy/onnxruntime/charrnn.
             env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
@@ -156,8 +196,11 @@ class LocalTriton:
 
     def start(self) -> "LocalTriton":
         args, env = self.command()
+        stale = self.clean_stale()
         log = open(self.log_path, "ab")
         log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(args)}\n".encode())
+        if stale:
+            log.write(f"removed what a crashed server of {self.run_dir} left: {', '.join(stale)}\n".encode())
         log.flush()
         # Own process group: stop() takes the python backend stubs (children) down with the server.
         self.process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env,
@@ -209,6 +252,13 @@ class LocalTriton:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def _is_tritonserver(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip() == "tritonserver"
+    except OSError:
+        return False
 
 
 def _group_alive(pgid: int) -> bool:

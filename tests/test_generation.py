@@ -388,3 +388,11 @@ def test_streaming_first_character_arrives_before_the_last_is_generated(server):
     assert first < 0.5 * last, f"first character after {first * 1e3:.1f} ms, last after {last * 1e3:.1f} ms"
     # spread over the generation, not delivered in one burst at the end
     assert len({round(a * 1e3) for a in arrivals}) > 40, arrivals
+
+
+def test_gen_model_answers_65_sequences_at_once(server):
+    """Regression: `--chunk 4 --num-sequences 65` never finished with 64 sequence slots (the 65th START waited
+    for a slot and blocked every later answer on the client's gRPC stream)."""
+    got, _ = chunked(server, configs.GEN_PYTHON, ["ROMEO:\n"] * 65, [GREEDY] * 65, 4, length=20)
+    alone, _ = chunked(server, configs.GEN_PYTHON, ["ROMEO:\n"], [GREEDY], 4, length=20)
+    assert got == alone * 65

@@ -105,6 +105,45 @@ def kill_server(server) -> None:
         Path("/dev/shm", name).unlink(missing_ok=True)
 
 
+def test_launcher_removes_its_own_leftovers_of_a_crash_and_only_its_own(shipped_repo, tmp_path):
+    """After tritonserver is SIGKILLed its python stubs can outlive it (seen: one 136 MB orphan) and its
+    /dev/shm regions stay. The next start of the same run directory removes them; other regions stay."""
+    run_dir = tmp_path / "serve"
+    s = start_server(shipped_repo, run_dir)
+    stubs = [p for p in group_pids(s.process.pid) if p != s.process.pid]
+    regions = list(Path("/dev/shm").glob(s.shm_prefix + "*"))
+    assert stubs and regions, (stubs, regions)
+    foreign = [Path("/dev/shm", "triton_python_backend_shm_region_not-ours-" + os.urandom(4).hex()),
+               Path("/dev/shm", "charrnn_000000000000_not-ours-" + os.urandom(4).hex())]
+    for f in foreign:
+        f.write_bytes(b"x")
+    try:
+        for pid in stubs:  # a hung stub: it cannot notice that its server is gone
+            os.kill(pid, signal.SIGSTOP)
+        os.kill(s.process.pid, signal.SIGKILL)  # the server alone, as a segfault would
+        s.process.wait(timeout=30)
+        s.process = None
+        assert all(Path(f"/proc/{pid}").exists() for pid in stubs) and all(r.exists() for r in regions)
+        s2 = start_server(shipped_repo, run_dir)
+        try:
+            assert not any(Path(f"/proc/{pid}").exists() and Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+                           for pid in stubs), "the crashed server's stubs are still running"
+            assert not any(r.exists() for r in regions), "the crashed server's shared memory is still there"
+            assert all(f.exists() for f in foreign), "removed a region that was not ours"
+            assert "removed what a crashed server" in s2.log_path.read_text()
+            assert served(s2, ["ROMEO:\n"], 20, [SamplingParams(greedy=True)])[0][0]
+        finally:
+            s2.stop()
+    finally:
+        for f in foreign:
+            f.unlink(missing_ok=True)
+        for pid in stubs:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
 def restart_later(server) -> threading.Thread:
     """Start the server again on the SAME ports, in a thread (the client retries meanwhile)."""
     errors = []
@@ -378,6 +417,39 @@ def test_a_bad_request_is_the_callers_error_400_and_invalid_argument(server):
         assert e.value.status() == "StatusCode.INVALID_ARGUMENT" and "ids must be in 0..64" in e.value.message()
     finally:
         client.close()
+
+
+@pytest.mark.parametrize("n", [65, 500])
+def test_more_sequences_than_the_batch_all_finish(server, n):
+    """Regression: with sequence slots == batch size (64) the 65th START waited in Triton's backlog and, since
+    Triton answers one gRPC stream in order, every later answer on the stream waited behind it: a hang."""
+    greedy = [SamplingParams(greedy=True)] * n
+    t0 = time.monotonic()
+    texts, _ = served(server, ["ROMEO:\n"] * n, 8, greedy)
+    print(f"{n} sequences x 8 characters on one stream: {time.monotonic() - t0:.1f} s")
+    assert texts == served(server, ["ROMEO:\n"], 8, greedy[:1])[0] * n
+
+
+def test_abandoned_sequences_do_not_block_a_new_one(server):
+    """64 sequences started and never ended (they hold their slots until the idle timeout) must not keep a
+    new sequence waiting: it starts at once."""
+    abandoned, fresh = RawStream(server.grpc_url), RawStream(server.grpc_url)
+    try:
+        for i in range(64):
+            abandoned.send(f"a{i}/0", ids_of(server, "ROMEO:"), 8_500_000_000 + i, start=True)
+        for i in range(64):
+            abandoned.logits(f"a{i}")
+        t0 = time.monotonic()
+        fresh.send("f/0", ids_of(server, "JULIET:"), 8_500_001_000, start=True, end=True)
+        fresh.logits("f", timeout=10)
+        assert time.monotonic() - t0 < 1.0, f"a new sequence waited {time.monotonic() - t0:.1f} s"
+        for i in range(64):  # leave the server as found
+            abandoned.send(f"e{i}/0", [[1]], 8_500_000_000 + i, end=True)
+        for i in range(64):
+            abandoned.logits(f"e{i}")
+    finally:
+        abandoned.close()
+        fresh.close()
 
 
 def test_missing_sequence_id_is_refused(server):
