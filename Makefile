@@ -121,9 +121,9 @@ perf: perf-input .env ## GPU host: perf_analyzer sweep in the SDK container -> b
 images: setup ## build the slim stack's images (host-made wheelhouse; base from Debian's archive if Docker Hub is unreachable)
 	$(PY) -m serve.images
 
-compose-up-slim: $(ONNX) .env ## Triton in Docker, no GPU/NGC: python-backend models on 127.0.0.1:8000-8002 (waits until healthy)
+compose-up-slim: $(ONNX) .env ## Triton in Docker, no GPU/NGC: python models on 127.0.0.1:8000-8002, the stream model on 8010-8012
 	$(PY) -m serve.images triton-slim
-	$(COMPOSE) --profile slim up -d --wait triton-slim
+	$(COMPOSE) --profile slim up -d --wait triton-slim triton-slim-stream
 
 perf-slim: perf-input .env ## perf_analyzer (container) vs our client against the slim stack -> bench/results/perf*
 	$(PY) -m serve.images perf-slim

@@ -6,7 +6,10 @@
 
 The wheel's server (2.51.0) has only the python backend, so only the models that run on it are loaded:
 a repository view (symlinks) with the models asked for, among LOCAL_MODELS (charrnn_python, charrnn_gen_python,
-charrnn_gen_stream): all of them for `make serve`, charrnn_python alone by default for LocalTriton. A backend
+charrnn_gen_stream); charrnn_python alone by default for LocalTriton. `make serve` starts two servers: the
+decoupled charrnn_gen_stream runs in a tritonserver of its own (--stream-*-port, default 8010-8012), because
+2.51 crashes when decoupled and non-decoupled models stream on one server (serve/models.py); LocalTriton refuses
+to mix them. A backend
 directory is prepared with the python backend stub matching the running Python. With `--tritonserver PATH`
 (e.g. a real install's `tritonserver` on PATH) the same launcher runs that binary with its own backends and
 every model it can load.
@@ -31,7 +34,7 @@ import urllib.request
 from pathlib import Path
 
 from charrnn.errors import UnavailableError, UserError, cli
-from serve.models import PYTHON_MODELS
+from serve.models import DECOUPLED_MODELS, PYTHON_MODELS, mixed_decoupled
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_RUN_DIR = ROOT / "logs" / "serve"
@@ -166,6 +169,11 @@ class LocalTriton:
         return f"127.0.0.1:{self.http_port}"
 
     def command(self) -> tuple[list[str], dict[str, str]]:
+        if not self.tritonserver and mixed_decoupled(self.models):
+            raise UserError("models", f"{', '.join(m for m in self.models if m in DECOUPLED_MODELS)} (decoupled) "
+                            f"cannot share a server with {', '.join(m for m in self.models if m not in DECOUPLED_MODELS)}"
+                            ": Triton 2.51 crashes when both kinds stream on one server (serve/models.py)",
+                            "serve the decoupled model from a server of its own")
         self.run_dir.mkdir(parents=True, exist_ok=True)
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
@@ -303,7 +311,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--http-port", type=int, default=8000)
     p.add_argument("--grpc-port", type=int, default=8001)
     p.add_argument("--metrics-port", type=int, default=8002)
-    p.add_argument("--models", default=",".join(LOCAL_MODELS), help="comma-separated models to load")
+    p.add_argument("--models", default=None,
+                   help="comma-separated models for ONE server (default: every local model, the decoupled one "
+                        "on a second server)")
+    p.add_argument("--stream-http-port", type=int, default=8010, help="second server (decoupled models)")
+    p.add_argument("--stream-grpc-port", type=int, default=8011)
+    p.add_argument("--stream-metrics-port", type=int, default=8012)
     p.add_argument("--tritonserver", default=None, metavar="PATH",
                    help="use this tritonserver binary (a real install, with all its backends) instead of the "
                         "wheel's; a bare name is looked up on PATH (--tritonserver tritonserver)")
@@ -316,38 +329,57 @@ def main(argv: list[str] | None = None) -> int:
                             "flag out to run the nvidia-pytriton wheel's server")
         args.tritonserver = found
 
+    recorded = [int(line.split()[0]) for line in PID_FILE.read_text().splitlines()] if PID_FILE.is_file() else []
     if args.action in ("stop", "status"):
-        if not PID_FILE.is_file():
+        if not recorded:
             print("no local server recorded (make serve starts one)")
             return 0
-        pid = int(PID_FILE.read_text().split()[0])
-        if args.action == "status":
-            print(f"local server pid {pid}: {'running' if _group_alive(pid) else 'not running'}")
-            return 0
-        stop_group(pid, lambda: None, timeout=20)
-        PID_FILE.unlink(missing_ok=True)
-        print(f"stopped local server (pid {pid})")
+        for pid in recorded:
+            if args.action == "status":
+                print(f"local server pid {pid}: {'running' if _group_alive(pid) else 'not running'}")
+            else:
+                stop_group(pid, lambda: None, timeout=20)
+                print(f"stopped local server (pid {pid})")
+        if args.action == "stop":
+            PID_FILE.unlink(missing_ok=True)
         return 0
 
-    server = LocalTriton(repo=args.repo, http_port=args.http_port, grpc_port=args.grpc_port,
-                         metrics_port=args.metrics_port, models=tuple(filter(None, args.models.split(","))),
-                         tritonserver=args.tritonserver)
-    if args.action == "start" and PID_FILE.is_file() and _group_alive(int(PID_FILE.read_text().split()[0])):
+    common = {"repo": args.repo, "tritonserver": args.tritonserver}
+    if args.models is not None:
+        servers = [LocalTriton(http_port=args.http_port, grpc_port=args.grpc_port, metrics_port=args.metrics_port,
+                               models=tuple(filter(None, args.models.split(","))), **common)]
+    else:
+        servers = [LocalTriton(http_port=args.http_port, grpc_port=args.grpc_port, metrics_port=args.metrics_port,
+                               models=tuple(m for m in LOCAL_MODELS if m not in DECOUPLED_MODELS), **common),
+                   LocalTriton(http_port=args.stream_http_port, grpc_port=args.stream_grpc_port,
+                               metrics_port=args.stream_metrics_port, run_dir=DEFAULT_RUN_DIR.parent / "serve-stream",
+                               models=DECOUPLED_MODELS, **common)]
+    if args.action == "start" and any(_group_alive(pid) for pid in recorded):
         raise UserError("make serve", "a local server is already running", "`make stop` first")
-    t0 = time.time()
-    server.start()
-    print(f"Triton ready in {time.time() - t0:.1f} s: grpc {server.grpc_url}, http {server.http_url}, "
-          f"models {', '.join(server.models)}; log {server.log_path}")
+    started = []
+    try:
+        for server in servers:
+            t0 = time.time()
+            started.append(server.start())
+            print(f"Triton ready in {time.time() - t0:.1f} s: grpc {server.grpc_url}, http {server.http_url}, "
+                  f"models {', '.join(server.models)}; log {server.log_path}")
+    except BaseException:
+        for server in started:
+            server.stop()
+        raise
     if args.action == "start":
-        PID_FILE.write_text(f"{server.process.pid}\n")
-        server.process = None  # leave it running; `make stop` stops it
+        PID_FILE.write_text("".join(f"{s.process.pid}\n" for s in servers))
+        for server in servers:
+            server.process = None  # leave it running; `make stop` stops it
         return 0
-    try:  # run: foreground until Ctrl-C
-        server.process.wait()
+    try:  # run: foreground until Ctrl-C or a server exits
+        while all(s.process.poll() is None for s in servers):
+            time.sleep(0.5)  # waiting on either server process to exit
     except KeyboardInterrupt:
         pass
     finally:
-        server.stop()
+        for server in servers:
+            server.stop()
     return 0
 
 

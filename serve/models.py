@@ -18,5 +18,18 @@ SERVED_MODELS = ("charrnn_trt", "charrnn_onnx", "charrnn_python",
 GPU_ONLY_MODELS = ("charrnn_trt", "charrnn_gen_trt")
 CPU_MODELS = tuple(m for m in SERVED_MODELS if m not in GPU_ONLY_MODELS)
 # The python-backend models: all that Triton 2.51 from the nvidia-pytriton wheel can serve (it has no TensorRT or
-# ONNX Runtime backend), i.e. the local server (serve/local.py) and the slim compose service (`triton-slim`).
+# ONNX Runtime backend), i.e. the local server (serve/local.py) and the slim compose services.
 PYTHON_MODELS = ("charrnn_python", "charrnn_gen_python", "charrnn_gen_stream")
+# Decoupled models (one request, many responses) get a tritonserver process of their own. Triton 2.51's gRPC
+# frontend segfaults (in TRITONBACKEND_ResponseSend) when a decoupled and a non-decoupled model stream responses
+# on one server: the stream handlers share one pool of request states, and a non-decoupled stream marks its
+# state complete after handing its write to gRPC, so the state can be released and reused by a decoupled
+# request, which then counts its first response as its last (server src/grpc/stream_infer_handler.cc, r24.10;
+# no upstream fix as of 2026-08). Measured on the local server: 5 of 5 runs crashed within 8 rounds of mixed
+# traffic (38% of rounds); with the stream model on a server of its own, 0 crashes in 20 rounds.
+DECOUPLED_MODELS = ("charrnn_gen_stream",)
+
+
+def mixed_decoupled(models: tuple[str, ...]) -> bool:
+    """True if `models` puts a decoupled model on one server with a non-decoupled one (which crashes 2.51)."""
+    return bool(set(models) & set(DECOUPLED_MODELS)) and bool(set(models) - set(DECOUPLED_MODELS))

@@ -17,17 +17,17 @@ import pytest
 import yaml
 
 from serve.images import IMAGES, pins
-from serve.models import CPU_MODELS, GPU_ONLY_MODELS, PYTHON_MODELS, SERVED_MODELS
+from serve.models import CPU_MODELS, DECOUPLED_MODELS, GPU_ONLY_MODELS, PYTHON_MODELS, SERVED_MODELS
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 DOCKERFILE = ROOT / "serve" / "Dockerfile"
 PERF_SH = ROOT / "bench" / "perf.sh"
 
-SERVER_SERVICES = ("triton", "triton-cpu", "triton-slim")
+SERVER_SERVICES = ("triton", "triton-cpu", "triton-slim", "triton-slim-stream")
 NGC_SERVICES = ("triton", "triton-cpu", "export-trt", "perf")
 PROFILES = {"triton": None, "triton-cpu": ["cpu"], "export-trt": ["export"], "perf": ["perf"],
-            "triton-slim": ["slim"], "perf-slim": ["perf-slim"]}
+            "triton-slim": ["slim"], "triton-slim-stream": ["slim"], "perf-slim": ["perf-slim"]}
 DEFAULT_VAR = re.compile(r"\$\{[A-Z_]+:-([^}]*)\}")
 RELEASE_VAR = re.compile(r"\$\{TRITON_RELEASE(?::-([^}]*))?\}")
 # Restricted-API categories Triton knows (src/restricted_features.h) and the ones we lock.
@@ -117,7 +117,7 @@ def test_every_port_binds_loopback_only(services):
 
 
 @pytest.mark.parametrize("name", SERVER_SERVICES)
-def test_server_ports_http_grpc_metrics(services, name):
+def test_server_ports_http_grpc_metrics(services, name):  # container ports; host ports may move
     published = {p.split(":")[-1] for p in services[name]["ports"]}
     assert published == {"8000", "8001", "8002"}
 
@@ -221,11 +221,19 @@ def test_cpu_server_mounts_exactly_the_cpu_models(services):
     assert not any(g in m["source"] for g in GPU_ONLY_MODELS for m in mounts)
 
 
-def test_slim_server_mounts_exactly_the_python_models_read_only(services):
-    mounts = bind_mounts(services["triton-slim"])
+@pytest.mark.parametrize("name, decoupled", [("triton-slim", False), ("triton-slim-stream", True)])
+def test_slim_servers_mount_the_python_models_read_only_decoupled_apart(services, name, decoupled):
+    """The decoupled model has a server of its own (Triton 2.51 crashes when both kinds stream on one)."""
+    mounts = bind_mounts(services[name])
     assert all(m["read_only"] for m in mounts)
-    assert sorted(Path(m["source"]).parts[-1] for m in mounts) == sorted(PYTHON_MODELS)
+    want = [m for m in PYTHON_MODELS if (m in DECOUPLED_MODELS) == decoupled]
+    assert sorted(Path(m["source"]).parts[-1] for m in mounts) == sorted(want)
     assert all(m["target"] == f"/models/{Path(m['source']).name}" for m in mounts)
+
+
+def test_slim_servers_publish_different_host_ports(services):
+    host = [with_defaults(p).split(":")[1] for n in ("triton-slim", "triton-slim-stream") for p in services[n]["ports"]]
+    assert len(set(host)) == 6, host
 
 
 def test_served_models_match_the_exporter():

@@ -25,11 +25,12 @@ import pytest
 
 from charrnn.errors import UnavailableError
 from charrnn.sampling import SamplingParams
-from serve.models import PYTHON_MODELS
+from serve.models import DECOUPLED_MODELS, PYTHON_MODELS
 from tests.conftest import ROOT, free_port, tf_text
 
 REQUIRE_DOCKER = os.environ.get("CHARRNN_REQUIRE_DOCKER") == "1"
-SERVICE = "triton-slim"
+SERVICE, STREAM_SERVICE = "triton-slim", "triton-slim-stream"
+SHARED_MODELS = tuple(m for m in PYTHON_MODELS if m not in DECOUPLED_MODELS)  # triton-slim; the rest: stream
 PROMPTS = ["ROMEO:\n", "JULIET:\n", "First Citizen:\n", "KING HENRY VI:\nO"]
 
 
@@ -54,6 +55,7 @@ class Stack:
     http_port: int
     grpc_port: int
     metrics_port: int
+    stream_grpc_port: int
 
     @property
     def grpc_url(self) -> str:
@@ -62,6 +64,10 @@ class Stack:
     @property
     def http_url(self) -> str:
         return f"127.0.0.1:{self.http_port}"
+
+    @property
+    def stream_url(self) -> str:
+        return f"127.0.0.1:{self.stream_grpc_port}"
 
     def compose(self, *args: str, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
         cmd = ["docker", "compose", "-p", self.project, "--profile", "slim", "--profile", "perf-slim", *args]
@@ -108,14 +114,17 @@ def bases() -> dict:
 @pytest.fixture(scope="module")
 def stack(bases, shipped_repo, tmp_path_factory):
     project = f"charrnn-test-{secrets.token_hex(4)}"
-    ports = {"TRITON_HTTP_PORT": free_port(), "TRITON_GRPC_PORT": free_port(), "TRITON_METRICS_PORT": free_port()}
+    ports = {name: free_port() for name in ("TRITON_HTTP_PORT", "TRITON_GRPC_PORT", "TRITON_METRICS_PORT",
+                                            "TRITON_STREAM_HTTP_PORT", "TRITON_STREAM_GRPC_PORT",
+                                            "TRITON_STREAM_METRICS_PORT")}
     env = {**os.environ, **bases, **{k: str(v) for k, v in ports.items()},
            "TRITON_ADMIN_KEY": secrets.token_hex(16), "MODEL_REPOSITORY": str(shipped_repo),
            "HOST_UID": str(os.getuid()), "HOST_GID": str(os.getgid()),
            "PERF_RESULTS": str(tmp_path_factory.mktemp("perf-results"))}
-    s = Stack(project, env, ports["TRITON_HTTP_PORT"], ports["TRITON_GRPC_PORT"], ports["TRITON_METRICS_PORT"])
+    s = Stack(project, env, ports["TRITON_HTTP_PORT"], ports["TRITON_GRPC_PORT"], ports["TRITON_METRICS_PORT"],
+              ports["TRITON_STREAM_GRPC_PORT"])
     t0 = time.monotonic()
-    up = s.compose("up", "-d", "--wait", SERVICE)
+    up = s.compose("up", "-d", "--wait", SERVICE, STREAM_SERVICE)
     if up.returncode != 0:
         logs = s.compose("logs", "--no-color", "--tail", "40").stdout
         s.compose("down", "--remove-orphans", "--volumes")
@@ -158,6 +167,8 @@ def inference_count(stack: Stack, model: str = "charrnn_python") -> int:
 
 # --- it builds, comes up and serves ------------------------------------------------------------------------
 def test_stack_is_healthy_and_serves_exactly_the_python_models(stack):
+    """triton-slim serves the non-decoupled python models; triton-slim-stream the decoupled one (mixing them
+    on one server crashes Triton 2.51, serve/models.py)."""
     state = stack.inspect()["State"]
     assert state["Status"] == "running" and state["Health"]["Status"] == "healthy", state
     import tritonclient.http as th
@@ -168,7 +179,14 @@ def test_stack_is_healthy_and_serves_exactly_the_python_models(stack):
         version = c.get_server_metadata()["version"]
     finally:
         c.close()
-    assert sorted((m["name"], m["state"]) for m in index) == sorted((m, "READY") for m in PYTHON_MODELS)
+    assert sorted((m["name"], m["state"]) for m in index) == sorted((m, "READY") for m in SHARED_MODELS)
+    import tritonclient.grpc as tg
+
+    g = tg.InferenceServerClient(stack.stream_url)
+    try:
+        assert [m for m in PYTHON_MODELS if g.is_model_ready(m)] == list(DECOUPLED_MODELS)
+    finally:
+        g.close()
     # The image's tag says which Triton it holds (the NGC 24.10 release's server).
     assert stack.inspect()["Config"]["Image"] == f"charrnn-tritonserver-slim:{version}" == \
         "charrnn-tritonserver-slim:2.51.0"
@@ -192,10 +210,11 @@ def test_8_concurrent_seeded_sequences_equal_their_solo_runs(stack):
 @pytest.mark.parametrize("model", ["charrnn_gen_python", "charrnn_gen_stream"])
 def test_generation_models_answer_through_the_container(stack, shipped, model):
     want = tf_text(shipped, "ROMEO:", 120, SamplingParams(greedy=True))
-    r = client(stack, "--model", model, "--chunk", "16", "--greedy", "--prompt", "ROMEO:", "--length", "120",
-               "--expect", want)
+    url = stack.stream_url if model in DECOUPLED_MODELS else stack.grpc_url
+    r = client(stack, "--url", url, "--model", model, "--chunk", "16", "--greedy", "--prompt", "ROMEO:",
+               "--length", "120", "--expect", want)
     assert r.returncode == 0, r.stderr
-    assert f"[{model} via grpc://{stack.grpc_url}: 1 x 120 characters, 16 per request" in r.stderr
+    assert f"[{model} via grpc://{url}: 1 x 120 characters, 16 per request" in r.stderr
 
 
 # --- a real fault ---------------------------------------------------------------------------------------------
@@ -284,7 +303,7 @@ def test_server_runs_unprivileged_with_no_capabilities(stack):
     assert int(fields["CapEff"], 16) == 0 and int(fields["CapBnd"], 16) == 0, (fields["CapEff"], fields["CapBnd"])
     assert fields["NoNewPrivs"].strip() == "1"
     mounts = stack.inspect()["Mounts"]
-    assert sorted(m["Destination"] for m in mounts) == sorted(f"/models/{m}" for m in PYTHON_MODELS)
+    assert sorted(m["Destination"] for m in mounts) == sorted(f"/models/{m}" for m in SHARED_MODELS)
     assert not any(m["RW"] for m in mounts), mounts
 
 
@@ -312,7 +331,7 @@ def test_admin_api_needs_the_key_from_outside(stack):
         assert h.get_log_settings(headers={"admin-key": key})["log_verbose_level"] == 0
         names = [m["name"] for m in g.get_model_repository_index(
             headers={"triton-grpc-protocol-admin-key": key}, as_json=True)["models"]]
-        assert sorted(names) == sorted(PYTHON_MODELS)
+        assert sorted(names) == sorted(SHARED_MODELS)
         # Even with the key, model control mode none: nothing can be loaded or unloaded.
         with pytest.raises(InferenceServerException, match="explicit model load / unload is not allowed"):
             h.unload_model("charrnn_python", headers={"admin-key": key})

@@ -20,7 +20,7 @@ from charrnn.sampling import Sampler, SamplingParams, generate as reference_gene
 from export import configs
 from tests.conftest import ROOT
 
-GEN_LOCAL = ("charrnn_python", "charrnn_gen_python", "charrnn_gen_stream")
+GEN_LOCAL = ("charrnn_python", "charrnn_gen_python")  # charrnn_gen_stream (decoupled) has a server of its own
 LENGTH = 160
 # The second prompt is longer than MAX_T: two prime requests (the first one's id is discarded).
 LONG_PROMPT = ("First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\n" * 4)[: MAX_T + 40]
@@ -54,6 +54,17 @@ def server(shipped_repo, tmp_path_factory):
 
     s = LocalTriton.on_free_ports(repo=shipped_repo, run_dir=tmp_path_factory.mktemp("gen-serve"),
                                   models=GEN_LOCAL).start()
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def stream_server(shipped_repo, tmp_path_factory):
+    """The decoupled model on a server of its own (serve/models.py DECOUPLED_MODELS: mixing crashes 2.51)."""
+    from serve.local import LocalTriton
+
+    s = LocalTriton.on_free_ports(repo=shipped_repo, run_dir=tmp_path_factory.mktemp("gen-stream-serve"),
+                                  models=(configs.GEN_STREAM,)).start()
     yield s
     s.stop()
 
@@ -358,21 +369,21 @@ def test_gen_python_rejects_bad_requests_and_keeps_the_state(server, shipped):
 # --- streaming ------------------------------------------------------------------------------------------
 
 
-def test_streaming_model_same_text_one_response_per_character(server, per_character):
+def test_streaming_model_same_text_one_response_per_character(stream_server, per_character):
     prompts = ("ROMEO:\n", "JULIET:\n", LONG_PROMPT)
     calls = []
-    got, seqs = chunked(server, "charrnn_gen_stream", prompts, SEEDED, 32, on_text=lambda i, t: calls.append((i, t)))
+    got, seqs = chunked(stream_server, "charrnn_gen_stream", prompts, SEEDED, 32, on_text=lambda i, t: calls.append((i, t)))
     assert got == per_character(prompts, tuple(SEEDED))
     assert len(calls) == 3 * LENGTH and all(len(t) == 1 for _, t in calls), "one response per character"
-    greedy, _ = chunked(server, "charrnn_gen_stream", PROMPTS, [GREEDY] * 2, 8)
+    greedy, _ = chunked(stream_server, "charrnn_gen_stream", PROMPTS, [GREEDY] * 2, 8)
     assert greedy == per_character(tuple(PROMPTS), (GREEDY,) * 2)
 
 
-def test_streaming_first_character_arrives_before_the_last_is_generated(server):
+def test_streaming_first_character_arrives_before_the_last_is_generated(stream_server):
     """K = MAX_K in ONE request: the characters arrive one by one while the server is still generating."""
     from client.chunked import GenStream, generate_chunked
 
-    stream = GenStream(server.grpc_url)
+    stream = GenStream(stream_server.grpc_url)
     try:
         vocab = stream.vocabulary(configs.GEN_STREAM)
         generate_chunked(None, configs.GEN_STREAM, vocab, ["A"], 8, GREEDY, 8, stream=stream)  # warm-up
@@ -396,3 +407,31 @@ def test_gen_model_answers_65_sequences_at_once(server):
     got, _ = chunked(server, configs.GEN_PYTHON, ["ROMEO:\n"] * 65, [GREEDY] * 65, 4, length=20)
     alone, _ = chunked(server, configs.GEN_PYTHON, ["ROMEO:\n"], [GREEDY], 4, length=20)
     assert got == alone * 65
+
+
+def test_a_decoupled_model_never_shares_a_local_server(shipped_repo, tmp_path):
+    """Triton 2.51 segfaulted under mixed traffic (5 of 5 runs within 8 rounds) when charrnn_gen_stream and a
+    non-decoupled model streamed on one server: the launcher refuses that mix."""
+    from charrnn.errors import UserError
+    from serve.local import LocalTriton
+
+    with pytest.raises(UserError, match="charrnn_gen_stream \\(decoupled\\) cannot share a server with charrnn_python"):
+        LocalTriton.on_free_ports(repo=shipped_repo, run_dir=tmp_path, models=("charrnn_python", configs.GEN_STREAM)).start()
+
+
+def test_mixed_streaming_traffic_on_split_servers_keeps_both_up(server, stream_server):
+    """The issue's mixed load (per-character, chunked and streamed clients at once, each on gRPC streams) for
+    a few rounds: every client finishes and both servers stay up."""
+    import subprocess
+    import sys
+
+    py = [sys.executable, "-m", "client"]
+    for _ in range(3):
+        procs = [subprocess.Popen([*py, "--url", server.grpc_url, "--model", "charrnn_python", "--greedy",
+                                   "--length", "600", "--retries", "0", "--quiet"], cwd=ROOT, stdout=subprocess.DEVNULL),
+                 subprocess.Popen([*py, "--url", server.grpc_url, "--model", configs.GEN_PYTHON, "--chunk", "4",
+                                   "--seed", "3", "--length", "600", "--quiet"], cwd=ROOT, stdout=subprocess.DEVNULL),
+                 subprocess.Popen([*py, "--url", stream_server.grpc_url, "--model", configs.GEN_STREAM, "--chunk", "4",
+                                   "--seed", "9", "--length", "600", "--quiet"], cwd=ROOT, stdout=subprocess.DEVNULL)]
+        assert [p.wait(timeout=300) for p in procs] == [0, 0, 0]
+        assert server.is_ready() and stream_server.is_ready()
