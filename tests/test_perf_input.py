@@ -132,3 +132,38 @@ def test_module_cli_exit_code(corpus, tmp_path):
                         "--data", str(corpus)], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == EXIT_USAGE
     assert r.stderr.strip() == "error: --streams: must be >= 1, got 0"
+
+
+def test_generation_model_streams_carry_noise_temperature_and_top_k(corpus, tmp_path, vocab, test_text):
+    """--chunk K: steps / K requests per stream, each with NOISE (K, V) uniforms in (0, 1) as base64 float32,
+    TEMPERATURE [1.0] and TOP_K [0]; the first carries the prompt, each later one the next real character."""
+    import base64
+
+    import numpy as np
+
+    from charrnn.contract import NOISE, TEMPERATURE, TOP_K
+
+    out = tmp_path / "gen.json"
+    k, steps, prompt = 16, 64, 32
+    assert main(["--out", str(out), "--data", str(corpus), "--streams", "4", "--prompt-length", str(prompt),
+                 "--steps", str(steps), "--chunk", str(k)]) == 0
+    data = json.loads(out.read_text())["data"]
+    assert len(data) == 4 and all(len(stream) == steps // k for stream in data)
+    for stream in data:
+        first = vocab.decode(stream[0][INPUT_IDS]["content"])
+        assert len(first) == prompt and first in test_text
+        window = test_text[test_text.index(first):][: prompt + steps]
+        for r, step in enumerate(stream):
+            assert sorted(step) == sorted([INPUT_IDS, NOISE, TEMPERATURE, TOP_K])
+            if r:  # the character the previous request's K-th output stands for, teacher-forced
+                assert vocab.decode(step[INPUT_IDS]["content"]) == window[prompt + r * k - 1]
+            noise = np.frombuffer(base64.b64decode(step[NOISE]["b64"]), "<f4")
+            assert step[NOISE]["shape"] == [k, len(vocab)] and noise.size == k * len(vocab)
+            assert (noise > 0).all() and (noise < 1).all()
+            assert step[TEMPERATURE] == {"content": [1.0], "shape": [1]} and step[TOP_K] == {"content": [0], "shape": [1]}
+
+
+@pytest.mark.parametrize("chunk", ["0", "257", "48"])  # 48 does not divide --steps 256
+def test_bad_chunk_exits_2(corpus, tmp_path, chunk, capsys):
+    assert main(["--out", str(tmp_path / "x.json"), "--data", str(corpus), "--chunk", chunk]) == EXIT_USAGE
+    assert "error: --chunk: must be in 1..256 and divide --steps (256)" in capsys.readouterr().err
