@@ -14,7 +14,7 @@ PYTEST_FLAGS ?=
 
 .PHONY: setup data train evaluate sample export verify plan serve stop demo test test-slow clean help \
         bench soak import perf-input compose-plan compose-up compose-up-cpu compose-down perf \
-        images compose-up-slim perf-slim
+        images compose-up-slim perf-slim soak-mixed
 
 help:
 	@grep -E '^[a-z-]+:.*## ' Makefile | sed 's/:.*## /\t/'
@@ -71,6 +71,9 @@ IMPORT_FLAGS ?= --wts data/char-rnn.wts --vocab-builtin samplecharrnn --out mode
 
 soak: $(ONNX) ## 64 sequences x 2,000 characters through the local Triton: 0 errors, server RSS stable (SOAK_FLAGS)
 	$(PY) -m bench.soak $(SOAK_FLAGS)
+
+soak-mixed: $(ONNX) ## all python models at once (gRPC/HTTP, per char/chunked/streamed, bad requests) for 10 min
+	$(PY) -m bench.mixed_soak $(MIXED_SOAK_FLAGS)
 
 import: setup ## import a TF1 char-rnn checkpoint or sampleCharRNN .wts dump into a model directory (IMPORT_FLAGS)
 	$(PY) -m train.import_tf1 $(IMPORT_FLAGS)

@@ -842,3 +842,13 @@ def test_soak_64_sequences_no_errors_and_flat_server_memory(shipped_repo, tmp_pa
 
     assert soak_main(["--repo", str(shipped_repo), "--run-dir", str(tmp_path / "serve"), "--sequences", "64",
                       "--length", "2000"]) == 0
+
+
+@pytest.mark.slow
+def test_mixed_soak_10_minutes_no_crash_no_wrong_text_flat_memory():
+    """`make soak-mixed`: every python model at once, over gRPC and HTTP, per character, chunked and streamed,
+    with bad requests mixed in, for 10 minutes (bench/mixed_soak.py checks texts, errors and memory)."""
+    r = subprocess.run([sys.executable, "-m", "bench.mixed_soak", "--minutes", "10"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=1500)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "0 crashes, 0 wrong texts" in r.stdout
