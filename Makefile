@@ -54,7 +54,7 @@ verify: $(ONNX) ## Expect/Received parity: ONNX Runtime vs TensorFlow (logits an
 
 plan: compose-plan ## TensorRT plan: needs NVIDIA's TensorRT container on a GPU host (see README)
 
-serve: $(ONNX) ## start the local Triton server (python backend) on 127.0.0.1:8000/8001/8002
+serve: $(ONNX) ## start the local Triton servers (python backend): 127.0.0.1:8000-8002, the stream model on 8010-8012
 	$(PY) -m serve.local start
 
 stop: setup ## stop the server `make serve` started
