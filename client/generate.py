@@ -127,7 +127,8 @@ def new_sequence_ids(n: int) -> list[int]:
 OUTAGE, LOST, FATAL = "outage", "lost", "fatal"
 _OUTAGE_STATUS = ("UNAVAILABLE", "CANCELLED", "DEADLINE_EXCEEDED", "ABORTED")
 _OUTAGE_TEXT = ("stream is no longer in valid state", "socket closed", "connection refused", "failed to connect",
-                "connection reset", "broken pipe", "server is stopping", "stream removed", "no answer for")
+                "connection reset", "broken pipe", "server is stopping", "stream removed", "no answer for",
+                "channel closed")  # gRPC's ValueError once our side of the connection is closed
 _LOST_TEXT = ("must specify the start flag", "unknown sequence")
 
 

@@ -452,6 +452,41 @@ def test_abandoned_sequences_do_not_block_a_new_one(server):
         fresh.close()
 
 
+def test_reprime_after_an_outage_ends_the_sequences_it_replaces(server):
+    """The stream breaks while the server stays up: the client re-primes under new ids and ENDs the old ones,
+    which otherwise held their slots until the idle timeout (with --num-sequences 10000: 10,000 of them)."""
+    from client.generate import RetryPolicy, generate
+    from client.session import Connection
+
+    conn = Connection(server.grpc_url, "grpc")
+    greedy = [SamplingParams(greedy=True)] * 3
+    broken = []
+
+    def break_stream(index, char):
+        if not broken and sum(len(s) for s in texts_so_far) >= 30:
+            broken.append(True)
+            conn.abort()  # the client's side of the stream goes away; the server keeps the sequences
+
+    texts_so_far = [[], [], []]
+    try:
+        vocab = conn.vocabulary(conn.pick_model(MODEL))
+        seqs = generate(conn, MODEL, vocab, ["ROMEO:\n", "JULIET:\n", "HAMLET:\n"], 60, greedy,
+                        on_char=lambda i, c: (texts_so_far[i].append(c), break_stream(i, c)),
+                        retry=RetryPolicy(retries=5, delay=0.1, max_wait=30))
+    finally:
+        conn.close()
+    assert broken and all(s.restarts == 1 and len(s.sequence_ids) == 1 for s in seqs)
+    assert [vocab.decode(s.generated) for s in seqs] == served(server, ["ROMEO:\n", "JULIET:\n", "HAMLET:\n"], 60,
+                                                               greedy)[0]
+    probe = RawStream(server.grpc_url)
+    try:
+        for seq in seqs:  # Triton no longer knows the replaced ids: they were ended, not left to idle out
+            probe.send(f"p{seq.sequence_ids[0]}/0", [[1]], seq.sequence_ids[0])
+            assert "must specify the START flag" in probe.error(timeout=10)
+    finally:
+        probe.close()
+
+
 def test_missing_sequence_id_is_refused(server):
     stream = RawStream(server.grpc_url)
     try:
