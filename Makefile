@@ -109,11 +109,11 @@ perf-input: data ## perf_analyzer input from the test split -> bench/results/per
 compose-plan: .env ## GPU host: build model.plan in NVIDIA's TensorRT container (after make export)
 	$(COMPOSE) --profile export run --rm export-trt
 
-compose-up: .env ## GPU host: Triton with all three models on 127.0.0.1:8000-8002 (waits until ready)
-	$(COMPOSE) up -d --build --wait triton
+compose-up: .env ## GPU host: every model on 127.0.0.1:8000-8002, the stream model on 8010-8012 (waits until ready)
+	$(COMPOSE) up -d --build --wait triton triton-stream
 
-compose-up-cpu: .env ## CPU-only host: Triton with charrnn_onnx + charrnn_python
-	$(COMPOSE) up -d --build --wait triton-cpu
+compose-up-cpu: .env ## CPU-only host (nvcr.io): the models that need no GPU, the stream model on 8010-8012
+	$(COMPOSE) up -d --build --wait triton-cpu triton-stream
 
 compose-down: .env ## stop whatever compose services of the project are up (containers and network removed)
 	$(COMPOSE) --profile cpu --profile export --profile perf --profile slim --profile perf-slim down --remove-orphans

@@ -166,6 +166,16 @@ def inference_count(stack: Stack, model: str = "charrnn_python") -> int:
 
 
 # --- it builds, comes up and serves ------------------------------------------------------------------------
+def test_compose_itself_accepts_every_service_of_every_profile(stack):
+    """Docker Compose's own validation of the whole file, the NGC services included (they cannot run here)."""
+    r = stack.compose("--profile", "cpu", "--profile", "export", "--profile", "perf", "config", "-q")
+    assert r.returncode == 0, r.stderr
+    r = stack.compose("--profile", "cpu", "--profile", "export", "--profile", "perf", "config", "--services")
+    assert set(r.stdout.split()) == {"triton", "triton-cpu", "triton-stream", "export-trt", "perf", "triton-slim",
+                                     "triton-slim-stream", "perf-slim"}
+
+
+
 def test_stack_is_healthy_and_serves_exactly_the_python_models(stack):
     """triton-slim serves the non-decoupled python models; triton-slim-stream the decoupled one (mixing them
     on one server crashes Triton 2.51, serve/models.py)."""
