@@ -141,6 +141,12 @@ def served_run(server, prompts: list[str], length: int, seed: int, model: str | 
             "Client CPU %": 100 * cpu / wall}
 
 
+def sweep_prompts(vocab, test: np.ndarray, sequences: int, prompt_length: int) -> list[str]:
+    """`sequences` prompts of `prompt_length` test-split characters, spread over the split."""
+    starts = np.linspace(1000, len(test) - prompt_length - 1, sequences).astype(int)
+    return [vocab.decode(test[s : s + prompt_length]) for s in starts]
+
+
 FLOOR_MODEL = "charrnn_floor"
 
 
@@ -322,8 +328,7 @@ def chunked_section(server, vocab, test: np.ndarray, args, ks: list[int]) -> dic
     ort_k = max(ks)
     ort = ort_gen_chars_per_s(gen_onnx, K=ort_k, threads=threads)  # the same session options as served
     print(f"  in-process ORT generation graph, batch 1, K={ort_k}, {threads} threads: {ort:.0f} chars/s", flush=True)
-    starts = np.linspace(1000, len(test) - args.prompt_length - 1, 16).astype(int)
-    prompts = [vocab.decode(test[s : s + args.prompt_length]) for s in starts]
+    prompts = sweep_prompts(vocab, test, 16, args.prompt_length)
     rows = bench_chunked(server, vocab, prompts, ks, args.length, on_row=lambda r: print(
         f"  K={r['K']:>3} x{r['sequences']:>2} sequences: {r['chars_per_s']:7.0f} chars/s, "
         f"{r['requests_per_s']:6.1f} requests/s, p50 request {r['p50_request_ms']:.1f} ms, "
@@ -379,9 +384,7 @@ def main(argv: list[str] | None = None) -> int:
     with server:
         served_run(server, [vocab.decode(test[:args.prompt_length])], 16, 0)  # warm-up
         for c in levels:
-            starts = np.linspace(1000, len(test) - args.prompt_length - 1, c).astype(int)
-            prompts = [vocab.decode(test[s : s + args.prompt_length]) for s in starts]
-            row = served_run(server, prompts, args.length, seed=c)
+            row = served_run(server, sweep_prompts(vocab, test, c, args.prompt_length), args.length, seed=c)
             rows.append(row)
             print(f"  {c:>3} sequences: {row['Chars/Second']:7.0f} chars/s  p50 {row['p50 latency']:6.0f} us  "
                   f"p99 {row['p99 latency']:6.0f} us  client CPU {row['Client CPU %']:.0f}%", flush=True)

@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from export.configs import load_config, vocab_of
     from serve.local import LocalTriton
-    from serve.models import DECOUPLED_MODELS
+    from serve.models import DECOUPLED_MODELS, SHARED_PYTHON_MODELS
 
     repo = Path(args.repo)
     vocab = vocab_of(load_config(repo / args.model / "config.pbtxt"))
@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{ort_gen_chars_per_s(repo / 'charrnn_gen_onnx' / '1' / 'model.onnx'):.0f} chars/s", flush=True)
     server = LocalTriton.on_free_ports(repo=repo, run_dir=tempfile.mkdtemp(prefix="charrnn-bench-chunked-"),
                                        models=(args.model,) if args.model in DECOUPLED_MODELS else
-                                       ("charrnn_python", "charrnn_gen_python"))
+                                       SHARED_PYTHON_MODELS)
     with server:
         bench_chunked(server, vocab, prompts, ks, args.length, args.model, on_row=lambda r: print(
             f"  {r['model']} K={r['K']:>3} x{r['sequences']:>2}: {r['chars_per_s']:7.0f} chars/s, "

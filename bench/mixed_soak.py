@@ -32,8 +32,9 @@ from pathlib import Path
 import numpy as np
 
 from bench.soak import group_rss, mib
+from charrnn.contract import TRITON_DTYPE
 from charrnn.errors import CheckFailed, UserError, cli
-from serve.models import DECOUPLED_MODELS, PYTHON_MODELS
+from serve.models import DECOUPLED_MODELS, SHARED_PYTHON_MODELS
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -95,7 +96,7 @@ def bad_requests(main_url: str, main_http: str, rng: np.random.Generator) -> lis
                    "TEMPERATURE": np.array([[1e-45]], np.float32), "TOP_K": np.array([[0]], np.int32)}
         gen = []
         for name, value in tensors.items():
-            t = tg.InferInput(name, list(value.shape), {np.int32: "INT32", np.float32: "FP32"}[value.dtype.type])
+            t = tg.InferInput(name, list(value.shape), TRITON_DTYPE[value.dtype])
             t.set_data_from_numpy(value)
             gen.append(t)
         refused(gen, "charrnn_gen_python", "INVALID_ARGUMENT", sequence_start=True, sequence_end=True)
@@ -124,12 +125,14 @@ def main(argv: list[str] | None = None) -> int:
 
     run = Path(tempfile.mkdtemp(prefix="charrnn-mixed-soak-"))
     main_server = LocalTriton.on_free_ports(repo=args.repo, run_dir=run / "main",
-                                            models=tuple(m for m in PYTHON_MODELS if m not in DECOUPLED_MODELS))
+                                            models=SHARED_PYTHON_MODELS)
     stream_server = LocalTriton.on_free_ports(repo=args.repo, run_dir=run / "stream", models=DECOUPLED_MODELS)
     servers = (main_server, stream_server)
     rng = np.random.default_rng(0)
     with main_server, stream_server:
         work = workloads(main_server.grpc_url, main_server.http_url, stream_server.grpc_url, args.length)
+        sequences = sum(int(cmd[cmd.index("--num-sequences") + 1]) if "--num-sequences" in cmd else 1
+                        for cmd in work.values())
         reference = {}
         for name, cmd in work.items():  # alone: the texts every round must reproduce
             code, out, err = run_client(cmd)
@@ -155,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
                     raise CheckFailed(f"round {rounds}, bad requests", "; ".join(problems))
                 if not all(s.is_ready() for s in servers):
                     raise CheckFailed(f"round {rounds}", "a server is not ready after the round")
-                chars += args.length * 11  # 4 + 1 + 4 + 2 sequences
+                chars += args.length * sequences
                 if rss_first is None:
                     rss_first = server_rss(servers)
                 print(f"round {rounds}: {time.monotonic() - t0:.1f} s, every text equal to its run alone, bad "

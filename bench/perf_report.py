@@ -22,8 +22,6 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
-import numpy as np
-
 from charrnn.errors import UserError, cli
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -80,7 +78,7 @@ def server_counts(url: str, model: str) -> tuple[int, int]:
 
 def client_sweep(url: str, levels: list[int], data: str, prompt_length: int, length: int) -> list[dict]:
     """bench.bench's served sweep (our client) at `levels` against the server at `url`."""
-    from bench.bench import served_run
+    from bench.bench import served_run, sweep_prompts
     from client.session import Connection
     from charrnn.data import load_splits
 
@@ -94,10 +92,8 @@ def client_sweep(url: str, levels: list[int], data: str, prompt_length: int, len
     served_run(server, [vocab.decode(test[:prompt_length])], 16, 0, model=PER_CHAR_MODEL)  # warm-up
     rows = []
     for c in levels:
-        starts = np.linspace(1000, len(test) - prompt_length - 1, c).astype(int)
-        prompts = [vocab.decode(test[s : s + prompt_length]) for s in starts]
         inf0, exe0 = server_counts(url, PER_CHAR_MODEL)
-        row = served_run(server, prompts, length, seed=c, model=PER_CHAR_MODEL)
+        row = served_run(server, sweep_prompts(vocab, test, c, prompt_length), length, seed=c, model=PER_CHAR_MODEL)
         inf1, exe1 = server_counts(url, PER_CHAR_MODEL)
         row["Avg Batch"] = (inf1 - inf0) / max(1, exe1 - exe0)
         rows.append(row)

@@ -21,9 +21,9 @@ from pathlib import Path
 from google.protobuf import text_format
 from google.protobuf.text_encoding import CEscape
 
-from charrnn.contract import (INPUT_IDS, LOGITS, MAX_BATCH_SIZE, MAX_K, MAX_SEQUENCE_IDLE_US, MAX_SEQUENCES, MAX_T,
-                              NOISE, OUTPUT_IDS, STATE_IN, STATE_OUT, TEMPERATURE, TOP_K, TRITON_DTYPE, VOCAB_PARAMETER,
-                              Contract)
+from charrnn.contract import (INPUT_IDS, LOGITS, MAX_BATCH_SIZE, MAX_K, MAX_SEQUENCE_IDLE_US, MAX_SEQUENCES,
+                              MAX_T, NOISE, OUTPUT_IDS, STATE_IN, STATE_OUT, TEMPERATURE, TOP_K, TRITON_DTYPE,
+                              VOCAB_PARAMETER, Contract)
 from charrnn.errors import CheckFailed, UserError
 from charrnn.vocab import Vocab
 

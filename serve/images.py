@@ -110,11 +110,10 @@ def manylinux_platforms(glibc: tuple[int, int]) -> list[str]:
             + [f"manylinux2014_{arch}", f"manylinux2010_{arch}", f"manylinux1_{arch}"])
 
 
-def run(args: list[str], what: str, fix: str, env: dict | None = None, quiet: bool = False) -> str:
+def run(args: list[str], what: str, fix: str, env: dict | None = None) -> str:
     """Run a command; its failure is an UnavailableError naming `what` with the command's last output lines."""
     try:
-        p = subprocess.run(args, cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE,
-                           stderr=subprocess.STDOUT if quiet else None)
+        p = subprocess.run(args, cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE)  # stderr: the user sees it
     except FileNotFoundError as e:
         raise UnavailableError(args[0], "not found", fix) from e
     if p.returncode != 0:

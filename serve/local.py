@@ -9,8 +9,7 @@ a repository view (symlinks) with the models asked for, among LOCAL_MODELS (char
 charrnn_gen_stream); charrnn_python alone by default for LocalTriton. `make serve` starts two servers: the
 decoupled charrnn_gen_stream runs in a tritonserver of its own (--stream-*-port, default 8010-8012), because
 2.51 crashes when decoupled and non-decoupled models stream on one server (serve/models.py); LocalTriton refuses
-to mix them. A backend
-directory is prepared with the python backend stub matching the running Python. With `--tritonserver PATH`
+to mix them. A backend directory is prepared with the python backend stub matching the running Python. With `--tritonserver PATH`
 (e.g. a real install's `tritonserver` on PATH) the same launcher runs that binary with its own backends and
 every model it can load.
 Safe defaults: loopback addresses, model control mode none, restricted admin APIs, logs to a file.
@@ -34,7 +33,7 @@ import urllib.request
 from pathlib import Path
 
 from charrnn.errors import UnavailableError, UserError, cli
-from serve.models import DECOUPLED_MODELS, PYTHON_MODELS, mixed_decoupled
+from serve.models import DECOUPLED_MODELS, PYTHON_MODELS, SHARED_PYTHON_MODELS, mixed_decoupled
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_RUN_DIR = ROOT / "logs" / "serve"
@@ -155,7 +154,7 @@ class LocalTriton:
                 except (OSError, IndexError):
                     continue
             for region in regions:
-                if str(region) not in mapped and not any(m.startswith(str(region)) for m in mapped):
+                if str(region) not in mapped:
                     region.unlink(missing_ok=True)
                     removed.append(str(region))
         return removed
@@ -170,10 +169,11 @@ class LocalTriton:
 
     def command(self) -> tuple[list[str], dict[str, str]]:
         if not self.tritonserver and mixed_decoupled(self.models):
-            raise UserError("models", f"{', '.join(m for m in self.models if m in DECOUPLED_MODELS)} (decoupled) "
-                            f"cannot share a server with {', '.join(m for m in self.models if m not in DECOUPLED_MODELS)}"
-                            ": Triton 2.51 crashes when both kinds stream on one server (serve/models.py)",
-                            "serve the decoupled model from a server of its own")
+            decoupled = [m for m in self.models if m in DECOUPLED_MODELS]
+            others = [m for m in self.models if m not in DECOUPLED_MODELS]
+            raise UserError("models", f"{', '.join(decoupled)} (decoupled) cannot share a server with "
+                            f"{', '.join(others)}: Triton 2.51 crashes when both kinds stream on one server "
+                            "(serve/models.py)", "serve the decoupled model from a server of its own")
         self.run_dir.mkdir(parents=True, exist_ok=True)
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
@@ -350,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
                                models=tuple(filter(None, args.models.split(","))), **common)]
     else:
         servers = [LocalTriton(http_port=args.http_port, grpc_port=args.grpc_port, metrics_port=args.metrics_port,
-                               models=tuple(m for m in LOCAL_MODELS if m not in DECOUPLED_MODELS), **common),
+                               models=SHARED_PYTHON_MODELS, **common),
                    LocalTriton(http_port=args.stream_http_port, grpc_port=args.stream_grpc_port,
                                metrics_port=args.stream_metrics_port, run_dir=DEFAULT_RUN_DIR.parent / "serve-stream",
                                models=DECOUPLED_MODELS, **common)]

@@ -68,6 +68,21 @@ def tf_text(shipped, prompt: str, length: int, params) -> str:
                                            Sampler(params, len(vocab))))
 
 
+def served(server, prompts, length, params, protocol="grpc") -> list[str]:
+    """Texts of the client library's generate() through `server` (anything with grpc_url / http_url)."""
+    from client.generate import generate
+    from client.session import Connection
+
+    conn = Connection(server.grpc_url if protocol == "grpc" else server.http_url, protocol)
+    try:
+        model = conn.pick_model(None)
+        vocab = conn.vocabulary(model)
+        seqs = generate(conn, model, vocab, prompts, length, params)
+    finally:
+        conn.close()
+    return [vocab.decode(s.generated) for s in seqs]
+
+
 @pytest.fixture(scope="session")
 def shipped():
     """(model, vocab) of the shipped model, loaded in TensorFlow (the reference)."""

@@ -25,12 +25,11 @@ import pytest
 
 from charrnn.errors import UnavailableError
 from charrnn.sampling import SamplingParams
-from serve.models import DECOUPLED_MODELS, PYTHON_MODELS
-from tests.conftest import ROOT, free_port, tf_text
+from serve.models import DECOUPLED_MODELS, PYTHON_MODELS, SHARED_PYTHON_MODELS as SHARED_MODELS
+from tests.conftest import ROOT, free_port, served, tf_text
 
 REQUIRE_DOCKER = os.environ.get("CHARRNN_REQUIRE_DOCKER") == "1"
 SERVICE, STREAM_SERVICE = "triton-slim", "triton-slim-stream"
-SHARED_MODELS = tuple(m for m in PYTHON_MODELS if m not in DECOUPLED_MODELS)  # triton-slim; the rest: stream
 PROMPTS = ["ROMEO:\n", "JULIET:\n", "First Citizen:\n", "KING HENRY VI:\nO"]
 
 
@@ -134,20 +133,6 @@ def stack(bases, shipped_repo, tmp_path_factory):
     s.compose("down", "--remove-orphans", "--volumes")
 
 
-def served(url: str, prompts: list[str], length: int, params: list[SamplingParams]) -> list[str]:
-    from client.generate import generate
-    from client.session import Connection
-
-    conn = Connection(url, "grpc")
-    try:
-        model = conn.pick_model(None)
-        seqs = generate(conn, model, conn.vocabulary(model), prompts, length, params)
-        vocab = conn.vocabulary(model)
-    finally:
-        conn.close()
-    return [vocab.decode(s.generated) for s in seqs]
-
-
 def client(stack: Stack, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "client", "--url", stack.grpc_url, *args], cwd=ROOT,
                           capture_output=True, text=True, timeout=timeout)
@@ -205,14 +190,14 @@ def test_stack_is_healthy_and_serves_exactly_the_python_models(stack):
 def test_greedy_through_the_container_equals_tensorflow(stack, shipped):
     greedy = SamplingParams(greedy=True)
     want = [tf_text(shipped, p, 300, greedy) for p in PROMPTS]
-    assert served(stack.grpc_url, PROMPTS, 300, [greedy] * len(PROMPTS)) == want
+    assert served(stack, PROMPTS, 300, [greedy] * len(PROMPTS)) == want
 
 
 def test_8_concurrent_seeded_sequences_equal_their_solo_runs(stack):
     params = [SamplingParams(temperature=0.9, top_k=20, seed=100 + i) for i in range(8)]
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(8)]
-    together = served(stack.grpc_url, prompts, 200, params)
-    solo = [served(stack.grpc_url, [p], 200, [q])[0] for p, q in zip(prompts, params)]
+    together = served(stack, prompts, 200, params)
+    solo = [served(stack, [p], 200, [q])[0] for p, q in zip(prompts, params)]
     assert together == solo
     assert len(set(together)) == 8, "different seeds should give different texts"
 
@@ -266,7 +251,7 @@ def test_perf_slim_runs_perf_analyzer_and_writes_its_csv(stack, corpus):
     common = ["--data", str(corpus), "--streams", "8", "--prompt-length", "32", "--steps", "64"]
     assert perf_input(["--out", str(results / "perf_input.json"), *common]) == 0
     assert perf_input(["--out", str(results / "perf_input_gen.json"), "--chunk", "16", *common]) == 0
-    models = ("charrnn_python", "charrnn_gen_python")
+    models = SHARED_MODELS
     r = stack.compose("run", "--rm", "perf-slim", timeout=900,
                       env={"PERF_MODELS": " ".join(models), "PERF_CONCURRENCY": "1 4", "PERF_INTERVAL_MS": "2000",
                            "PERF_MAX_TRIALS": "6", "PERF_STABILITY": "50"})

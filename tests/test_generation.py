@@ -18,9 +18,9 @@ from charrnn.contract import (INPUT_IDS, MAX_K, MAX_T, NOISE, OUTPUT_IDS, STATE_
 from charrnn.errors import UserError
 from charrnn.sampling import Sampler, SamplingParams, generate as reference_generate
 from export import configs
+from serve.models import SHARED_PYTHON_MODELS as GEN_LOCAL  # charrnn_gen_stream has a server of its own
 from tests.conftest import ROOT
 
-GEN_LOCAL = ("charrnn_python", "charrnn_gen_python")  # charrnn_gen_stream (decoupled) has a server of its own
 LENGTH = 160
 # The second prompt is longer than MAX_T: two prime requests (the first one's id is discarded).
 LONG_PROMPT = ("First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\n" * 4)[: MAX_T + 40]

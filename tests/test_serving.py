@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from charrnn.sampling import SamplingParams
-from tests.conftest import ROOT, free_port, tf_text
+from tests.conftest import ROOT, free_port, served, tf_text
 
 PROMPTS = ["ROMEO:\n", "First Citizen:\nBefore we proceed any further, hear me speak.", "KING HENRY VI:\nO"]
 
@@ -28,20 +28,6 @@ def server(shipped_repo, tmp_path_factory):
     s = start_server(shipped_repo, tmp_path_factory.mktemp("serve"))
     yield s
     s.stop()
-
-
-def served(server, prompts, length, params, protocol="grpc"):
-    from client.generate import generate
-    from client.session import Connection
-
-    conn = Connection(server.grpc_url if protocol == "grpc" else server.http_url, protocol)
-    try:
-        model = conn.pick_model(None)
-        vocab = conn.vocabulary(model)
-        seqs = generate(conn, model, vocab, prompts, length, params)
-    finally:
-        conn.close()
-    return [vocab.decode(s.generated) for s in seqs]
 
 
 def run_client(*args, timeout=120):
