@@ -97,10 +97,13 @@ COMPOSE ?= docker compose
 export HOST_UID := $(shell id -u)
 export HOST_GID := $(shell id -g)
 
-# docker compose reads .env: Triton's admin key for the restricted APIs, random, created once (gitignored, mode 600).
-.env:
-	@umask 077 && printf 'TRITON_ADMIN_KEY=%s\n' "$$(od -An -N16 -tx1 /dev/urandom | tr -d ' \n')" > $@
-	@echo "created .env with a random TRITON_ADMIN_KEY (see docker-compose.yml)"
+# docker compose reads .env: Triton's admin key for the restricted APIs and the HTTP inference key (clients read
+# TRITON_INFER_KEY), random, each created once (gitignored, mode 600).
+.env: FORCE
+	@umask 077 && touch $@ && for key in TRITON_ADMIN_KEY TRITON_INFER_KEY; do \
+	  grep -q "^$$key=" $@ || { printf '%s=%s\n' $$key "$$(od -An -N16 -tx1 /dev/urandom | tr -d ' \n')" >> $@; \
+	  echo "added a random $$key to .env (see docker-compose.yml)"; }; done
+FORCE:
 
 perf-input: data ## perf_analyzer input from the test split -> bench/results/perf_input.json, perf_input_gen.json
 	$(PY) -m bench.perf_input --out bench/results/perf_input.json $(PERF_FLAGS)

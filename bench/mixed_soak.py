@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -32,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.soak import group_rss, mib
-from charrnn.contract import TRITON_DTYPE
+from charrnn.contract import INFER_KEY_ENV, INFER_KEY_HEADER, TRITON_DTYPE
 from charrnn.errors import CheckFailed, UserError, cli
 from serve.models import DECOUPLED_MODELS, SHARED_PYTHON_MODELS
 
@@ -54,13 +55,13 @@ def workloads(main_url: str, main_http: str, stream_url: str, length: int) -> di
     }
 
 
-def run_client(args: list[str]) -> tuple[int, str, str]:
+def run_client(args: list[str], infer_key: str) -> tuple[int, str, str]:
     p = subprocess.run([sys.executable, "-m", "client", *args], cwd=ROOT, capture_output=True, text=True,
-                       timeout=600)
+                       timeout=600, env={**os.environ, INFER_KEY_ENV: infer_key})
     return p.returncode, p.stdout, p.stderr
 
 
-def bad_requests(main_url: str, main_http: str, rng: np.random.Generator) -> list[str]:
+def bad_requests(main_url: str, main_http: str, infer_key: str, rng: np.random.Generator) -> list[str]:
     """Send the bad requests; returns what did NOT get the error it should (empty: all refused correctly)."""
     import tritonclient.grpc as tg
     from tritonclient.utils import InferenceServerException
@@ -70,7 +71,8 @@ def bad_requests(main_url: str, main_http: str, rng: np.random.Generator) -> lis
     body = {"parameters": {"sequence_id": seq, "sequence_start": True, "sequence_end": True},
             "inputs": [{"name": "INPUT_IDS", "datatype": "INT32", "shape": [1, 2], "data": [3, 99]}]}
     request = urllib.request.Request(f"http://{main_http}/v2/models/charrnn_python/infer",
-                                     data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+                                     data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json", INFER_KEY_HEADER: infer_key})
     try:
         urllib.request.urlopen(request, timeout=60)
         problems.append("HTTP ids out of range: answered 200")
@@ -135,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
                         for cmd in work.values())
         reference = {}
         for name, cmd in work.items():  # alone: the texts every round must reproduce
-            code, out, err = run_client(cmd)
+            code, out, err = run_client(cmd, main_server.infer_key)
             if code:
                 raise CheckFailed(name, f"failed alone (exit {code}): {err.strip()[-300:]}")
             reference[name] = out
@@ -144,8 +146,8 @@ def main(argv: list[str] | None = None) -> int:
         with ThreadPoolExecutor(len(work) + 1) as pool:
             while time.monotonic() < t_end:
                 t0 = time.monotonic()
-                futures = {name: pool.submit(run_client, cmd) for name, cmd in work.items()}
-                bad = pool.submit(bad_requests, main_server.grpc_url, main_server.http_url, rng)
+                futures = {name: pool.submit(run_client, cmd, main_server.infer_key) for name, cmd in work.items()}
+                bad = pool.submit(bad_requests, main_server.grpc_url, main_server.http_url, main_server.infer_key, rng)
                 rounds += 1
                 for name, future in futures.items():
                     code, out, err = future.result()

@@ -43,6 +43,13 @@ MAX_SEQUENCE_IDLE_US = 60_000_000
 # timeout). Each slot costs the python models one state (2 x 2 x 512 floats = 8 KiB) only while it is in use.
 MAX_SEQUENCES = 1024
 
+# HTTP inference needs this header with the server's inference key (Triton's restricted-API check, which runs
+# before the request body is read). Triton 2.51 sizes a JSON input's buffer from its declared "shape" before
+# checking the data, so ONE unauthenticated request with "shape": [1, 2**40] aborted the server (std::bad_alloc);
+# 2.59 adds --http-max-input-size, 2.51 has no setting. gRPC checks sizes first and stays open.
+INFER_KEY_HEADER = "infer-key"
+INFER_KEY_ENV = "TRITON_INFER_KEY"  # where the client, the local launcher and compose's .env read the key
+
 # Model config parameter that carries the vocabulary to clients (JSON of charrnn.vocab.Vocab).
 VOCAB_PARAMETER = "vocab_json"
 

@@ -9,12 +9,13 @@ synchronously and queues its result: sequences then take turns, one request at a
 
 from __future__ import annotations
 
+import os
 import queue
 import time
 
 import numpy as np
 
-from charrnn.contract import INPUT_IDS, LOGITS, VOCAB_PARAMETER
+from charrnn.contract import INFER_KEY_ENV, INFER_KEY_HEADER, INPUT_IDS, LOGITS, VOCAB_PARAMETER
 from charrnn.errors import UnavailableError, UserError
 from charrnn.vocab import Vocab
 
@@ -22,12 +23,15 @@ MODEL_PREFERENCE = ("charrnn_trt", "charrnn_onnx", "charrnn_python")
 
 
 class Connection:
-    def __init__(self, url: str, protocol: str = "grpc", timeout: float = 10.0) -> None:
+    def __init__(self, url: str, protocol: str = "grpc", timeout: float = 10.0, infer_key: str | None = None) -> None:
+        """infer_key: the server's HTTP inference key (default $TRITON_INFER_KEY); gRPC needs none."""
         if protocol not in ("grpc", "http"):
             raise UserError("--protocol", f"must be grpc or http, got {protocol!r}")
         if not url or "/" in url.split("://")[-1] or ":" not in url.split("://")[-1]:
             raise UserError("--url", f"expected host:port, got {url!r}", "e.g. 127.0.0.1:8001 for gRPC")
         self.url, self.protocol, self.timeout = url.split("://")[-1], protocol, timeout
+        key = infer_key if infer_key is not None else os.environ.get(INFER_KEY_ENV)
+        self.headers = {INFER_KEY_HEADER: key} if key and protocol == "http" else None
         self.results: queue.Queue = queue.Queue()
         self._sent: dict[str, float] = {}
         self._stream = False
@@ -131,9 +135,11 @@ class Connection:
         else:
             try:
                 r = self.client.infer(model, self._inputs(ids), request_id=request_id, sequence_id=sequence_id,
-                                      sequence_start=start, sequence_end=end)
+                                      sequence_start=start, sequence_end=end, headers=self.headers)
                 self._on_result(request_id, r, None)
             except Exception as e:  # tritonclient.utils.InferenceServerException, connection errors
+                if "restricted" in str(e):  # no key, or a wrong one: nothing a retry can fix
+                    raise infer_key_error(e) from e
                 self._on_result(request_id, None, e)
 
     def close(self) -> None:
@@ -144,6 +150,13 @@ class Connection:
             self.client.close()
         except Exception:
             pass
+
+
+def infer_key_error(e: Exception) -> UserError:
+    have = "a wrong key" if os.environ.get(INFER_KEY_ENV) else "no key"
+    return UserError("--protocol http", f"the server refused HTTP inference with {have} ({_short(e)})",
+                     f"set {INFER_KEY_ENV} to the server's key: `export {INFER_KEY_ENV}=$(cat logs/serve/infer-key)` "
+                     "for `make serve`, or the value in .env for compose; or use gRPC, which needs none")
 
 
 def _short(e: Exception) -> str:

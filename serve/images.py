@@ -30,6 +30,7 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
+from charrnn.contract import INFER_KEY_ENV
 from charrnn.errors import UnavailableError, UserError, cli
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -213,8 +214,9 @@ def base_image(image: Image) -> str:
 
 def compose_env(bases: dict[str, str]) -> dict[str, str]:
     env = dict(os.environ, **bases)
-    # Compose interpolates the whole file; the key only matters to the server's command, not to a build.
-    env.setdefault("TRITON_ADMIN_KEY", "unused-by-docker-compose-build")
+    # Compose interpolates the whole file; the keys only matter to the server's command, not to a build.
+    for key in ("TRITON_ADMIN_KEY", INFER_KEY_ENV):
+        env.setdefault(key, "unused-by-docker-compose-build")
     return env
 
 

@@ -12,7 +12,9 @@ decoupled charrnn_gen_stream runs in a tritonserver of its own (--stream-*-port,
 to mix them. A backend directory is prepared with the python backend stub matching the running Python. With `--tritonserver PATH`
 (e.g. a real install's `tritonserver` on PATH) the same launcher runs that binary with its own backends and
 every model it can load.
-Safe defaults: loopback addresses, model control mode none, restricted admin APIs, logs to a file.
+Safe defaults: loopback addresses, model control mode none, restricted admin APIs, logs to a file, and HTTP
+inference only with the inference key (header infer-key; $TRITON_INFER_KEY, else a random key that `start`
+writes to logs/serve/infer-key): see INFER_KEY_HEADER in charrnn/contract.py. gRPC inference is open.
 Exit codes: 0 ok, 2 bad input, 3 the server did not become ready (its log is printed).
 """
 
@@ -32,6 +34,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from charrnn.contract import INFER_KEY_ENV, INFER_KEY_HEADER
 from charrnn.errors import UnavailableError, UserError, cli
 from serve.models import DECOUPLED_MODELS, PYTHON_MODELS, SHARED_PYTHON_MODELS, mixed_decoupled
 
@@ -106,13 +109,15 @@ class LocalTriton:
     def __init__(self, repo: str | Path = ROOT / "model_repository", run_dir: str | Path = DEFAULT_RUN_DIR,
                  http_port: int = 8000, grpc_port: int = 8001, metrics_port: int = 8002,
                  models: tuple[str, ...] = DEFAULT_MODELS, tritonserver: str | None = None,
-                 extra_args: tuple[str, ...] = (), ready_timeout: float = 120.0) -> None:
+                 extra_args: tuple[str, ...] = (), ready_timeout: float = 120.0,
+                 infer_key: str | None = None) -> None:
         self.repo, self.run_dir = Path(repo), Path(run_dir)
         self.http_port, self.grpc_port, self.metrics_port = http_port, grpc_port, metrics_port
         self.models, self.tritonserver, self.extra_args = models, tritonserver, tuple(extra_args)
         self.ready_timeout = ready_timeout
         self.log_path = self.run_dir / "triton.log"
         self.admin_key = secrets.token_hex(16)
+        self.infer_key = infer_key or secrets.token_hex(16)  # HTTP inference (charrnn/contract.py INFER_KEY_HEADER)
         self.process: subprocess.Popen | None = None
 
     @classmethod
@@ -195,6 +200,7 @@ class LocalTriton:
                 "--grpc-address=127.0.0.1", f"--grpc-port={self.grpc_port}",
                 "--metrics-address=127.0.0.1", f"--metrics-port={self.metrics_port}",
                 f"--http-restricted-api={restricted}", f"--grpc-restricted-protocol={restricted}",
+                f"--http-restricted-api=inference:{INFER_KEY_HEADER}={self.infer_key}",
                 "--exit-timeout-secs=5", "--log-verbose=0",
                 # With the default pool (8) tritonserver 2.51 segfaults (TRITONBACKEND_RequestInput, in the
                 # python backend's execute) once more than ~32 sequences stream requests at once; measured:
@@ -344,7 +350,9 @@ def main(argv: list[str] | None = None) -> int:
             PID_FILE.unlink(missing_ok=True)
         return 0
 
-    common = {"repo": args.repo, "tritonserver": args.tritonserver}
+    # One HTTP inference key for both servers: the user's $TRITON_INFER_KEY, else a random one saved for clients.
+    infer_key = os.environ.get(INFER_KEY_ENV) or secrets.token_hex(16)
+    common = {"repo": args.repo, "tritonserver": args.tritonserver, "infer_key": infer_key}
     if args.models is not None:
         servers = [LocalTriton(http_port=args.http_port, grpc_port=args.grpc_port, metrics_port=args.metrics_port,
                                models=tuple(filter(None, args.models.split(","))), **common)]
@@ -367,6 +375,12 @@ def main(argv: list[str] | None = None) -> int:
         for server in started:
             server.stop()
         raise
+    key_file = DEFAULT_RUN_DIR / "infer-key"
+    key_file.unlink(missing_ok=True)
+    key_file.touch(mode=0o600)
+    key_file.write_text(infer_key + "\n")
+    print(f"HTTP inference needs the header {INFER_KEY_HEADER}: export {INFER_KEY_ENV}=$(cat {key_file}) for the "
+          "client (gRPC needs no key)")
     if args.action == "start":
         PID_FILE.write_text("".join(f"{s.process.pid}\n" for s in servers))
         for server in servers:

@@ -73,7 +73,8 @@ def served(server, prompts, length, params, protocol="grpc") -> list[str]:
     from client.generate import generate
     from client.session import Connection
 
-    conn = Connection(server.grpc_url if protocol == "grpc" else server.http_url, protocol)
+    conn = Connection(server.grpc_url if protocol == "grpc" else server.http_url, protocol,
+                      infer_key=server.infer_key)
     try:
         model = conn.pick_model(None)
         vocab = conn.vocabulary(model)

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from charrnn.contract import INFER_KEY_ENV, INFER_KEY_HEADER
 from serve.images import IMAGES, pins
 from serve.models import CPU_MODELS, DECOUPLED_MODELS, GPU_ONLY_MODELS, PYTHON_MODELS, SERVED_MODELS
 
@@ -34,8 +35,10 @@ RELEASE_VAR = re.compile(r"\$\{TRITON_RELEASE(?::-([^}]*))?\}")
 KNOWN_CATEGORIES = {"health", "metadata", "inference", "shared-memory", "model-config", "model-repository",
                     "statistics", "trace", "logging"}
 LOCKED = {"model-repository", "shared-memory", "logging", "trace"}
-# What clients and perf_analyzer use; locking any of these would break serving or benchmarking.
-MUST_STAY_OPEN = {"health", "metadata", "inference", "model-config", "statistics"}
+# What clients and perf_analyzer use; locking any of these would break serving or benchmarking. HTTP inference
+# is keyed (TRITON_INFER_KEY); perf_analyzer and the streaming client use gRPC.
+MUST_STAY_OPEN = {"--grpc-restricted-protocol": {"health", "metadata", "inference", "model-config", "statistics"},
+                  "--http-restricted-api": {"health", "metadata", "model-config", "statistics"}}
 
 
 @pytest.fixture(scope="module")
@@ -139,16 +142,29 @@ def test_server_hardening_flags(services, name):
 @pytest.mark.parametrize("name", SERVER_SERVICES)
 @pytest.mark.parametrize("flag", ["--http-restricted-api", "--grpc-restricted-protocol"])
 def test_restricted_apis(services, name, flag):
-    (value,) = flag_values(command_args(services[name]), flag)
-    # Syntax per the docs (fact sheet 7.2): <categories>:<key>=<value>, with a colon.
-    m = re.fullmatch(r"([a-z,-]+):([A-Za-z0-9-]+)=(.+)", value)
-    assert m, f"{flag}={value} is not <apis>:<key>=<value>"
-    categories = set(m.group(1).split(","))
-    assert categories <= KNOWN_CATEGORIES
-    assert categories == LOCKED
-    assert not categories & MUST_STAY_OPEN
-    # The key comes from the environment and has no default: a default written here would be public.
-    assert re.fullmatch(r"\$\{TRITON_ADMIN_KEY:\?[^}$]+\}", m.group(3)), m.group(3)
+    """Admin categories need TRITON_ADMIN_KEY on both protocols; HTTP inference needs TRITON_INFER_KEY (a JSON
+    request's declared shape aborts Triton 2.51: charrnn/contract.py INFER_KEY_HEADER); nothing else is locked."""
+    keyed = {}
+    for value in flag_values(command_args(services[name]), flag):
+        # Syntax per the docs (fact sheet 7.2): <categories>:<key>=<value>, with a colon.
+        m = re.fullmatch(r"([a-z,-]+):([A-Za-z0-9-]+)=(.+)", value)
+        assert m, f"{flag}={value} is not <apis>:<key>=<value>"
+        keyed[frozenset(m.group(1).split(","))] = (m.group(2), m.group(3))
+    want = {frozenset(LOCKED): ("admin-key", "TRITON_ADMIN_KEY")}
+    if flag == "--http-restricted-api":
+        want[frozenset({"inference"})] = (INFER_KEY_HEADER, INFER_KEY_ENV)
+    assert set(keyed) == set(want)
+    for categories, (header, value) in keyed.items():
+        assert categories <= KNOWN_CATEGORIES and not categories & MUST_STAY_OPEN[flag]
+        assert header == want[categories][0]
+        # The key comes from the environment and has no default: a default written here would be public.
+        assert re.fullmatch(r"\$\{%s:\?[^}$]+\}" % want[categories][1], value), value
+
+
+@pytest.mark.parametrize("name", SERVER_SERVICES)
+def test_memory_ceiling(services, name):
+    """A bounded server: Triton 2.51 has no request-size limit, and keeps a high-water mark of the largest ones."""
+    assert re.fullmatch(r"\$\{TRITON_MEM_LIMIT:-\d+g\}", services[name]["mem_limit"]), services[name]["mem_limit"]
 
 
 @pytest.mark.parametrize("name", SERVER_SERVICES)

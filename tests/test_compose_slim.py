@@ -65,6 +65,10 @@ class Stack:
         return f"127.0.0.1:{self.http_port}"
 
     @property
+    def infer_key(self) -> str:
+        return self.env["TRITON_INFER_KEY"]
+
+    @property
     def stream_url(self) -> str:
         return f"127.0.0.1:{self.stream_grpc_port}"
 
@@ -117,7 +121,8 @@ def stack(bases, shipped_repo, tmp_path_factory):
                                             "TRITON_STREAM_HTTP_PORT", "TRITON_STREAM_GRPC_PORT",
                                             "TRITON_STREAM_METRICS_PORT")}
     env = {**os.environ, **bases, **{k: str(v) for k, v in ports.items()},
-           "TRITON_ADMIN_KEY": secrets.token_hex(16), "MODEL_REPOSITORY": str(shipped_repo),
+           "TRITON_ADMIN_KEY": secrets.token_hex(16),
+           "TRITON_INFER_KEY": secrets.token_hex(16), "TRITON_MEM_LIMIT": "3g", "MODEL_REPOSITORY": str(shipped_repo),
            "HOST_UID": str(os.getuid()), "HOST_GID": str(os.getgid()),
            "PERF_RESULTS": str(tmp_path_factory.mktemp("perf-results"))}
     s = Stack(project, env, ports["TRITON_HTTP_PORT"], ports["TRITON_GRPC_PORT"], ports["TRITON_METRICS_PORT"],
@@ -297,6 +302,7 @@ def test_server_runs_unprivileged_with_no_capabilities(stack):
     assert uids and all(u == "1000" for u in uids), fields["Uid"]
     assert int(fields["CapEff"], 16) == 0 and int(fields["CapBnd"], 16) == 0, (fields["CapEff"], fields["CapBnd"])
     assert fields["NoNewPrivs"].strip() == "1"
+    assert stack.inspect()["HostConfig"]["Memory"] == 3 * 2**30  # TRITON_MEM_LIMIT reaches the container
     mounts = stack.inspect()["Mounts"]
     assert sorted(m["Destination"] for m in mounts) == sorted(f"/models/{m}" for m in SHARED_MODELS)
     assert not any(m["RW"] for m in mounts), mounts

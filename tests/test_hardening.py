@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from charrnn.contract import INFER_KEY_ENV, INFER_KEY_HEADER
 from charrnn.sampling import SamplingParams
 from tests.conftest import ROOT, free_port
 
@@ -186,7 +187,8 @@ def served(server, prompts, length, params, protocol="grpc", **kw):
     from client.generate import generate
     from client.session import Connection
 
-    conn = Connection(server.grpc_url if protocol == "grpc" else server.http_url, protocol)
+    conn = Connection(server.grpc_url if protocol == "grpc" else server.http_url, protocol,
+                      infer_key=server.infer_key)
     try:
         vocab = conn.vocabulary(conn.pick_model(MODEL))
         seqs = generate(conn, MODEL, vocab, prompts, length, params, **kw)
@@ -392,6 +394,55 @@ def test_sequence_whose_start_failed_is_unknown_to_the_model(server):
         stream.close()
 
 
+def test_http_inference_needs_the_key_so_a_huge_declared_shape_cannot_abort_the_server(server):
+    """Triton 2.51 allocates a JSON input's declared shape before it reads the data: ONE request with
+    "shape": [1, 2**40] aborted tritonserver (std::bad_alloc) in 1.3 s. The restricted-API check runs before the
+    body is parsed, so without the inference key that request, and any HTTP inference, is refused; the server
+    and a gRPC sequence running alongside carry on. The key works over HTTP, and the CLI explains a missing key."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    def post(body: dict, headers: dict) -> tuple[int, str]:
+        request = urllib.request.Request(f"http://{server.http_url}/v2/models/{MODEL}/infer",
+                                         data=json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json", **headers})
+        try:
+            with urllib.request.urlopen(request, timeout=30) as r:
+                return r.status, r.read().decode()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read().decode()
+
+    def body(shape: list[int], seq: int) -> dict:
+        return {"parameters": {"sequence_id": seq, "sequence_start": True, "sequence_end": True},
+                "inputs": [{"name": "INPUT_IDS", "datatype": "INT32", "shape": shape, "data": [1]}]}
+
+    canary = RawStream(server.grpc_url)
+    try:
+        canary.send("c/0", [[1]], 8_500_000_001, start=True)
+        canary.logits("c")
+        for headers in ({}, {INFER_KEY_HEADER: "guess"}):
+            code, text = post(body([1, 2**40], 8_500_000_002), headers)
+            assert code == 403 and f"expecting header '{INFER_KEY_HEADER}'" in text, (code, text)
+        assert server.is_ready()
+        assert post(body([1, 1], 8_500_000_003), {INFER_KEY_HEADER: server.infer_key})[0] == 200
+        canary.send("c/1", [[2]], 8_500_000_001, end=True)  # the sequence kept its state through all of it
+        canary.logits("c")
+    finally:
+        canary.close()
+    env = {k: v for k, v in os.environ.items() if k != INFER_KEY_ENV}
+    p = subprocess.run([sys.executable, "-m", "client", "--url", server.http_url, "--protocol", "http",
+                        "--model", MODEL, "--length", "5", "--greedy"], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=120)
+    assert p.returncode == 2 and p.stderr.startswith("error: --protocol http: the server refused HTTP inference "
+                                                     "with no key"), p.stderr
+    assert INFER_KEY_ENV in p.stderr
+    p = subprocess.run([sys.executable, "-m", "client", "--url", server.http_url, "--protocol", "http",
+                        "--model", MODEL, "--length", "5", "--greedy"], cwd=ROOT, capture_output=True, text=True,
+                       env={**env, INFER_KEY_ENV: server.infer_key}, timeout=120)
+    assert p.returncode == 0, p.stderr
+
+
 def test_a_bad_request_is_the_callers_error_400_and_invalid_argument(server):
     """The models' request checks answer with the caller's status (not INTERNAL / HTTP 500)."""
     import json
@@ -403,8 +454,8 @@ def test_a_bad_request_is_the_callers_error_400_and_invalid_argument(server):
 
     body = {"parameters": {"sequence_id": 8_400_000_001, "sequence_start": True, "sequence_end": True},
             "inputs": [{"name": "INPUT_IDS", "datatype": "INT32", "shape": [1, 1], "data": [99]}]}
-    request = urllib.request.Request(f"http://{server.http_url}/v2/models/{MODEL}/infer",
-                                     data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(f"http://{server.http_url}/v2/models/{MODEL}/infer", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json", INFER_KEY_HEADER: server.infer_key})
     with pytest.raises(urllib.error.HTTPError) as e:
         urllib.request.urlopen(request, timeout=30)
     assert e.value.code == 400 and "ids must be in 0..64" in e.value.read().decode()
