@@ -18,7 +18,9 @@ import pytest
 tf = pytest.importorskip("tensorflow")
 
 from charrnn.model import load_model_dir  # noqa: E402
-from train.import_tf1 import SAMPLECHARRNN_CHARS, WtsStore, main, write_wts  # noqa: E402
+from train.import_tf1.__main__ import main  # noqa: E402
+from train.import_tf1.sources import WtsStore, write_wts  # noqa: E402
+from train.import_tf1.vocab import SAMPLECHARRNN_CHARS  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 CHARS = "\n abcdefghijk!"  # a small vocabulary for most tests (V = 14)
