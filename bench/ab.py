@@ -7,8 +7,9 @@ Copies `--model` once per value into a scratch repository (`<model>_<value>`, on
 changed), serves all copies from one server and runs the same load on each copy in turn, `--rounds`
 times, so every variant sees the same machine state. Step models (charrnn_python) generate one request
 per character (client.generate); generation models (charrnn_gen_*) take K characters per request
-(bench.chunked). Prints chars/s per round and the median. This is how the README's "Performance work"
-rows were measured; the machine is noisy, so claim only what holds in every round.
+(bench.chunked). Prints chars/s per round and the median. This is how the rows of bench/results/ab.md
+(docs/benchmarks.md, "Performance work") were measured; the machine is noisy, so claim only what holds in every
+round.
 Exit codes: 0 ok, 2 bad input, 3 the server did not start.
 """
 
@@ -25,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from charrnn.errors import UserError, cli
+from charrnn.repository import GEN_PYTHON
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -54,7 +56,7 @@ def make_variants(repo: Path, model: str, param: str, values: list[str], out: Pa
 def per_char_rate(url: str, model: str, vocab, prompts: list[str], length: int) -> float:
     from charrnn.sampling import SamplingParams
     from client.generate import generate
-    from client.session import Connection
+    from client.connection import Connection
 
     conn = Connection(url, "grpc")
     try:
@@ -71,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--repo", default=str(ROOT / "model_repository"), help="exported repository (make export)")
     p.add_argument("--data", default=str(ROOT / "data" / "tinyshakespeare.txt"), help="prompts come from its end")
-    p.add_argument("--model", default="charrnn_gen_python", help="a python-backend model of the repository")
+    p.add_argument("--model", default=GEN_PYTHON, help="a python-backend model of the repository")
     p.add_argument("--param", default="intra_op_threads", help="config parameter to vary")
     p.add_argument("--values", default="1,2", help="comma-separated values of --param")
     p.add_argument("--sequences", default="1,16", help="comma-separated concurrent sequence counts")
@@ -88,8 +90,8 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError("--sequences/--k/--rounds/--length", "need positive integers")
 
     from bench.chunked import bench_chunked
-    from export.configs import GEN_MODELS, PYTHON_MODELS, load_config, vocab_of
-    from serve.local import LocalTriton
+    from charrnn.repository import GEN_MODELS, PYTHON_MODELS, load_config, vocab_of
+    from charrnn.local_triton import LocalTriton
 
     if args.model not in PYTHON_MODELS:
         raise UserError("--model", f"{args.model!r} does not run on the local server",

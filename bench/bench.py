@@ -15,8 +15,8 @@ Measures, on this machine:
               the single-stream bound 1 / (round-trip floor + ORT batch-1 step)
   server-side generation (charrnn_gen_python, client --chunk K): K = 1, 8, 32, 128 characters per request,
               one sequence and 16 sequences, vs the in-process ORT generation graph at K = 128 (bench/chunked.py)
-Writes bench/results/bench.csv (perf_analyzer column names, microseconds), bench.png, bench.md, bench.json and
-the table between the bench markers in README.md (--out elsewhere: only the files there).
+Writes bench.csv (perf_analyzer column names, microseconds), bench.png, bench.md and bench.json to --out
+(default bench/results/) and nothing else; docs/benchmarks.md links the committed ones.
 Exit codes: 0 ok, 2 bad input, 3 the server did not start.
 """
 
@@ -37,11 +37,10 @@ from pathlib import Path
 import numpy as np
 
 from charrnn.errors import UserError, cli
+from charrnn.repository import GEN_ONNX, GEN_PYTHON, ONNX, PYTHON
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
-README = ROOT / "README.md"
-MARK_START, MARK_END = "<!-- bench:start -->", "<!-- bench:end -->"
 
 
 def machine() -> dict:
@@ -82,7 +81,7 @@ def percentiles(values_s: list[float]) -> dict[str, float]:
 
 # --- in-process baselines -------------------------------------------------------------------------
 def baselines(model_dir: Path, onnx_path: Path, prompt_ids: np.ndarray, repeat: int, threads: int) -> dict:
-    from export.verify import ort_session
+    from charrnn.onnx_runtime import ort_session
     from charrnn.contract import INPUT_IDS, LOGITS, STATE_IN, STATE_OUT
 
     out = {}
@@ -122,7 +121,7 @@ def baselines(model_dir: Path, onnx_path: Path, prompt_ids: np.ndarray, repeat: 
 def served_run(server, prompts: list[str], length: int, seed: int, model: str | None = None) -> dict:
     from charrnn.sampling import SamplingParams
     from client.generate import generate
-    from client.session import Connection
+    from client.connection import Connection
 
     conn = Connection(server.grpc_url, "grpc")
     try:
@@ -155,10 +154,10 @@ def floor_run(repo: Path, prompt: str, length: int) -> dict:
     charrnn_python's config by its own local server: the round trip that bounds per-character serving."""
     from google.protobuf import text_format
 
-    from export.configs import load_config
-    from serve.local import LocalTriton
+    from charrnn.repository import load_config
+    from charrnn.local_triton import LocalTriton
 
-    config = load_config(repo / "charrnn_python" / "config.pbtxt")  # Triton's ModelConfig proto
+    config = load_config(repo / PYTHON)  # Triton's ModelConfig proto
     config.name = FLOOR_MODEL
     with tempfile.TemporaryDirectory(prefix="charrnn-floor-") as tmp:
         model_dir = Path(tmp) / "repository" / FLOOR_MODEL
@@ -175,7 +174,7 @@ def time_to_first_char(server, prompt: str, repeat: int) -> float:
     """Median seconds from sending a prompt (one request) to having the first generated character."""
     from charrnn.sampling import SamplingParams
     from client.generate import generate
-    from client.session import Connection
+    from client.connection import Connection
 
     conn = Connection(server.grpc_url, "grpc")
     try:
@@ -206,12 +205,6 @@ def write_outputs(result: dict, out_dir: Path) -> None:
     plot(result, out_dir / "bench.png")
     md = markdown(result)
     (out_dir / "bench.md").write_text(md)
-    if out_dir.resolve() == RESULTS.resolve() and README.is_file():  # only the project's own results
-        text = README.read_text()
-        if MARK_START in text and MARK_END in text:
-            head, rest = text.split(MARK_START, 1)
-            _, tail = rest.split(MARK_END, 1)
-            README.write_text(f"{head}{MARK_START}\n{md}{MARK_END}{tail}")
 
 
 def markdown(result: dict) -> str:
@@ -319,12 +312,12 @@ def chunked_section(server, vocab, test: np.ndarray, args, ks: list[int]) -> dic
     """[4/5] server-side generation: chars/s for each K, 1 and 16 sequences, and the in-process reference."""
     from bench.chunked import bench_chunked, ort_gen_chars_per_s
 
-    from export.configs import GEN_PYTHON, load_config
+    from charrnn.repository import load_config
 
     threads = int(load_config(Path(args.repo) / GEN_PYTHON / "config.pbtxt").parameters["intra_op_threads"]
                   .string_value)
     print(f"[4/5] server-side generation ({GEN_PYTHON}, {threads} ORT threads), K = {ks}", flush=True)
-    gen_onnx = Path(args.repo) / "charrnn_gen_onnx" / "1" / "model.onnx"
+    gen_onnx = Path(args.repo) / GEN_ONNX / "1" / "model.onnx"
     ort_k = max(ks)
     ort = ort_gen_chars_per_s(gen_onnx, K=ort_k, threads=threads)  # the same session options as served
     print(f"  in-process ORT generation graph, batch 1, K={ort_k}, {threads} threads: {ort:.0f} chars/s", flush=True)
@@ -364,11 +357,11 @@ def main(argv: list[str] | None = None) -> int:
     from charrnn.data import load_splits
     from charrnn.model import load_model_dir  # noqa: F401  (fail early on a bad model dir)
     from charrnn.vocab import Vocab
-    from serve.local import LocalTriton
+    from charrnn.local_triton import LocalTriton
 
     vocab = Vocab.load(Path(args.model) / "vocab.json")
     _, _, _, test = load_splits(args.data, vocab)
-    onnx_path = Path(args.repo) / "charrnn_onnx" / "1" / "model.onnx"
+    onnx_path = Path(args.repo) / ONNX / "1" / "model.onnx"
     if not onnx_path.is_file():
         raise UserError(str(onnx_path), "not found", "run `make export`")
     prompt256 = test[:256]
@@ -378,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
     result["baselines"] = baselines(Path(args.model), onnx_path, prompt256, repeat, args.threads)
 
     print("[2/5] served generation through the local Triton server", flush=True)
-    models = ("charrnn_python", "charrnn_gen_python") if ks else ("charrnn_python",)
+    models = (PYTHON, GEN_PYTHON) if ks else (PYTHON,)
     server = LocalTriton.on_free_ports(repo=args.repo, models=models)
     rows = []
     with server:

@@ -1,4 +1,4 @@
-"""Benchmark of server-side generation (client --chunk K on charrnn_gen_*), to be wired into bench/bench.py.
+"""Benchmark of server-side generation (client --chunk K on charrnn_gen_*); bench/bench.py runs it too.
 
     from bench.chunked import bench_chunked, ort_gen_chars_per_s
     rows = bench_chunked(server, vocab, prompts, K=(1, 8, 32, 128), length=256)
@@ -22,6 +22,8 @@ from typing import Iterable
 
 import numpy as np
 
+from charrnn.repository import GEN_PYTHON
+
 ROOT = Path(__file__).resolve().parent.parent
 KS = (1, 8, 32, 128)
 SEQUENCES = (1, 16)
@@ -31,20 +33,21 @@ def _url(server) -> str:
     return server if isinstance(server, str) else server.grpc_url
 
 
-def chunked_run(server, vocab, prompts: list[str], k: int, length: int, model: str = "charrnn_gen_python",
+def chunked_run(server, vocab, prompts: list[str], k: int, length: int, model: str = GEN_PYTHON,
                 seed: int = 0) -> dict:
-    """One timed generate_chunked run: chars/s, requests/s, per-request and first-character latency."""
+    """One timed run of K characters per request: chars/s, requests/s, per-request and first-character latency."""
     from charrnn.sampling import SamplingParams
-    from client.chunked import GenStream, generate_chunked
+    from client.connection import Connection
+    from client.generate import generate
 
-    stream = GenStream(_url(server))
+    conn = Connection(_url(server))
     try:
         params = [SamplingParams(temperature=1.0, seed=seed + i) for i in range(len(prompts))]
         cpu0, t0 = time.process_time(), time.perf_counter()
-        seqs = generate_chunked(None, model, vocab, prompts, length, params, k, stream=stream)
+        seqs = generate(conn, model, vocab, prompts, length, params, chunk=k)
         wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
     finally:
-        stream.close()
+        conn.close()
     latencies = [x for s in seqs for x in s.latencies]
     firsts = [x for s in seqs for x in s.first_char]
     chars = sum(len(s.generated) for s in seqs)
@@ -55,11 +58,11 @@ def chunked_run(server, vocab, prompts: list[str], k: int, length: int, model: s
 
 
 def bench_chunked(server, vocab, prompts: list[str], K: Iterable[int] | int = KS, length: int = 256,
-                  model: str = "charrnn_gen_python", sequences: Iterable[int] = SEQUENCES,
+                  model: str = GEN_PYTHON, sequences: Iterable[int] = SEQUENCES,
                   on_row=None) -> list[dict]:
     """chars/s of server-side generation for each K in `K`, single-stream and 16 sequences.
 
-    server: a serve.local.LocalTriton (or a gRPC host:port) serving `model`; prompts: at least one prompt
+    server: a charrnn.local_triton.LocalTriton (or a gRPC host:port) serving `model`; prompts: at least one prompt
     (cycled to 16). Returns one dict per (K, sequences) with chars_per_s (plus requests/s, latencies, ...).
     """
     ks = [K] if isinstance(K, int) else list(K)
@@ -78,13 +81,10 @@ def bench_chunked(server, vocab, prompts: list[str], K: Iterable[int] | int = KS
 def ort_gen_chars_per_s(onnx_path: str | Path, K: int = 128, batch: int = 1, repeat: int = 5,
                         threads: int = 1) -> float:
     """In-process ONNX Runtime: characters/s of the generation graph, `batch` rows x K characters per call."""
-    import onnxruntime as ort
-
     from charrnn.contract import INPUT_IDS, NOISE, STATE_IN, TEMPERATURE, TOP_K
+    from charrnn.onnx_runtime import ort_session
 
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
-    session = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
+    session = ort_session(onnx_path, threads)
     shapes = {i.name: i.shape for i in session.get_inputs()}
     vocab = shapes[NOISE][2]
     rng = np.random.default_rng(0)
@@ -107,13 +107,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", default=str(ROOT / "data" / "tinyshakespeare.txt"))
     p.add_argument("--length", type=int, default=256, help="characters generated per sequence")
     p.add_argument("--k", default=",".join(map(str, KS)), help="comma-separated characters per request")
-    p.add_argument("--model", default="charrnn_gen_python")
+    p.add_argument("--model", default=GEN_PYTHON)
     args = p.parse_args(argv)
     import tempfile
 
-    from export.configs import load_config, vocab_of
-    from serve.local import LocalTriton
-    from serve.models import DECOUPLED_MODELS, SHARED_PYTHON_MODELS
+    from charrnn.repository import load_config, vocab_of
+    from charrnn.local_triton import LocalTriton
+    from charrnn.repository import DECOUPLED_MODELS, SHARED_PYTHON_MODELS
 
     repo = Path(args.repo)
     vocab = vocab_of(load_config(repo / args.model / "config.pbtxt"))

@@ -4,7 +4,7 @@
     python -m bench.mixed_soak --minutes 1         # a quick one
 
 Starts the two local servers `make serve` starts (charrnn_python + charrnn_gen_python; charrnn_gen_stream on a
-server of its own, serve/models.py), runs every workload below once alone (its reference text), then in rounds,
+server of its own, charrnn/repository.py), runs every workload below once alone (its reference text), then in rounds,
 all at once, until the time is up:
   per character over gRPC (4 seeded sequences on one stream), per character over HTTP (1 sequence),
   chunked over gRPC (charrnn_gen_python, K = 8, 4 sequences), streamed (charrnn_gen_stream, K = 8, 2 sequences),
@@ -35,7 +35,7 @@ import numpy as np
 from bench.soak import group_rss, mib
 from charrnn.contract import INFER_KEY_ENV, INFER_KEY_HEADER, TRITON_DTYPE
 from charrnn.errors import CheckFailed, UserError, cli
-from serve.models import DECOUPLED_MODELS, SHARED_PYTHON_MODELS
+from charrnn.repository import DECOUPLED_MODELS, GEN_PYTHON, GEN_STREAM, PYTHON, SHARED_PYTHON_MODELS
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -44,13 +44,13 @@ def workloads(main_url: str, main_http: str, stream_url: str, length: int) -> di
     """name -> `python -m client` arguments; seeded, so each always gives the same text."""
     common = ["--length", str(length), "--quiet", "--retries", "0"]
     return {
-        "per-char gRPC x4": ["--url", main_url, "--model", "charrnn_python", "--num-sequences", "4", "--seed", "1",
+        "per-char gRPC x4": ["--url", main_url, "--model", PYTHON, "--num-sequences", "4", "--seed", "1",
                              *common],
-        "per-char HTTP": ["--url", main_http, "--protocol", "http", "--model", "charrnn_python", "--seed", "7",
+        "per-char HTTP": ["--url", main_http, "--protocol", "http", "--model", PYTHON, "--seed", "7",
                           *common],
-        "chunked K=8 x4": ["--url", main_url, "--model", "charrnn_gen_python", "--chunk", "8",
+        "chunked K=8 x4": ["--url", main_url, "--model", GEN_PYTHON, "--chunk", "8",
                            "--num-sequences", "4", "--seed", "11", *common],
-        "streamed K=8 x2": ["--url", stream_url, "--model", "charrnn_gen_stream", "--chunk", "8",
+        "streamed K=8 x2": ["--url", stream_url, "--model", GEN_STREAM, "--chunk", "8",
                             "--num-sequences", "2", "--seed", "21", *common],
     }
 
@@ -91,9 +91,9 @@ def bad_requests(main_url: str, main_http: str, infer_key: str, rng: np.random.G
 
         ids = tg.InferInput("INPUT_IDS", [1, 1], "INT32")
         ids.set_data_from_numpy(np.array([[-5]], np.int32))
-        refused([ids], "charrnn_python", "INVALID_ARGUMENT", sequence_start=True, sequence_end=True)
+        refused([ids], PYTHON, "INVALID_ARGUMENT", sequence_start=True, sequence_end=True)
         ids.set_data_from_numpy(np.array([[3]], np.int32))
-        refused([ids], "charrnn_python", "must specify the START flag", sequence_start=False)
+        refused([ids], PYTHON, "must specify the START flag", sequence_start=False)
         tensors = {"INPUT_IDS": np.array([[3]], np.int32), "NOISE": np.full((1, 4, 65), 0.5, np.float32),
                    "TEMPERATURE": np.array([[1e-45]], np.float32), "TOP_K": np.array([[0]], np.int32)}
         gen = []
@@ -101,7 +101,7 @@ def bad_requests(main_url: str, main_http: str, infer_key: str, rng: np.random.G
             t = tg.InferInput(name, list(value.shape), TRITON_DTYPE[value.dtype])
             t.set_data_from_numpy(value)
             gen.append(t)
-        refused(gen, "charrnn_gen_python", "INVALID_ARGUMENT", sequence_start=True, sequence_end=True)
+        refused(gen, GEN_PYTHON, "INVALID_ARGUMENT", sequence_start=True, sequence_end=True)
     finally:
         client.close()
     return problems
@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.minutes <= 0 or args.length < 1:
         raise UserError("--minutes/--length", f"must be positive, got {args.minutes} / {args.length}")
 
-    from serve.local import LocalTriton
+    from charrnn.local_triton import LocalTriton
 
     run = Path(tempfile.mkdtemp(prefix="charrnn-mixed-soak-"))
     main_server = LocalTriton.on_free_ports(repo=args.repo, run_dir=run / "main",

@@ -8,7 +8,7 @@ perf_<model>_c<N>.log (the server's inference and execution counts, perf_analyze
 --no-client, drives the same server with the project's client (bench.bench's served sweep: sequences primed with
 64 test-split characters, 256 characters one request per character, seeded sampling) at the concurrencies
 perf_analyzer ran on charrnn_python, reading the server's statistics around each run for the average batch.
-Writes bench/results/perf.md (the tables the README quotes), perf.json and perf.png.
+Writes bench/results/perf.md (the tables docs/benchmarks.md links), perf.json and perf.png.
 Exit codes: 0 ok, 2 bad input (no perf_analyzer results), 3 the server is unreachable.
 """
 
@@ -23,10 +23,11 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from charrnn.errors import UserError, cli
+from charrnn.repository import PYTHON
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
-PER_CHAR_MODEL = "charrnn_python"
+PER_CHAR_MODEL = PYTHON
 SERVER_TIMES = ("Server Queue", "Server Compute Input", "Server Compute Infer", "Server Compute Output")
 
 
@@ -79,7 +80,7 @@ def server_counts(url: str, model: str) -> tuple[int, int]:
 def client_sweep(url: str, levels: list[int], data: str, prompt_length: int, length: int) -> list[dict]:
     """bench.bench's served sweep (our client) at `levels` against the server at `url`."""
     from bench.bench import served_run, sweep_prompts
-    from client.session import Connection
+    from client.connection import Connection
     from charrnn.data import load_splits
 
     conn = Connection(url, "grpc")

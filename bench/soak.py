@@ -8,7 +8,9 @@ concurrency, then measures the server's resident memory (RSS summed over tritons
 backend stubs: every process in its process group, from /proc), runs the soak through the client library
 (client.generate: one gRPC stream, one request per character per sequence, every sequence ended with END),
 and measures it again. Passes when there were 0 errors (client and server statistics) and the RSS after is
-within --rss-bound-mib of the RSS before. Prints chars/s, duration, latency and the RSS figures.
+within --rss-bound-mib of the RSS before. Prints chars/s, duration, latency and the RSS figures, and writes
+them as a markdown table to bench/results/soak.md (--out; by default only for the project's own repository, so
+runs against another export, like the test's, write nothing there).
 Exit codes: 0 ok, 1 errors or memory growth beyond the bound, 2 bad input, 3 the server did not start.
 """
 
@@ -22,9 +24,11 @@ import time
 from pathlib import Path
 
 from charrnn.errors import CheckFailed, UserError, cli
+from charrnn.repository import PYTHON
 
 ROOT = Path(__file__).resolve().parent.parent
-MODEL = "charrnn_python"
+RESULTS = ROOT / "bench" / "results"
+MODEL = PYTHON
 PROMPTS = ("ROMEO:\n", "JULIET:\n", "First Citizen:\n", "KING HENRY VI:\n", "HAMLET:\n", "MENENIUS:\n",
            "LADY MACBETH:\n", "GLOUCESTER:\n")
 
@@ -61,7 +65,7 @@ def failure_count(server) -> int:
 def run_round(server, sequences: int, length: int, seed: int) -> dict:
     from charrnn.sampling import SamplingParams
     from client.generate import generate
-    from client.session import Connection
+    from client.connection import Connection
 
     conn = Connection(server.grpc_url, "grpc")
     try:
@@ -94,6 +98,32 @@ def mib(n: float) -> str:
     return f"{n / 2**20:.1f} MiB"
 
 
+def summary_md(args, soak: dict | None, errors: int, rss0: int, rss1: int, processes: int,
+               problems: list[str]) -> str:
+    """The run as markdown: what bench/results/soak.md holds."""
+    from bench.bench import machine
+
+    m = machine()
+    if soak:
+        cells = [f"{soak['chars']:,}", f"{soak['seconds']:.1f}", f"{soak['chars'] / soak['seconds']:,.0f}",
+                 f"{soak['requests'] / soak['seconds']:,.0f}", f"{soak['p50_ms']:.1f} / {soak['p99_ms']:.1f}"]
+    else:
+        cells = ["-"] * 5
+    result = "ok" if not problems else "FAILED: " + "; ".join(problems)
+    return "\n".join([
+        f"Measured by `python -m bench.soak --sequences {args.sequences} --length {args.length}` on {m['cores']} cores "
+        f"({m['cpu']}), {m['memory']}, no GPU, Python {m['python']}, {time.strftime('%Y-%m-%d')}; {MODEL} on the "
+        f"local Triton, one gRPC stream, client and server on the same machine. Server RSS: {processes} processes "
+        f"(tritonserver + python stubs), bound +-{args.rss_bound_mib:g} MiB.",
+        "",
+        "| sequences | characters | seconds | chars/s | requests/s | request p50 / p99 (ms) | errors "
+        "| server RSS before / after (MiB) | result |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        f"| {args.sequences} | {' | '.join(cells)} | {errors} | {rss0 / 2**20:.1f} / {rss1 / 2**20:.1f} "
+        f"({(rss1 - rss0) / 2**20:+.1f}) | {result} |",
+        ""])
+
+
 @cli
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
@@ -106,6 +136,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=1, help="sequence i samples with seed + i (temperature 1.0)")
     p.add_argument("--repo", default=str(ROOT / "model_repository"), help="model repository")
     p.add_argument("--run-dir", default=str(ROOT / "logs" / "soak"), help="server run directory (its log)")
+    p.add_argument("--out", default=None, metavar="FILE",
+                   help="markdown summary to write (default: bench/results/soak.md when --repo is the project's "
+                        "model_repository, else none)")
     p.add_argument("--server-arg", action="append", default=[], metavar="ARG",
                    help="extra tritonserver argument (repeatable), e.g. --server-arg=--grpc-infer-allocation-pool-size=1024")
     args = p.parse_args(argv)
@@ -118,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.rss_bound_mib > 0:
         raise UserError("--rss-bound-mib", f"must be > 0, got {args.rss_bound_mib}")
 
-    from serve.local import LocalTriton
+    from charrnn.local_triton import LocalTriton
 
     server = LocalTriton.on_free_ports(repo=args.repo, run_dir=args.run_dir, models=(MODEL,), extra_args=tuple(args.server_arg))
     print(f"soak: {args.sequences} sequences x {args.length} characters on one gRPC stream "
@@ -159,6 +192,12 @@ def main(argv: list[str] | None = None) -> int:
         problems.append("the server stopped being ready")
     if abs(delta) > args.rss_bound_mib * 2**20:
         problems.append(f"server RSS changed by {delta / 2**20:+.1f} MiB (bound +-{args.rss_bound_mib:g} MiB)")
+    out = args.out or (RESULTS / "soak.md" if Path(args.repo).resolve() == (ROOT / "model_repository").resolve()
+                       else None)
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(summary_md(args, soak, errors, rss0, rss1, len(before), problems))
+        print(f"  wrote {out}")
     if problems:
         raise CheckFailed("soak", "; ".join(problems), f"see the server log {server.log_path}")
     print("soak ok")

@@ -90,11 +90,26 @@ class Contract:
             STATE_OUT: (np.dtype(FLOAT_DTYPE), (-1, *self.state_dims)),
         }
 
+    def gen_inputs(self) -> dict[str, tuple[np.dtype, tuple[int, ...]]]:
+        """name -> (dtype, full shape, -1 = dynamic) of the generation graph's inputs (see below)."""
+        return {
+            **self.inputs(),
+            NOISE: (np.dtype(FLOAT_DTYPE), (-1, -1, self.vocab_size)),  # (B, K, V)
+            TEMPERATURE: (np.dtype(FLOAT_DTYPE), (-1, 1)),
+            TOP_K: (np.dtype(IDS_DTYPE), (-1, 1)),
+        }
+
+    def gen_outputs(self) -> dict[str, tuple[np.dtype, tuple[int, ...]]]:
+        return {
+            OUTPUT_IDS: (np.dtype(IDS_DTYPE), (-1, -1)),  # (B, K)
+            STATE_OUT: (np.dtype(FLOAT_DTYPE), (-1, *self.state_dims)),
+        }
+
     def zero_state(self, batch: int) -> np.ndarray:
         return np.zeros((batch, *self.state_dims), dtype=FLOAT_DTYPE)
 
 
-# --- Server-side generation (issue 7): K characters per request, sampled inside the graph -----------------
+# --- Server-side generation: K characters per request, sampled inside the graph -----------------
 #
 # The generation graph (export/gen_export.py; models charrnn_gen_*) takes the step contract's INPUT_IDS and
 # STATE_IN plus the sampling inputs, and returns K sampled ids instead of LOGITS:

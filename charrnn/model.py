@@ -19,13 +19,13 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # oneDNN's fused ops are on by default only on some Intel CPUs; they change results in the last bits and
 # print an INFO line that TF_CPP_MIN_LOG_LEVEL does not silence. Off: the same numerics on every CPU.
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
-os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")  # a visible GPU makes Keras emit CudnnRNNV3, which tf2onnx can't convert
 
 import tensorflow as tf  # noqa: E402
 import keras  # noqa: E402
 
 from charrnn.contract import CELLS, Contract, state_slots  # noqa: E402
 from charrnn.errors import UserError  # noqa: E402
+from charrnn.sampling import Sampler, generate  # noqa: E402
 from charrnn.vocab import Vocab  # noqa: E402
 
 CONFIG_FILE = "config.json"
@@ -130,6 +130,35 @@ class CharRNN(keras.Model):
         """The exported function: logits after the LAST position only. (B, T), (B,S,L,H) -> (B, V), (B,S,L,H)."""
         logits, new_state = self(ids, state, training=False)
         return logits[:, -1, :], new_state
+
+    def step_fn(self):
+        """`step` as a charrnn.sampling step function: NumPy ids (B, T) in, NumPy logits (B, V) out, the state
+        passed through (None: zeros); compiled once per model (tf.function)."""
+        if "_compiled_step" not in self.__dict__:
+            compiled = tf.function(self.step, reduce_retracing=True)
+
+            def run(ids, state):
+                state = self.zero_state(ids.shape[0]) if state is None else state
+                logits, state = compiled(tf.constant(ids), state)
+                return logits.numpy(), state
+
+            self.__dict__["_compiled_step"] = run
+        return self.__dict__["_compiled_step"]
+
+    def generate(self, prime_ids, length: int, sampler: Sampler, on_id=None) -> list[int]:
+        """Prime with prime_ids (T,), then sample `length` ids, one step per character (the reference sampler:
+        every served path must give the same text for the same sampler). on_id(id) is called as each is chosen."""
+        return generate(self.step_fn(), prime_ids, length, sampler, on_id=on_id)
+
+
+def use_cpu_only() -> None:
+    """Hide every GPU from TensorFlow; call it where TensorFlow starts, before the first op. A visible GPU makes
+    Keras emit CudnnRNNV3, which tf2onnx cannot convert, and the reference would differ per host."""
+    try:
+        tf.config.set_visible_devices([], "GPU")
+    except RuntimeError:  # TensorFlow already initialized its devices: too late to change them
+        if tf.config.get_visible_devices("GPU"):
+            raise
 
 
 def build_model(config: ModelConfig) -> CharRNN:

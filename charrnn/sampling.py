@@ -9,6 +9,7 @@ then produces the same text as sampling here.
 
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass
 
 import numpy as np
@@ -40,6 +41,26 @@ class SamplingParams:
         if self.seed is not None and not 0 <= self.seed < 2**63:
             raise UserError("seed", f"must be in 0..2^63-1, got {self.seed}")
         return self
+
+
+def add_sampling_flags(p: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    """The sampling flags, one spelling for the reference sampler and the Triton client; returns the group."""
+    g = p.add_argument_group("sampling")
+    g.add_argument("--prompt", default="ROMEO:\n", help="text to prime the model with")
+    g.add_argument("--length", type=int, default=500, help="characters to generate")
+    g.add_argument("--temperature", type=float, default=1.0,
+                   help=f">= {MIN_TEMPERATURE}; lower is more conservative (--greedy for argmax)")
+    g.add_argument("--top-k", type=int, default=0, help="sample among the k most likely (0: all)")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus: smallest set reaching p (1: all)")
+    g.add_argument("--greedy", action="store_true", help="argmax decoding (deterministic)")
+    g.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
+    return g
+
+
+def sampling_params(args: argparse.Namespace) -> SamplingParams:
+    """SamplingParams from the flags of add_sampling_flags (not yet validated: that needs the vocabulary size)."""
+    return SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, greedy=args.greedy,
+                          seed=args.seed)
 
 
 def noise_stream(seed: int | None) -> np.random.Generator:

@@ -21,6 +21,8 @@ from typing import Callable
 
 import numpy as np
 
+from charrnn.onnx_runtime import ort_session
+
 START, END = 1, 2  # TRITONSERVER_REQUEST_FLAG_SEQUENCE_START / _END
 
 
@@ -114,8 +116,6 @@ def load_stateful_model(args: dict, tensors: dict[str, str]) -> StatefulModel:
     """Check the config Triton passes to initialize(args) and open <version>/model.onnx with ONNX Runtime;
     `tensors` {name: ORT type, e.g. "tensor(int32)"} must all be in the graph. ValueError("<model> requires X,
     got Y") on anything else."""
-    import onnxruntime as ort
-
     config = json.loads(args["model_config"])
     name = args["model_name"]
     max_batch_size = int(config.get("max_batch_size", 0))
@@ -136,11 +136,7 @@ def load_stateful_model(args: dict, tensors: dict[str, str]) -> StatefulModel:
     onnx_path = Path(args["model_repository"]) / args["model_version"] / "model.onnx"
     if not onnx_path.is_file():
         raise ValueError(f"{name} requires {onnx_path}, got no such file (run `make export`)")
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    session = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
+    session = ort_session(onnx_path, threads)
     io = {t.name: t for t in session.get_inputs() + session.get_outputs()}
     for tensor, dtype in tensors.items():
         if tensor not in io or io[tensor].type != dtype:

@@ -1,20 +1,21 @@
-"""Generate text through a Triton server, character by character (`python -m client`).
+"""Generate text through a Triton server (`python -m client`).
 
     python -m client --prompt "ROMEO:" --length 500                    # local server from `make serve`
     python -m client --url 127.0.0.1:8001 --model charrnn_trt --greedy
     python -m client --num-sequences 8 --seed 1 --temperature 0.8       # 8 sequences on one gRPC stream
     python -m client --chunk 32 --seed 1                               # 32 characters per request (server samples)
 
-The vocabulary comes from the server (the model config's vocab_json parameter). Sampling is the same
-code as the TensorFlow reference sampler (charrnn.sampling), so with --greedy or a --seed the text equals
-`make sample`'s. With --num-sequences N, sequence i uses seed + i.
+The vocabulary comes from the server (the model config's vocab_json parameter). Without --chunk the server
+returns the next character's logits and the client samples with the TensorFlow reference's sampler
+(charrnn.sampling); with --chunk K a generation model (charrnn_gen_*, gRPC only) samples K characters per
+request from the noise the client sends. Either way, with --greedy or a --seed the text equals `make sample`'s
+(top-k works with --chunk, top-p does not). With --num-sequences N, sequence i uses seed + i.
 
 Restart-safe: the text generated so far is kept here. If the server goes away or forgets a sequence, the
 client reconnects (up to --retries times, waiting --retry-delay, doubling, at most --retry-max-wait in all),
 re-primes a new sequence with prompt + generated text and continues: with --greedy or a --seed the final
 text equals an uninterrupted run. If it gives up, what was generated so far is printed to stdout first.
-With --chunk K the server samples (a charrnn_gen_* model, K characters per request, gRPC only): same seed,
-same text as per character; top-k works, top-p does not; no reconnects (a server error ends the run).
+HTTP inference needs the server's inference key in $TRITON_INFER_KEY (gRPC needs none).
 Exit codes: 0 ok, 1 --expect mismatch, 2 bad input, 3 server unreachable / model not ready / server error
 (after the retries), 130 interrupted (the sequences are ended on the server first).
 """
@@ -25,23 +26,30 @@ import argparse
 import sys
 from dataclasses import replace
 
-from charrnn.contract import MAX_SEQUENCES
+from charrnn.contract import MAX_K, MAX_SEQUENCES
 from charrnn.errors import CheckFailed, UserError, cli
-from train.sample import add_sampling_flags, sampling_params
+from charrnn.repository import GEN, STEP, names
+from charrnn.sampling import add_sampling_flags, sampling_params
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults shown, the epilog's examples kept as written."""
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    first, _, rest = __doc__.partition("\n")
+    p = argparse.ArgumentParser(prog="python -m client", description=first, epilog=rest,
+                                formatter_class=HelpFormatter)
     g = p.add_argument_group("server")
     g.add_argument("--url", default="127.0.0.1:8001", help="host:port (gRPC 8001, HTTP 8000)")
     g.add_argument("--protocol", default="grpc", choices=["grpc", "http"],
                    help="grpc: one bidirectional stream for all sequences; http: one request at a time each")
     g.add_argument("--model", default=None,
-                   help="model to use (default: first ready of charrnn_trt, charrnn_onnx, charrnn_python)")
+                   help=f"model to use (default: the first ready of {', '.join(names(graph=STEP))}; with "
+                        f"--chunk, of {', '.join(names(graph=GEN))})")
     add_sampling_flags(p)
     g.add_argument("--chunk", type=int, default=None, metavar="K",
-                   help="server-side generation: K characters per request (1..256) on a charrnn_gen_* model")
+                   help=f"server-side generation: K characters per request (1..{MAX_K}) on a charrnn_gen_* model")
     g = p.add_argument_group("retries")
     g.add_argument("--retries", type=int, default=5,
                    help="reconnect attempts per server outage before giving up (0: give up at once)")
@@ -61,8 +69,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if not 1 <= args.num_sequences <= MAX_SEQUENCES:
         raise UserError("--num-sequences", f"must be in 1..{MAX_SEQUENCES} (the sequence slots of a model "
                         f"instance), got {args.num_sequences}", "run several clients one after another")
-    from client.generate import RetryPolicy
+    from client.generate import RetryPolicy, check_chunk
 
+    check_chunk(args.chunk)
+    if args.chunk is not None and args.protocol != "grpc":
+        raise UserError("--chunk", "needs gRPC (one stream for every sequence; streaming responses)",
+                        "use --protocol grpc and the gRPC port (8001)")
     args.retry = RetryPolicy(retries=args.retries, delay=args.retry_delay, max_wait=args.retry_max_wait).validate()
     return args
 
@@ -86,14 +98,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     base = sampling_params(args)
     replace(base, top_k=0).validate(1)  # all but top-k (it needs the vocabulary) before connecting
-    if args.chunk is not None:
-        return main_chunked(args, base)
+    from client.connection import Connection
     from client.generate import GenerationFailed, generate
-    from client.session import Connection
 
     conn = Connection(args.url, args.protocol)
     try:
-        model = conn.pick_model(args.model)
+        model = conn.pick_model(args.model, STEP if args.chunk is None else GEN)
         vocab = conn.vocabulary(model)
         params = [base.validate(len(vocab))]
         params += [replace(base, seed=None if base.seed is None else base.seed + i)
@@ -105,9 +115,9 @@ def main(argv: list[str] | None = None) -> int:
 
         mid_line = [False]  # a streamed line of text is open on stdout
 
-        def on_char(index: int, char: str) -> None:
+        def on_text(index: int, text: str) -> None:
             if stream_one:
-                sys.stdout.write(char)
+                sys.stdout.write(text)
                 sys.stdout.flush()
                 mid_line[0] = True
 
@@ -116,54 +126,17 @@ def main(argv: list[str] | None = None) -> int:
             mid_line[0] = False
 
         try:
-            seqs = generate(conn, model, vocab, [args.prompt] * args.num_sequences, args.length, params, on_char,
-                            retry=args.retry, on_retry=on_retry)
+            seqs = generate(conn, model, vocab, [args.prompt] * args.num_sequences, args.length, params,
+                            chunk=args.chunk, on_text=on_text, retry=args.retry, on_retry=on_retry)
         except GenerationFailed as e:  # nothing lost: print what was generated before giving up
             print_texts(e.sequences, vocab, model, args, params, stream_one, partial=True)
             raise
     finally:
         conn.close()
     texts = print_texts(seqs, vocab, model, args, params, stream_one)
-    print(f"[{model} via {args.protocol}://{conn.url}: {args.num_sequences} x {args.length} characters]",
+    per = f", {args.chunk} per request, {sum(s.sent for s in seqs)} requests" if args.chunk else ""
+    print(f"[{model} via {args.protocol}://{conn.url}: {args.num_sequences} x {args.length} characters{per}]",
           file=sys.stderr)
-    if args.expect is not None and texts[0] != args.expect:
-        raise CheckFailed("--expect", "the generated text differs from the expected text")
-    return 0
-
-
-def main_chunked(args: argparse.Namespace, base) -> int:
-    """--chunk K: K characters per request on a server-side generation model (client/chunked.py)."""
-    from client.chunked import GenStream, check_chunk, generate_chunked
-
-    check_chunk(args.chunk)
-    if args.protocol != "grpc":
-        raise UserError("--chunk", "needs gRPC (one stream for every sequence; streaming responses)",
-                        "use --protocol grpc and the gRPC port (8001)")
-    stream = GenStream(args.url)
-    try:
-        model = stream.pick_model(args.model)
-        vocab = stream.vocabulary(model)
-        params = [base.validate(len(vocab))]
-        params += [replace(base, seed=None if base.seed is None else base.seed + i)
-                   for i in range(1, args.num_sequences)]
-        stream_one = args.num_sequences == 1 and not args.quiet
-        if stream_one:
-            sys.stdout.write(args.prompt)
-            sys.stdout.flush()
-
-        def on_text(index: int, text: str) -> None:
-            if stream_one:
-                sys.stdout.write(text)
-                sys.stdout.flush()
-
-        seqs = generate_chunked(stream, model, vocab, [args.prompt] * args.num_sequences, args.length, params,
-                                args.chunk, on_text, stream=stream)
-    finally:
-        stream.close()
-    texts = print_texts(seqs, vocab, model, args, params, stream_one)
-    requests = sum(s.sent for s in seqs)
-    print(f"[{model} via grpc://{stream.url}: {args.num_sequences} x {args.length} characters, "
-          f"{args.chunk} per request, {requests} requests]", file=sys.stderr)
     if args.expect is not None and texts[0] != args.expect:
         raise CheckFailed("--expect", "the generated text differs from the expected text")
     return 0

@@ -17,7 +17,7 @@ from charrnn.errors import cli
 @cli
 def main(argv: list[str] | None = None) -> int:
     from client.__main__ import main as client_main
-    from serve.local import LocalTriton
+    from charrnn.local_triton import LocalTriton
 
     argv = list(sys.argv[1:] if argv is None else argv)
     t0 = time.time()

@@ -1,22 +1,33 @@
-"""Generate text through Triton: prime each sequence with its prompt, then one request per character.
+"""Generate text through Triton: prime each sequence with its prompt, then K characters per request.
 
-Request plan of one sequence with a prompt of m chunks (<= MAX_T characters each) and `length` new
-characters: the m prompt chunks, then generated characters 1..length-1 as inputs. The first request
-carries sequence_start, the last one sequence_end (so the server frees the state as soon as the last
-logits are out). Every sequence has exactly one request in flight; all sequences share one connection
-(one gRPC stream), so the server's sequence batcher batches them together.
+Two kinds of served model, one request plan (charrnn.repository: the model's graph):
+  - step models (chunk=None, K = 1): the server returns LOGITS for the next character and the client samples it
+    (charrnn.sampling, the TensorFlow reference's sampler);
+  - generation models (chunk=K): the client sends K uniform noise rows from the same seeded stream and the
+    server samples K characters; a decoupled model streams them one response per character.
+Row j of a sequence's noise stream picks its generated character j either way, so for the same seed (and always
+with greedy) both give the reference's text.
+
+Request plan of one sequence with a prompt of m chunks (<= MAX_T characters each) and `length` new characters:
+prompt chunks 1..m-1 (their answer is discarded), prompt chunk m (-> characters 1..K), then the last character
+received (the server never fed it) -> the next K, ... The first request carries sequence_start, the last one
+sequence_end (so the server frees the state as soon as the last characters are out). Every sequence has one
+request in flight; all sequences share one connection (one gRPC stream), so the server's sequence batcher
+batches them together.
 
 Restart-safe (with `retry=RetryPolicy(retries=N)`): the text generated so far lives here, in the client.
 If the server goes away (stream error, UNAVAILABLE, connection refused, no answer) the connection is
 re-created with bounded exponential backoff and every unfinished sequence is re-primed under a NEW
 sequence id with prompt + generated-so-far, then continues. If the server answers that a sequence is
 unknown (idle timeout, restart: "must specify the START flag" / "unknown sequence"), that sequence alone is
-re-primed. Each sequence keeps its Sampler (its noise stream position), so greedy and seeded runs give
-the same text as an uninterrupted run. Giving up raises GenerationFailed, which carries the partial text.
+re-primed. A re-primed sequence continues from its noise stream's position len(generated), so greedy and seeded
+runs give the same text as an uninterrupted run. Giving up raises GenerationFailed, which carries the partial
+text.
 """
 
 from __future__ import annotations
 
+import math
 import queue
 import random
 import time
@@ -25,21 +36,18 @@ from typing import Callable
 
 import numpy as np
 
-from charrnn.contract import MAX_T
+from charrnn.contract import INPUT_IDS, LOGITS, MAX_K, MAX_T, NOISE, OUTPUT_IDS, TEMPERATURE, TOP_K
 from charrnn.errors import UnavailableError, UserError
+from charrnn.repository import GEN, STEP
 from charrnn.sampling import Sampler, SamplingParams
 from charrnn.vocab import Vocab
-from client.session import Connection
+from client.connection import Connection
 
 RESULT_TIMEOUT_S = 60.0
 
 
-class ServerError(UnavailableError):
-    """The server answered a request with an error."""
-
-
-class GenerationFailed(ServerError):
-    """Generation stopped on a server problem; `sequences` holds what was generated so far (nothing lost)."""
+class GenerationFailed(UnavailableError):
+    """The server failed the generation; `sequences` holds what was generated so far (nothing lost)."""
 
     def __init__(self, what: str, why: str, fix: str, sequences: list["Sequence"]) -> None:
         super().__init__(what, why, fix)
@@ -73,42 +81,58 @@ class RetryPolicy:
 
 
 @dataclass
+class Request:
+    ids: np.ndarray  # (T,) int32
+    k: int  # characters asked for (1 for a step model)
+    keep: bool  # False: a prompt chunk before the last one (its answer is discarded)
+    start: bool
+    end: bool
+
+
+@dataclass
 class Sequence:
     index: int
     sequence_id: int
-    chunks: list[np.ndarray]  # prompt chunks (1..MAX_T ids each) of the current priming
+    prompt: np.ndarray  # (P,) the prompt's ids (re-priming sends prompt + generated)
     length: int  # characters to generate
+    chunk: int  # K: characters per request (1: a step model, the client samples)
     sampler: Sampler
+    chunks: list[np.ndarray] = field(default_factory=list)  # prompt chunks (1..MAX_T ids) of the current priming
     generated: list[int] = field(default_factory=list)
     sent: int = 0  # requests sent so far (under the current sequence id)
-    latencies: list[float] = field(default_factory=list)  # seconds per request (send -> result)
-    prompt: np.ndarray | None = None  # the prompt's ids (re-priming sends prompt + generated)
+    received: int = 0  # characters received for the request in flight
     primed: int = 0  # characters of `generated` that were part of the current priming
+    latencies: list[float] = field(default_factory=list)  # seconds per request (send -> last character)
+    first_char: list[float] = field(default_factory=list)  # seconds per request (send -> first answer)
     restarts: int = 0  # times re-primed under a new sequence id
     restarts_without_progress: int = 0  # re-primings since this sequence last generated a character
     sequence_ids: list[int] = field(default_factory=list)  # earlier sequence ids
 
     @property
     def total_requests(self) -> int:
-        return len(self.chunks) + self.length - self.primed - 1
+        return len(self.chunks) - 1 + math.ceil((self.length - self.primed) / self.chunk)
 
     @property
     def done(self) -> bool:
         return len(self.generated) >= self.length
 
-    def next_input(self) -> np.ndarray:
-        if self.sent < len(self.chunks):
-            return self.chunks[self.sent]
-        return np.array([self.generated[-1]], np.int32)
+    def next_request(self) -> Request:
+        n, m = self.sent, len(self.chunks)
+        start, end = n == 0, n == self.total_requests - 1
+        if n < m - 1:
+            return Request(self.chunks[n], 1, False, start, end)
+        ids = self.chunks[-1] if n == m - 1 else np.array([self.generated[-1]], np.int32)
+        return Request(ids, min(self.chunk, self.length - len(self.generated)), True, start, end)
 
     def reprime(self, sequence_id: int, max_t: int = MAX_T) -> None:
-        """Start over under a new sequence id, primed with prompt + everything generated so far."""
-        if self.prompt is None:
-            raise ValueError("cannot re-prime a sequence without its prompt ids (Sequence.prompt)")
+        """Start over under a new sequence id, primed with prompt + everything generated so far; the noise
+        stream continues at row len(generated) (rows drawn for characters that never arrived are drawn again)."""
         self.sequence_ids.append(self.sequence_id)
         self.sequence_id = sequence_id
         self.chunks = chunk_prompt(np.concatenate([self.prompt, np.asarray(self.generated, np.int32)]), max_t)
-        self.primed, self.sent = len(self.generated), 0
+        self.primed, self.sent, self.received = len(self.generated), 0, 0
+        self.sampler = Sampler(self.sampler.params, self.sampler.vocab_size)
+        self.sampler.noise(len(self.generated))
         self.restarts += 1
 
 
@@ -122,6 +146,30 @@ def new_sequence_ids(n: int) -> list[int]:
     return [base + i for i in range(n)]
 
 
+def check_chunk(chunk: int | None) -> int:
+    """K: None (a step model) -> 1; else it must be in 1..MAX_K."""
+    if chunk is None:
+        return 1
+    if not 1 <= chunk <= MAX_K:
+        raise UserError("--chunk", f"must be in 1..{MAX_K} (characters per request), got {chunk}")
+    return chunk
+
+
+def inputs_of(seq: Sequence, req: Request, generation: bool) -> dict[str, np.ndarray]:
+    """The request's tensors (batch dim 1). A generation model also gets K noise rows, the temperature and
+    top-k; prompt chunks before the last one and greedy sequences use no row of the noise stream."""
+    ids = np.asarray(req.ids, np.int32).reshape(1, -1)  # (1, T)
+    if not generation:
+        return {INPUT_IDS: ids}
+    p, v = seq.sampler.params, seq.sampler.vocab_size
+    if not req.keep or p.greedy:
+        noise, temperature = np.full((req.k, v), 0.5, np.float32), 0.0
+    else:
+        noise, temperature = seq.sampler.noise(req.k), p.temperature
+    return {INPUT_IDS: ids, NOISE: np.ascontiguousarray(noise, np.float32)[None],  # (1, K, V)
+            TEMPERATURE: np.array([[temperature]], np.float32), TOP_K: np.array([[0 if p.greedy else p.top_k]], np.int32)}
+
+
 # What an error means for the generation: the server went away (reconnect), the server does not know the
 # sequence any more (re-prime it), or anything else (give up: retrying would not help).
 OUTAGE, LOST, FATAL = "outage", "lost", "fatal"
@@ -133,7 +181,7 @@ _LOST_TEXT = ("must specify the start flag", "unknown sequence")
 
 
 def classify(error) -> str:
-    text = _message(error).lower()
+    text = message(error).lower()
     if any(s in text for s in _LOST_TEXT):
         return LOST
     status = str(getattr(error, "status", lambda: None)() or "")
@@ -147,31 +195,45 @@ class _Outage(Exception):
     """Internal: the connection is gone (or silent); recover by reconnecting."""
 
     def __init__(self, error) -> None:
-        super().__init__(_message(error))
+        super().__init__(message(error))
         self.error = error
 
 
 def generate(conn: Connection, model: str, vocab: Vocab, prompts: list[str], length: int,
-             params: list[SamplingParams], on_char: Callable[[int, str], None] | None = None,
-             sequence_ids: list[int] | None = None, max_t: int = MAX_T, retry: RetryPolicy | None = None,
+             params: list[SamplingParams] | SamplingParams, chunk: int | None = None,
+             on_text: Callable[[int, str], None] | None = None, sequence_ids: list[int] | None = None,
+             max_t: int = MAX_T, retry: RetryPolicy | None = None,
              on_retry: Callable[[str], None] | None = None) -> list[Sequence]:
-    """Run len(prompts) sequences concurrently to completion; returns them (text in .generated).
+    """Run len(prompts) sequences concurrently to completion; returns them (ids in .generated).
 
-    retry: reconnect/re-prime policy (default: no retries; any server error raises GenerationFailed, which
-    carries the sequences with the text so far). on_retry(message): told about every retry and recovery."""
+    chunk: None for a step model (one character per request, sampled here); K for a generation model.
+    on_text(index, text): called as characters arrive. retry: reconnect/re-prime policy (default: no retries;
+    any server error raises GenerationFailed, which carries the sequences with the text so far).
+    on_retry(message): told about every retry and recovery."""
     if length < 1:
         raise UserError("length", f"must be >= 1, got {length}")
     if not prompts or any(not p for p in prompts):
         raise UserError("prompt", "is empty", "give at least one character")
+    generation, k = chunk is not None, check_chunk(chunk)
+    if generation and conn.protocol != "grpc":
+        raise UserError("--chunk", "needs gRPC (one stream for every sequence; streaming responses)",
+                        "use --protocol grpc and the gRPC port (8001)")
+    params = [params] * len(prompts) if isinstance(params, SamplingParams) else params
+    for p in params:
+        p.validate(len(vocab))
+        if generation and not p.greedy and p.top_p < 1.0:
+            raise UserError("--top-p", "is not available with --chunk (the server samples with temperature and "
+                            "top-k only)", "drop --top-p, or generate per character without --chunk")
     retry = (retry or RetryPolicy()).validate()
     encoded = [vocab.encode(p) for p in prompts]  # unknown characters: an error before anything is sent
     ids = sequence_ids or new_sequence_ids(len(prompts))
-    seqs = [Sequence(i, ids[i], chunk_prompt(e, max_t), length, Sampler(params[i], len(vocab)), prompt=e)
+    seqs = [Sequence(i, ids[i], e, length, k, Sampler(params[i], len(vocab)), chunk_prompt(e, max_t))
             for i, e in enumerate(encoded)]
-    by_request: dict[str, Sequence] = {}
+    by_request: dict[str, tuple[Sequence, Request, float]] = {}
     outage = {"attempts": 0, "waited": 0.0}  # of the current outage; reset when characters flow again
+    unfinished = [len(seqs)]  # sequences not done yet
     dropped = []  # set when the connection was given up: no END requests to send then
-    say = on_retry or (lambda message: None)
+    say = on_retry or (lambda text: None)
 
     def kept() -> str:
         return f"{sum(len(s.generated) for s in seqs)} of {len(seqs) * length} characters kept"
@@ -183,20 +245,35 @@ def generate(conn: Connection, model: str, vocab: Vocab, prompts: list[str], len
         return GenerationFailed(f"server {conn.url}", f"{why}; {kept()}", fix, seqs)
 
     def send_next(seq: Sequence) -> None:
+        req = seq.next_request()
         request_id = f"{seq.sequence_id}:{seq.sent}"
-        by_request[request_id] = seq
+        by_request[request_id] = (seq, req, time.perf_counter())
+        seq.received = 0
         try:
-            conn.send(request_id, seq.next_input(), model, seq.sequence_id,
-                      start=seq.sent == 0, end=seq.sent == seq.total_requests - 1)
+            conn.send(request_id, model, inputs_of(seq, req, generation), seq.sequence_id, req.start, req.end)
+        except UserError:
+            raise
         except Exception as e:  # e.g. a dead gRPC stream refuses new requests
             if classify(e) == FATAL:
                 raise
             raise _Outage(e) from e
         seq.sent += 1
 
+    def sequence_of(request_id, error) -> Sequence | None:
+        """The sequence an answer belongs to; gRPC stream errors carry no request id, but the models' errors
+        name their sequence ("sequence <id>: ...") and one sequence in flight can only be that one."""
+        if request_id is not None:
+            entry = by_request.get(request_id)
+            return entry[0] if entry else None
+        in_flight = {id(s): s for s, _, _ in by_request.values()}
+        named = [s for s in in_flight.values() if f"sequence {s.sequence_id}" in message(error)]
+        if len(named) == 1:
+            return named[0]
+        return next(iter(in_flight.values())) if len(in_flight) == 1 else None
+
     def recover(error) -> None:
         """Reconnect with backoff and re-prime every unfinished sequence under a new id; or give up."""
-        why = f"connection lost ({_brief(_message(error))})"
+        why = f"connection lost ({brief(message(error))})"
         while True:
             outage["attempts"] += 1
             attempt, delay = outage["attempts"], retry.backoff(outage["attempts"])
@@ -212,65 +289,93 @@ def generate(conn: Connection, model: str, vocab: Vocab, prompts: list[str], len
             outage["waited"] += delay
             try:
                 conn.reopen()
-                conn.pick_model(model)
+                conn.pick_model(model, GEN if generation else STEP)
                 if conn.vocabulary(model) != vocab:
                     raise give_up(f"model {model} came back with another vocabulary", "run again from the start")
                 by_request.clear()
-                unfinished = [s for s in seqs if not s.done]
+                again = [s for s in seqs if not s.done]
                 # The server may still hold the old sequences (a stalled stream, not a restart): end them, or
                 # they would hold their slots until the idle timeout. Their answers (or "unknown sequence"
                 # errors, after a restart) match no pending request and are dropped below.
-                _end_open_sequences(conn, model, unfinished)
-                for seq, sid in zip(unfinished, new_sequence_ids(len(unfinished))):
+                end_open_sequences(conn, model, again, generation)
+                for seq, sid in zip(again, new_sequence_ids(len(again))):
                     seq.reprime(sid, max_t)
                     send_next(seq)
             except GenerationFailed:
                 raise
             except _Outage as e:  # went down again while re-priming: next attempt
-                why = f"connection lost again ({_brief(_message(e.error))})"
+                why = f"connection lost again ({brief(message(e.error))})"
                 continue
             except UserError as e:  # e.g. not reachable yet, model not ready yet: next attempt
-                why = f"still unavailable ({_brief(e.why)})"
+                why = f"still unavailable ({brief(e.why)})"
                 continue
             except Exception as e:  # tritonclient/gRPC errors while the server comes and goes
                 if classify(e) == FATAL:
                     raise
-                why = f"still unavailable ({_brief(_message(e))})"
+                why = f"still unavailable ({brief(message(e))})"
                 continue
-            say(f"reconnected to {conn.url}: re-primed {len(unfinished)} sequence(s) under new ids with "
+            say(f"reconnected to {conn.url}: re-primed {len(again)} sequence(s) under new ids with "
                 f"prompt + generated text ({kept()})")
             return
 
     def reprime_lost(seq: Sequence, error) -> None:
         """The server lost this one sequence (idle timeout, restart): re-prime it alone, same connection."""
         if seq.restarts_without_progress >= retry.retries:
-            raise give_up(f"sequence {seq.sequence_id} unknown to the server ({_message(error)})" +
+            raise give_up(f"sequence {seq.sequence_id} unknown to the server ({message(error)})" +
                           (f", gave up after {retry.retries} retries" if retry.retries else ""),
                           "check the server's max_sequence_idle_microseconds and log; pass --retries N to "
                           "re-prime lost sequences", drop=False)
         seq.restarts_without_progress += 1
         old = seq.sequence_id
+        for request_id in [r for r, (s, _, _) in by_request.items() if s is seq]:
+            del by_request[request_id]
         seq.reprime(new_sequence_ids(1)[0], max_t)
         say(f"warning: server {conn.url}: sequence {old} unknown to the server; re-primed it as {seq.sequence_id} "
             f"with prompt + {len(seq.generated)} generated characters")
         send_next(seq)
 
-    active = len(seqs)
+    def answer(seq: Sequence, req: Request, sent_at: float, request_id: str, result, arrived: float) -> None:
+        """One result for a request in flight: the characters it carries, then the next request when complete."""
+        if generation:
+            got = [int(i) for i in result.as_numpy(OUTPUT_IDS).reshape(-1)]
+        else:  # LOGITS (1, V): sample the next character here, unless the answer is for an early prompt chunk
+            got = [seq.sampler.next(result.as_numpy(LOGITS)[0])] if req.keep else [0]
+        if not seq.received:
+            seq.first_char.append(arrived - sent_at)
+        seq.received += len(got)
+        if seq.received > req.k:
+            raise GenerationFailed(f"{model} (sequence {seq.sequence_id})", f"returned {seq.received} ids for "
+                                   f"a request of {req.k}", "see the server log", seqs)
+        if req.keep:
+            seq.generated.extend(got)
+            seq.restarts_without_progress = 0
+            outage["attempts"], outage["waited"] = 0, 0.0
+            if on_text is not None:
+                on_text(seq.index, vocab.decode(got))
+        if seq.received < req.k:  # a decoupled model: more characters of this request to come
+            return
+        del by_request[request_id]
+        seq.latencies.append(arrived - sent_at)
+        if seq.done:
+            unfinished[0] -= 1
+        else:
+            send_next(seq)
+
     try:
         try:
             for seq in seqs:
                 send_next(seq)
         except _Outage as e:
             recover(e.error)
-        while active:
+        while unfinished[0]:
             try:
                 try:
-                    request_id, logits, error, seconds = conn.results.get(timeout=RESULT_TIMEOUT_S)
+                    request_id, result, error, arrived = conn.results.get(timeout=RESULT_TIMEOUT_S)
                 except queue.Empty:
                     if not retry.retries:
                         raise give_up(f"no answer for {RESULT_TIMEOUT_S:.0f} s", "check the server") from None
                     raise _Outage(TimeoutError(f"no answer for {RESULT_TIMEOUT_S:.0f} s")) from None
-                seq = by_request.pop(request_id, None) if request_id is not None else None
+                seq = sequence_of(request_id, error)
                 if error is not None:
                     kind = classify(error)
                     if seq is None and request_id is not None and kind != FATAL:
@@ -281,47 +386,39 @@ def generate(conn: Connection, model: str, vocab: Vocab, prompts: list[str], len
                     if kind in (OUTAGE, LOST):  # LOST here: cannot tell which sequence, so re-prime them all
                         raise _Outage(error)
                     where = f"sequence {seq.sequence_id}" if seq else "a sequence"
-                    raise GenerationFailed(f"{model} ({where})", _message(error), "see the server log", seqs)
+                    raise GenerationFailed(f"{model} ({where})", message(error), "see the server log", seqs)
                 if seq is None:
                     continue  # a late answer to a request abandoned by a recovery
-                seq.latencies.append(seconds)
-                if seq.sent >= len(seq.chunks):  # prompt fully sent: these logits predict the next character
-                    next_id = seq.sampler.next(logits)
-                    seq.generated.append(next_id)
-                    seq.restarts_without_progress = 0
-                    outage["attempts"], outage["waited"] = 0, 0.0
-                    if on_char is not None:
-                        on_char(seq.index, vocab.chars[next_id])
-                if seq.done:
-                    active -= 1
-                else:
-                    send_next(seq)
+                _, req, sent_at = by_request[request_id]
+                answer(seq, req, sent_at, request_id, result, arrived)
             except _Outage as e:
                 recover(e.error)
     except BaseException:
         if not dropped:
-            _end_open_sequences(conn, model, seqs)
+            end_open_sequences(conn, model, seqs, generation)
         raise
     return seqs
 
 
-def _end_open_sequences(conn: Connection, model: str, seqs: list[Sequence]) -> None:
+def end_open_sequences(conn: Connection, model: str, seqs: list[Sequence], generation: bool) -> None:
     """Best effort on errors, Ctrl-C and re-primes: tell the server to free unfinished sequences' state."""
     for seq in seqs:
         if 0 < seq.sent < seq.total_requests:
+            ids = np.array([seq.generated[-1]], np.int32) if seq.generated else seq.chunks[0]
+            end = Request(ids, 1, False, False, True)  # uses no row of the noise stream
             try:
-                conn.send(f"{seq.sequence_id}:end", seq.next_input() if seq.generated else seq.chunks[0],
-                          model, seq.sequence_id, start=False, end=True)
+                conn.send(f"{seq.sequence_id}:end", model, inputs_of(seq, end, generation), seq.sequence_id,
+                          start=False, end=True)
             except Exception:
                 pass
 
 
-def _message(error) -> str:
+def message(error) -> str:
     text = getattr(error, "message", lambda: str(error))()
     return (text or str(error)).strip()
 
 
-def _brief(text: str) -> str:
+def brief(text: str) -> str:
     """A connection error in a few words (gRPC's are long)."""
     lower = text.lower()
     for known in ("connection refused", "socket closed", "connection reset by peer", "stream is no longer in valid state"):

@@ -18,29 +18,22 @@ from pathlib import Path
 
 from charrnn.contract import MAX_SEQUENCE_IDLE_US
 from charrnn.errors import CheckFailed, UserError, cli
+from charrnn.repository import (BY_NAME, GEN, GEN_MODELS, GEN_ONNX, GEN_TRT, ONNX, PYTHON, PYTHON_BACKEND, STEP, TRT,
+                                load_config, names)
 
 ROOT = Path(__file__).resolve().parent.parent
-PYTHON_MODEL_SOURCE = ROOT / "model_repository" / "charrnn_python" / "1" / "model.py"
-# charrnn_gen_python's model.py also serves charrnn_gen_stream (decoupled by its config): copied there.
-GEN_PYTHON_MODEL_SOURCE = ROOT / "model_repository" / "charrnn_gen_python" / "1" / "model.py"
+COMMITTED_REPO = ROOT / "model_repository"  # holds the python models' model.py files (exports elsewhere copy them)
 
 
-def export_generation(model, repo: Path):
-    """The generation graph into charrnn_gen_onnx and the python gen models' folders; returns its proto."""
-    from export import configs
-    from export.gen_export import export_gen_onnx
-
-    gen_onnx = repo / configs.GEN_ONNX / "1" / configs.ARTIFACT[configs.GEN_ONNX]
-    print(f"      generation graph (K characters per call): {gen_onnx}")
-    proto = export_gen_onnx(model, gen_onnx)
-    for name in (configs.GEN_PYTHON, configs.GEN_STREAM):
+def place(onnx_path: Path, repo: Path, models: tuple[str, ...]) -> None:
+    """Copy a graph into the python-backend models that run it, with their committed model.py."""
+    for name in models:
         folder = repo / name / "1"
         folder.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(gen_onnx, folder / configs.ARTIFACT[name])
-        src = folder / "model.py"
-        if src.resolve() != GEN_PYTHON_MODEL_SOURCE.resolve():
-            shutil.copyfile(GEN_PYTHON_MODEL_SOURCE, src)
-    return proto
+        shutil.copyfile(onnx_path, folder / BY_NAME[name].artifact)
+        source = COMMITTED_REPO / name / "1" / "model.py"
+        if (folder / "model.py").resolve() != source.resolve():  # exporting to another repository
+            shutil.copyfile(source, folder / "model.py")
 
 
 @cli
@@ -55,25 +48,25 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError("--idle-timeout", f"must be in 1..86400 seconds, got {args.idle_timeout}",
                         "a person at a keyboard needs tens of seconds; Triton's own default is 1 s")
 
-    from charrnn.model import load_model_dir
+    from charrnn.model import load_model_dir, use_cpu_only
     from export import configs
+    from export.gen_export import export_gen_onnx
     from export.onnx_export import export_onnx
     from export.trt_check import check_model
 
     t0 = time.time()
+    use_cpu_only()  # a visible GPU makes Keras emit CudnnRNNV3, which tf2onnx cannot convert
     print(f"[1/4] loading {args.model}")
     model, vocab, _ = load_model_dir(args.model)
     repo = Path(args.repo)
-    onnx_path = repo / configs.ONNX / "1" / configs.ARTIFACT[configs.ONNX]
+    onnx_path = repo / ONNX / "1" / BY_NAME[ONNX].artifact
     print(f"[2/4] TF -> ONNX (tf2onnx): {onnx_path}")
     proto = export_onnx(model, onnx_path)
-    python_onnx = repo / configs.PYTHON / "1" / configs.ARTIFACT[configs.PYTHON]
-    python_onnx.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(onnx_path, python_onnx)
-    python_src = repo / configs.PYTHON / "1" / "model.py"
-    if python_src.resolve() != PYTHON_MODEL_SOURCE.resolve():  # exporting to another repository
-        shutil.copyfile(PYTHON_MODEL_SOURCE, python_src)
-    gen_proto = export_generation(model, repo)
+    place(onnx_path, repo, names(graph=STEP, backend=PYTHON_BACKEND))
+    gen_onnx = repo / GEN_ONNX / "1" / BY_NAME[GEN_ONNX].artifact
+    print(f"      generation graph (K characters per call): {gen_onnx}")
+    gen_proto = export_gen_onnx(model, gen_onnx)
+    place(gen_onnx, repo, names(graph=GEN, backend=PYTHON_BACKEND))
 
     print("[3/4] TensorRT readiness (static)")
     report = check_model(proto)
@@ -83,21 +76,21 @@ def main(argv: list[str] | None = None) -> int:
     gen_report = check_model(gen_proto)
     print("      generation graph: " + gen_report.text().replace("\n", "\n      "))
     if not gen_report.ready:
-        raise CheckFailed(str(repo / configs.GEN_ONNX), "the generation graph is not TensorRT-ready",
+        raise CheckFailed(str(repo / GEN_ONNX), "the generation graph is not TensorRT-ready",
                           "see the problems above")
 
     print(f"[4/4] Triton configs in {repo}/")
     contract = model.config.contract
     for path in configs.write_repository(repo, contract, vocab, int(args.idle_timeout * 1e6)):
-        config = configs.load_config(path)
-        if config.name != configs.PYTHON:
-            graph = gen_proto if config.name in configs.GEN_MODELS else proto
+        config = load_config(path)
+        if config.name != PYTHON:
+            graph = gen_proto if config.name in GEN_MODELS else proto
             problems = configs.check_config_against_onnx(config, graph)
             if problems:
                 raise CheckFailed(str(path), "; ".join(problems), "fix export/configs.py")
         print(f"      {path}  ({configs.describe(config)})")
     print(f"done in {time.time() - t0:.1f} s. Next: `make verify` (ONNX vs TF parity); "
-          f"`make plan` builds {repo}/{configs.TRT}/1/model.plan and {repo}/{configs.GEN_TRT}/1/model.plan in "
+          f"`make plan` builds {repo}/{TRT}/1/model.plan and {repo}/{GEN_TRT}/1/model.plan in "
           "NVIDIA's TensorRT container.")
     return 0
 

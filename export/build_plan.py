@@ -147,12 +147,12 @@ def trt_run(trt, engine, context, feeds: dict[str, np.ndarray]) -> dict[str, np.
 
 def check_parity(plan: bytes, onnx_path: Path, batches=(1, 8, MAX_BATCH_SIZE), lengths=(1, 17)) -> float:
     """TensorRT vs ONNX Runtime on random ids and states; returns max |delta| over LOGITS and STATE_OUT."""
-    import onnxruntime as ort
+    from charrnn.onnx_runtime import ort_session
 
     trt = import_tensorrt()
     engine = trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine(plan)
     context = engine.create_execution_context()
-    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    session = ort_session(onnx_path)
     shapes = {i.name: i.shape for i in session.get_inputs() + session.get_outputs()}
     state_dims = shapes[STATE_IN][1:]
     rng = np.random.default_rng(0)

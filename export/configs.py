@@ -1,44 +1,27 @@
-"""Triton model configs, generated from charrnn.contract (never hand-synced) and checked against the ONNX graph.
+"""Triton model configs, generated from charrnn.contract and charrnn.repository's table of served models (never
+hand-synced), and checked against the ONNX graph.
 
-Three models show clients the same interface (INPUT_IDS in, LOGITS out, sequence id/start/end):
-  charrnn_trt     TensorRT plan, GPU, implicit state (the sequence batcher holds STATE_IN/STATE_OUT)
-  charrnn_onnx    ONNX Runtime, CPU or GPU, implicit state
-  charrnn_python  python backend + ONNX Runtime; the python backend has no implicit state, so the model
-                  keeps each sequence's state itself (model_repository/charrnn_python/1/model.py)
+The step models show clients INPUT_IDS in, LOGITS out; the generation models (the graph of
+export/gen_export.py) INPUT_IDS, NOISE, TEMPERATURE, TOP_K in, OUTPUT_IDS out; all take sequence id/start/end.
+TensorRT and ONNX Runtime models get Triton's implicit state; the python-backend models keep each sequence's
+state in model.py (model_repository/charrnn_python/1/model.py, charrnn/gen_model.py).
 
-Four more generate K characters per request on the server (issue 7; the generation graph of
-export/gen_export.py: INPUT_IDS, NOISE, TEMPERATURE, TOP_K in, OUTPUT_IDS out):
-  charrnn_gen_trt     TensorRT plan of the generation graph, GPU, implicit state
-  charrnn_gen_onnx    ONNX Runtime, implicit state
-  charrnn_gen_python  python backend + ONNX Runtime, state in model.py (model_repository/charrnn_gen_python/1)
-  charrnn_gen_stream  the same model.py, decoupled: one response per character as it is generated (gRPC stream)
+    python -m export.configs charrnn_onnx     # print one config for a quick look
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from google.protobuf import text_format
 from google.protobuf.text_encoding import CEscape
 
 from charrnn.contract import (INPUT_IDS, LOGITS, MAX_BATCH_SIZE, MAX_K, MAX_SEQUENCE_IDLE_US, MAX_SEQUENCES,
                               MAX_T, NOISE, OUTPUT_IDS, STATE_IN, STATE_OUT, TEMPERATURE, TOP_K, TRITON_DTYPE,
                               VOCAB_PARAMETER, Contract)
-from charrnn.errors import CheckFailed, UserError
+from charrnn.errors import UserError
+from charrnn.repository import (BY_NAME, CONFIG, GEN_MODELS, GEN_ONNX, GEN_PYTHON, GEN_STREAM, GEN_TRT, ONNX,
+                                PYTHON, PYTHON_MODELS, SERVED_MODELS, TRT, parse_config)
 from charrnn.vocab import Vocab
-
-TRT, ONNX, PYTHON = "charrnn_trt", "charrnn_onnx", "charrnn_python"
-GEN_TRT, GEN_ONNX = "charrnn_gen_trt", "charrnn_gen_onnx"
-GEN_PYTHON, GEN_STREAM = "charrnn_gen_python", "charrnn_gen_stream"
-STEP_MODELS = (TRT, ONNX, PYTHON)  # the step graph: LOGITS out, the client samples
-GEN_MODELS = (GEN_TRT, GEN_ONNX, GEN_PYTHON, GEN_STREAM)  # the generation graph: OUTPUT_IDS out
-MODELS = STEP_MODELS + GEN_MODELS
-CONFIG = "config.pbtxt"
-ARTIFACT = {TRT: "model.plan", ONNX: "model.onnx", PYTHON: "model.onnx",
-            GEN_TRT: "model.plan", GEN_ONNX: "model.onnx", GEN_PYTHON: "model.onnx", GEN_STREAM: "model.onnx"}
-IMPLICIT_STATE = (TRT, ONNX, GEN_TRT, GEN_ONNX)
-PYTHON_MODELS = (PYTHON, GEN_PYTHON, GEN_STREAM)
-DECOUPLED = (GEN_STREAM,)  # model_transaction_policy { decoupled: true }
 
 # Batcher settings shared by all three (see README "Serving"): `oldest` batches across sequences,
 # one request per sequence per batch, only requests of equal T together.
@@ -76,7 +59,7 @@ def _io_text(name: str, contract: Contract) -> str:
 input [ {{ name: "{INPUT_IDS}"  data_type: TYPE_{ids_t}  dims: [ -1 ] }} ]
 output [ {{ name: "{LOGITS}"  data_type: TYPE_{logits_t}  dims: [ {contract.vocab_size} ] }} ]"""
     v = contract.vocab_size
-    if name in DECOUPLED:
+    if BY_NAME[name].decoupled:
         out = ("# Decoupled: K responses per request, each OUTPUT_IDS (1, 1) = the next character, sent as soon as\n"
                "# it is generated; the K-th is flagged final. Needs gRPC streaming (HTTP takes one response).")
     else:
@@ -96,8 +79,8 @@ output [ {{ name: "{OUTPUT_IDS}"  data_type: TYPE_{ids_t}  dims: [ -1 ] }} ]"""
 
 
 def render_config(name: str, contract: Contract, vocab: Vocab, idle_us: int = MAX_SEQUENCE_IDLE_US) -> str:
-    """config.pbtxt text for one of MODELS, spelled out with comments."""
-    if name not in MODELS:
+    """config.pbtxt text for one of the served models, spelled out with comments."""
+    if name not in BY_NAME:
         raise ValueError(f"unknown model {name!r}")
     if len(vocab) != contract.vocab_size:
         raise UserError("vocabulary", f"has {len(vocab)} characters, the model {contract.vocab_size}",
@@ -106,7 +89,7 @@ def render_config(name: str, contract: Contract, vocab: Vocab, idle_us: int = MA
     state_t = TRITON_DTYPE[contract.inputs()[STATE_IN][0]]
     dims = ", ".join(str(d) for d in contract.state_dims)
     state = ""
-    if name in IMPLICIT_STATE:
+    if BY_NAME[name].implicit_state:
         state = f"""
   # Implicit state: Triton keeps each sequence's packed state (S={contract.state_dims[0]}, layers, hidden;
   # dims exclude the batch dim) and feeds STATE_OUT of one request back as STATE_IN of the next.
@@ -128,7 +111,7 @@ def render_config(name: str, contract: Contract, vocab: Vocab, idle_us: int = MA
         f'parameters {{ key: "{k}" value: {{ string_value: "{CEscape(v, as_utf8=True)}" }} }}'
         for k, v in params.items())
     equal = "T and K" if name in GEN_MODELS else "T"
-    policy = "\nmodel_transaction_policy { decoupled: true }\n" if name in DECOUPLED else ""
+    policy = "\nmodel_transaction_policy { decoupled: true }\n" if BY_NAME[name].decoupled else ""
     return f"""# Generated by `make export` (export/configs.py) from charrnn/contract.py -- do not edit by hand.
 # {name}: {what}.
 name: "{name}"
@@ -155,27 +138,6 @@ instance_group [ {{ count: {PYTHON_INSTANCES if name in PYTHON_MODELS else 1}  k
 # The vocabulary travels with the model: clients read it with get_model_config.
 {param_text}
 """
-
-
-def parse_config(text: str):
-    """Parse config.pbtxt with Triton's own ModelConfig protobuf; unknown fields are an error."""
-    from tritonclient.grpc import model_config_pb2
-
-    config = model_config_pb2.ModelConfig()
-    try:
-        text_format.Parse(text, config)
-    except text_format.ParseError as e:
-        raise CheckFailed(CONFIG, f"not a valid Triton ModelConfig ({e})", "regenerate it with `make export`") from e
-    return config
-
-
-def load_config(path: str | Path):
-    return parse_config(Path(path).read_text())
-
-
-def vocab_of(config) -> Vocab:
-    """The vocabulary a config carries (what the client reads from the server)."""
-    return Vocab.from_json(config.parameters[VOCAB_PARAMETER].string_value)
 
 
 def onnx_io(model_proto) -> dict[str, tuple[str, tuple]]:
@@ -233,7 +195,7 @@ def write_repository(repo: str | Path, contract: Contract, vocab: Vocab,
     """Write config.pbtxt for every model under `repo` (sequences idle `idle_us` are freed); returns the paths."""
     repo = Path(repo)
     written = []
-    for name in MODELS:
+    for name in SERVED_MODELS:
         path = repo / name / CONFIG
         path.parent.mkdir(parents=True, exist_ok=True)
         (repo / name / "1").mkdir(exist_ok=True)

@@ -34,28 +34,10 @@ import onnx
 from charrnn.contract import (FLOAT_DTYPE, IDS_DTYPE, INPUT_IDS, NOISE, OUTPUT_IDS, STATE_IN, STATE_OUT,
                               MIN_TEMPERATURE, TEMPERATURE, TOP_K, Contract, state_slots)
 from charrnn.errors import CheckFailed, cli
-from export.onnx_export import OPSET, _name_dims, _rename_value
+from export.onnx_export import OPSET, name_dims, rename_value
 
 _ARG_NAMES = {"input_ids": INPUT_IDS, "state_in": STATE_IN, "noise": NOISE, "temperature": TEMPERATURE,
               "top_k": TOP_K}
-
-
-def gen_inputs(contract: Contract) -> dict[str, tuple[np.dtype, tuple[int, ...]]]:
-    """name -> (dtype, full shape, -1 = dynamic) of the generation graph's inputs."""
-    return {
-        INPUT_IDS: (np.dtype(IDS_DTYPE), (-1, -1)),
-        STATE_IN: (np.dtype(FLOAT_DTYPE), (-1, *contract.state_dims)),
-        NOISE: (np.dtype(FLOAT_DTYPE), (-1, -1, contract.vocab_size)),
-        TEMPERATURE: (np.dtype(FLOAT_DTYPE), (-1, 1)),
-        TOP_K: (np.dtype(IDS_DTYPE), (-1, 1)),
-    }
-
-
-def gen_outputs(contract: Contract) -> dict[str, tuple[np.dtype, tuple[int, ...]]]:
-    return {
-        OUTPUT_IDS: (np.dtype(IDS_DTYPE), (-1, -1)),
-        STATE_OUT: (np.dtype(FLOAT_DTYPE), (-1, *contract.state_dims)),
-    }
 
 
 def generation_function(model):
@@ -139,7 +121,7 @@ def hoist_loop_invariants(graph: onnx.GraphProto) -> int:
         for j in range(n_carried):
             inner, outer, final = body.input[2 + j].name, node.input[2 + j], node.output[j]
             if body.output[1 + j].name == inner and final not in consumed and outer:
-                _rename_value(body, inner, outer)  # the body reads the outer value directly
+                rename_value(body, inner, outer)  # the body reads the outer value directly
                 dropped += 1
             else:
                 keep.append(j)
@@ -166,10 +148,10 @@ def export_gen_onnx(model, out: str | Path, opset: int = OPSET) -> onnx.ModelPro
     graph = proto.graph
     hoist_loop_invariants(graph)
     for vi in list(graph.input):
-        _rename_value(graph, vi.name, _ARG_NAMES.get(vi.name.split(":")[0], vi.name))
+        rename_value(graph, vi.name, _ARG_NAMES.get(vi.name.split(":")[0], vi.name))
     dims = {INPUT_IDS: {0: "batch", 1: "T"}, NOISE: {0: "batch", 1: "K"}, OUTPUT_IDS: {0: "batch", 1: "K"}}
     for vi in list(graph.input) + list(graph.output):
-        _name_dims(vi, dims.get(vi.name, {0: "batch"}))
+        name_dims(vi, dims.get(vi.name, {0: "batch"}))
     proto.doc_string = (f"charrnn generation: {INPUT_IDS} (batch, T) + {STATE_IN} + {NOISE} (batch, K, "
                         f"{contract.vocab_size}) + {TEMPERATURE} (batch, 1) + {TOP_K} (batch, 1) -> {OUTPUT_IDS} "
                         f"(batch, K) + {STATE_OUT}; cell {contract.cell}")
@@ -184,8 +166,8 @@ def export_gen_onnx(model, out: str | Path, opset: int = OPSET) -> onnx.ModelPro
 
 
 def check_gen_io(proto: onnx.ModelProto, contract: Contract) -> list[str]:
-    """The graph's inputs/outputs against gen_inputs/gen_outputs; returns problems (empty = ok)."""
-    want = {**gen_inputs(contract), **gen_outputs(contract)}
+    """The graph's inputs/outputs against Contract.gen_inputs/gen_outputs; returns problems (empty = ok)."""
+    want = {**contract.gen_inputs(), **contract.gen_outputs()}
     got = {}
     for vi in list(proto.graph.input) + list(proto.graph.output):
         t = vi.type.tensor_type

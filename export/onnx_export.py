@@ -20,7 +20,7 @@ OPSET = 17
 DIM_NAMES = {0: "batch"}  # dynamic dims get readable names in the graph; INPUT_IDS dim 1 is "T"
 
 
-def _rename_value(graph: onnx.GraphProto, old: str, new: str) -> None:
+def rename_value(graph: onnx.GraphProto, old: str, new: str) -> None:
     """Rename a graph input/output and every reference to it (including inside subgraphs)."""
     if old == new:
         return
@@ -29,13 +29,13 @@ def _rename_value(graph: onnx.GraphProto, old: str, new: str) -> None:
         node.output[:] = [new if n == old else n for n in node.output]
         for attr in node.attribute:
             if attr.type == onnx.AttributeProto.GRAPH:
-                _rename_value(attr.g, old, new)
+                rename_value(attr.g, old, new)
     for vi in list(graph.input) + list(graph.output) + list(graph.value_info):
         if vi.name == old:
             vi.name = new
 
 
-def _name_dims(vi: onnx.ValueInfoProto, names: dict[int, str]) -> None:
+def name_dims(vi: onnx.ValueInfoProto, names: dict[int, str]) -> None:
     for i, dim in enumerate(vi.type.tensor_type.shape.dim):
         if i in names:
             dim.ClearField("dim_value")
@@ -61,11 +61,11 @@ def export_onnx(model, out: str | Path, opset: int = OPSET) -> onnx.ModelProto:
     # TF lower-cases function argument names; give the inputs the contract's names.
     for vi in list(graph.input):
         new = {"input_ids": INPUT_IDS, "state_in": STATE_IN}.get(vi.name.split(":")[0], vi.name)
-        _rename_value(graph, vi.name, new)
+        rename_value(graph, vi.name, new)
     for vi in graph.input:
-        _name_dims(vi, {0: "batch", 1: "T"} if vi.name == INPUT_IDS else DIM_NAMES)
+        name_dims(vi, {0: "batch", 1: "T"} if vi.name == INPUT_IDS else DIM_NAMES)
     for vi in graph.output:
-        _name_dims(vi, DIM_NAMES)
+        name_dims(vi, DIM_NAMES)
     proto.doc_string = (f"charrnn step: {INPUT_IDS} (batch, T) int32 + {STATE_IN} {('batch', *contract.state_dims)} "
                         f"-> {LOGITS} (batch, {contract.vocab_size}) + {STATE_OUT}; cell {contract.cell}")
     onnx.checker.check_model(proto)

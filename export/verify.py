@@ -13,25 +13,24 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 import numpy as np
 
 from charrnn.contract import INPUT_IDS, LOGITS, STATE_IN, STATE_OUT
+from charrnn import onnx_runtime
 from charrnn.errors import CheckFailed, UserError, cli
 
 PROMPTS = ("ROMEO:\n", "First Citizen:\nBefore we proceed", "KING HENRY", "O, ", "\n")
 
 
-def ort_session(path: str, threads: int = 1):
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
+def ort_session(path: str | Path):
+    """The exported ONNX model, or a UserError naming it."""
     try:
-        return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    except Exception as e:  # onnxruntime raises its own exception types
-        raise UserError(str(path), f"cannot load ONNX model ({type(e).__name__})", "run `make export`") from e
+        return onnx_runtime.ort_session(path)
+    except ValueError as e:
+        raise UserError(str(path), f"cannot load ONNX model ({e.__cause__.__class__.__name__})",
+                        "run `make export`") from e
 
 
 def ort_step(session):
@@ -74,10 +73,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tolerance", type=float, default=1e-4, help="max |Δ logit| allowed")
     args = p.parse_args(argv)
 
-    from charrnn.model import load_model_dir
+    from charrnn.model import load_model_dir, use_cpu_only
     from charrnn.sampling import Sampler, SamplingParams, generate
-    from train.sample import tf_step
 
+    use_cpu_only()
     model, vocab, _ = load_model_dir(args.model)
     session = ort_session(args.onnx)
     t0 = time.time()
@@ -89,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     greedy = SamplingParams(greedy=True)
     for prompt in PROMPTS:
         prime = vocab.encode(prompt)
-        expect = vocab.decode(generate(tf_step(model), prime, args.length, Sampler(greedy, len(vocab))))
+        expect = vocab.decode(model.generate(prime, args.length, Sampler(greedy, len(vocab))))
         received = vocab.decode(generate(ort_step(session), prime, args.length, Sampler(greedy, len(vocab))))
         same = expect == received
         first_diff = next((i for i, (a, b) in enumerate(zip(expect, received)) if a != b), None)

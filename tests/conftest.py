@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from serve.local import free_port  # noqa: F401  (re-exported: the tests import it from here)
+from charrnn.local_triton import free_port  # noqa: F401  (re-exported: the tests import it from here)
 
 ROOT = Path(__file__).resolve().parent.parent
 CORPUS = ROOT / "data" / "tinyshakespeare.txt"
@@ -60,18 +60,16 @@ def shipped_repo(tmp_path_factory) -> Path:
 
 def tf_text(shipped, prompt: str, length: int, params) -> str:
     """The TensorFlow reference: `length` characters after `prompt` with the project's sampler."""
-    from charrnn.sampling import Sampler, generate as reference_generate
-    from train.sample import tf_step
+    from charrnn.sampling import Sampler
 
     model, vocab = shipped
-    return vocab.decode(reference_generate(tf_step(model), vocab.encode(prompt), length,
-                                           Sampler(params, len(vocab))))
+    return vocab.decode(model.generate(vocab.encode(prompt), length, Sampler(params, len(vocab))))
 
 
 def served(server, prompts, length, params, protocol="grpc") -> list[str]:
     """Texts of the client library's generate() through `server` (anything with grpc_url / http_url)."""
     from client.generate import generate
-    from client.session import Connection
+    from client.connection import Connection
 
     conn = Connection(server.grpc_url if protocol == "grpc" else server.http_url, protocol,
                       infer_key=server.infer_key)

@@ -18,7 +18,7 @@ import yaml
 
 from charrnn.contract import INFER_KEY_ENV, INFER_KEY_HEADER
 from serve.images import IMAGES, pins
-from serve.models import CPU_MODELS, DECOUPLED_MODELS, GPU_ONLY_MODELS, PYTHON_MODELS, SERVED_MODELS
+from charrnn.repository import CPU_MODELS, DECOUPLED_MODELS, GPU_ONLY_MODELS, PYTHON_MODELS, SERVED_MODELS
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_FILE = ROOT / "docker-compose.yml"
@@ -254,11 +254,6 @@ def test_slim_servers_mount_the_python_models_read_only_decoupled_apart(services
 def test_slim_servers_publish_different_host_ports(services):
     host = [with_defaults(p).split(":")[1] for n in ("triton-slim", "triton-slim-stream") for p in services[n]["ports"]]
     assert len(set(host)) == 6, host
-
-
-def test_served_models_match_the_exporter():
-    configs = pytest.importorskip("export.configs", reason="export.configs (make export) not present")
-    assert tuple(configs.MODELS) == SERVED_MODELS
 
 
 # ---- one release for every image --------------------------------------------------------------------------------

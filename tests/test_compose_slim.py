@@ -25,7 +25,7 @@ import pytest
 
 from charrnn.errors import UnavailableError
 from charrnn.sampling import SamplingParams
-from serve.models import DECOUPLED_MODELS, PYTHON_MODELS, SHARED_PYTHON_MODELS as SHARED_MODELS
+from charrnn.repository import DECOUPLED_MODELS, PYTHON_MODELS, SHARED_PYTHON_MODELS as SHARED_MODELS
 from tests.conftest import ROOT, free_port, served, tf_text
 
 REQUIRE_DOCKER = os.environ.get("CHARRNN_REQUIRE_DOCKER") == "1"
@@ -168,7 +168,7 @@ def test_compose_itself_accepts_every_service_of_every_profile(stack):
 
 def test_stack_is_healthy_and_serves_exactly_the_python_models(stack):
     """triton-slim serves the non-decoupled python models; triton-slim-stream the decoupled one (mixing them
-    on one server crashes Triton 2.51, serve/models.py)."""
+    on one server crashes Triton 2.51, charrnn/repository.py)."""
     state = stack.inspect()["State"]
     assert state["Status"] == "running" and state["Health"]["Status"] == "healthy", state
     import tritonclient.http as th

@@ -25,6 +25,7 @@ from charrnn.contract import (CELLS, INPUT_IDS, LOGITS, MAX_BATCH_SIZE, MAX_SEQU
                               STATE_IN, STATE_OUT, VOCAB_PARAMETER, Contract)
 from charrnn.errors import CheckFailed
 from charrnn.vocab import Vocab
+from charrnn import repository
 from export import configs
 from export.build_plan import profile_shapes
 from export.trt_check import OPS_FILE_CANDIDATES, check_model, supported_ops
@@ -32,10 +33,10 @@ from tests.conftest import ROOT, SHIPPED_MODEL, train_tiny
 
 TOL = 1e-4  # max |Δ| allowed between ONNX Runtime and TensorFlow (logits and state)
 COMMITTED_REPO = ROOT / "model_repository"
-COMMITTED_CONFIGS = sorted(p.parent.name for p in COMMITTED_REPO.glob(f"*/{configs.CONFIG}"))
-# The step models (INPUT_IDS -> LOGITS, the client samples); configs.MODELS may list more models.
-STEP = (configs.TRT, configs.ONNX, configs.PYTHON)
-STEP_STATEFUL = (configs.TRT, configs.ONNX)  # implicit state (the python backend keeps state itself)
+COMMITTED_CONFIGS = sorted(p.parent.name for p in COMMITTED_REPO.glob(f"*/{repository.CONFIG}"))
+# The step models (INPUT_IDS -> LOGITS, the client samples); repository.SERVED_MODELS may list more models.
+STEP = (repository.TRT, repository.ONNX, repository.PYTHON)
+STEP_STATEFUL = (repository.TRT, repository.ONNX)  # implicit state (the python backend keeps state itself)
 SHARED_OPS = ROOT.parent / "shared" / "tensorrt" / "onnx_ops_supported.txt"
 REPO_OPS = ROOT / "export" / "onnx_ops_supported.txt"
 # GRU / SimpleRNN models even smaller than conftest's tiny LSTM: only the export is under test here.
@@ -104,7 +105,7 @@ def exported(tiny_model, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def shipped_onnx(shipped_repo) -> Path:
-    return shipped_repo / configs.ONNX / "1" / "model.onnx"
+    return shipped_repo / repository.ONNX / "1" / "model.onnx"
 
 
 @pytest.fixture(scope="session")
@@ -340,28 +341,28 @@ def test_verify_on_a_missing_onnx_is_a_usage_error(tmp_path, capsys):
 
 
 def committed_text(name: str) -> str:
-    return (COMMITTED_REPO / name / configs.CONFIG).read_text()
+    return (COMMITTED_REPO / name / repository.CONFIG).read_text()
 
 
 def test_committed_model_repository_has_the_step_models():
     assert set(STEP) <= set(COMMITTED_CONFIGS)
-    assert set(COMMITTED_CONFIGS) <= set(configs.MODELS), "a config no generator knows about (stale or by hand)"
+    assert set(COMMITTED_CONFIGS) <= set(repository.SERVED_MODELS), "a config no generator knows about (stale or by hand)"
 
 
 @pytest.mark.parametrize("name", COMMITTED_CONFIGS)
 def test_committed_config_parses_and_equals_render_config(name, shipped_contract_vocab):
     contract, vocab = shipped_contract_vocab
     text = committed_text(name)
-    config = configs.parse_config(text)  # Triton's own ModelConfig protobuf
+    config = repository.parse_config(text)  # Triton's own ModelConfig protobuf
     assert config.name == name
     assert text == configs.render_config(name, contract, vocab), \
         f"model_repository/{name}/config.pbtxt drifted from export/configs.py: run `make export`"
 
 
-@pytest.mark.parametrize("name", configs.MODELS)
+@pytest.mark.parametrize("name", repository.SERVED_MODELS)
 def test_freshly_exported_config_parses_and_equals_committed(name, shipped_repo):
-    text = (shipped_repo / name / configs.CONFIG).read_text()
-    assert configs.load_config(shipped_repo / name / configs.CONFIG).name == name
+    text = (shipped_repo / name / repository.CONFIG).read_text()
+    assert repository.load_config(shipped_repo / name / repository.CONFIG).name == name
     if name in COMMITTED_CONFIGS:
         assert text == committed_text(name)
     else:
@@ -383,7 +384,7 @@ def test_config_with_unknown_field_or_typo_fails_to_parse(name, mutate, pattern)
     bad = mutate(text)
     assert bad != text
     with pytest.raises(CheckFailed) as info:
-        configs.parse_config(bad)
+        repository.parse_config(bad)
     msg = info.value.message()
     assert msg.startswith("error: config.pbtxt: not a valid Triton ModelConfig") and pattern in msg, msg
     assert info.value.exit_code == 1
@@ -392,22 +393,22 @@ def test_config_with_unknown_field_or_typo_fails_to_parse(name, mutate, pattern)
 def test_parse_config_uses_tritons_model_config_proto():
     from tritonclient.grpc import model_config_pb2
 
-    config = configs.parse_config(committed_text(configs.ONNX))
+    config = repository.parse_config(committed_text(repository.ONNX))
     assert isinstance(config, model_config_pb2.ModelConfig)
     assert config.DESCRIPTOR.full_name == "inference.ModelConfig"
 
 
 @pytest.mark.parametrize("source, name", [*(("committed", n) for n in COMMITTED_CONFIGS),
-                                          *(("fresh", n) for n in configs.MODELS)])
+                                          *(("fresh", n) for n in repository.SERVED_MODELS)])
 def test_config_meets_the_documented_requirements(name, source, shipped_repo, shipped_contract_vocab):
     """Every config: batching, the `oldest` sequence batcher, an explicit idle timeout, ONE packed implicit state
     (zero_data, named) exactly on the TensorRT / ONNX Runtime models, platform/backend, the vocabulary."""
     from tritonclient.grpc import model_config_pb2 as pb
 
     contract, vocab = shipped_contract_vocab
-    path = (COMMITTED_REPO if source == "committed" else shipped_repo) / name / configs.CONFIG
+    path = (COMMITTED_REPO if source == "committed" else shipped_repo) / name / repository.CONFIG
     text = path.read_text()
-    c = configs.parse_config(text)
+    c = repository.parse_config(text)
     assert c.name == name
     assert c.max_batch_size == MAX_BATCH_SIZE > 0
     if name in STEP:  # client-facing interface: the same for the three step models
@@ -426,7 +427,7 @@ def test_config_meets_the_documented_requirements(name, source, shipped_repo, sh
     assert list(sb.control_input) == [], "the graph has no START/READY inputs"
     # implicit state: only where the backend supports it (TensorRT, ONNX Runtime), exactly one packed state
     kind_of = "trt" if name.endswith("_trt") else "onnx" if name.endswith("_onnx") else "python"
-    assert (kind_of != "python") == (name in configs.IMPLICIT_STATE)
+    assert (kind_of != "python") == (name in repository.IMPLICIT_STATE_MODELS)
     if kind_of != "python":
         assert len(sb.state) == 1
         s = sb.state[0]
@@ -451,7 +452,7 @@ def test_config_meets_the_documented_requirements(name, source, shipped_repo, sh
         assert (c.platform, c.backend) == ("", "python")
         assert kinds == [pb.ModelInstanceGroup.KIND_CPU]
     # the vocabulary travels with the model
-    assert configs.vocab_of(c) == vocab == Vocab.load(SHIPPED_MODEL / "vocab.json")
+    assert repository.vocab_of(c) == vocab == Vocab.load(SHIPPED_MODEL / "vocab.json")
     assert json.loads(c.parameters[VOCAB_PARAMETER].string_value) == \
         json.loads((SHIPPED_MODEL / "vocab.json").read_text())
 
@@ -461,7 +462,7 @@ def test_render_config_rejects_a_vocab_of_the_wrong_size(shipped_contract_vocab)
 
     contract, vocab = shipped_contract_vocab
     with pytest.raises(UserError, match="vocabulary: has 64 characters, the model 65"):
-        configs.render_config(configs.ONNX, contract, Vocab(vocab.chars[:-1]))
+        configs.render_config(repository.ONNX, contract, Vocab(vocab.chars[:-1]))
     with pytest.raises(ValueError):
         configs.render_config("charrnn_tf", contract, vocab)
 
@@ -471,7 +472,7 @@ def test_render_config_rejects_a_vocab_of_the_wrong_size(shipped_contract_vocab)
 
 @pytest.mark.parametrize("name", STEP)
 def test_generated_configs_agree_with_the_exported_graph(name, shipped_repo, shipped_proto):
-    config = configs.load_config(shipped_repo / name / configs.CONFIG)
+    config = repository.load_config(shipped_repo / name / repository.CONFIG)
     assert configs.check_config_against_onnx(config, shipped_proto) == []
 
 
@@ -479,7 +480,7 @@ def test_generated_configs_agree_with_the_exported_graph(name, shipped_repo, shi
 def test_configs_for_one_slot_cells_agree_with_their_graph(cell, exported, tmp_path):
     e = exported(cell)
     for path in configs.write_repository(tmp_path, e.contract, e.vocab):
-        config = configs.load_config(path)
+        config = repository.load_config(path)
         if config.name not in STEP:
             continue
         assert configs.check_config_against_onnx(config, e.proto) == []
@@ -499,9 +500,9 @@ def test_configs_for_one_slot_cells_agree_with_their_graph(cell, exported, tmp_p
 ])
 @pytest.mark.parametrize("name", STEP_STATEFUL)
 def test_config_that_differs_from_the_graph_is_reported(name, old, new, tensor, words, shipped_repo, shipped_proto):
-    text = (shipped_repo / name / configs.CONFIG).read_text()
+    text = (shipped_repo / name / repository.CONFIG).read_text()
     assert old in text
-    config = configs.parse_config(text.replace(old, new, 1))
+    config = repository.parse_config(text.replace(old, new, 1))
     problems = configs.check_config_against_onnx(config, shipped_proto)
     assert problems, f"{old!r} -> {new!r} not detected"
     assert any(f"'{tensor}'" in p and words in p for p in problems), problems
@@ -509,10 +510,10 @@ def test_config_that_differs_from_the_graph_is_reported(name, old, new, tensor, 
 
 def test_state_listed_as_a_plain_input_is_reported_for_onnxruntime(shipped_repo, shipped_proto):
     """ORT needs config inputs + states == graph inputs: dropping the state block leaves STATE_IN unfed."""
-    text = (shipped_repo / configs.ONNX / configs.CONFIG).read_text()
+    text = (shipped_repo / repository.ONNX / repository.CONFIG).read_text()
     stateless = re.sub(r"\n  state \[.*?\n  \]", "", text, flags=re.S)
     assert "state [" not in stateless
-    problems = configs.check_config_against_onnx(configs.parse_config(stateless), shipped_proto)
+    problems = configs.check_config_against_onnx(repository.parse_config(stateless), shipped_proto)
     assert any("STATE_IN" in p and "graph inputs" in p for p in problems), problems
 
 
@@ -719,7 +720,7 @@ def test_profile_shapes_cover_the_serving_limits(shipped_contract_vocab):
     assert shapes[INPUT_IDS] == ((1, 1), (64, 1), (64, 256))  # batch 1..64, T 1..256, opt T=1
     assert shapes[STATE_IN] == ((1, 2, 2, 512), (64, 2, 2, 512), (64, 2, 2, 512))  # state dims exact
     # Triton: config max_batch_size must be <= the profile's max batch
-    config = configs.parse_config(committed_text(configs.TRT))
+    config = repository.parse_config(committed_text(repository.TRT))
     assert shapes[INPUT_IDS][2][0] >= config.max_batch_size
     assert shapes[STATE_IN][2][1:] == tuple(config.sequence_batching.state[0].dims)
     gru = profile_shapes((1, 3, 8), 4, 9)
@@ -790,14 +791,14 @@ def test_export_cli_rejects_a_config_json_that_is_not_an_object(content, tiny_mo
 
 def test_export_writes_the_whole_repository(shipped_repo, shipped_proto):
     """`python -m export` output: both ONNX copies identical, the python model source, every config."""
-    onnx_copy = shipped_repo / configs.PYTHON / "1" / "model.onnx"
-    assert onnx_copy.read_bytes() == (shipped_repo / configs.ONNX / "1" / "model.onnx").read_bytes()
-    assert (shipped_repo / configs.PYTHON / "1" / "model.py").read_text() == \
-        (COMMITTED_REPO / configs.PYTHON / "1" / "model.py").read_text()
-    assert (shipped_repo / configs.TRT / "1").is_dir()
-    assert not (shipped_repo / configs.TRT / "1" / "model.plan").exists()  # needs the TensorRT container
-    assert sorted(p.parent.name for p in shipped_repo.glob("*/config.pbtxt")) == sorted(configs.MODELS)
-    assert set(STEP) <= set(configs.MODELS)
+    onnx_copy = shipped_repo / repository.PYTHON / "1" / "model.onnx"
+    assert onnx_copy.read_bytes() == (shipped_repo / repository.ONNX / "1" / "model.onnx").read_bytes()
+    assert (shipped_repo / repository.PYTHON / "1" / "model.py").read_text() == \
+        (COMMITTED_REPO / repository.PYTHON / "1" / "model.py").read_text()
+    assert (shipped_repo / repository.TRT / "1").is_dir()
+    assert not (shipped_repo / repository.TRT / "1" / "model.plan").exists()  # needs the TensorRT container
+    assert sorted(p.parent.name for p in shipped_repo.glob("*/config.pbtxt")) == sorted(repository.SERVED_MODELS)
+    assert set(STEP) <= set(repository.SERVED_MODELS)
 
 
 def test_export_idle_timeout_flag_sets_every_model_and_refuses_nonsense(tiny_model, tmp_path, capsys):
@@ -808,6 +809,6 @@ def test_export_idle_timeout_flag_sets_every_model_and_refuses_nonsense(tiny_mod
     assert not (tmp_path / "bad").exists()
     repo = tmp_path / "repo"
     assert export_main(["--model", str(tiny_model), "--repo", str(repo), "--idle-timeout", "7.5"]) == 0
-    for name in configs.MODELS:
-        c = configs.load_config(repo / name / "config.pbtxt")
+    for name in repository.SERVED_MODELS:
+        c = repository.load_config(repo / name / "config.pbtxt")
         assert c.sequence_batching.max_sequence_idle_microseconds == 7_500_000, name

@@ -34,7 +34,7 @@ SHORT_IDLE_US = 2_000_000  # the lifecycle server's max_sequence_idle_microsecon
 
 # --- servers ----------------------------------------------------------------------------------------
 def start_server(repo: Path, run_dir: Path, **kw):
-    from serve.local import LocalTriton
+    from charrnn.local_triton import LocalTriton
 
     return LocalTriton.on_free_ports(repo=repo, run_dir=run_dir, models=(MODEL,), **kw).start()
 
@@ -183,9 +183,9 @@ def inference_count(server) -> int:
 
 
 def served(server, prompts, length, params, protocol="grpc", **kw):
-    """Texts of generate() through the server (kw: sequence_ids, retry, on_char, on_retry)."""
+    """Texts of generate() through the server (kw: sequence_ids, retry, on_text, on_retry)."""
     from client.generate import generate
-    from client.session import Connection
+    from client.connection import Connection
 
     conn = Connection(server.grpc_url if protocol == "grpc" else server.http_url, protocol,
                       infer_key=server.infer_key)
@@ -256,7 +256,7 @@ class RawStream:
 
 
 def ids_of(server, text: str) -> np.ndarray:
-    from client.session import Connection
+    from client.connection import Connection
 
     conn = Connection(server.grpc_url)
     try:
@@ -350,7 +350,7 @@ def test_bad_requests_fail_alone_in_a_busy_batch_and_keep_the_sequence_state(ser
         assert stream.errors.empty(), f"unexpected extra errors: {list(stream.errors.queue)}"
     finally:
         stream.close()
-    from client.session import Connection
+    from client.connection import Connection
 
     conn = Connection(server.grpc_url)
     vocab = conn.vocabulary(MODEL)
@@ -507,7 +507,7 @@ def test_reprime_after_an_outage_ends_the_sequences_it_replaces(server):
     """The stream breaks while the server stays up: the client re-primes under new ids and ENDs the old ones,
     which otherwise held their slots until the idle timeout (with --num-sequences 10000: 10,000 of them)."""
     from client.generate import RetryPolicy, generate
-    from client.session import Connection
+    from client.connection import Connection
 
     conn = Connection(server.grpc_url, "grpc")
     greedy = [SamplingParams(greedy=True)] * 3
@@ -522,7 +522,7 @@ def test_reprime_after_an_outage_ends_the_sequences_it_replaces(server):
     try:
         vocab = conn.vocabulary(conn.pick_model(MODEL))
         seqs = generate(conn, MODEL, vocab, ["ROMEO:\n", "JULIET:\n", "HAMLET:\n"], 60, greedy,
-                        on_char=lambda i, c: (texts_so_far[i].append(c), break_stream(i, c)),
+                        on_text=lambda i, c: (texts_so_far[i].append(c), break_stream(i, c)),
                         retry=RetryPolicy(retries=5, delay=0.1, max_wait=30))
     finally:
         conn.close()
@@ -637,7 +637,7 @@ def test_client_reprimes_sequences_the_server_forgot(short_idle_server):
         if chars[0] == 60:  # stall (no request in flight) until the model has evicted both sequences
             wait_for(lambda: sum(k for k, _ in evictions(s, offset)) >= 2, 30, "both sequences to be evicted")
 
-    got, seqs = served(s, prompts, length, greedy, on_char=on_char, on_retry=messages.append,
+    got, seqs = served(s, prompts, length, greedy, on_text=on_char, on_retry=messages.append,
                        retry=RetryPolicy(retries=2))
     assert got == want
     assert sum("unknown to the server; re-primed it as" in m for m in messages) == 2, messages
@@ -697,7 +697,7 @@ def test_generation_survives_a_server_crash_4_sequences_greedy(restartable, prot
             kill_server(s)
             restart.append(restart_later(s))
 
-    got, seqs = served(s, prompts, length, greedy, protocol=protocol, on_char=on_char, on_retry=messages.append,
+    got, seqs = served(s, prompts, length, greedy, protocol=protocol, on_text=on_char, on_retry=messages.append,
                        retry=RetryPolicy(retries=10, delay=0.2, max_wait=120))
     restart[0].join(timeout=120)
     assert not restart[0].errors, restart[0].errors
@@ -846,7 +846,7 @@ def test_server_listens_on_loopback_only(server):
 def admin_clients(server):
     import tritonclient.grpc as tg
     import tritonclient.http as th
-    from serve.local import ADMIN_HEADER
+    from charrnn.local_triton import ADMIN_HEADER
 
     return (tg.InferenceServerClient(server.grpc_url), {f"triton-grpc-protocol-{ADMIN_HEADER}": server.admin_key},
             th.InferenceServerClient(server.http_url), {ADMIN_HEADER: server.admin_key})

@@ -161,10 +161,9 @@ def test_edge_params_are_accepted():
 @pytest.fixture(scope="module")
 def tiny(tiny_model):
     from charrnn.model import load_model_dir
-    from train.sample import tf_step
 
     model, vocab, _ = load_model_dir(tiny_model)
-    return model, vocab, tf_step(model)
+    return model, vocab, model.step_fn()
 
 
 def gen(tiny, prompt="ROMEO:", length=40, **kw) -> str:

@@ -18,7 +18,7 @@ PROMPTS = ["ROMEO:\n", "First Citizen:\nBefore we proceed any further, hear me s
 
 
 def start_server(repo: Path, run_dir: Path, **kw):
-    from serve.local import LocalTriton
+    from charrnn.local_triton import LocalTriton
 
     return LocalTriton.on_free_ports(repo=repo, run_dir=run_dir, **kw).start()
 
@@ -188,15 +188,15 @@ def test_bench_quick_writes_perf_analyzer_csv_plot_and_table(tmp_path, shipped_r
     """`make bench`'s code path end to end (--quick: counts too small for figures); only --out is written."""
     import csv
 
-    from bench.bench import README
+    from bench.bench import RESULTS, ROOT
 
-    readme = README.read_bytes()
+    kept = {f: f.read_bytes() for f in [ROOT / "README.md", *sorted(RESULTS.glob("bench.*"))]}
     out = tmp_path / "results"
     r = subprocess.run([sys.executable, "-m", "bench.bench", "--quick", "--repo", str(shipped_repo),
                         "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert "[5/5]" in r.stdout, "progress is shown while it runs"
-    assert README.read_bytes() == readme, "a run with --out elsewhere must not rewrite the README"
+    assert {f: f.read_bytes() for f in kept} == kept, "--out elsewhere: README and bench/results untouched"
     with open(out / "bench.csv") as f:
         rows = list(csv.DictReader(f))
     assert [int(r["Concurrency"]) for r in rows] == [1, 4]
@@ -240,7 +240,7 @@ def initialize_args(model_dir: Path, config) -> dict:
 
 def test_load_stateful_model_reads_the_config_and_opens_the_graph(shipped_repo):
     from charrnn.sequence_state import load_stateful_model
-    from export.configs import load_config
+    from charrnn.repository import load_config
 
     config = load_config(shipped_repo / "charrnn_python" / "config.pbtxt")
     model = load_stateful_model(initialize_args(shipped_repo / "charrnn_python", config), STEP_TENSORS)
@@ -261,7 +261,7 @@ def test_load_stateful_model_reads_the_config_and_opens_the_graph(shipped_repo):
 ])
 def test_load_stateful_model_refuses_what_the_model_cannot_serve(shipped_repo, tmp_path, change, message):
     from charrnn.sequence_state import load_stateful_model
-    from export.configs import load_config
+    from charrnn.repository import load_config
 
     repo = tmp_path / "repo"  # a copy: the change must not reach the session's repository
     for name in ("charrnn_python", "charrnn_gen_python"):
