@@ -62,7 +62,7 @@ class SequenceStates:
         if corr in (0, ""):
             return "sequence id: missing (this model is stateful: send sequence_id, sequence_start, sequence_end)"
         if not flags & START and corr not in self.states:
-            return (f"unknown sequence (never started, ended, or idle longer than {self.idle_s - 1.0:.0f} s) "
+            return (f"unknown sequence (never started, ended, or idle longer than {self.idle_s - 1.0:g} s) "
                     "(start it again with sequence_start=True)")
         return None
 
@@ -127,9 +127,9 @@ def load_stateful_model(args: dict, tensors: dict[str, str]) -> StatefulModel:
     if "direct" in seq:
         raise ValueError(f"{name} requires the oldest strategy, got direct (direct pads batches with null requests)")
     idle_us = int(seq.get("max_sequence_idle_microseconds") or 1_000_000)  # Triton's default: 1 s
-    params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+    params = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
     threads = params.get("intra_op_threads", "1")
-    if not threads.isdigit() or int(threads) < 1:
+    if not (threads.isascii() and threads.isdigit()) or int(threads) < 1:
         raise ValueError(f"{name} requires parameter intra_op_threads to be an integer >= 1, got {threads!r}")
     threads = int(threads)
 

@@ -33,10 +33,10 @@ SHORT_IDLE_US = 2_000_000  # the lifecycle server's max_sequence_idle_microsecon
 
 
 # --- servers ----------------------------------------------------------------------------------------
-def start_server(repo: Path, run_dir: Path, **kw):
+def start_server(repo: Path, run_dir: Path, models: tuple[str, ...] = (MODEL,), **kw):
     from charrnn.local_triton import LocalTriton
 
-    return LocalTriton.on_free_ports(repo=repo, run_dir=run_dir, models=(MODEL,), **kw).start()
+    return LocalTriton.on_free_ports(repo=repo, run_dir=run_dir, models=models, **kw).start()
 
 
 @pytest.fixture(scope="module")
@@ -182,16 +182,16 @@ def inference_count(server) -> int:
     return int(stats["model_stats"][0].get("inference_count", 0))
 
 
-def served(server, prompts, length, params, protocol="grpc", **kw):
-    """Texts of generate() through the server (kw: sequence_ids, retry, on_text, on_retry)."""
-    from client.generate import generate
+def served(server, prompts, length, params, protocol="grpc", model=MODEL, **kw):
+    """Texts of generate() through the server (kw: chunk, sequence_ids, retry, on_text, on_retry)."""
     from client.connection import Connection
+    from client.generate import generate
 
     conn = Connection(server.grpc_url if protocol == "grpc" else server.http_url, protocol,
                       infer_key=server.infer_key)
     try:
-        vocab = conn.vocabulary(conn.pick_model(MODEL))
-        seqs = generate(conn, MODEL, vocab, prompts, length, params, **kw)
+        vocab = conn.vocabulary(model)
+        seqs = generate(conn, model, vocab, prompts, length, params, **kw)
     finally:
         conn.close()
     return [vocab.decode(s.generated) for s in seqs], seqs
@@ -705,6 +705,36 @@ def test_generation_survives_a_server_crash_4_sequences_greedy(restartable, prot
     assert any("retry 1/10" in m for m in messages) and any(m.startswith("reconnected") for m in messages), messages
     for seq in seqs:
         assert seq.restarts >= 1 and seq.sequence_id not in seq.sequence_ids
+
+
+@pytest.mark.parametrize("model", ["charrnn_gen_python", "charrnn_gen_stream"])
+def test_chunked_generation_survives_a_server_crash_seeded(shipped_repo, tmp_path, model):
+    """--chunk K reconnects and re-primes like the per-character path: SIGKILL mid-generation, restart, and
+    the seeded texts equal an uninterrupted run (the noise stream continues at row len(generated))."""
+    from client.generate import RetryPolicy
+
+    s = start_server(shipped_repo, tmp_path, models=(model,))
+    try:
+        prompts = ["ROMEO:\n", "JULIET:\n", "KING HENRY VI:\nO"]
+        params = [SamplingParams(temperature=0.9, top_k=20, seed=11 + i) for i in range(len(prompts))]
+        want, _ = served(s, prompts, 200, params, model=model, chunk=8)
+        chars, messages, restart = [0], [], []
+
+        def on_text(index, text):
+            chars[0] += len(text)
+            if not restart and chars[0] >= 60 * len(prompts):  # mid-generation: crash, bring it back in a thread
+                kill_server(s)
+                restart.append(restart_later(s))
+
+        got, seqs = served(s, prompts, 200, params, model=model, chunk=8, on_text=on_text,
+                           on_retry=messages.append, retry=RetryPolicy(retries=10, delay=0.2, max_wait=120))
+        restart[0].join(timeout=120)
+        assert not restart[0].errors, restart[0].errors
+        assert got == want, "text after the restart differs from the uninterrupted run"
+        assert any(m.startswith("reconnected") for m in messages), messages
+        assert all(seq.restarts >= 1 for seq in seqs)
+    finally:
+        s.stop()
 
 
 def test_cli_seeded_generation_survives_a_server_crash(restartable):

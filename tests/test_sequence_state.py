@@ -132,9 +132,10 @@ def _threads(value):
     (_threads("0"), "charrnn_python requires parameter intra_op_threads to be an integer >= 1, got '0'"),
     (_threads("-2"), "charrnn_python requires parameter intra_op_threads to be an integer >= 1, got '-2'"),
     (_threads("two"), "charrnn_python requires parameter intra_op_threads to be an integer >= 1, got 'two'"),
+    (_threads("\u00b2"), "charrnn_python requires parameter intra_op_threads to be an integer >= 1, got '\u00b2'"),
     (_threads(""), "charrnn_python requires parameter intra_op_threads to be an integer >= 1, got ''"),
 ], ids=["no-max_batch_size", "max_batch_size-0", "no-sequence_batching", "direct", "threads-0", "threads-neg",
-        "threads-word", "threads-empty"])
+        "threads-word", "threads-superscript", "threads-empty"])
 def test_a_config_the_model_cannot_serve_is_refused(python_dir, mutate, message):
     config = config_json(python_dir)
     mutate(config)
