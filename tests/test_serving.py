@@ -101,6 +101,16 @@ def inference_count(server) -> int:
     return int(stats["model_stats"][0].get("inference_count", 0))
 
 
+def test_example_client_passes_and_prints_the_reference_text(shipped, server):
+    """client/example.py, the raw protocol on one page, checks itself: PASS, exit 0, TF's greedy text."""
+    r = subprocess.run([sys.executable, "-m", "client.example", "--url", server.grpc_url], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    text, verdict = r.stdout.rstrip("\n").rsplit("\n", 1)
+    assert verdict == "PASS"
+    assert text == "ROMEO:\n" + tf_text(shipped, "ROMEO:\n", 40, SamplingParams(greedy=True))
+
+
 def test_unknown_character_is_a_client_error_before_anything_is_sent(server):
     before = inference_count(server)
     r = run_client("--url", server.grpc_url, "--prompt", "Héllo wörld", "--length", "10")
