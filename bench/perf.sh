@@ -3,7 +3,7 @@
 # compose service `perf-slim` (bench/Dockerfile.perf, PyPI's perf-analyzer wheel; `make perf-slim`) or `perf`
 # (NVIDIA's SDK image, GPU hosts; `make perf`). `make perf-input` writes the input data first.
 #
-#   /bench/perf.sh                         # MODELS at concurrency 1 2 4 ... 64
+#   MODELS="charrnn_onnx charrnn_python" /bench/perf.sh      # at concurrency 1 2 4 ... 64
 #   MODELS="charrnn_python" CONCURRENCY="1 8" MEASUREMENT_INTERVAL_MS=1000 /bench/perf.sh
 #
 # Input (`python -m bench.perf_input`): /results/perf_input.json for the per-character models (the prompt request,
@@ -14,7 +14,9 @@
 # server's inference and execution counts).
 set -euo pipefail
 
-MODELS=${MODELS:-"charrnn_trt charrnn_onnx charrnn_python"}
+# The models to measure: compose passes them (PERF_MODELS; its defaults are checked against the table of served
+# models, charrnn/repository.py, by tests/test_compose.py).
+MODELS=${MODELS:?set MODELS to the served models to measure, e.g. MODELS=charrnn_python}
 TRITON_GRPC=${TRITON_GRPC:-triton:8001}      # the compose service; gRPC because --streaming needs it
 RESULTS=${RESULTS:-/results}
 # Powers of two up to MAX_BATCH_SIZE (64, charrnn/contract.py): one perf_analyzer run per level, because

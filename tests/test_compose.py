@@ -18,7 +18,8 @@ import yaml
 
 from charrnn.contract import INFER_KEY_ENV, INFER_KEY_HEADER
 from serve.images import IMAGES, pins
-from charrnn.repository import CPU_MODELS, DECOUPLED_MODELS, GPU_ONLY_MODELS, PYTHON_MODELS, SERVED_MODELS
+from charrnn.repository import (CPU_MODELS, DECOUPLED_MODELS, GPU_ONLY_MODELS, PYTHON_MODELS, SERVED_MODELS,
+                                SHARED_PYTHON_MODELS, STEP_MODELS)
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_FILE = ROOT / "docker-compose.yml"
@@ -323,6 +324,8 @@ def test_perf_service(services):
     assert Path(targets["/bench"]["source"]).parts == ("bench",) and targets["/bench"]["read_only"]
     assert Path(targets["/results"]["source"]).parts == ("bench", "results")
     assert s["environment"]["TRITON_GRPC"] == "triton:8001"
+    # the step models of the table, in its order (perf.sh has no default of its own)
+    assert with_defaults(s["environment"]["MODELS"]).split() == list(STEP_MODELS)
 
 
 def test_perf_script_is_valid_bash_with_the_sequence_flags():
@@ -378,7 +381,7 @@ def test_perf_slim_service(services):
     assert s["depends_on"]["triton-slim"]["condition"] == "service_healthy"
     assert command_args(s) == ["bash", "/bench/perf.sh"]
     assert s["environment"]["TRITON_GRPC"] == "triton-slim:8001"
-    assert set(with_defaults(s["environment"]["MODELS"]).split()) == {"charrnn_python", "charrnn_gen_python"}
+    assert with_defaults(s["environment"]["MODELS"]).split() == list(SHARED_PYTHON_MODELS)  # what triton-slim serves
     assert not s.get("ports"), "perf_analyzer reaches the server on the compose network; nothing to publish"
     targets = {m["target"]: m for m in bind_mounts(s)}
     assert Path(targets["/bench"]["source"]).parts == ("bench",) and targets["/bench"]["read_only"]
