@@ -52,7 +52,7 @@ export: setup ## TF model -> ONNX -> TensorRT readiness check -> Triton model re
 verify: $(ONNX) ## Expect/Received parity: ONNX Runtime vs TensorFlow (logits and 1,000 greedy chars)
 	$(PY) -m export.verify --model $(MODEL) --onnx $(ONNX)
 
-plan: compose-plan ## TensorRT plan: needs NVIDIA's TensorRT container on a GPU host (see README)
+plan: compose-plan ## TensorRT plan: needs NVIDIA's TensorRT container on a GPU host (docs/model.md)
 
 serve: $(ONNX) ## start the local Triton servers (python backend): 127.0.0.1:8000-8002, the stream model on 8010-8012
 	$(PY) -m serve.local start

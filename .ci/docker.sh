@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # CI only: install and start the Docker engine, Compose v2 and mmdebstrap on a fresh Debian 12 or 13 machine, as
 # root, without changing the system's apt sources. The project itself never installs system packages: on a
-# user's machine Docker >= 20.10 and Compose v2 are prerequisites of the compose targets (README).
+# user's machine Docker >= 20.10 and Compose v2 are prerequisites of the compose targets (docs/production.md).
 #   Debian 13: docker.io + docker-compose (Compose v2) from the system's sources.
 #   Debian 12: docker.io from the system's sources; its docker-compose is Compose v1, so Debian 13's Compose v2
 #              package (it needs only libc6 >= 2.34) is downloaded with a private apt state and unpacked as the

@@ -22,7 +22,6 @@ Exit codes: 0 ok, 2 bad input, 3 the server did not start.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import os
@@ -36,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
+from charrnn.cli import parser
 from charrnn.errors import UserError, cli
 from charrnn.repository import GEN_ONNX, GEN_PYTHON, ONNX, PYTHON
 
@@ -104,9 +104,10 @@ def baselines(model_dir: Path, onnx_path: Path, prompt_ids: np.ndarray, repeat: 
     out["ort_prime_256"] = {"seconds": s}
     print(f"  ONNX Runtime prime of {len(prompt_ids)} chars: {s * 1e3:.1f} ms", flush=True)
 
-    from charrnn.model import load_model_dir
+    from charrnn.model import load_model_dir, use_cpu_only
     import tensorflow as tf
 
+    use_cpu_only()
     tf.config.threading.set_intra_op_parallelism_threads(threads)
     model, _, _ = load_model_dir(model_dir)
     step = tf.function(model.step, reduce_retracing=True)
@@ -255,7 +256,7 @@ def markdown(result: dict) -> str:
         lines += ["", f"In-process ORT generation graph, batch 1, K = {ch['ort_gen_k']}, {ch['threads']} threads: "
                       f"{ch['ort_gen_chars_per_s']:.0f} chars/s."]
         if single:
-            lines += [f"Target (issue 7): served single-stream at K = {ch['ort_gen_k']} >= 50% of in-process ORT "
+            lines += [f"Target: served single-stream at K = {ch['ort_gen_k']} >= 50% of in-process ORT "
                       f"batch-1 chars/s (the fastest step above, {ort1:.0f} chars/s): "
                       f"**{100 * single[0]['chars_per_s'] / ort1:.0f}%**."]
         lines.append("")
@@ -331,18 +332,20 @@ def chunked_section(server, vocab, test: np.ndarray, args, ks: list[int]) -> dic
 
 @cli
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default=str(ROOT / "models" / "shakespeare-lstm-2x512"))
-    p.add_argument("--repo", default=str(ROOT / "model_repository"))
-    p.add_argument("--data", default=str(ROOT / "data" / "tinyshakespeare.txt"))
+    p = parser("python -m bench.bench", __doc__)
+    p.add_argument("--model", default=str(ROOT / "models" / "shakespeare-lstm-2x512"),
+                   help="model directory (the TensorFlow baseline, the vocabulary)")
+    p.add_argument("--repo", default=str(ROOT / "model_repository"), help="exported repository (make export)")
+    p.add_argument("--data", default=str(ROOT / "data" / "tinyshakespeare.txt"),
+                   help="prompts come from its test split")
     p.add_argument("--concurrency", default="1,4,16,64", help="comma-separated sequence counts")
-    p.add_argument("--prompt-length", type=int, default=64)
+    p.add_argument("--prompt-length", type=int, default=64, help="characters each sequence is primed with")
     p.add_argument("--length", type=int, default=256, help="characters generated per sequence")
     p.add_argument("--chunks", default="1,8,32,128",
                    help="server-side generation: comma-separated K (characters per request); empty: skip")
     p.add_argument("--threads", type=int, default=1, help="ORT/TF threads for the in-process baselines")
     p.add_argument("--quick", action="store_true", help="small counts (smoke test; figures not meaningful)")
-    p.add_argument("--out", default=str(RESULTS))
+    p.add_argument("--out", default=str(RESULTS), help="directory for bench.csv, bench.png, bench.md, bench.json")
     args = p.parse_args(argv)
     levels = [int(x) for x in args.concurrency.split(",") if x]
     if not levels or min(levels) < 1:

@@ -34,7 +34,7 @@ def check_ids(ids: np.ndarray, vocab_size: int, max_t: int, name: str = "INPUT_I
         return f"{name}: shape must be [1, T] with 1 <= T <= {max_t}, got {list(ids.shape)} (send long prompts in chunks)"
     if ids.min() < 0 or ids.max() >= vocab_size:
         # Triton 2.51 casts HTTP JSON integers to INT32 by truncation (http_server.cc): 2^63-1 arrives as -1 and
-        # 2^32 + 30 as 30, which no check here can tell from a real 30 (README, "Failure behaviour").
+        # 2^32 + 30 as 30, which no check here can tell from a real 30 (docs/failures.md).
         hint = " (an HTTP JSON value outside the INT32 range arrives wrapped)" if ids.min() < 0 else ""
         return f"{name}: ids must be in 0..{vocab_size - 1}, got {int(ids.min())}..{int(ids.max())}{hint}"
     return None

@@ -15,20 +15,21 @@ from pathlib import Path
 
 from google.protobuf.text_encoding import CEscape
 
+from charrnn.cli import parser
 from charrnn.contract import (INPUT_IDS, LOGITS, MAX_BATCH_SIZE, MAX_K, MAX_SEQUENCE_IDLE_US, MAX_SEQUENCES,
                               MAX_T, NOISE, OUTPUT_IDS, STATE_IN, STATE_OUT, TEMPERATURE, TOP_K, TRITON_DTYPE,
                               VOCAB_PARAMETER, Contract)
-from charrnn.errors import UserError
+from charrnn.errors import UserError, cli
 from charrnn.repository import (BY_NAME, CONFIG, GEN_MODELS, GEN_ONNX, GEN_PYTHON, GEN_STREAM, GEN_TRT, ONNX,
                                 PYTHON, PYTHON_MODELS, SERVED_MODELS, TRT, parse_config)
 from charrnn.vocab import Vocab
 
-# Batcher settings shared by all three (see README "Serving"): `oldest` batches across sequences,
+# Batcher settings shared by every model (docs/model.md): `oldest` batches across sequences,
 # one request per sequence per batch, only requests of equal T together.
 MAX_QUEUE_DELAY_US = 100  # wait at most this long to grow a batch
 PYTHON_INSTANCES = 1
 # ONNX Runtime intra-op threads per python-backend instance, measured side by side on our 2-core machine
-# (README "Performance work"): the per-character model shares the cores with the gRPC front end and the
+# (docs/benchmarks.md, bench/results/ab.md): the per-character model shares the cores with the gRPC front end and the
 # client, and 2 threads cost 10-15% at 64 sequences; a generation request keeps ORT busy for K steps while
 # the client waits, and 2 threads made K = 128 1.6x faster. On a bigger host, give them the instance's cores.
 ORT_THREADS = {PYTHON: 1, GEN_PYTHON: 2, GEN_STREAM: 2}
@@ -213,8 +214,17 @@ def describe(config) -> str:
                                      for s in config.sequence_batching.state)
 
 
-if __name__ == "__main__":  # print a config for a quick look
-    import sys
-
+@cli
+def main(argv: list[str] | None = None) -> int:
+    """Print one model's config for a quick look (a 2 x 512 LSTM over 65 characters)."""
+    p = parser("python -m export.configs", __doc__)
+    p.add_argument("model", nargs="?", default=ONNX, choices=SERVED_MODELS, metavar="MODEL",
+                   help=f"served model whose config to print: {', '.join(SERVED_MODELS)}")
+    args = p.parse_args(argv)
     c = Contract("lstm", 2, 512, 65)
-    print(render_config(sys.argv[1] if len(sys.argv) > 1 else ONNX, c, Vocab([chr(i) for i in range(32, 97)])))
+    print(render_config(args.model, c, Vocab([chr(i) for i in range(32, 97)])))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -19,7 +19,6 @@ Exit codes: 0 ok, 2 bad input, 3 a tool (docker, compose, mmdebstrap, pip) is mi
 
 from __future__ import annotations
 
-import argparse
 import os
 import platform
 import shutil
@@ -30,6 +29,7 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
+from charrnn.cli import parser
 from charrnn.contract import INFER_KEY_ENV
 from charrnn.errors import UnavailableError, UserError, cli
 
@@ -222,7 +222,7 @@ def compose_env(bases: dict[str, str]) -> dict[str, str]:
 
 def check_docker() -> None:
     if shutil.which("docker") is None:
-        raise UnavailableError("docker", "not found", "install Docker >= 20.10 and Compose v2 (see README)")
+        raise UnavailableError("docker", "not found", "install Docker >= 20.10 and Compose v2 (docs/production.md)")
     if subprocess.run(["docker", "info"], capture_output=True).returncode != 0:
         raise UnavailableError("docker", "the Docker engine does not answer (`docker info` failed)",
                                "start dockerd, or run as a user allowed to use it")
@@ -248,9 +248,9 @@ def build(services: list[str]) -> dict[str, str]:
 
 @cli
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m serve.images", description=__doc__.splitlines()[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("services", nargs="*", metavar="SERVICE", help=f"default: all of {', '.join(IMAGES)}")
+    p = parser("python -m serve.images", __doc__)
+    p.add_argument("services", nargs="*", metavar="SERVICE",
+                   help=f"images to build (default: all of {', '.join(IMAGES)})")
     args = p.parse_args(argv)
     unknown = [s for s in args.services if s not in IMAGES]
     if unknown:
