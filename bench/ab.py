@@ -15,7 +15,6 @@ Exit codes: 0 ok, 2 bad input, 3 the server did not start.
 
 from __future__ import annotations
 
-import argparse
 import re
 import shutil
 import statistics
@@ -25,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from charrnn.cli import parser
 from charrnn.errors import UserError, cli
 from charrnn.repository import GEN_PYTHON
 
@@ -70,7 +70,7 @@ def per_char_rate(url: str, model: str, vocab, prompts: list[str], length: int) 
 
 @cli
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = parser("python -m bench.ab", __doc__)
     p.add_argument("--repo", default=str(ROOT / "model_repository"), help="exported repository (make export)")
     p.add_argument("--data", default=str(ROOT / "data" / "tinyshakespeare.txt"), help="prompts come from its end")
     p.add_argument("--model", default=GEN_PYTHON, help="a python-backend model of the repository")
@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sequences", default="1,16", help="comma-separated concurrent sequence counts")
     p.add_argument("--k", default="1,32,128", help="generation models: comma-separated characters per request")
     p.add_argument("--length", type=int, default=256, help="characters generated per sequence")
-    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=2, help="times every variant runs the load, interleaved")
     args = p.parse_args(argv)
     values = [v for v in args.values.split(",") if v]
     if len(values) < 2:

@@ -13,7 +13,6 @@ each primed with its prompt and generating `length` characters at K characters p
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
@@ -22,6 +21,8 @@ from typing import Iterable
 
 import numpy as np
 
+from charrnn.cli import parser
+from charrnn.errors import cli
 from charrnn.repository import GEN_PYTHON
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -101,13 +102,14 @@ def ort_gen_chars_per_s(onnx_path: str | Path, K: int = 128, batch: int = 1, rep
     return batch * K / statistics.median(times)
 
 
+@cli
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = parser("python -m bench.chunked", __doc__)
     p.add_argument("--repo", default=str(ROOT / "model_repository"), help="exported repository (make export)")
-    p.add_argument("--data", default=str(ROOT / "data" / "tinyshakespeare.txt"))
+    p.add_argument("--data", default=str(ROOT / "data" / "tinyshakespeare.txt"), help="prompts come from its end")
     p.add_argument("--length", type=int, default=256, help="characters generated per sequence")
     p.add_argument("--k", default=",".join(map(str, KS)), help="comma-separated characters per request")
-    p.add_argument("--model", default=GEN_PYTHON)
+    p.add_argument("--model", default=GEN_PYTHON, help="generation model of the repository")
     args = p.parse_args(argv)
     import tempfile
 

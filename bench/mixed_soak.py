@@ -18,7 +18,6 @@ Exit codes: 0 ok, 1 a crash, a wrong text, a missing error or memory growth, 2 b
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -33,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.soak import group_rss, mib
+from charrnn.cli import parser
 from charrnn.contract import INFER_KEY_ENV, INFER_KEY_HEADER, TRITON_DTYPE
 from charrnn.errors import CheckFailed, UserError, cli
 from charrnn.repository import DECOUPLED_MODELS, GEN_PYTHON, GEN_STREAM, PYTHON, SHARED_PYTHON_MODELS
@@ -113,12 +113,12 @@ def server_rss(servers) -> int:
 
 @cli
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.mixed_soak", description=__doc__.splitlines()[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p = parser("python -m bench.mixed_soak", __doc__)
     p.add_argument("--minutes", type=float, default=10.0, help="how long to keep the mixed load on")
     p.add_argument("--length", type=int, default=300, help="characters per sequence of each workload")
-    p.add_argument("--repo", default=str(ROOT / "model_repository"))
-    p.add_argument("--rss-bound-mib", type=float, default=64.0)
+    p.add_argument("--repo", default=str(ROOT / "model_repository"), help="exported repository (make export)")
+    p.add_argument("--rss-bound-mib", type=float, default=64.0,
+                   help="fail if a server's RSS after the last round differs from after the first by more than this")
     args = p.parse_args(argv)
     if args.minutes <= 0 or args.length < 1:
         raise UserError("--minutes/--length", f"must be positive, got {args.minutes} / {args.length}")

@@ -27,7 +27,6 @@ Exit codes: 0 ok, 2 bad input.
 
 from __future__ import annotations
 
-import argparse
 import base64
 import json
 import os
@@ -35,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
+from charrnn.cli import parser
 from charrnn.contract import INPUT_IDS, MAX_K, MAX_T, NOISE, TEMPERATURE, TOP_K
 from charrnn.errors import UserError, cli
 
@@ -99,7 +99,7 @@ def write_json(obj: dict, out: Path) -> None:
 
 @cli
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = parser("python -m bench.perf_input", __doc__)
     p.add_argument("--out", type=Path, default=Path("bench/results/perf_input.json"), help="JSON file to write")
     p.add_argument("--data", default="data/tinyshakespeare.txt", help="corpus; its fixed test split is used")
     p.add_argument("--streams", type=int, default=64,

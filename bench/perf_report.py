@@ -14,7 +14,6 @@ Exit codes: 0 ok, 2 bad input (no perf_analyzer results), 3 the server is unreac
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import re
@@ -22,6 +21,7 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+from charrnn.cli import parser
 from charrnn.errors import UserError, cli
 from charrnn.repository import PYTHON
 
@@ -194,12 +194,13 @@ def chunk_of(results: Path) -> int | None:
 
 @cli
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.perf_report", description=__doc__.splitlines()[0])
+    p = parser("python -m bench.perf_report", __doc__)
     p.add_argument("--results", type=Path, default=RESULTS, help="where perf.sh wrote perf_<model>.csv")
     p.add_argument("--url", default="127.0.0.1:8001", help="gRPC host:port of the server perf_analyzer measured")
     p.add_argument("--no-client", action="store_true", help="skip our client's sweep")
-    p.add_argument("--data", default=str(ROOT / "data" / "tinyshakespeare.txt"))
-    p.add_argument("--prompt-length", type=int, default=64)
+    p.add_argument("--data", default=str(ROOT / "data" / "tinyshakespeare.txt"),
+                   help="our client's prompts come from its test split")
+    p.add_argument("--prompt-length", type=int, default=64, help="characters each of our sequences is primed with")
     p.add_argument("--length", type=int, default=256, help="characters per sequence in our client's sweep")
     args = p.parse_args(argv)
 

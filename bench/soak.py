@@ -16,13 +16,13 @@ Exit codes: 0 ok, 1 errors or memory growth beyond the bound, 2 bad input, 3 the
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import sys
 import time
 from pathlib import Path
 
+from charrnn.cli import parser
 from charrnn.errors import CheckFailed, UserError, cli
 from charrnn.repository import PYTHON
 
@@ -126,8 +126,7 @@ def summary_md(args, soak: dict | None, errors: int, rss0: int, rss1: int, proce
 
 @cli
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p = parser("python -m bench.soak", __doc__)
     p.add_argument("--sequences", type=int, default=64, help="concurrent sequences (one gRPC stream)")
     p.add_argument("--length", type=int, default=2000, help="characters generated per sequence")
     p.add_argument("--warmup-length", type=int, default=200, help="characters per sequence of the warm-up round")

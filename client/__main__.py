@@ -26,20 +26,15 @@ import argparse
 import sys
 from dataclasses import replace
 
+from charrnn.cli import parser
 from charrnn.contract import MAX_K, MAX_SEQUENCES
 from charrnn.errors import CheckFailed, UserError, cli
 from charrnn.repository import GEN, STEP, names
 from charrnn.sampling import add_sampling_flags, sampling_params
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Defaults shown, the epilog's examples kept as written."""
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    first, _, rest = __doc__.partition("\n")
-    p = argparse.ArgumentParser(prog="python -m client", description=first, epilog=rest,
-                                formatter_class=HelpFormatter)
+    p = parser("python -m client", __doc__)
     g = p.add_argument_group("server")
     g.add_argument("--url", default="127.0.0.1:8001", help="host:port (gRPC 8001, HTTP 8000)")
     g.add_argument("--protocol", default="grpc", choices=["grpc", "http"],

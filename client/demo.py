@@ -11,15 +11,19 @@ from __future__ import annotations
 import sys
 import time
 
+from charrnn.cli import parser
 from charrnn.errors import cli
 
 
 @cli
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # Only -h/--help is the demo's own (answered before a server starts); every other flag goes to the client.
+    parser("python -m client.demo", __doc__, usage="%(prog)s [-h] [client flags ...]",
+           allow_abbrev=False).parse_known_args(argv)
     from client.__main__ import main as client_main
     from charrnn.local_triton import LocalTriton
 
-    argv = list(sys.argv[1:] if argv is None else argv)
     t0 = time.time()
     server = LocalTriton.on_free_ports()
     print(f"starting the local Triton server (log {server.log_path}) ...", file=sys.stderr)

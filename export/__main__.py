@@ -11,11 +11,11 @@ Exit codes: 0 ok, 1 the TensorRT readiness check failed, 2 bad model directory.
 
 from __future__ import annotations
 
-import argparse
 import shutil
 import time
 from pathlib import Path
 
+from charrnn.cli import parser
 from charrnn.contract import MAX_SEQUENCE_IDLE_US
 from charrnn.errors import CheckFailed, UserError, cli
 from charrnn.repository import (BY_NAME, GEN, GEN_MODELS, GEN_ONNX, GEN_TRT, ONNX, PYTHON, PYTHON_BACKEND, STEP, TRT,
@@ -38,7 +38,7 @@ def place(onnx_path: Path, repo: Path, models: tuple[str, ...]) -> None:
 
 @cli
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = parser("python -m export", __doc__)
     p.add_argument("--model", default="models/shakespeare-lstm-2x512", help="model directory (make train)")
     p.add_argument("--repo", default="model_repository", help="Triton model repository to write")
     p.add_argument("--idle-timeout", type=float, default=MAX_SEQUENCE_IDLE_US / 1e6, metavar="SECONDS",

@@ -27,12 +27,12 @@ Runtime on random batches. Exit codes: 0 ok, 1 parity failed, 2 bad input, 3 Ten
 
 from __future__ import annotations
 
-import argparse
 import time
 from pathlib import Path
 
 import numpy as np
 
+from charrnn.cli import parser
 from charrnn.contract import (INPUT_IDS, LOGITS, MAX_BATCH_SIZE, MAX_K, MAX_T, NOISE, OUTPUT_IDS, STATE_IN,
                               STATE_OUT, TEMPERATURE, TOP_K)
 from charrnn.errors import CheckFailed, UnavailableError, UserError, cli
@@ -195,7 +195,7 @@ def _check_gen_parity(trt, engine, context, session, state_dims, vocab, rng, bat
 
 @cli
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = parser("python -m export.build_plan", __doc__)
     p.add_argument("--onnx", default="model_repository/charrnn_onnx/1/model.onnx", help="exported ONNX model")
     p.add_argument("--out", default="model_repository/charrnn_trt/1/model.plan", help="plan to write")
     p.add_argument("--max-batch", type=int, default=MAX_BATCH_SIZE, help="profile max batch (>= config max_batch_size)")

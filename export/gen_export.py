@@ -25,12 +25,12 @@ Add, Sigmoid, Tanh, Mul: the cell's own code, no re-implemented LSTM math). Tens
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import numpy as np
 import onnx
 
+from charrnn.cli import parser
 from charrnn.contract import (FLOAT_DTYPE, IDS_DTYPE, INPUT_IDS, NOISE, OUTPUT_IDS, STATE_IN, STATE_OUT,
                               MIN_TEMPERATURE, TEMPERATURE, TOP_K, Contract, state_slots)
 from charrnn.errors import CheckFailed, cli
@@ -183,13 +183,14 @@ def check_gen_io(proto: onnx.ModelProto, contract: Contract) -> list[str]:
 
 @cli
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = parser("python -m export.gen_export", __doc__)
     p.add_argument("--model", default="models/shakespeare-lstm-2x512", help="model directory")
     p.add_argument("--out", required=True, help="ONNX file to write")
     args = p.parse_args(argv)
-    from charrnn.model import load_model_dir
+    from charrnn.model import load_model_dir, use_cpu_only
     from export.trt_check import check_model
 
+    use_cpu_only()  # a visible GPU makes Keras emit CudnnRNNV3, which tf2onnx cannot convert
     model, _, _ = load_model_dir(args.model)
     proto = export_gen_onnx(model, args.out)
     report = check_model(proto)

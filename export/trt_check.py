@@ -12,13 +12,13 @@ Exit codes: 0 ready, 1 not ready, 2 bad input.
 
 from __future__ import annotations
 
-import argparse
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import onnx
 
+from charrnn.cli import parser
 from charrnn.contract import INPUT_IDS, NOISE, OUTPUT_IDS
 from charrnn.errors import CheckFailed, UserError, cli
 
@@ -105,7 +105,7 @@ def check_model(model: onnx.ModelProto, ops_file: str | Path | None = None) -> R
 
 @cli
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = parser("python -m export.trt_check", __doc__)
     p.add_argument("onnx", help="ONNX model file")
     p.add_argument("--ops", default=None, help="TensorRT ONNX op support list (default: ../shared/tensorrt/)")
     args = p.parse_args(argv)

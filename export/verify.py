@@ -11,12 +11,12 @@ Exit codes: 0 pass, 1 mismatch, 2 bad input.
 
 from __future__ import annotations
 
-import argparse
 import time
 from pathlib import Path
 
 import numpy as np
 
+from charrnn.cli import parser
 from charrnn.contract import INPUT_IDS, LOGITS, STATE_IN, STATE_OUT
 from charrnn import onnx_runtime
 from charrnn.errors import CheckFailed, UserError, cli
@@ -66,9 +66,9 @@ def compare_logits(model, session, batches=(1, 3, 8), length: int = 300, chunk: 
 
 @cli
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="models/shakespeare-lstm-2x512")
-    p.add_argument("--onnx", default="model_repository/charrnn_onnx/1/model.onnx")
+    p = parser("python -m export.verify", __doc__)
+    p.add_argument("--model", default="models/shakespeare-lstm-2x512", help="model directory (the reference)")
+    p.add_argument("--onnx", default="model_repository/charrnn_onnx/1/model.onnx", help="exported ONNX model to check")
     p.add_argument("--length", type=int, default=1000, help="greedy characters per prompt")
     p.add_argument("--tolerance", type=float, default=1e-4, help="max |Δ logit| allowed")
     args = p.parse_args(argv)

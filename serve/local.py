@@ -19,12 +19,12 @@ Exit codes: 0 ok, 2 bad input, 3 the server did not become ready (its log is pri
 
 from __future__ import annotations
 
-import argparse
 import os
 import secrets
 import shutil
 import time
 
+from charrnn.cli import parser
 from charrnn.contract import INFER_KEY_ENV, INFER_KEY_HEADER
 from charrnn.errors import UserError, cli
 from charrnn.local_triton import DEFAULT_RUN_DIR, ROOT, LocalTriton, group_alive, stop_group
@@ -33,22 +33,28 @@ from charrnn.repository import DECOUPLED_MODELS, SHARED_PYTHON_MODELS
 
 # --- CLI: make serve / make stop --------------------------------------------------------------------
 PID_FILE = DEFAULT_RUN_DIR / "triton.pid"
+ACTIONS = {
+    "start": "start the servers in the background and return once they are ready (`make serve`)",
+    "stop": "stop the servers `start` recorded (`make stop`)",
+    "run": "start the servers in the foreground; Ctrl-C stops them",
+    "status": "say whether the servers `start` recorded are running",
+}
 
 
 @cli
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("action", choices=["start", "stop", "run", "status"])
+    p = parser("python -m serve.local", __doc__)
+    p.add_argument("action", choices=list(ACTIONS), help="\n".join(f"{k}: {v}" for k, v in ACTIONS.items()))
     p.add_argument("--repo", default=str(ROOT / "model_repository"), help="model repository")
-    p.add_argument("--http-port", type=int, default=8000)
-    p.add_argument("--grpc-port", type=int, default=8001)
-    p.add_argument("--metrics-port", type=int, default=8002)
+    p.add_argument("--http-port", type=int, default=8000, help="HTTP port (inference needs the key)")
+    p.add_argument("--grpc-port", type=int, default=8001, help="gRPC port")
+    p.add_argument("--metrics-port", type=int, default=8002, help="Prometheus metrics port")
     p.add_argument("--models", default=None,
                    help="comma-separated models for ONE server (default: every local model, the decoupled one "
                         "on a second server)")
-    p.add_argument("--stream-http-port", type=int, default=8010, help="second server (decoupled models)")
-    p.add_argument("--stream-grpc-port", type=int, default=8011)
-    p.add_argument("--stream-metrics-port", type=int, default=8012)
+    p.add_argument("--stream-http-port", type=int, default=8010, help="second server's HTTP port (the decoupled model)")
+    p.add_argument("--stream-grpc-port", type=int, default=8011, help="second server's gRPC port")
+    p.add_argument("--stream-metrics-port", type=int, default=8012, help="second server's metrics port")
     p.add_argument("--tritonserver", default=None, metavar="PATH",
                    help="use this tritonserver binary (a real install, with all its backends) instead of the "
                         "wheel's; a bare name is looked up on PATH (--tritonserver tritonserver)")

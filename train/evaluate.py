@@ -8,13 +8,13 @@ Exit codes: 0 ok, 2 bad model directory or data.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import time
 
 import numpy as np
 
+from charrnn.cli import parser
 from charrnn.data import load_splits
 from charrnn.errors import cli
 
@@ -61,16 +61,17 @@ def evaluate_loss(model, ids: np.ndarray, batch_size: int = 32, seq_len: int = 2
 
 @cli
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = parser("python -m train.evaluate", __doc__)
     p.add_argument("--model", default="models/shakespeare-lstm-2x512", help="model directory")
     p.add_argument("--data", default="data/tinyshakespeare.txt", help="corpus the model was trained on")
-    p.add_argument("--split", default="test", choices=["train", "val", "test"])
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--split", default="test", choices=["train", "val", "test"], help="split to evaluate (90/5/5)")
+    p.add_argument("--batch-size", type=int, default=32, help="parallel streams the split is cut into")
     p.add_argument("--json", action="store_true", help="print one JSON line")
     args = p.parse_args(argv)
 
-    from charrnn.model import load_model_dir
+    from charrnn.model import load_model_dir, use_cpu_only
 
+    use_cpu_only()
     model, vocab, card = load_model_dir(args.model)
     _, train, val, test = load_splits(args.data, vocab)
     ids = {"train": train, "val": val, "test": test}[args.split]

@@ -8,9 +8,9 @@ Exit codes: 0 ok, 2 the file does not verify, 3 download failed.
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
+from charrnn.cli import parser
 from charrnn.data import CORPUS_URL, fetch_corpus, verify_corpus
 from charrnn.errors import UserError, cli
 
@@ -21,7 +21,7 @@ DEFAULT_SHARED = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
 
 @cli
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = parser("python -m train.prepare", __doc__)
     p.add_argument("--dest", default=str(DEFAULT_DEST), help="where to put the corpus")
     p.add_argument("--shared", default=str(DEFAULT_SHARED), help="copy from here when it exists")
     p.add_argument("--url", default=CORPUS_URL, help="download from here otherwise")

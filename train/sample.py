@@ -10,16 +10,16 @@ Characters stream to stdout as they are generated. Exit codes: 0 ok, 2 bad input
 
 from __future__ import annotations
 
-import argparse
 import sys
 
+from charrnn.cli import parser
 from charrnn.errors import UserError, cli
 from charrnn.sampling import Sampler, add_sampling_flags, sampling_params
 
 
 @cli
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = parser("python -m train.sample", __doc__)
     p.add_argument("--model", default="models/shakespeare-lstm-2x512", help="model directory")
     add_sampling_flags(p)
     args = p.parse_args(argv)

@@ -24,12 +24,12 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from charrnn.cli import parser
 from charrnn.errors import UserError, cli
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = parser("python -m train.train", __doc__)
     g = p.add_argument_group("data")
     g.add_argument("--data", default="data/tinyshakespeare.txt", help="UTF-8 text corpus (any file works)")
     g = p.add_argument_group("model (default: NVIDIA sampleCharRNN)")
@@ -81,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(args.data, "the validation split is empty", "use a larger text")
     max_steps = args.max_steps or math.ceil(args.max_epochs * steps_per_epoch)
 
-    from charrnn.model import CARD_FILE, ModelConfig, build_model, load_model_dir, save_model_dir  # sets TF env first
+    from charrnn.model import (CARD_FILE, ModelConfig, build_model, load_model_dir, save_model_dir,  # sets TF env first
+                               use_cpu_only)
 
     import numpy as np
     import tensorflow as tf
@@ -89,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from train.evaluate import evaluate_loss
 
+    use_cpu_only()
     keras.utils.set_random_seed(args.seed)
     config = ModelConfig(vocab_size=len(vocab), cell=args.cell, layers=args.num_layers,
                          hidden=args.hidden_size, embedding=args.embedding_size, dropout=args.dropout)

@@ -44,6 +44,7 @@ from pathlib import Path
 
 import numpy as np
 
+from charrnn.cli import parser
 from charrnn.data import md5_of
 from charrnn.errors import UserError, cli
 from charrnn.vocab import Vocab
@@ -56,9 +57,7 @@ PROG = "python -m train.import_tf1"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="\n".join(__doc__.splitlines()[2:]))
+    p = parser(PROG, __doc__)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", metavar="PATH", help="TF1 checkpoint prefix, .index file or directory")
     src.add_argument("--wts", metavar="FILE", help="TensorRT .wts dump (dumpTFWts.py, v1 or v2)")
@@ -68,7 +67,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     voc.add_argument("--vocab", metavar="FILE", help="vocab.json ({'chars': [...]} or {char: id}), text, or pickle")
     voc.add_argument("--vocab-builtin", choices=sorted(BUILTIN_VOCABS),
                      help="samplecharrnn: the 65-character map compiled into sampleCharRNN")
-    p.add_argument("--naming", choices=NAMINGS, default="auto", help="variable naming scheme (default: %(default)s)")
+    p.add_argument("--naming", choices=NAMINGS, default="auto", help="variable naming scheme")
     p.add_argument("--map", action="append", default=[], metavar="OURNAME=THEIRNAME",
                    help=f"rename one variable (repeatable); OURNAME: {MAP_HELP}")
     p.add_argument("--cell", choices=["lstm", "gru", "rnn"], help="expected cell (default: detected)")
@@ -76,7 +75,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="LSTM forget_bias the model was trained with (default: 0.0 for crazydonkey/"
                         "samplecharrnn naming, else TF's 1.0; required when cells are named with --map)")
     p.add_argument("--input", choices=["auto", "embedding", "onehot"], default="auto",
-                   help="embedding variable, or one-hot characters (default: %(default)s: embedding if present)")
+                   help="embedding variable, or one-hot characters (auto: embedding if present)")
     p.add_argument("--trust-pickle", action="store_true",
                    help="allow a pickled vocabulary (unpickling can run arbitrary code)")
     return p.parse_args(argv)
@@ -119,6 +118,9 @@ def main(argv: list[str] | None = None) -> int:
                                       f"{imp.vocab_size} (softmax_b {plan.names['softmax_b']})",
                         "pass the vocabulary the model was trained with")
 
+    from charrnn.model import use_cpu_only
+
+    use_cpu_only()  # before TensorFlow's first op, building the model (the checkpoint reader starts no device)
     config, model = build_keras(imp)
     from charrnn.model import keras, save_model_dir, tf  # already imported by build_keras
 

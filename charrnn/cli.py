@@ -1,0 +1,40 @@
+"""The argument parser every command-line entry point builds: its program name, its docstring once, defaults shown."""
+
+from __future__ import annotations
+
+import argparse
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Each option's default after its help; the description and the epilog's examples kept as written.
+
+    No default is shown where there is none to show: None (the help says what happens then), an empty list and
+    on/off switches (store_true). A string that line wrapping would mangle ("ROMEO:\\n") is shown quoted. A help
+    text written as several lines (one per subcommand) keeps them, each wrapped on its own."""
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        lines = []
+        for line in text.splitlines():  # a loop: super() fails in a comprehension
+            lines += super()._split_lines(line, width)
+        return lines
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        takes_default = action.option_strings or action.nargs in (argparse.OPTIONAL, argparse.ZERO_OR_MORE)
+        if (not takes_default or "%(default)" in text or action.nargs == 0
+                or default is None or default is argparse.SUPPRESS or default == []):
+            return text
+        if isinstance(default, str) and (not default or default != " ".join(default.split())):
+            return f"{text} (default: {repr(default).replace('%', '%%')})"
+        return text + " (default: %(default)s)"
+
+
+def parser(prog: str, doc: str | None, **kwargs) -> argparse.ArgumentParser:
+    """The ArgumentParser of one command: `prog` as users type it ("python -m client"); the module docstring's
+    first paragraph as the description and the rest (examples, details, exit codes) as the epilog, each once;
+    every option's default shown. kwargs go to argparse.ArgumentParser (usage=, allow_abbrev=, ...)."""
+    summary, _, rest = (doc or "").strip("\n").partition("\n\n")
+    kwargs.setdefault("formatter_class", HelpFormatter)
+    return argparse.ArgumentParser(prog=prog, description=summary or None, epilog=rest.strip("\n") or None,
+                                   **kwargs)
