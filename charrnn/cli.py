@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -31,10 +33,14 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
 
 
 def parser(prog: str, doc: str | None, **kwargs) -> argparse.ArgumentParser:
-    """The ArgumentParser of one command: `prog` as users type it ("python -m client"); the module docstring's
+    """The ArgumentParser of one command: `prog` as users type it ("python -m client", or the entry point's
+    name, e.g. charrnn-client, when run as one); the module docstring's
     first paragraph as the description and the rest (examples, details, exit codes) as the epilog, each once;
     every option's default shown. kwargs go to argparse.ArgumentParser (usage=, allow_abbrev=, ...)."""
     summary, _, rest = (doc or "").strip("\n").partition("\n\n")
+    invoked = os.path.basename(sys.argv[0] if sys.argv else "")
+    if invoked.startswith("charrnn-"):  # run as an installed entry point (pyproject.toml [project.scripts])
+        prog = invoked
     kwargs.setdefault("formatter_class", HelpFormatter)
     return argparse.ArgumentParser(prog=prog, description=summary or None, epilog=rest.strip("\n") or None,
                                    **kwargs)

@@ -64,7 +64,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if not 1 <= args.num_sequences <= MAX_SEQUENCES:
         raise UserError("--num-sequences", f"must be in 1..{MAX_SEQUENCES} (the sequence slots of a model "
                         f"instance), got {args.num_sequences}", "run several clients one after another")
-    from client.generate import RetryPolicy, check_chunk
+    from .generate import RetryPolicy, check_chunk
 
     check_chunk(args.chunk)
     if args.chunk is not None and args.protocol != "grpc":
@@ -93,8 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     base = sampling_params(args)
     replace(base, top_k=0).validate(1)  # all but top-k (it needs the vocabulary) before connecting
-    from client.connection import Connection
-    from client.generate import GenerationFailed, generate
+    from .connection import Connection
+    from .generate import GenerationFailed, generate
 
     conn = Connection(args.url, args.protocol)
     try:

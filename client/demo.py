@@ -21,7 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     # Only -h/--help is the demo's own (answered before a server starts); every other flag goes to the client.
     parser("python -m client.demo", __doc__, usage="%(prog)s [-h] [client flags ...]",
            allow_abbrev=False).parse_known_args(argv)
-    from client.__main__ import main as client_main
+    from .__main__ import main as client_main
     from charrnn.local_triton import LocalTriton
 
     t0 = time.time()

@@ -41,7 +41,7 @@ from charrnn.errors import UnavailableError, UserError
 from charrnn.repository import GEN, STEP
 from charrnn.sampling import Sampler, SamplingParams
 from charrnn.vocab import Vocab
-from client.connection import Connection
+from .connection import Connection
 
 RESULT_TIMEOUT_S = 60.0
 

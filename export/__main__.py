@@ -49,10 +49,10 @@ def main(argv: list[str] | None = None) -> int:
                         "a person at a keyboard needs tens of seconds; Triton's own default is 1 s")
 
     from charrnn.model import load_model_dir, use_cpu_only
-    from export import configs
-    from export.gen_export import export_gen_onnx
-    from export.onnx_export import export_onnx
-    from export.trt_check import check_model
+    from . import configs
+    from .gen_export import export_gen_onnx
+    from .onnx_export import export_onnx
+    from .trt_check import check_model
 
     t0 = time.time()
     use_cpu_only()  # a visible GPU makes Keras emit CudnnRNNV3, which tf2onnx cannot convert

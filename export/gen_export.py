@@ -34,7 +34,7 @@ from charrnn.cli import parser
 from charrnn.contract import (FLOAT_DTYPE, IDS_DTYPE, INPUT_IDS, NOISE, OUTPUT_IDS, STATE_IN, STATE_OUT,
                               MIN_TEMPERATURE, TEMPERATURE, TOP_K, Contract, state_slots)
 from charrnn.errors import CheckFailed, cli
-from export.onnx_export import OPSET, name_dims, rename_value
+from .onnx_export import OPSET, name_dims, rename_value
 
 _ARG_NAMES = {"input_ids": INPUT_IDS, "state_in": STATE_IN, "noise": NOISE, "temperature": TEMPERATURE,
               "top_k": TOP_K}
@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="ONNX file to write")
     args = p.parse_args(argv)
     from charrnn.model import load_model_dir, use_cpu_only
-    from export.trt_check import check_model
+    from .trt_check import check_model
 
     use_cpu_only()  # a visible GPU makes Keras emit CudnnRNNV3, which tf2onnx cannot convert
     model, _, _ = load_model_dir(args.model)

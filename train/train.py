@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     import tensorflow as tf
     import keras
 
-    from train.evaluate import evaluate_loss
+    from .evaluate import evaluate_loss
 
     use_cpu_only()
     keras.utils.set_random_seed(args.seed)

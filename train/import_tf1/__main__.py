@@ -48,10 +48,10 @@ from charrnn.cli import parser
 from charrnn.data import md5_of
 from charrnn.errors import UserError, cli
 from charrnn.vocab import Vocab
-from train.import_tf1.convert import CONVERSION_NOTES, build_keras, choose_forget_bias, convert
-from train.import_tf1.naming import MAP_HELP, NAMINGS, choose_plan, parse_maps
-from train.import_tf1.sources import CheckpointStore, WtsStore
-from train.import_tf1.vocab import BUILTIN_VOCABS, find_vocab, load_vocab
+from .convert import CONVERSION_NOTES, build_keras, choose_forget_bias, convert
+from .naming import MAP_HELP, NAMINGS, choose_plan, parse_maps
+from .sources import CheckpointStore, WtsStore
+from .vocab import BUILTIN_VOCABS, find_vocab, load_vocab
 
 PROG = "python -m train.import_tf1"
 

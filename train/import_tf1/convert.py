@@ -8,8 +8,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from charrnn.errors import UserError
-from train.import_tf1.naming import KERNEL_NAMES, Layer, Plan, Scheme
-from train.import_tf1.sources import Store
+from .naming import KERNEL_NAMES, Layer, Plan, Scheme
+from .sources import Store
 
 if TYPE_CHECKING:
     from charrnn.model import CharRNN, ModelConfig

@@ -6,7 +6,7 @@ import re
 from dataclasses import dataclass, field
 
 from charrnn.errors import UserError
-from train.import_tf1.sources import Store
+from .sources import Store
 
 # Cell scope name (TF1 layer name) -> (our cell, TF1 class).
 CELL_SCOPES = {
