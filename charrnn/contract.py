@@ -49,6 +49,9 @@ MAX_SEQUENCES = 1024
 # 2.59 adds --http-max-input-size, 2.51 has no setting. gRPC checks sizes first and stays open.
 INFER_KEY_HEADER = "infer-key"
 INFER_KEY_ENV = "TRITON_INFER_KEY"  # where the client, the local launcher and compose's .env read the key
+# Behind several replicas (compose profile `scale`, serve/haproxy.cfg) the proxy hashes this header to pick the
+# replica that holds a sequence's state: the client sets it per gRPC stream (one per shard) or per HTTP request.
+ROUTING_HEADER = "x-sequence-key"
 
 # Model config parameter that carries the vocabulary to clients (JSON of charrnn.vocab.Vocab).
 VOCAB_PARAMETER = "vocab_json"

@@ -39,6 +39,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     g.add_argument("--url", default="127.0.0.1:8001", help="host:port (gRPC 8001, HTTP 8000)")
     g.add_argument("--protocol", default="grpc", choices=["grpc", "http"],
                    help="grpc: one bidirectional stream for all sequences; http: one request at a time each")
+    g.add_argument("--shards", type=int, default=1, metavar="K",
+                   help="behind a proxy in front of N replicas (compose profile scale): K >= 2N gRPC streams, each "
+                        "routed by its own key; with HTTP, any K > 1 routes each sequence by its key")
     g.add_argument("--model", default=None,
                    help=f"model to use (default: the first ready of {', '.join(names(graph=STEP))}; with "
                         f"--chunk, of {', '.join(names(graph=GEN))})")
@@ -96,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     from .connection import Connection
     from .generate import GenerationFailed, generate
 
-    conn = Connection(args.url, args.protocol)
+    conn = Connection(args.url, args.protocol, shards=args.shards)
     try:
         model = conn.pick_model(args.model, STEP if args.chunk is None else GEN)
         vocab = conn.vocabulary(model)

@@ -1,30 +1,49 @@
 """Talking to Triton: connect, pick a model, read its vocabulary, and send sequence requests.
 
 `Connection` hides the two protocols behind one call, `send(request_id, model, inputs, sequence_id, start,
-end)`, whose answers arrive on `results`: a queue of (request_id or None, tritonclient InferResult or None,
-error or None, arrival time). A decoupled model answers one request with several results.
+end, shard, key)`, whose answers arrive on `results`: a queue of Answer(request_id or None, tritonclient
+InferResult or None, error or None, arrival time, shard). A decoupled model answers one request with several.
 gRPC uses ONE bidirectional stream for every sequence (what the sequence batcher batches across); its errors
 carry no request id (None). HTTP has no streaming and tritonclient.http (gevent) is not thread-safe, so `send`
 runs the request synchronously and queues its result: sequences then take turns, one request at a time.
+
+Behind a proxy in front of several replicas (`shards` > 1; compose profile `scale`): gRPC opens one stream per
+shard, each with its own routing header (ROUTING_HEADER, hashed by the proxy, so a stream and every sequence on
+it stay on one replica), and a broken stream is reopened alone (`reopen(shard)`); HTTP sends each sequence's
+key in that header on every request.
 """
 
 from __future__ import annotations
 
 import os
 import queue
+import secrets
 import time
+from typing import NamedTuple
 
 import numpy as np
 
-from charrnn.contract import INFER_KEY_ENV, INFER_KEY_HEADER, NOISE, TRITON_DTYPE
+from charrnn.contract import INFER_KEY_ENV, INFER_KEY_HEADER, NOISE, ROUTING_HEADER, TRITON_DTYPE
 from charrnn.errors import UnavailableError, UserError
 from charrnn.repository import GEN, STEP, names, vocab_of
 from charrnn.vocab import Vocab
 
 
+class Answer(NamedTuple):
+    request_id: str | None  # None: a gRPC stream error (it names no request)
+    result: object  # tritonclient InferResult, or None with an error
+    error: object
+    arrived: float  # time.perf_counter()
+    shard: int  # the gRPC stream it came on (0 over HTTP)
+
+
 class Connection:
-    def __init__(self, url: str, protocol: str = "grpc", timeout: float = 10.0, infer_key: str | None = None) -> None:
-        """infer_key: the server's HTTP inference key (default $TRITON_INFER_KEY); gRPC needs none."""
+    def __init__(self, url: str, protocol: str = "grpc", timeout: float = 10.0, infer_key: str | None = None,
+                 shards: int = 1) -> None:
+        """infer_key: the server's HTTP inference key (default $TRITON_INFER_KEY); gRPC needs none.
+        shards: gRPC streams, each with its own routing header (> 1 only behind a proxy: at least 2 per replica)."""
+        if not 1 <= shards <= 64:
+            raise UserError("--shards", f"must be in 1..64, got {shards}", "2 per replica behind the proxy")
         if protocol not in ("grpc", "http"):
             raise UserError("--protocol", f"must be grpc or http, got {protocol!r}")
         if not url or "/" in url.split("://")[-1] or ":" not in url.split("://")[-1]:
@@ -32,58 +51,70 @@ class Connection:
         self.url, self.protocol, self.timeout = url.split("://")[-1], protocol, timeout
         key = infer_key if infer_key is not None else os.environ.get(INFER_KEY_ENV)
         self.headers = {INFER_KEY_HEADER: key} if key and protocol == "http" else None
+        self.shards = shards if protocol == "grpc" else 1
+        self.routed = shards > 1  # behind a proxy: routing headers, and sequence ids that carry an epoch
+        tag = secrets.token_hex(4)  # this client's shard keys differ from every other client's
+        self.shard_keys = [f"{tag}-{k}" for k in range(self.shards)]
         self.results: queue.Queue = queue.Queue()
-        self._stream = False
-        self._open()
+        self.clients: list = [None] * self.shards
+        self._streaming = [False] * self.shards
+        self._generation = [0] * self.shards  # bumped on reopen: a closed stream's late callbacks are dropped
+        for k in range(self.shards):
+            self._open(k)
 
-    def _open(self) -> None:
-        """Create the tritonclient client and check the server is live (UnavailableError if not)."""
+    @property
+    def client(self):
+        """The client for everything but inference (model readiness, configs)."""
+        return self.clients[0]
+
+    def _open(self, shard: int) -> None:
+        """Create the shard's tritonclient client and check the server is live (UnavailableError if not)."""
         protocol, timeout = self.protocol, self.timeout
         try:
             if protocol == "grpc":
                 import tritonclient.grpc as tc
 
-                self.client = tc.InferenceServerClient(self.url)
+                client = tc.InferenceServerClient(self.url)
             else:
                 import tritonclient.http as tc
 
-                self.client = tc.InferenceServerClient(self.url, connection_timeout=timeout,
-                                                       network_timeout=timeout)
-            self.tc = tc
-            live = self.client.is_server_live()
+                client = tc.InferenceServerClient(self.url, connection_timeout=timeout, network_timeout=timeout)
+            self.tc, self.clients[shard] = tc, client
+            live = client.is_server_live()
         except Exception as e:  # tritonclient raises InferenceServerException, gRPC/geventhttp errors, ...
             raise UnavailableError(f"server {self.url}", f"unreachable over {protocol} ({short(e)})",
                                    "start it with `make serve`, or pass --url/--protocol") from e
         if not live:
             raise UnavailableError(f"server {self.url}", "not live", "check the server log")
 
-    def reopen(self) -> None:
-        """Connect again from scratch (after the server went away): a new client and, on first send, a new
-        stream. Results still in flight on the old connection are dropped (`results` is a new queue).
-        Raises UnavailableError while the server is not reachable."""
-        self.abort()
-        self.results = queue.Queue()
-        self._open()
+    def reopen(self, shard: int | None = None) -> None:
+        """Connect again (after the server went away): a new client and, on first send, a new stream, for one
+        shard or (None) all of them. Results still in flight on what was closed are dropped. Raises
+        UnavailableError while the server is not reachable."""
+        for k in range(self.shards) if shard is None else [shard]:
+            self._close(k, wait=False)
+            self._generation[k] += 1
+            self._open(k)
 
     def abort(self) -> None:
         """Close without waiting for requests in flight (close() waits for them on a live stream)."""
-        try:
-            if self._stream:
-                self.client.stop_stream(cancel_requests=True)
-        except Exception:
-            pass
-        self._stream = False
-        try:
-            self.client.close()
-        except Exception:
-            pass
+        for k in range(self.shards):
+            self._close(k, wait=False)
 
     def close(self) -> None:
+        for k in range(self.shards):
+            self._close(k, wait=True)
+
+    def _close(self, shard: int, wait: bool) -> None:
+        client = self.clients[shard]
         try:
-            if self._stream:
-                self.client.stop_stream()
-                self._stream = False
-            self.client.close()
+            if self._streaming[shard]:
+                client.stop_stream(cancel_requests=not wait)
+        except Exception:
+            pass
+        self._streaming[shard] = False
+        try:
+            client.close()
         except Exception:
             pass
 
@@ -119,9 +150,10 @@ class Connection:
                                    "export it with `make export`") from e
 
     # --- requests ---------------------------------------------------------------------------------
-    def send(self, request_id: str, model: str, inputs: dict[str, np.ndarray], sequence_id: int, start: bool,
-             end: bool) -> None:
-        """One request of a sequence; inputs: name -> array with the batch dim (1, ...)."""
+    def send(self, request_id: str, model: str, inputs: dict[str, np.ndarray], sequence_id: int | str,
+             start: bool, end: bool, shard: int = 0, key: str | None = None) -> None:
+        """One request of a sequence; inputs: name -> array with the batch dim (1, ...). gRPC: on the stream of
+        `shard`; HTTP: with the sequence's routing `key` (when routed)."""
         tensors = []
         for name, value in inputs.items():
             t = self.tc.InferInput(name, list(value.shape), TRITON_DTYPE[value.dtype])
@@ -129,24 +161,30 @@ class Connection:
             tensors.append(t)
         kw = dict(request_id=request_id, sequence_id=sequence_id, sequence_start=start, sequence_end=end)
         if self.protocol == "grpc":
-            if not self._stream:
-                results = self.results  # a stream's late callbacks never reach a reopened connection's queue
-                self.client.start_stream(callback=lambda result, error: self._stream_callback(results, result, error))
-                self._stream = True
-            self.client.async_stream_infer(model, tensors, **kw)
+            if not self._streaming[shard]:
+                generation = self._generation[shard]
+                headers = {ROUTING_HEADER: self.shard_keys[shard]} if self.routed else None
+                self.clients[shard].start_stream(
+                    callback=lambda result, error: self._stream_callback(shard, generation, result, error),
+                    headers=headers)
+                self._streaming[shard] = True
+            self.clients[shard].async_stream_infer(model, tensors, **kw)
             return
+        headers = dict(self.headers or {})
+        if self.routed and key is not None:
+            headers[ROUTING_HEADER] = key
         try:
-            result = self.client.infer(model, tensors, headers=self.headers, **kw)
-            self.results.put((request_id, result, None, time.perf_counter()))
+            result = self.client.infer(model, tensors, headers=headers or None, **kw)
+            self.results.put(Answer(request_id, result, None, time.perf_counter(), 0))
         except Exception as e:  # tritonclient.utils.InferenceServerException, connection errors
             if "restricted" in str(e):  # no key, or a wrong one: nothing a retry can fix
                 raise infer_key_error(e) from e
-            self.results.put((request_id, None, e, time.perf_counter()))
+            self.results.put(Answer(request_id, None, e, time.perf_counter(), 0))
 
-    def _stream_callback(self, results: queue.Queue, result, error) -> None:
-        if results is self.results:
+    def _stream_callback(self, shard: int, generation: int, result, error) -> None:
+        if generation == self._generation[shard]:  # else: a stream closed by reopen(); its answers are stale
             request_id = result.get_response().id if result is not None else None
-            results.put((request_id, result, error, time.perf_counter()))
+            self.results.put(Answer(request_id, result, error, time.perf_counter(), shard))
 
 
 def infer_key_error(e: Exception) -> UserError:

@@ -19,8 +19,11 @@ Restart-safe (with `retry=RetryPolicy(retries=N)`): the text generated so far li
 If the server goes away (stream error, UNAVAILABLE, connection refused, no answer) the connection is
 re-created with bounded exponential backoff and every unfinished sequence is re-primed under a NEW
 sequence id with prompt + generated-so-far, then continues. If the server answers that a sequence is
-unknown (idle timeout, restart: "must specify the START flag" / "unknown sequence"), that sequence alone is
-re-primed. A re-primed sequence continues from its noise stream's position len(generated), so greedy and seeded
+unknown (idle timeout, restart, or a request that reached another replica: "must specify the START flag" /
+"unknown sequence"), that sequence alone is re-primed. Behind a proxy (a Connection with shards > 1) a broken
+stream re-primes only the sequences of its shard, and sequence ids are "<key>:<epoch>": the routing key stays
+(so the proxy keeps the sequence on one replica) and the epoch grows with every re-prime, so a replica that
+comes back still holding an old state can never continue it: it does not know the new id. A re-primed sequence continues from its noise stream's position len(generated), so greedy and seeded
 runs give the same text as an uninterrupted run. Giving up raises GenerationFailed, which carries the partial
 text.
 """
@@ -30,7 +33,9 @@ from __future__ import annotations
 import math
 import queue
 import random
+import secrets
 import time
+import zlib
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -92,7 +97,7 @@ class Request:
 @dataclass
 class Sequence:
     index: int
-    sequence_id: int
+    sequence_id: int | str
     prompt: np.ndarray  # (P,) the prompt's ids (re-priming sends prompt + generated)
     length: int  # characters to generate
     chunk: int  # K: characters per request (1: a step model, the client samples)
@@ -106,7 +111,10 @@ class Sequence:
     first_char: list[float] = field(default_factory=list)  # seconds per request (send -> first answer)
     restarts: int = 0  # times re-primed under a new sequence id
     restarts_without_progress: int = 0  # re-primings since this sequence last generated a character
-    sequence_ids: list[int] = field(default_factory=list)  # earlier sequence ids
+    sequence_ids: list[int | str] = field(default_factory=list)  # earlier sequence ids
+    key: str | None = None  # routing key behind a proxy (then sequence_id is "<key>:<epoch>")
+    epoch: int = 0
+    shard: int = 0  # the gRPC stream it is sent on
 
     @property
     def total_requests(self) -> int:
@@ -124,10 +132,14 @@ class Sequence:
         ids = self.chunks[-1] if n == m - 1 else np.array([self.generated[-1]], np.int32)
         return Request(ids, min(self.chunk, self.length - len(self.generated)), True, start, end)
 
-    def reprime(self, sequence_id: int, max_t: int = MAX_T) -> None:
-        """Start over under a new sequence id, primed with prompt + everything generated so far; the noise
-        stream continues at row len(generated) (rows drawn for characters that never arrived are drawn again)."""
+    def reprime(self, sequence_id: int | None = None, max_t: int = MAX_T) -> None:
+        """Start over under a new sequence id (routed: the next epoch of the same key), primed with prompt +
+        everything generated so far; the noise stream continues at row len(generated) (rows drawn for
+        characters that never arrived are drawn again)."""
         self.sequence_ids.append(self.sequence_id)
+        if self.key is not None:
+            self.epoch += 1
+            sequence_id = f"{self.key}:{self.epoch}"
         self.sequence_id = sequence_id
         self.chunks = chunk_prompt(np.concatenate([self.prompt, np.asarray(self.generated, np.int32)]), max_t)
         self.primed, self.sent, self.received = len(self.generated), 0, 0
@@ -192,11 +204,11 @@ def classify(error) -> str:
 
 
 class _Outage(Exception):
-    """Internal: the connection is gone (or silent); recover by reconnecting."""
+    """Internal: the connection (or one shard's stream) is gone or silent; recover by reconnecting."""
 
-    def __init__(self, error) -> None:
+    def __init__(self, error, shard: int | None = None) -> None:
         super().__init__(message(error))
-        self.error = error
+        self.error, self.shard = error, shard
 
 
 def generate(conn: Connection, model: str, vocab: Vocab, prompts: list[str], length: int,
@@ -229,6 +241,10 @@ def generate(conn: Connection, model: str, vocab: Vocab, prompts: list[str], len
     ids = sequence_ids or new_sequence_ids(len(prompts))
     seqs = [Sequence(i, ids[i], e, length, k, Sampler(params[i], len(vocab)), chunk_prompt(e, max_t))
             for i, e in enumerate(encoded)]
+    if conn.routed:  # "<key>:<epoch>" ids; sequence s on shard hash(key) mod K
+        for seq in seqs:
+            seq.key = secrets.token_hex(8)
+            seq.sequence_id, seq.shard = f"{seq.key}:0", zlib.crc32(seq.key.encode()) % conn.shards
     by_request: dict[str, tuple[Sequence, Request, float]] = {}
     outage = {"attempts": 0, "waited": 0.0}  # of the current outage; reset when characters flow again
     unfinished = [len(seqs)]  # sequences not done yet
@@ -250,13 +266,14 @@ def generate(conn: Connection, model: str, vocab: Vocab, prompts: list[str], len
         by_request[request_id] = (seq, req, time.perf_counter())
         seq.received = 0
         try:
-            conn.send(request_id, model, inputs_of(seq, req, generation), seq.sequence_id, req.start, req.end)
+            conn.send(request_id, model, inputs_of(seq, req, generation), seq.sequence_id, req.start, req.end,
+                      shard=seq.shard, key=seq.key)
         except UserError:
             raise
         except Exception as e:  # e.g. a dead gRPC stream refuses new requests
             if classify(e) == FATAL:
                 raise
-            raise _Outage(e) from e
+            raise _Outage(e, seq.shard if conn.shards > 1 else None) from e
         seq.sent += 1
 
     def sequence_of(request_id, error) -> Sequence | None:
@@ -271,9 +288,11 @@ def generate(conn: Connection, model: str, vocab: Vocab, prompts: list[str], len
             return named[0]
         return next(iter(in_flight.values())) if len(in_flight) == 1 else None
 
-    def recover(error) -> None:
-        """Reconnect with backoff and re-prime every unfinished sequence under a new id; or give up."""
-        why = f"connection lost ({brief(message(error))})"
+    def recover(error, shard: int | None = None) -> None:
+        """Reconnect with backoff and re-prime every unfinished sequence (of `shard`'s stream, if one is named)
+        under a new id; or give up. The other shards' sequences carry on untouched."""
+        why = f"connection lost ({brief(message(error))})" if shard is None else \
+            f"stream {shard} lost ({brief(message(error))})"
         while True:
             outage["attempts"] += 1
             attempt, delay = outage["attempts"], retry.backoff(outage["attempts"])
@@ -288,12 +307,13 @@ def generate(conn: Connection, model: str, vocab: Vocab, prompts: list[str], len
             time.sleep(delay)  # backoff between reconnection attempts
             outage["waited"] += delay
             try:
-                conn.reopen()
+                conn.reopen(shard)
                 conn.pick_model(model, GEN if generation else STEP)
                 if conn.vocabulary(model) != vocab:
                     raise give_up(f"model {model} came back with another vocabulary", "run again from the start")
-                by_request.clear()
-                again = [s for s in seqs if not s.done]
+                again = [s for s in seqs if not s.done and shard in (None, s.shard)]
+                for request_id in [r for r, (s, _, _) in by_request.items() if s in again]:
+                    del by_request[request_id]
                 # The server may still hold the old sequences (a stalled stream, not a restart): end them, or
                 # they would hold their slots until the idle timeout. Their answers (or "unknown sequence"
                 # errors, after a restart) match no pending request and are dropped below.
@@ -305,6 +325,7 @@ def generate(conn: Connection, model: str, vocab: Vocab, prompts: list[str], len
                 raise
             except _Outage as e:  # went down again while re-priming: next attempt
                 why = f"connection lost again ({brief(message(e.error))})"
+                shard = shard if e.shard == shard else None  # another stream broke too: recover them all
                 continue
             except UserError as e:  # e.g. not reachable yet, model not ready yet: next attempt
                 why = f"still unavailable ({brief(e.why)})"
@@ -314,7 +335,7 @@ def generate(conn: Connection, model: str, vocab: Vocab, prompts: list[str], len
                     raise
                 why = f"still unavailable ({brief(message(e))})"
                 continue
-            say(f"reconnected to {conn.url}: re-primed {len(again)} sequence(s) under new ids with "
+            say(f"reconnected to {conn.url}{'' if shard is None else f' (stream {shard})'}: re-primed {len(again)} sequence(s) under new ids with "
                 f"prompt + generated text ({kept()})")
             return
 
@@ -366,11 +387,11 @@ def generate(conn: Connection, model: str, vocab: Vocab, prompts: list[str], len
             for seq in seqs:
                 send_next(seq)
         except _Outage as e:
-            recover(e.error)
+            recover(e.error, e.shard)
         while unfinished[0]:
             try:
                 try:
-                    request_id, result, error, arrived = conn.results.get(timeout=RESULT_TIMEOUT_S)
+                    request_id, result, error, arrived, shard = conn.results.get(timeout=RESULT_TIMEOUT_S)
                 except queue.Empty:
                     if not retry.retries:
                         raise give_up(f"no answer for {RESULT_TIMEOUT_S:.0f} s", "check the server") from None
@@ -384,7 +405,7 @@ def generate(conn: Connection, model: str, vocab: Vocab, prompts: list[str], len
                         reprime_lost(seq, error)
                         continue
                     if kind in (OUTAGE, LOST):  # LOST here: cannot tell which sequence, so re-prime them all
-                        raise _Outage(error)
+                        raise _Outage(error, shard if conn.shards > 1 else None)
                     where = f"sequence {seq.sequence_id}" if seq else "a sequence"
                     raise GenerationFailed(f"{model} ({where})", message(error), "see the server log", seqs)
                 if seq is None:
@@ -392,7 +413,7 @@ def generate(conn: Connection, model: str, vocab: Vocab, prompts: list[str], len
                 _, req, sent_at = by_request[request_id]
                 answer(seq, req, sent_at, request_id, result, arrived)
             except _Outage as e:
-                recover(e.error)
+                recover(e.error, e.shard)
     except BaseException:
         if not dropped:
             end_open_sequences(conn, model, seqs, generation)
@@ -408,7 +429,7 @@ def end_open_sequences(conn: Connection, model: str, seqs: list[Sequence], gener
             end = Request(ids, 1, False, False, True)  # uses no row of the noise stream
             try:
                 conn.send(f"{seq.sequence_id}:end", model, inputs_of(seq, end, generation), seq.sequence_id,
-                          start=False, end=True)
+                          start=False, end=True, shard=seq.shard, key=seq.key)
             except Exception:
                 pass
 

@@ -345,7 +345,7 @@ def test_gen_python_rejects_bad_requests_and_keeps_the_state(server, shipped):
         inputs = {INPUT_IDS: np.asarray(ids, np.int32).reshape(1, -1), NOISE: noise[None],
                   TEMPERATURE: np.array([[t]], np.float32), TOP_K: np.array([[k]], np.int32)}
         stream.send(f"{seq}:{time.monotonic_ns()}", repository.GEN_PYTHON, inputs, seq, start, end)
-        _, result, error, _ = stream.results.get(timeout=30)
+        _, result, error, *_ = stream.results.get(timeout=30)
         return (None if result is None else result.as_numpy(OUTPUT_IDS).reshape(-1)), error
 
     half = np.full((4, V), 0.5, np.float32)
