@@ -35,6 +35,7 @@ class Answer(NamedTuple):
     error: object
     arrived: float  # time.perf_counter()
     shard: int  # the gRPC stream it came on (0 over HTTP)
+    generation: int  # of that shard's connection: answers of a connection closed by reopen() are stale
 
 
 class Connection:
@@ -175,16 +176,19 @@ class Connection:
             headers[ROUTING_HEADER] = key
         try:
             result = self.client.infer(model, tensors, headers=headers or None, **kw)
-            self.results.put(Answer(request_id, result, None, time.perf_counter(), 0))
+            self.results.put(Answer(request_id, result, None, time.perf_counter(), 0, self._generation[0]))
         except Exception as e:  # tritonclient.utils.InferenceServerException, connection errors
             if "restricted" in str(e):  # no key, or a wrong one: nothing a retry can fix
                 raise infer_key_error(e) from e
-            self.results.put(Answer(request_id, None, e, time.perf_counter(), 0))
+            self.results.put(Answer(request_id, None, e, time.perf_counter(), 0, self._generation[0]))
 
     def _stream_callback(self, shard: int, generation: int, result, error) -> None:
-        if generation == self._generation[shard]:  # else: a stream closed by reopen(); its answers are stale
-            request_id = result.get_response().id if result is not None else None
-            self.results.put(Answer(request_id, result, error, time.perf_counter(), shard))
+        request_id = result.get_response().id if result is not None else None
+        self.results.put(Answer(request_id, result, error, time.perf_counter(), shard, generation))
+
+    def stale(self, answer: Answer) -> bool:
+        """True for an answer of a stream or client that reopen() has replaced since (e.g. its cancellations)."""
+        return answer.generation != self._generation[answer.shard]
 
 
 def infer_key_error(e: Exception) -> UserError:

@@ -355,7 +355,7 @@ def generate(conn: Connection, model: str, vocab: Vocab, prompts: list[str], len
             f"with prompt + {len(seq.generated)} generated characters")
         send_next(seq)
 
-    def answer(seq: Sequence, req: Request, sent_at: float, request_id: str, result, arrived: float) -> None:
+    def on_answer(seq: Sequence, req: Request, sent_at: float, request_id: str, result, arrived: float) -> None:
         """One result for a request in flight: the characters it carries, then the next request when complete."""
         if generation:
             got = [int(i) for i in result.as_numpy(OUTPUT_IDS).reshape(-1)]
@@ -391,11 +391,14 @@ def generate(conn: Connection, model: str, vocab: Vocab, prompts: list[str], len
         while unfinished[0]:
             try:
                 try:
-                    request_id, result, error, arrived, shard = conn.results.get(timeout=RESULT_TIMEOUT_S)
+                    answer = conn.results.get(timeout=RESULT_TIMEOUT_S)
                 except queue.Empty:
                     if not retry.retries:
                         raise give_up(f"no answer for {RESULT_TIMEOUT_S:.0f} s", "check the server") from None
                     raise _Outage(TimeoutError(f"no answer for {RESULT_TIMEOUT_S:.0f} s")) from None
+                if conn.stale(answer):
+                    continue  # from a connection a recovery replaced: its sequences were re-primed
+                request_id, result, error, arrived, shard, _ = answer
                 seq = sequence_of(request_id, error)
                 if error is not None:
                     kind = classify(error)
@@ -411,7 +414,7 @@ def generate(conn: Connection, model: str, vocab: Vocab, prompts: list[str], len
                 if seq is None:
                     continue  # a late answer to a request abandoned by a recovery
                 _, req, sent_at = by_request[request_id]
-                answer(seq, req, sent_at, request_id, result, arrived)
+                on_answer(seq, req, sent_at, request_id, result, arrived)
             except _Outage as e:
                 recover(e.error, e.shard)
     except BaseException:
