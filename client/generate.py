@@ -185,7 +185,8 @@ def inputs_of(seq: Sequence, req: Request, generation: bool) -> dict[str, np.nda
 # What an error means for the generation: the server went away (reconnect), the server does not know the
 # sequence any more (re-prime it), or anything else (give up: retrying would not help).
 OUTAGE, LOST, FATAL = "outage", "lost", "fatal"
-_OUTAGE_STATUS = ("UNAVAILABLE", "CANCELLED", "DEADLINE_EXCEEDED", "ABORTED")
+# HTTP 502/503/504: a proxy in front of the replicas (serve/haproxy.cfg) lost, or has no, replica for the request.
+_OUTAGE_STATUS = ("UNAVAILABLE", "CANCELLED", "DEADLINE_EXCEEDED", "ABORTED", "502", "503", "504")
 _OUTAGE_TEXT = ("stream is no longer in valid state", "socket closed", "connection refused", "failed to connect",
                 "connection reset", "broken pipe", "server is stopping", "stream removed", "no answer for",
                 "channel closed")  # gRPC's ValueError once our side of the connection is closed
@@ -197,7 +198,7 @@ def classify(error) -> str:
     if any(s in text for s in _LOST_TEXT):
         return LOST
     status = str(getattr(error, "status", lambda: None)() or "")
-    if isinstance(error, (OSError, TimeoutError)) or any(s in status for s in _OUTAGE_STATUS) or \
+    if isinstance(error, (OSError, TimeoutError)) or any(status.endswith(s) for s in _OUTAGE_STATUS) or \
             any(s in text for s in _OUTAGE_TEXT):
         return OUTAGE
     return FATAL
