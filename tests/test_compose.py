@@ -18,8 +18,8 @@ import yaml
 
 from charrnn.contract import INFER_KEY_ENV, INFER_KEY_HEADER
 from serve.images import IMAGES, pins
-from charrnn.repository import (CPU_MODELS, DECOUPLED_MODELS, GPU_ONLY_MODELS, PYTHON_MODELS, SERVED_MODELS,
-                                SHARED_PYTHON_MODELS, STEP_MODELS)
+from charrnn.repository import (CPU_MODELS, DECOUPLED_MODELS, GEN_TRT, GPU_ONLY_MODELS, PYTHON_MODELS, SERVED_MODELS,
+                                SHARED_PYTHON_MODELS, STEP_MODELS, TRT)
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_FILE = ROOT / "docker-compose.yml"
@@ -310,8 +310,8 @@ def test_export_service_runs_build_plan(services):
     s = services["export-trt"]
     script = " ".join(command_args(s))
     assert "python3 -m export.build_plan" in script
-    assert "--out model_repository/charrnn_trt/1/model.plan" in script
-    assert "--out model_repository/charrnn_gen_trt/1/model.plan" in script  # the generation graph's plan
+    assert f"--out model_repository/{TRT}/1/model.plan" in script
+    assert f"--out model_repository/{GEN_TRT}/1/model.plan" in script  # the generation graph's plan
     writable = [m for m in bind_mounts(s) if not m["read_only"]]
     assert [Path(m["source"]).parts for m in writable] == [("model_repository", name) for name in GPU_ONLY_MODELS]
 

@@ -25,7 +25,8 @@ import pytest
 
 from charrnn.errors import UnavailableError
 from charrnn.sampling import SamplingParams
-from charrnn.repository import DECOUPLED_MODELS, PYTHON_MODELS, SHARED_PYTHON_MODELS as SHARED_MODELS
+from charrnn.repository import (DECOUPLED_MODELS, GEN_PYTHON, GEN_STREAM, PYTHON, PYTHON_MODELS,
+                                SHARED_PYTHON_MODELS as SHARED_MODELS)
 from tests.conftest import ROOT, free_port, served, tf_text
 
 REQUIRE_DOCKER = os.environ.get("CHARRNN_REQUIRE_DOCKER") == "1"
@@ -143,7 +144,7 @@ def client(stack: Stack, *args: str, timeout: float = 300) -> subprocess.Complet
                           capture_output=True, text=True, timeout=timeout)
 
 
-def inference_count(stack: Stack, model: str = "charrnn_python") -> int:
+def inference_count(stack: Stack, model: str = PYTHON) -> int:
     import tritonclient.grpc as tc
 
     c = tc.InferenceServerClient(stack.grpc_url)
@@ -207,7 +208,7 @@ def test_8_concurrent_seeded_sequences_equal_their_solo_runs(stack):
     assert len(set(together)) == 8, "different seeds should give different texts"
 
 
-@pytest.mark.parametrize("model", ["charrnn_gen_python", "charrnn_gen_stream"])
+@pytest.mark.parametrize("model", [GEN_PYTHON, GEN_STREAM])
 def test_generation_models_answer_through_the_container(stack, shipped, model):
     want = tf_text(shipped, "ROMEO:", 120, SamplingParams(greedy=True))
     url = stack.stream_url if model in DECOUPLED_MODELS else stack.grpc_url
@@ -283,15 +284,15 @@ def test_perf_slim_runs_perf_analyzer_and_writes_its_csv(stack, corpus):
     assert [r["Concurrency"] for r in report["client"]] == [1, 4] and report["chunk"] == 16
     assert all(r["Inferences/Second"] > 0 and r["Avg Batch"] >= 1 for r in report["client"])
     table = (results / "perf.md").read_text()
-    assert "| 4 |" in table and "charrnn_gen_python, K = 16" in table, table
+    assert "| 4 |" in table and f"{GEN_PYTHON}, K = 16" in table, table
     assert (results / "perf.png").stat().st_size > 10_000
     # No stable measurement: perf_analyzer itself exits 0 and writes no row; perf.sh must call that a failure.
     r = stack.compose("run", "--rm", "perf-slim", timeout=300,
-                      env={"PERF_MODELS": "charrnn_python", "PERF_CONCURRENCY": "1", "PERF_INTERVAL_MS": "500",
+                      env={"PERF_MODELS": PYTHON, "PERF_CONCURRENCY": "1", "PERF_INTERVAL_MS": "500",
                            "PERF_MAX_TRIALS": "3", "PERF_STABILITY": "0"})
-    assert r.returncode == 1 and "perf: FAILED runs: charrnn_python@1" in r.stderr, r.stderr[-2000:]
-    assert not (results / "perf_charrnn_python_c1.csv").exists()
-    assert not (results / "perf_charrnn_python.csv").exists(), "a failed run must not leave an old table behind"
+    assert r.returncode == 1 and f"perf: FAILED runs: {PYTHON}@1" in r.stderr, r.stderr[-2000:]
+    assert not (results / f"perf_{PYTHON}_c1.csv").exists()
+    assert not (results / f"perf_{PYTHON}.csv").exists(), "a failed run must not leave an old table behind"
 
 
 # --- security, seen from outside ------------------------------------------------------------------------
@@ -335,8 +336,8 @@ def test_admin_api_needs_the_key_from_outside(stack):
         assert sorted(names) == sorted(SHARED_MODELS)
         # Even with the key, model control mode none: nothing can be loaded or unloaded.
         with pytest.raises(InferenceServerException, match="explicit model load / unload is not allowed"):
-            h.unload_model("charrnn_python", headers={"admin-key": key})
-        assert h.is_model_ready("charrnn_python")
+            h.unload_model(PYTHON, headers={"admin-key": key})
+        assert h.is_model_ready(PYTHON)
     finally:
         h.close()
         g.close()

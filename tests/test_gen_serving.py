@@ -31,7 +31,7 @@ def triton_args(model_dir) -> dict:
 # --- fixtures -------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def gen(shipped_repo):
-    """charrnn_gen_python's StatefulModel: the generation graph in ONNX Runtime, as gen_model.load opens it."""
+    """The StatefulModel of charrnn_gen_python: the generation graph in ONNX Runtime, as gen_model.load opens it."""
     return load_stateful_model(triton_args(shipped_repo / GEN_PYTHON), GEN_TENSORS)
 
 

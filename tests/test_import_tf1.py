@@ -18,11 +18,12 @@ import pytest
 tf = pytest.importorskip("tensorflow")
 
 from charrnn.model import load_model_dir  # noqa: E402
+from charrnn.repository import ONNX  # noqa: E402
 from train.import_tf1.__main__ import main  # noqa: E402
 from train.import_tf1.sources import WtsStore, write_wts  # noqa: E402
 from train.import_tf1.vocab import SAMPLECHARRNN_CHARS  # noqa: E402
+from tests.conftest import ROOT  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
 CHARS = "\n abcdefghijk!"  # a small vocabulary for most tests (V = 14)
 TOL = 1e-5
 
@@ -333,7 +334,7 @@ def test_imported_wts_goes_through_export_and_verify(tmp_path, capsys):
     repo = tmp_path / "repo"
     assert export_main(["--model", str(model), "--repo", str(repo)]) == 0
     capsys.readouterr()
-    rc = verify_main(["--model", str(model), "--onnx", str(repo / "charrnn_onnx" / "1" / "model.onnx"),
+    rc = verify_main(["--model", str(model), "--onnx", str(repo / ONNX / "1" / "model.onnx"),
                       "--length", "200"])
     out = capsys.readouterr().out
     assert rc == 0 and "PASS" in out and "FAIL" not in out, out

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import PY, ROOT, free_port
 from charrnn.data import CORPUS_MD5, md5_of
 from train.prepare import main as prepare
+from tests.conftest import PY, ROOT, free_port
 
 
 class Server:

@@ -1,16 +1,14 @@
-"""Sampling (charrnn.sampling) and the reference sampler CLI (train.sample) on a really trained tiny model."""
+"""Sampling (charrnn.sampling): determinism, filtering, frequencies, parameter checks, and generate() on a
+really trained tiny model. Its CLI, train.sample: tests/test_sample.py."""
 
 from __future__ import annotations
-
-import os
-import subprocess
 
 import numpy as np
 import pytest
 
-from conftest import PY, ROOT
 from charrnn.errors import UserError
 from charrnn.sampling import Sampler, SamplingParams, choose, filter_logits, generate
+from tests.conftest import tiny_text
 
 V = 10
 LOGITS = np.random.default_rng(123).normal(0, 2, size=V).astype(np.float32)
@@ -158,26 +156,10 @@ def test_edge_params_are_accepted():
 # --- generate with the real tiny model ----------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def tiny(tiny_model):
-    from charrnn.model import load_model_dir
-
-    model, vocab, _ = load_model_dir(tiny_model)
-    return model, vocab, model.step_fn()
-
-
-def gen(tiny, prompt="ROMEO:", length=40, **kw) -> str:
-    model, vocab, step = tiny
-    seen = []
-    ids = generate(step, vocab.encode(prompt), length, Sampler(SamplingParams(**kw), len(vocab)), on_id=seen.append)
-    assert seen == ids and len(ids) == length
-    return vocab.decode(ids)
-
-
 def test_generate_same_seed_same_text_different_seed_different_text(tiny):
-    a = gen(tiny, seed=1)
-    assert a == gen(tiny, seed=1)
-    assert a != gen(tiny, seed=2)
+    a = tiny_text(tiny, seed=1)
+    assert a == tiny_text(tiny, seed=1)
+    assert a != tiny_text(tiny, seed=2)
     assert len(set(a)) > 5
 
 
@@ -193,15 +175,15 @@ def by_hand(tiny, prompt: str, length: int, params: SamplingParams) -> str:
 
 
 def test_generate_greedy_is_argmax_of_the_model(tiny):
-    text = gen(tiny, greedy=True, length=15)
-    assert text == gen(tiny, greedy=True, length=15, seed=99)  # no randomness involved
+    text = tiny_text(tiny, greedy=True, length=15)
+    assert text == tiny_text(tiny, greedy=True, length=15, seed=99)  # no randomness involved
     assert text == by_hand(tiny, "ROMEO:", 15, SamplingParams(greedy=True))
 
 
 def test_generate_carries_the_state(tiny):
     """Sampled text (varied, unlike the tiny model's greedy output) equals the stateless reference."""
     params = dict(seed=5, temperature=0.9)
-    text = gen(tiny, prompt="KING:", length=20, **params)
+    text = tiny_text(tiny, prompt="KING:", length=20, **params)
     assert len(set(text)) > 5
     assert text == by_hand(tiny, "KING:", 20, SamplingParams(**params))
 
@@ -214,57 +196,3 @@ def test_generate_bad_length_or_prompt(tiny):
             generate(step, vocab.encode("A"), length, sampler)
     with pytest.raises(UserError, match="^error: prompt: is empty"):
         generate(step, np.array([], np.int32), 5, sampler)
-
-
-# --- the CLI, as a user runs it ---------------------------------------------------------------------
-
-CLI_SEEDED = ["--prompt", "ROMEO:", "--length", "60", "--seed", "7", "--temperature", "0.8", "--top-k", "20"]
-CLI_RUNS = {"seeded-1": CLI_SEEDED, "seeded-2": CLI_SEEDED,
-            "unknown-char": ["--prompt", "Roméo:", "--length", "10", "--seed", "1"]}
-
-
-@pytest.fixture(scope="module")
-def cli_runs(tiny_model):
-    """`python -m train.sample` subprocesses, one after the other (concurrent TensorFlow imports thrash)."""
-    env = {**os.environ, "PYTHONIOENCODING": "utf-8"}
-    return {name: subprocess.run([PY, "-m", "train.sample", "--model", str(tiny_model), *args], cwd=ROOT, env=env,
-                                 capture_output=True, text=True, encoding="utf-8", timeout=300)
-            for name, args in CLI_RUNS.items()}
-
-
-def test_cli_prints_prompt_and_is_reproducible(cli_runs, tiny):
-    first, second = cli_runs["seeded-1"], cli_runs["seeded-2"]
-    assert first.returncode == 0, first.stderr
-    assert first.stdout.startswith("ROMEO:")
-    assert first.stdout.endswith("\n") and len(first.stdout) == len("ROMEO:") + 60 + 1
-    assert first.stderr.strip() == ""
-    assert second.returncode == 0 and second.stdout == first.stdout
-    # The CLI is the library: the same parameters in-process give the same text.
-    assert first.stdout == "ROMEO:" + gen(tiny, length=60, seed=7, temperature=0.8, top_k=20) + "\n"
-
-
-def test_cli_unknown_prompt_character(cli_runs):
-    r = cli_runs["unknown-char"]
-    assert r.returncode == 2
-    assert r.stderr.startswith("error: prompt:")
-    assert "'é'" in r.stderr
-    assert r.stdout == ""  # nothing generated, the prompt not echoed
-
-
-@pytest.mark.parametrize("args,message", [
-    (["--length", "0"], "error: length: must be >= 1, got 0"),
-    (["--length", "-5"], "error: length: must be >= 1, got -5"),
-    (["--prompt", ""], "error: prompt: is empty"),
-    (["--top-k", "66"], "error: top-k: must be in 1..65"),
-    (["--temperature", "0"], "error: temperature: must be >= 0.001"),
-    (["--temperature", "1e-45"], "error: temperature: must be >= 0.001 (smaller values overflow"),
-])
-def test_cli_bad_input_exits_2(tiny_model, capsys, args, message):
-    """The CLI's main in-process (a subprocess per case would cost a TensorFlow import each)."""
-    from train.sample import main
-
-    capsys.readouterr()
-    assert main(["--model", str(tiny_model), *args]) == 2
-    out, err = capsys.readouterr()
-    assert err.startswith(message)
-    assert out == ""

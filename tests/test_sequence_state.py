@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,7 +14,7 @@ from google.protobuf import json_format
 from charrnn import sequence_state
 from charrnn.contract import (INPUT_IDS, LOGITS, MAX_BATCH_SIZE, MAX_SEQUENCE_IDLE_US, MAX_SEQUENCES, MAX_T, NOISE,
                               STATE_IN, STATE_OUT)
-from charrnn.repository import PYTHON, load_config, vocab_of
+from charrnn.repository import GEN_PYTHON, PYTHON, load_config, vocab_of
 from charrnn.sequence_state import END, START, SequenceStates, check_ids, load_stateful_model
 from tests.conftest import SHIPPED_MODEL
 
@@ -46,7 +47,7 @@ def python_dir(shipped_repo):
 
 @pytest.fixture(scope="module")
 def step(python_dir):
-    """charrnn_python's StatefulModel: its exported config and the step graph model.onnx in ONNX Runtime."""
+    """The StatefulModel of charrnn_python: its exported config and the step graph model.onnx in ONNX Runtime."""
     return load_stateful_model(triton_args(python_dir), STEP_TENSORS)
 
 
@@ -84,7 +85,7 @@ def direct(step, ids, state=None):
 # --- load_stateful_model ----------------------------------------------------------------------------------
 def test_the_exported_step_model_loads_with_its_config_values(step, python_dir):
     model_config = json.loads((SHIPPED_MODEL / "config.json").read_text())
-    assert step.config["name"] == "charrnn_python"
+    assert step.config["name"] == PYTHON
     assert step.idle_seconds == MAX_SEQUENCE_IDLE_US / 1e6 == 60.0
     assert step.threads == int(load_config(python_dir).parameters["intra_op_threads"].string_value)
     slots = 2 if model_config["cell"] == "lstm" else 1
@@ -125,15 +126,15 @@ def _threads(value):
 
 
 @pytest.mark.parametrize("mutate, message", [
-    (_no_batching, "charrnn_python requires max_batch_size >= 1, got 0"),
-    (_zero_batch, "charrnn_python requires max_batch_size >= 1, got 0"),
-    (_no_sequence_batching, "charrnn_python requires sequence_batching, got none"),
-    (_direct, "charrnn_python requires the oldest strategy, got direct (direct pads batches with null requests)"),
-    (_threads("0"), "charrnn_python requires parameter intra_op_threads to be an integer >= 1, got '0'"),
-    (_threads("-2"), "charrnn_python requires parameter intra_op_threads to be an integer >= 1, got '-2'"),
-    (_threads("two"), "charrnn_python requires parameter intra_op_threads to be an integer >= 1, got 'two'"),
-    (_threads("\u00b2"), "charrnn_python requires parameter intra_op_threads to be an integer >= 1, got '\u00b2'"),
-    (_threads(""), "charrnn_python requires parameter intra_op_threads to be an integer >= 1, got ''"),
+    (_no_batching, f"{PYTHON} requires max_batch_size >= 1, got 0"),
+    (_zero_batch, f"{PYTHON} requires max_batch_size >= 1, got 0"),
+    (_no_sequence_batching, f"{PYTHON} requires sequence_batching, got none"),
+    (_direct, f"{PYTHON} requires the oldest strategy, got direct (direct pads batches with null requests)"),
+    (_threads("0"), f"{PYTHON} requires parameter intra_op_threads to be an integer >= 1, got '0'"),
+    (_threads("-2"), f"{PYTHON} requires parameter intra_op_threads to be an integer >= 1, got '-2'"),
+    (_threads("two"), f"{PYTHON} requires parameter intra_op_threads to be an integer >= 1, got 'two'"),
+    (_threads("\u00b2"), f"{PYTHON} requires parameter intra_op_threads to be an integer >= 1, got '\u00b2'"),
+    (_threads(""), f"{PYTHON} requires parameter intra_op_threads to be an integer >= 1, got ''"),
 ], ids=["no-max_batch_size", "max_batch_size-0", "no-sequence_batching", "direct", "threads-0", "threads-neg",
         "threads-word", "threads-superscript", "threads-empty"])
 def test_a_config_the_model_cannot_serve_is_refused(python_dir, mutate, message):
@@ -145,33 +146,76 @@ def test_a_config_the_model_cannot_serve_is_refused(python_dir, mutate, message)
 
 
 def test_a_missing_model_onnx_is_refused_with_its_path(python_dir, tmp_path):
-    folder = tmp_path / "charrnn_python"
+    folder = tmp_path / PYTHON
     (folder / "1").mkdir(parents=True)
     shutil.copyfile(python_dir / "config.pbtxt", folder / "config.pbtxt")
     with pytest.raises(ValueError) as e:
         load_stateful_model(triton_args(folder), STEP_TENSORS)
-    assert str(e.value) == (f"charrnn_python requires {folder / '1' / 'model.onnx'}, got no such file "
+    assert str(e.value) == (f"{PYTHON} requires {folder / '1' / 'model.onnx'}, got no such file "
                             "(run `make export`)")
 
 
 def test_a_broken_model_onnx_is_a_value_error(python_dir, tmp_path):
-    folder = tmp_path / "charrnn_python"
+    folder = tmp_path / PYTHON
     (folder / "1").mkdir(parents=True)
     shutil.copyfile(python_dir / "config.pbtxt", folder / "config.pbtxt")
     (folder / "1" / "model.onnx").write_bytes(b"not an onnx file")
-    with pytest.raises(ValueError, match=r"^cannot load .*/charrnn_python/1/model\.onnx \("):
+    with pytest.raises(ValueError, match=rf"^cannot load .*/{PYTHON}/1/model\.onnx \("):
         load_stateful_model(triton_args(folder), STEP_TENSORS)
 
 
 @pytest.mark.parametrize("tensors, message", [
-    ({**STEP_TENSORS, NOISE: "tensor(float)"}, "charrnn_python requires ONNX NOISE tensor(float), got no such tensor"),
-    ({INPUT_IDS: "tensor(int64)"}, "charrnn_python requires ONNX INPUT_IDS tensor(int64), got tensor(int32)"),
-    ({STATE_OUT: "tensor(float16)"}, "charrnn_python requires ONNX STATE_OUT tensor(float16), got tensor(float)"),
+    ({**STEP_TENSORS, NOISE: "tensor(float)"}, f"{PYTHON} requires ONNX NOISE tensor(float), got no such tensor"),
+    ({INPUT_IDS: "tensor(int64)"}, f"{PYTHON} requires ONNX INPUT_IDS tensor(int64), got tensor(int32)"),
+    ({STATE_OUT: "tensor(float16)"}, f"{PYTHON} requires ONNX STATE_OUT tensor(float16), got tensor(float)"),
 ], ids=["missing-tensor", "input-dtype", "output-dtype"])
 def test_a_graph_without_the_needed_tensors_is_refused(python_dir, tensors, message):
     with pytest.raises(ValueError) as e:
         load_stateful_model(triton_args(python_dir), tensors)
     assert str(e.value) == message
+
+
+def initialize_args(model_dir: Path, config) -> dict:
+    """What Triton passes to TritonPythonModel.initialize: the config as JSON, the model's folder and version."""
+    from google.protobuf.json_format import MessageToJson
+
+    return {"model_config": MessageToJson(config, preserving_proto_field_name=True), "model_name": config.name,
+            "model_repository": str(model_dir), "model_version": "1"}
+
+
+def test_load_stateful_model_reads_the_config_and_opens_the_graph(shipped_repo):
+    from charrnn.sequence_state import load_stateful_model
+    from charrnn.repository import load_config
+
+    config = load_config(shipped_repo / PYTHON / "config.pbtxt")
+    model = load_stateful_model(initialize_args(shipped_repo / PYTHON, config), STEP_TENSORS)
+    assert model.idle_seconds == config.sequence_batching.max_sequence_idle_microseconds / 1e6 == 60.0
+    assert model.threads == int(config.parameters["intra_op_threads"].string_value)
+    assert model.io["LOGITS"].shape[1] == 65 and model.io["STATE_IN"].shape[1:] == [2, 2, 512]
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda c, d: setattr(c, "max_batch_size", 0), f"{PYTHON} requires max_batch_size >= 1, got 0"),
+    (lambda c, d: c.ClearField("sequence_batching"), f"{PYTHON} requires sequence_batching, got none"),
+    (lambda c, d: c.sequence_batching.direct.SetInParent(), f"{PYTHON} requires the oldest strategy, got direct"),
+    (lambda c, d: c.parameters["intra_op_threads"].__setattr__("string_value", "two"),
+     f"{PYTHON} requires parameter intra_op_threads to be an integer >= 1, got 'two'"),
+    (lambda c, d: (d / "1" / "model.onnx").unlink(), "/1/model.onnx, got no such file (run `make export`)"),
+    (lambda c, d: shutil.copy(d.parent / GEN_PYTHON / "1" / "model.onnx", d / "1" / "model.onnx"),
+     f"{PYTHON} requires ONNX LOGITS tensor(float), got no such tensor"),
+])
+def test_load_stateful_model_refuses_what_the_model_cannot_serve(shipped_repo, tmp_path, change, message):
+    from charrnn.sequence_state import load_stateful_model
+    from charrnn.repository import load_config
+
+    repo = tmp_path / "repo"  # a copy: the change must not reach the session's repository
+    for name in (PYTHON, GEN_PYTHON):
+        shutil.copytree(shipped_repo / name, repo / name)
+    config = load_config(repo / PYTHON / "config.pbtxt")
+    change(config, repo / PYTHON)
+    with pytest.raises(ValueError) as e:
+        load_stateful_model(initialize_args(repo / PYTHON, config), STEP_TENSORS)
+    assert message in str(e.value)
 
 
 # --- check_ids --------------------------------------------------------------------------------------------

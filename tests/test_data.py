@@ -1,9 +1,7 @@
-"""Vocabulary (charrnn.vocab) and corpus handling (charrnn.data), on the real Tiny Shakespeare corpus."""
+"""Corpus handling (charrnn.data), on the real Tiny Shakespeare corpus: its checksum, reading it, the 90/5/5
+split and the training batches (contiguous streams)."""
 
 from __future__ import annotations
-
-import json
-import pickle
 
 import numpy as np
 import pytest
@@ -23,105 +21,18 @@ from charrnn.errors import UserError
 from charrnn.vocab import Vocab
 
 
-@pytest.fixture(scope="module")
-def text(corpus) -> str:
-    return corpus.read_text(encoding="utf-8")
-
-
-@pytest.fixture(scope="module")
-def vocab(text) -> Vocab:
-    return Vocab.from_text(text)
-
-
-# --- vocabulary -----------------------------------------------------------------------------------
-
-
-def test_vocab_is_sorted_set_of_corpus_chars(text, vocab):
-    assert len(vocab) == 65
-    assert vocab.chars == sorted(set(text))
-    assert vocab.chars[0] == "\n" and vocab.chars[1] == " "  # sorted by code point, as char-rnn does
-    assert [vocab.index[c] for c in vocab.chars] == list(range(65))
-
-
-def test_encode_decode_round_trip_whole_corpus(text, vocab):
-    ids = vocab.encode(text)
-    assert ids.dtype == np.int32 and ids.shape == (len(text),)
-    assert ids.min() == 0 and ids.max() == 64
-    assert vocab.decode(ids) == text
-    assert vocab.encode("ROMEO:\n").tolist() == [vocab.chars.index(c) for c in "ROMEO:\n"]
-
-
-def test_json_save_load_round_trip(tmp_path, vocab):
-    path = tmp_path / "vocab.json"
-    vocab.save(path)
-    raw = path.read_bytes()
-    assert raw.startswith(b"{")  # JSON text, not a pickle
-    assert raw.decode("ascii")  # ensure_ascii: plain ASCII on disk
-    assert json.loads(raw) == {"chars": vocab.chars}
-    loaded = Vocab.load(path)
-    assert loaded == vocab and loaded.chars == vocab.chars
-    assert loaded.encode("To be, or not to be").tolist() == vocab.encode("To be, or not to be").tolist()
-
-
-def test_json_round_trip_of_awkward_characters(tmp_path):
-    v = Vocab(sorted(set('é\n\t"\\\'{}[] ü€')))
-    v.save(tmp_path / "v.json")
-    assert Vocab.load(tmp_path / "v.json").chars == v.chars
-    assert Vocab.from_json(v.to_json()) == v
-
-
-def test_unknown_characters_raise_user_error_naming_them(vocab):
-    with pytest.raises(UserError) as info:
-        vocab.encode("héllo wörld é", what="prompt")
-    msg = str(info.value)
-    assert msg.startswith("error: prompt: ")
-    assert "2 character(s)" in msg
-    assert "'é'" in msg and "'ö'" in msg
-    assert msg.index("'é'") < msg.index("'ö'")  # first-seen order
-    assert vocab.unknown("héllo wörld é") == ["é", "ö"]
-    assert vocab.unknown("hello") == []
-
-
-def test_vocab_rejects_bad_entries():
-    with pytest.raises(UserError, match="^error: vocabulary: "):
-        Vocab(["a", "b", "a"])
-    with pytest.raises(UserError, match="^error: vocabulary: "):
-        Vocab(["a", "bc"])
-
-
-def test_vocab_load_bad_json_or_missing_file(tmp_path):
-    bad = tmp_path / "v.json"
-    bad.write_text('{"letters": ["a"]}')
-    with pytest.raises(UserError, match="^error: vocabulary: not a vocab JSON"):
-        Vocab.load(bad)
-    bad.write_text("not json")
-    with pytest.raises(UserError, match="^error: vocabulary: "):
-        Vocab.load(bad)
-    with pytest.raises(UserError, match="^error: .*cannot read vocabulary"):
-        Vocab.load(tmp_path / "missing.json")
-
-
-def test_vocab_load_refuses_a_pickle_with_user_error(tmp_path):
-    path = tmp_path / "vocab.json"
-    path.write_bytes(pickle.dumps({"chars": list("abc")}))
-    with pytest.raises(UserError, match="^error: "):
-        Vocab.load(path)
-
-
 # --- corpus and split ------------------------------------------------------------------------------
-
-
-def test_corpus_verifies(corpus, text):
-    assert len(text) == CORPUS_CHARS
+def test_corpus_verifies(corpus, corpus_text):
+    assert len(corpus_text) == CORPUS_CHARS
     assert md5_of(corpus) == CORPUS_MD5
     verify_corpus(corpus)  # no exception
 
 
-def test_verify_corpus_rejects_a_modified_file(tmp_path, text):
+def test_verify_corpus_rejects_a_modified_file(tmp_path, corpus_text):
     changed = tmp_path / "changed.txt"
     i = 1000
-    assert text[i] != "X"
-    changed.write_text(text[:i] + "X" + text[i + 1 :], encoding="utf-8")  # same length, one char differs
+    assert corpus_text[i] != "X"
+    changed.write_text(corpus_text[:i] + "X" + corpus_text[i + 1 :], encoding="utf-8")  # same length, one char differs
     with pytest.raises(UserError) as info:
         verify_corpus(changed)
     msg = str(info.value)
@@ -129,7 +40,7 @@ def test_verify_corpus_rejects_a_modified_file(tmp_path, text):
     assert CORPUS_MD5 in msg and md5_of(changed) in msg
 
     short = tmp_path / "short.txt"
-    short.write_text(text[:-1], encoding="utf-8")
+    short.write_text(corpus_text[:-1], encoding="utf-8")
     with pytest.raises(UserError, match="not the expected corpus"):
         verify_corpus(short)
 
@@ -153,16 +64,16 @@ def test_split_is_contiguous_90_5_5():
     assert train[-1] + 1 == val[0] and val[-1] + 1 == test[0]
 
 
-def test_corpus_split_concatenates_back_to_the_whole(corpus, text, vocab):
+def test_corpus_split_concatenates_back_to_the_whole(corpus, corpus_text, corpus_vocab):
     v, train, val, test = load_splits(corpus)
-    assert v == vocab
-    n = len(text)
+    assert v == corpus_vocab
+    n = len(corpus_text)
     assert len(train) == int(n * 0.9) == 1_003_854
     assert len(val) == int(n * 0.95) - int(n * 0.9)
     assert len(train) + len(val) + len(test) == n
     assert abs(len(val) - 0.05 * n) < 2 and abs(len(test) - 0.05 * n) < 2
-    assert vocab.decode(np.concatenate([train, val, test])) == text
-    assert vocab.decode(val[:40]) == text[len(train) : len(train) + 40]  # the same text is always in val
+    assert corpus_vocab.decode(np.concatenate([train, val, test])) == corpus_text
+    assert corpus_vocab.decode(val[:40]) == corpus_text[len(train) : len(train) + 40]  # the same text is always in val
 
 
 def test_load_splits_with_a_foreign_vocab_names_the_missing_chars(corpus):
@@ -173,8 +84,6 @@ def test_load_splits_with_a_foreign_vocab_names_the_missing_chars(corpus):
 
 
 # --- batches -------------------------------------------------------------------------------------
-
-
 def test_stream_batches_positions_exact():
     """ids = positions: every x/y entry tells which text position it came from."""
     B, T = 4, 5

@@ -1,4 +1,7 @@
-"""bench.perf_input: perf_analyzer --input-data built from the real test split (format, continuity, bad flags)."""
+"""The benchmarks (bench/): `make bench` end to end (--quick), bench.ab's flag checks, bench.perf_input
+(perf_analyzer --input-data built from the real test split: format, continuity, bad flags), and the soaks
+(bench.soak, bench.mixed_soak; slow). bench.perf_report runs in tests/test_compose_slim.py, against the slim
+stack's perf_analyzer results."""
 
 from __future__ import annotations
 
@@ -10,25 +13,64 @@ from pathlib import Path
 import pytest
 
 from bench.perf_input import main
+from charrnn import repository
 from charrnn.contract import INPUT_IDS, MAX_T
 from charrnn.data import read_text, split
 from charrnn.errors import EXIT_USAGE
 from charrnn.vocab import Vocab
+from tests.conftest import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 STREAMS, PROMPT, STEPS = 64, 64, 256  # the defaults `make perf` uses
 
 
+# --- bench.bench and bench.ab ------------------------------------------------------------------------------
+def test_bench_quick_writes_perf_analyzer_csv_plot_and_table(tmp_path, shipped_repo):
+    """`make bench`'s code path end to end (--quick: counts too small for figures); only --out is written."""
+    import csv
+
+    from bench.bench import RESULTS, ROOT
+
+    kept = {f: f.read_bytes() for f in [ROOT / "README.md", *sorted(RESULTS.glob("bench.*"))]}
+    out = tmp_path / "results"
+    r = subprocess.run([sys.executable, "-m", "bench.bench", "--quick", "--repo", str(shipped_repo),
+                        "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "[5/5]" in r.stdout, "progress is shown while it runs"
+    assert {f: f.read_bytes() for f in kept} == kept, "--out elsewhere: README and bench/results untouched"
+    with open(out / "bench.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["Concurrency"]) for r in rows] == [1, 4]
+    for r in rows:  # perf_analyzer's column names, microseconds
+        assert float(r["Inferences/Second"]) > 0 and float(r["Chars/Second"]) > 0
+        assert 0 < float(r["p50 latency"]) <= float(r["p90 latency"]) <= float(r["p99 latency"])
+    assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = (out / "bench.md").read_text()
+    assert "cores" in md and "| ONNX Runtime, batch 64 |" in md and "time to first char" in md
+    assert "| 8 | 16 |" in md, "server-side generation rows (K = 8, 16 sequences) expected"
+    floor = json.loads((out / "bench.json").read_text())["floor"]  # the empty python model was served and driven
+    assert floor["Concurrency"] == 1 and floor["Requests"] > 0 and floor["Chars/Second"] > 0
+    assert "| round-trip floor: empty python-backend model, 1 stream |" in md
+
+
+@pytest.mark.parametrize("flags, what", [
+    (["--values", "1"], "error: --values: needs at least two values"),
+    (["--param", "no_such_parameter"], f"error: --param: {repository.GEN_PYTHON} has no config parameter"),
+    (["--model", repository.ONNX], f"error: --model: '{repository.ONNX}' does not run on the local server"),
+    (["--k", "0"], "error: --sequences/--k/--rounds/--length: need positive integers"),
+])
+def test_bench_ab_bad_flags_are_clear_errors(shipped_repo, flags, what):
+    r = subprocess.run([sys.executable, "-m", "bench.ab", "--repo", str(shipped_repo), *flags], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert what in r.stderr
+
+
+# --- bench.perf_input ---------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def test_text(corpus) -> str:
     """The test split as text (the same 90/5/5 cut charrnn.data.split makes on ids)."""
     text = read_text(corpus)
     return "".join(split(list(text))[2])
-
-
-@pytest.fixture(scope="module")
-def vocab(corpus) -> Vocab:
-    return Vocab.from_text(read_text(corpus))
 
 
 @pytest.fixture(scope="module")
@@ -50,29 +92,29 @@ def test_top_level_is_a_list_of_streams(generated):
     assert all(isinstance(s, list) and len(s) == STEPS + 1 for s in generated["data"])
 
 
-def test_every_step_is_exactly_input_ids_with_content_and_shape(generated, vocab):
+def test_every_step_is_exactly_input_ids_with_content_and_shape(generated, corpus_vocab):
     for stream in generated["data"]:
         for k, step in enumerate(stream):
             assert list(step) == [INPUT_IDS]
             tensor = step[INPUT_IDS]
             assert sorted(tensor) == ["content", "shape"]
             content, shape = tensor["content"], tensor["shape"]
-            assert all(type(i) is int and 0 <= i < len(vocab) for i in content)
+            assert all(type(i) is int and 0 <= i < len(corpus_vocab) for i in content)
             assert shape == [len(content)]  # no batch dim: perf_analyzer adds it
             assert shape == ([PROMPT] if k == 0 else [1])
 
 
-def test_streams_are_teacher_forced_windows_of_the_test_split(generated, vocab, test_text):
+def test_streams_are_teacher_forced_windows_of_the_test_split(generated, corpus_vocab, test_text):
     for stream in generated["data"]:
-        text = stream_text(stream, vocab)
+        text = stream_text(stream, corpus_vocab)
         assert len(text) == PROMPT + STEPS
         offset = test_text.find(text)
         assert offset >= 0, "stream is not contiguous text of the test split"
         assert text == test_text[offset: offset + PROMPT + STEPS]
 
 
-def test_streams_differ(generated, vocab):
-    texts = [stream_text(s, vocab) for s in generated["data"]]
+def test_streams_differ(generated, corpus_vocab):
+    texts = [stream_text(s, corpus_vocab) for s in generated["data"]]
     assert len(set(texts)) == len(texts)
 
 
@@ -134,7 +176,7 @@ def test_module_cli_exit_code(corpus, tmp_path):
     assert r.stderr.strip() == "error: --streams: must be >= 1, got 0"
 
 
-def test_generation_model_streams_carry_noise_temperature_and_top_k(corpus, tmp_path, vocab, test_text):
+def test_generation_model_streams_carry_noise_temperature_and_top_k(corpus, tmp_path, corpus_vocab, test_text):
     """--chunk K: steps / K requests per stream, each with NOISE (K, V) uniforms in (0, 1) as base64 float32,
     TEMPERATURE [1.0] and TOP_K [0]; the first carries the prompt, each later one the next real character."""
     import base64
@@ -150,15 +192,15 @@ def test_generation_model_streams_carry_noise_temperature_and_top_k(corpus, tmp_
     data = json.loads(out.read_text())["data"]
     assert len(data) == 4 and all(len(stream) == steps // k for stream in data)
     for stream in data:
-        first = vocab.decode(stream[0][INPUT_IDS]["content"])
+        first = corpus_vocab.decode(stream[0][INPUT_IDS]["content"])
         assert len(first) == prompt and first in test_text
         window = test_text[test_text.index(first):][: prompt + steps]
         for r, step in enumerate(stream):
             assert sorted(step) == sorted([INPUT_IDS, NOISE, TEMPERATURE, TOP_K])
             if r:  # the character the previous request's K-th output stands for, teacher-forced
-                assert vocab.decode(step[INPUT_IDS]["content"]) == window[prompt + r * k - 1]
+                assert corpus_vocab.decode(step[INPUT_IDS]["content"]) == window[prompt + r * k - 1]
             noise = np.frombuffer(base64.b64decode(step[NOISE]["b64"]), "<f4")
-            assert step[NOISE]["shape"] == [k, len(vocab)] and noise.size == k * len(vocab)
+            assert step[NOISE]["shape"] == [k, len(corpus_vocab)] and noise.size == k * len(corpus_vocab)
             assert (noise > 0).all() and (noise < 1).all()
             assert step[TEMPERATURE] == {"content": [1.0], "shape": [1]} and step[TOP_K] == {"content": [0], "shape": [1]}
 
@@ -167,3 +209,22 @@ def test_generation_model_streams_carry_noise_temperature_and_top_k(corpus, tmp_
 def test_bad_chunk_exits_2(corpus, tmp_path, chunk, capsys):
     assert main(["--out", str(tmp_path / "x.json"), "--data", str(corpus), "--chunk", chunk]) == EXIT_USAGE
     assert "error: --chunk: must be in 1..256 and divide --steps (256)" in capsys.readouterr().err
+
+
+# --- soaks (slow) ---------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_soak_64_sequences_no_errors_and_flat_server_memory(shipped_repo, tmp_path):
+    from bench.soak import main as soak_main
+
+    assert soak_main(["--repo", str(shipped_repo), "--run-dir", str(tmp_path / "serve"), "--sequences", "64",
+                      "--length", "2000"]) == 0
+
+
+@pytest.mark.slow
+def test_mixed_soak_10_minutes_no_crash_no_wrong_text_flat_memory():
+    """`make soak-mixed`: every python model at once, over gRPC and HTTP, per character, chunked and streamed,
+    with bad requests mixed in, for 10 minutes (bench/mixed_soak.py checks texts, errors and memory)."""
+    r = subprocess.run([sys.executable, "-m", "bench.mixed_soak", "--minutes", "10"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=1500)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "0 crashes, 0 wrong texts" in r.stdout
