@@ -14,7 +14,7 @@ PYTEST_FLAGS ?=
 
 .PHONY: setup data train evaluate sample export verify plan serve stop demo test test-slow clean help \
         bench soak import perf-input compose-plan compose-up compose-up-cpu compose-down perf \
-        images compose-up-slim perf-slim soak-mixed
+        images compose-up-slim perf-slim soak-mixed lint format compose-up-scale
 
 help:
 	@grep -E '^[a-z-]+:.*## ' Makefile | sed 's/:.*## /\t/'
@@ -78,8 +78,16 @@ soak-mixed: $(ONNX) ## all python models at once (gRPC/HTTP, per char/chunked/st
 import: setup ## import a TF1 char-rnn checkpoint or sampleCharRNN .wts dump into a model directory (IMPORT_FLAGS)
 	$(PY) -m train.import_tf1 $(IMPORT_FLAGS)
 
-test: setup data ## the test suite (what CI runs); slow suites are excluded
+test: setup data lint ## the test suite (what CI runs): lint, then every suite but the slow ones
 	$(PY) -m pytest -m "not slow" $(PYTEST_FLAGS)
+
+lint: setup ## ruff and black, as configured in pyproject.toml (no changes; `make format` applies them)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/black --check --quiet . || { echo "error: black: files need formatting (run make format)"; exit 1; }
+
+format: setup ## apply black and ruff's fixes
+	$(VENV)/bin/ruff check --fix --quiet . || true
+	$(VENV)/bin/black --quiet .
 
 test-slow: setup data ## only the slow suites
 	$(PY) -m pytest -m slow $(PYTEST_FLAGS)
@@ -119,7 +127,7 @@ compose-up-cpu: .env ## CPU-only host (nvcr.io): the models that need no GPU, th
 	$(COMPOSE) up -d --build --wait triton-cpu triton-stream
 
 compose-down: .env ## stop whatever compose services of the project are up (containers and network removed)
-	$(COMPOSE) --profile cpu --profile export --profile perf --profile slim --profile perf-slim down --remove-orphans
+	$(COMPOSE) --profile cpu --profile export --profile perf --profile slim --profile perf-slim --profile scale down --remove-orphans
 
 perf: perf-input .env ## GPU host: perf_analyzer sweep in the SDK container -> bench/results/perf_<model>.csv
 	$(COMPOSE) --profile perf run --rm perf
@@ -130,6 +138,14 @@ images: setup ## build the slim stack's images (host-made wheelhouse; base from 
 compose-up-slim: $(ONNX) .env ## Triton in Docker, no GPU/NGC: python models on 127.0.0.1:8000-8002, the stream model on 8010-8012
 	$(PY) -m serve.images triton-slim
 	$(COMPOSE) --profile slim up -d --wait triton-slim triton-slim-stream
+
+# N replicas of triton-slim's server behind HAProxy (docs/scaling.md). The proxy takes triton-slim's host ports:
+# run one of the two. Services are named: `--profile scale up` alone would also start the profile-less NGC ones.
+N ?= 2
+compose-up-scale: $(ONNX) .env ## N Triton replicas (N=2) behind HAProxy on 127.0.0.1:8000 (HTTP), 8001 (gRPC), 8404 (stats); waits until all are UP
+	$(PY) -m serve.images triton-slim proxy
+	$(COMPOSE) --profile scale up -d --wait --scale triton-replica=$(N) proxy triton-replica
+	$(PY) -c 'import sys; from serve.scale import wait_for_replicas; sys.exit(wait_for_replicas($(N)))'
 
 perf-slim: perf-input .env ## perf_analyzer (container) vs our client against the slim stack -> bench/results/perf*
 	$(PY) -m serve.images perf-slim

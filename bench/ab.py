@@ -37,9 +37,13 @@ def make_variants(repo: Path, model: str, param: str, values: list[str], out: Pa
     if not src.is_file():
         raise UserError(str(src), "not found", "run `make export` (or pass --repo)")
     text = src.read_text()
-    pattern = re.compile(r'(parameters \{ key: "%s" value: \{ string_value: ")[^"]*(" \} \})' % re.escape(param))
+    pattern = re.compile(
+        r'(parameters \{ key: "%s" value: \{ string_value: ")[^"]*(" \} \})' % re.escape(param)
+    )
     if not pattern.search(text):
-        raise UserError("--param", f"{model} has no config parameter {param!r}", "see its config.pbtxt")
+        raise UserError(
+            "--param", f"{model} has no config parameter {param!r}", "see its config.pbtxt"
+        )
     names = []
     for value in values:
         name = f"{model}_{re.sub(r'[^A-Za-z0-9]', '_', value)}"
@@ -48,15 +52,17 @@ def make_variants(repo: Path, model: str, param: str, values: list[str], out: Pa
             if f.is_file():
                 shutil.copy(f, out / name / "1" / f.name)
         variant = pattern.sub(lambda m: m.group(1) + value + m.group(2), text)
-        (out / name / "config.pbtxt").write_text(variant.replace(f'name: "{model}"', f'name: "{name}"', 1))
+        (out / name / "config.pbtxt").write_text(
+            variant.replace(f'name: "{model}"', f'name: "{name}"', 1)
+        )
         names.append(name)
     return names
 
 
 def per_char_rate(url: str, model: str, vocab, prompts: list[str], length: int) -> float:
     from charrnn.sampling import SamplingParams
-    from client.generate import generate
     from client.connection import Connection
+    from client.generate import generate
 
     conn = Connection(url, "grpc")
     try:
@@ -71,15 +77,25 @@ def per_char_rate(url: str, model: str, vocab, prompts: list[str], length: int) 
 @cli
 def main(argv: list[str] | None = None) -> int:
     p = parser("python -m bench.ab", __doc__)
-    p.add_argument("--repo", default=str(ROOT / "model_repository"), help="exported repository (make export)")
-    p.add_argument("--data", default=str(ROOT / "data" / "tinyshakespeare.txt"), help="prompts come from its end")
+    p.add_argument(
+        "--repo", default=str(ROOT / "model_repository"), help="exported repository (make export)"
+    )
+    p.add_argument(
+        "--data",
+        default=str(ROOT / "data" / "tinyshakespeare.txt"),
+        help="prompts come from its end",
+    )
     p.add_argument("--model", default=GEN_PYTHON, help="a python-backend model of the repository")
     p.add_argument("--param", default="intra_op_threads", help="config parameter to vary")
     p.add_argument("--values", default="1,2", help="comma-separated values of --param")
     p.add_argument("--sequences", default="1,16", help="comma-separated concurrent sequence counts")
-    p.add_argument("--k", default="1,32,128", help="generation models: comma-separated characters per request")
+    p.add_argument(
+        "--k", default="1,32,128", help="generation models: comma-separated characters per request"
+    )
     p.add_argument("--length", type=int, default=256, help="characters generated per sequence")
-    p.add_argument("--rounds", type=int, default=2, help="times every variant runs the load, interleaved")
+    p.add_argument(
+        "--rounds", type=int, default=2, help="times every variant runs the load, interleaved"
+    )
     args = p.parse_args(argv)
     values = [v for v in args.values.split(",") if v]
     if len(values) < 2:
@@ -90,12 +106,15 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError("--sequences/--k/--rounds/--length", "need positive integers")
 
     from bench.chunked import bench_chunked
-    from charrnn.repository import GEN_MODELS, PYTHON_MODELS, load_config, vocab_of
     from charrnn.local_triton import LocalTriton
+    from charrnn.repository import GEN_MODELS, PYTHON_MODELS, load_config, vocab_of
 
     if args.model not in PYTHON_MODELS:
-        raise UserError("--model", f"{args.model!r} does not run on the local server",
-                        f"pick one of {', '.join(PYTHON_MODELS)}")
+        raise UserError(
+            "--model",
+            f"{args.model!r} does not run on the local server",
+            f"pick one of {', '.join(PYTHON_MODELS)}",
+        )
     repo = Path(args.repo)
     scratch = Path(tempfile.mkdtemp(prefix="charrnn-ab-"))
     names = make_variants(repo, args.model, args.param, values, scratch / "repository")
@@ -105,28 +124,47 @@ def main(argv: list[str] | None = None) -> int:
     prompts = [text[s : s + 64] for s in starts]
     gen = args.model in GEN_MODELS
     results: dict[tuple, list[float]] = {}
-    server = LocalTriton.on_free_ports(repo=scratch / "repository", run_dir=scratch / "run", models=tuple(names))
-    print(f"A/B {args.model}: {args.param} = {values}; one server, {args.rounds} rounds; log {server.log_path}")
+    server = LocalTriton.on_free_ports(
+        repo=scratch / "repository", run_dir=scratch / "run", models=tuple(names)
+    )
+    print(
+        f"A/B {args.model}: {args.param} = {values}; one server, {args.rounds} rounds; log {server.log_path}"
+    )
     with server:
         for rnd in range(1, args.rounds + 1):
             for n in counts:
                 for name in names:
                     if gen:
-                        rows = bench_chunked(server, vocab, prompts[:n], ks, args.length, name, sequences=(n,))
+                        rows = bench_chunked(
+                            server, vocab, prompts[:n], ks, args.length, name, sequences=(n,)
+                        )
                         rates = [(r["K"], r["chars_per_s"]) for r in rows]
                     else:
                         per_char_rate(server.grpc_url, name, vocab, prompts[:1], 8)  # warm-up
-                        rates = [(1, per_char_rate(server.grpc_url, name, vocab, prompts[:n], args.length))]
+                        rates = [
+                            (
+                                1,
+                                per_char_rate(
+                                    server.grpc_url, name, vocab, prompts[:n], args.length
+                                ),
+                            )
+                        ]
                     for k, rate in rates:
                         results.setdefault((name, n, k), []).append(rate)
-                        print(f"  round {rnd}  {name:<28} {n:>3} sequences  K={k:<4} {rate:8.0f} chars/s", flush=True)
+                        print(
+                            f"  round {rnd}  {name:<28} {n:>3} sequences  K={k:<4} {rate:8.0f} chars/s",
+                            flush=True,
+                        )
     shutil.rmtree(scratch, ignore_errors=True)
     print("\n| sequences | K | " + " | ".join(f"{args.param}={v}" for v in values) + " |")
     print("|---:|---:|" + "---:|" * len(values))
     for n in counts:
         for k in (ks if gen else [1]):
-            cells = [" / ".join(f"{x:.0f}" for x in results[(name, n, k)]) +
-                     f" (median {statistics.median(results[(name, n, k)]):.0f})" for name in names]
+            cells = [
+                " / ".join(f"{x:.0f}" for x in results[(name, n, k)])
+                + f" (median {statistics.median(results[(name, n, k)]):.0f})"
+                for name in names
+            ]
             print(f"| {n} | {k} | " + " | ".join(cells) + " |")
     return 0
 

@@ -34,8 +34,9 @@ def _url(server) -> str:
     return server if isinstance(server, str) else server.grpc_url
 
 
-def chunked_run(server, vocab, prompts: list[str], k: int, length: int, model: str = GEN_PYTHON,
-                seed: int = 0) -> dict:
+def chunked_run(
+    server, vocab, prompts: list[str], k: int, length: int, model: str = GEN_PYTHON, seed: int = 0
+) -> dict:
     """One timed run of K characters per request: chars/s, requests/s, per-request and first-character latency."""
     from charrnn.sampling import SamplingParams
     from client.connection import Connection
@@ -52,15 +53,30 @@ def chunked_run(server, vocab, prompts: list[str], k: int, length: int, model: s
     latencies = [x for s in seqs for x in s.latencies]
     firsts = [x for s in seqs for x in s.first_char]
     chars = sum(len(s.generated) for s in seqs)
-    return {"model": model, "K": k, "sequences": len(prompts), "chars_per_s": chars / wall,
-            "requests_per_s": len(latencies) / wall, "seconds": wall, "requests": len(latencies),
-            "p50_request_ms": 1e3 * statistics.median(latencies), "p50_first_char_ms": 1e3 * statistics.median(firsts),
-            "client_cpu_pct": 100 * cpu / wall}
+    return {
+        "model": model,
+        "K": k,
+        "sequences": len(prompts),
+        "chars_per_s": chars / wall,
+        "requests_per_s": len(latencies) / wall,
+        "seconds": wall,
+        "requests": len(latencies),
+        "p50_request_ms": 1e3 * statistics.median(latencies),
+        "p50_first_char_ms": 1e3 * statistics.median(firsts),
+        "client_cpu_pct": 100 * cpu / wall,
+    }
 
 
-def bench_chunked(server, vocab, prompts: list[str], K: Iterable[int] | int = KS, length: int = 256,
-                  model: str = GEN_PYTHON, sequences: Iterable[int] = SEQUENCES,
-                  on_row=None) -> list[dict]:
+def bench_chunked(
+    server,
+    vocab,
+    prompts: list[str],
+    K: Iterable[int] | int = KS,
+    length: int = 256,
+    model: str = GEN_PYTHON,
+    sequences: Iterable[int] = SEQUENCES,
+    on_row=None,
+) -> list[dict]:
     """chars/s of server-side generation for each K in `K`, single-stream and 16 sequences.
 
     server: a charrnn.local_triton.LocalTriton (or a gRPC host:port) serving `model`; prompts: at least one prompt
@@ -79,8 +95,9 @@ def bench_chunked(server, vocab, prompts: list[str], K: Iterable[int] | int = KS
     return rows
 
 
-def ort_gen_chars_per_s(onnx_path: str | Path, K: int = 128, batch: int = 1, repeat: int = 5,
-                        threads: int = 1) -> float:
+def ort_gen_chars_per_s(
+    onnx_path: str | Path, K: int = 128, batch: int = 1, repeat: int = 5, threads: int = 1
+) -> float:
     """In-process ONNX Runtime: characters/s of the generation graph, `batch` rows x K characters per call."""
     from charrnn.contract import INPUT_IDS, NOISE, STATE_IN, TEMPERATURE, TOP_K
     from charrnn.onnx_runtime import ort_session
@@ -89,10 +106,13 @@ def ort_gen_chars_per_s(onnx_path: str | Path, K: int = 128, batch: int = 1, rep
     shapes = {i.name: i.shape for i in session.get_inputs()}
     vocab = shapes[NOISE][2]
     rng = np.random.default_rng(0)
-    feeds = {INPUT_IDS: rng.integers(0, vocab, (batch, 1), dtype=np.int32),
-             STATE_IN: np.zeros((batch, *shapes[STATE_IN][1:]), np.float32),
-             NOISE: np.maximum(rng.random((batch, K, vocab), dtype=np.float32), np.float32(1e-7)),
-             TEMPERATURE: np.ones((batch, 1), np.float32), TOP_K: np.zeros((batch, 1), np.int32)}
+    feeds = {
+        INPUT_IDS: rng.integers(0, vocab, (batch, 1), dtype=np.int32),
+        STATE_IN: np.zeros((batch, *shapes[STATE_IN][1:]), np.float32),
+        NOISE: np.maximum(rng.random((batch, K, vocab), dtype=np.float32), np.float32(1e-7)),
+        TEMPERATURE: np.ones((batch, 1), np.float32),
+        TOP_K: np.zeros((batch, 1), np.int32),
+    }
     session.run(None, feeds)  # warm-up
     times = []
     for _ in range(repeat):
@@ -105,33 +125,57 @@ def ort_gen_chars_per_s(onnx_path: str | Path, K: int = 128, batch: int = 1, rep
 @cli
 def main(argv: list[str] | None = None) -> int:
     p = parser("python -m bench.chunked", __doc__)
-    p.add_argument("--repo", default=str(ROOT / "model_repository"), help="exported repository (make export)")
-    p.add_argument("--data", default=str(ROOT / "data" / "tinyshakespeare.txt"), help="prompts come from its end")
+    p.add_argument(
+        "--repo", default=str(ROOT / "model_repository"), help="exported repository (make export)"
+    )
+    p.add_argument(
+        "--data",
+        default=str(ROOT / "data" / "tinyshakespeare.txt"),
+        help="prompts come from its end",
+    )
     p.add_argument("--length", type=int, default=256, help="characters generated per sequence")
-    p.add_argument("--k", default=",".join(map(str, KS)), help="comma-separated characters per request")
+    p.add_argument(
+        "--k", default=",".join(map(str, KS)), help="comma-separated characters per request"
+    )
     p.add_argument("--model", default=GEN_PYTHON, help="generation model of the repository")
     args = p.parse_args(argv)
     import tempfile
 
-    from charrnn.repository import load_config, vocab_of
     from charrnn.local_triton import LocalTriton
-    from charrnn.repository import DECOUPLED_MODELS, SHARED_PYTHON_MODELS
+    from charrnn.repository import DECOUPLED_MODELS, SHARED_PYTHON_MODELS, load_config, vocab_of
 
     repo = Path(args.repo)
     vocab = vocab_of(load_config(repo / args.model / "config.pbtxt"))
     text = Path(args.data).read_text()
-    prompts = [text[s : s + 64] for s in np.linspace(len(text) - 20000, len(text) - 100, 16).astype(int)]
+    prompts = [
+        text[s : s + 64] for s in np.linspace(len(text) - 20000, len(text) - 100, 16).astype(int)
+    ]
     ks = [int(x) for x in args.k.split(",") if x]
-    print(f"in-process ORT, generation graph, batch 1, K=128: "
-          f"{ort_gen_chars_per_s(repo / 'charrnn_gen_onnx' / '1' / 'model.onnx'):.0f} chars/s", flush=True)
-    server = LocalTriton.on_free_ports(repo=repo, run_dir=tempfile.mkdtemp(prefix="charrnn-bench-chunked-"),
-                                       models=(args.model,) if args.model in DECOUPLED_MODELS else
-                                       SHARED_PYTHON_MODELS)
+    print(
+        f"in-process ORT, generation graph, batch 1, K=128: "
+        f"{ort_gen_chars_per_s(repo / 'charrnn_gen_onnx' / '1' / 'model.onnx'):.0f} chars/s",
+        flush=True,
+    )
+    server = LocalTriton.on_free_ports(
+        repo=repo,
+        run_dir=tempfile.mkdtemp(prefix="charrnn-bench-chunked-"),
+        models=(args.model,) if args.model in DECOUPLED_MODELS else SHARED_PYTHON_MODELS,
+    )
     with server:
-        bench_chunked(server, vocab, prompts, ks, args.length, args.model, on_row=lambda r: print(
-            f"  {r['model']} K={r['K']:>3} x{r['sequences']:>2}: {r['chars_per_s']:7.0f} chars/s, "
-            f"{r['requests_per_s']:6.1f} req/s, p50 request {r['p50_request_ms']:.1f} ms, "
-            f"first char {r['p50_first_char_ms']:.1f} ms", flush=True))
+        bench_chunked(
+            server,
+            vocab,
+            prompts,
+            ks,
+            args.length,
+            args.model,
+            on_row=lambda r: print(
+                f"  {r['model']} K={r['K']:>3} x{r['sequences']:>2}: {r['chars_per_s']:7.0f} chars/s, "
+                f"{r['requests_per_s']:6.1f} req/s, p50 request {r['p50_request_ms']:.1f} ms, "
+                f"first char {r['p50_first_char_ms']:.1f} ms",
+                flush=True,
+            ),
+        )
     return 0
 
 

@@ -21,13 +21,18 @@ class TritonPythonModel:
         config = json.loads(args["model_config"])
         dims = [int(d) for o in config["output"] if o["name"] == LOGITS for d in o["dims"]]
         if len(dims) != 1:
-            raise pb_utils.TritonModelException(f"{args['model_name']} requires output {LOGITS} dims [V], "
-                                                f"got {dims}")
+            raise pb_utils.TritonModelException(
+                f"{args['model_name']} requires output {LOGITS} dims [V], " f"got {dims}"
+            )
         self.logits = np.zeros((1, dims[0]), np.float32)  # (1, V)
 
     def execute(self, requests):
         responses = []
         for request in requests:
-            pb_utils.get_input_tensor_by_name(request, INPUT_IDS).as_numpy()  # (1, T), read like the real model
-            responses.append(pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(LOGITS, self.logits)]))
+            pb_utils.get_input_tensor_by_name(
+                request, INPUT_IDS
+            ).as_numpy()  # (1, T), read like the real model
+            responses.append(
+                pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(LOGITS, self.logits)])
+            )
         return responses

@@ -35,7 +35,13 @@ from bench.soak import group_rss, mib
 from charrnn.cli import parser
 from charrnn.contract import INFER_KEY_ENV, INFER_KEY_HEADER, TRITON_DTYPE
 from charrnn.errors import CheckFailed, UserError, cli
-from charrnn.repository import DECOUPLED_MODELS, GEN_PYTHON, GEN_STREAM, PYTHON, SHARED_PYTHON_MODELS
+from charrnn.repository import (
+    DECOUPLED_MODELS,
+    GEN_PYTHON,
+    GEN_STREAM,
+    PYTHON,
+    SHARED_PYTHON_MODELS,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -44,35 +50,87 @@ def workloads(main_url: str, main_http: str, stream_url: str, length: int) -> di
     """name -> `python -m client` arguments; seeded, so each always gives the same text."""
     common = ["--length", str(length), "--quiet", "--retries", "0"]
     return {
-        "per-char gRPC x4": ["--url", main_url, "--model", PYTHON, "--num-sequences", "4", "--seed", "1",
-                             *common],
-        "per-char HTTP": ["--url", main_http, "--protocol", "http", "--model", PYTHON, "--seed", "7",
-                          *common],
-        "chunked K=8 x4": ["--url", main_url, "--model", GEN_PYTHON, "--chunk", "8",
-                           "--num-sequences", "4", "--seed", "11", *common],
-        "streamed K=8 x2": ["--url", stream_url, "--model", GEN_STREAM, "--chunk", "8",
-                            "--num-sequences", "2", "--seed", "21", *common],
+        "per-char gRPC x4": [
+            "--url",
+            main_url,
+            "--model",
+            PYTHON,
+            "--num-sequences",
+            "4",
+            "--seed",
+            "1",
+            *common,
+        ],
+        "per-char HTTP": [
+            "--url",
+            main_http,
+            "--protocol",
+            "http",
+            "--model",
+            PYTHON,
+            "--seed",
+            "7",
+            *common,
+        ],
+        "chunked K=8 x4": [
+            "--url",
+            main_url,
+            "--model",
+            GEN_PYTHON,
+            "--chunk",
+            "8",
+            "--num-sequences",
+            "4",
+            "--seed",
+            "11",
+            *common,
+        ],
+        "streamed K=8 x2": [
+            "--url",
+            stream_url,
+            "--model",
+            GEN_STREAM,
+            "--chunk",
+            "8",
+            "--num-sequences",
+            "2",
+            "--seed",
+            "21",
+            *common,
+        ],
     }
 
 
 def run_client(args: list[str], infer_key: str) -> tuple[int, str, str]:
-    p = subprocess.run([sys.executable, "-m", "client", *args], cwd=ROOT, capture_output=True, text=True,
-                       timeout=600, env={**os.environ, INFER_KEY_ENV: infer_key})
+    p = subprocess.run(
+        [sys.executable, "-m", "client", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, INFER_KEY_ENV: infer_key},
+    )
     return p.returncode, p.stdout, p.stderr
 
 
-def bad_requests(main_url: str, main_http: str, infer_key: str, rng: np.random.Generator) -> list[str]:
+def bad_requests(
+    main_url: str, main_http: str, infer_key: str, rng: np.random.Generator
+) -> list[str]:
     """Send the bad requests; returns what did NOT get the error it should (empty: all refused correctly)."""
     import tritonclient.grpc as tg
     from tritonclient.utils import InferenceServerException
 
     problems = []
     seq = int(rng.integers(9_000_000_000, 9_900_000_000))
-    body = {"parameters": {"sequence_id": seq, "sequence_start": True, "sequence_end": True},
-            "inputs": [{"name": "INPUT_IDS", "datatype": "INT32", "shape": [1, 2], "data": [3, 99]}]}
-    request = urllib.request.Request(f"http://{main_http}/v2/models/charrnn_python/infer",
-                                     data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json", INFER_KEY_HEADER: infer_key})
+    body = {
+        "parameters": {"sequence_id": seq, "sequence_start": True, "sequence_end": True},
+        "inputs": [{"name": "INPUT_IDS", "datatype": "INT32", "shape": [1, 2], "data": [3, 99]}],
+    }
+    request = urllib.request.Request(
+        f"http://{main_http}/v2/models/charrnn_python/infer",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json", INFER_KEY_HEADER: infer_key},
+    )
     try:
         urllib.request.urlopen(request, timeout=60)
         problems.append("HTTP ids out of range: answered 200")
@@ -81,6 +139,7 @@ def bad_requests(main_url: str, main_http: str, infer_key: str, rng: np.random.G
             problems.append(f"HTTP ids out of range: status {e.code}")
     client = tg.InferenceServerClient(main_url)
     try:
+
         def refused(inputs, model, code, **kw) -> None:
             try:
                 client.infer(model, inputs, sequence_id=seq + 1, **kw)
@@ -94,8 +153,12 @@ def bad_requests(main_url: str, main_http: str, infer_key: str, rng: np.random.G
         refused([ids], PYTHON, "INVALID_ARGUMENT", sequence_start=True, sequence_end=True)
         ids.set_data_from_numpy(np.array([[3]], np.int32))
         refused([ids], PYTHON, "must specify the START flag", sequence_start=False)
-        tensors = {"INPUT_IDS": np.array([[3]], np.int32), "NOISE": np.full((1, 4, 65), 0.5, np.float32),
-                   "TEMPERATURE": np.array([[1e-45]], np.float32), "TOP_K": np.array([[0]], np.int32)}
+        tensors = {
+            "INPUT_IDS": np.array([[3]], np.int32),
+            "NOISE": np.full((1, 4, 65), 0.5, np.float32),
+            "TEMPERATURE": np.array([[1e-45]], np.float32),
+            "TOP_K": np.array([[0]], np.int32),
+        }
         gen = []
         for name, value in tensors.items():
             t = tg.InferInput(name, list(value.shape), TRITON_DTYPE[value.dtype])
@@ -115,26 +178,43 @@ def server_rss(servers) -> int:
 def main(argv: list[str] | None = None) -> int:
     p = parser("python -m bench.mixed_soak", __doc__)
     p.add_argument("--minutes", type=float, default=10.0, help="how long to keep the mixed load on")
-    p.add_argument("--length", type=int, default=300, help="characters per sequence of each workload")
-    p.add_argument("--repo", default=str(ROOT / "model_repository"), help="exported repository (make export)")
-    p.add_argument("--rss-bound-mib", type=float, default=64.0,
-                   help="fail if a server's RSS after the last round differs from after the first by more than this")
+    p.add_argument(
+        "--length", type=int, default=300, help="characters per sequence of each workload"
+    )
+    p.add_argument(
+        "--repo", default=str(ROOT / "model_repository"), help="exported repository (make export)"
+    )
+    p.add_argument(
+        "--rss-bound-mib",
+        type=float,
+        default=64.0,
+        help="fail if a server's RSS after the last round differs from after the first by more than this",
+    )
     args = p.parse_args(argv)
     if args.minutes <= 0 or args.length < 1:
-        raise UserError("--minutes/--length", f"must be positive, got {args.minutes} / {args.length}")
+        raise UserError(
+            "--minutes/--length", f"must be positive, got {args.minutes} / {args.length}"
+        )
 
     from charrnn.local_triton import LocalTriton
 
     run = Path(tempfile.mkdtemp(prefix="charrnn-mixed-soak-"))
-    main_server = LocalTriton.on_free_ports(repo=args.repo, run_dir=run / "main",
-                                            models=SHARED_PYTHON_MODELS)
-    stream_server = LocalTriton.on_free_ports(repo=args.repo, run_dir=run / "stream", models=DECOUPLED_MODELS)
+    main_server = LocalTriton.on_free_ports(
+        repo=args.repo, run_dir=run / "main", models=SHARED_PYTHON_MODELS
+    )
+    stream_server = LocalTriton.on_free_ports(
+        repo=args.repo, run_dir=run / "stream", models=DECOUPLED_MODELS
+    )
     servers = (main_server, stream_server)
     rng = np.random.default_rng(0)
     with main_server, stream_server:
-        work = workloads(main_server.grpc_url, main_server.http_url, stream_server.grpc_url, args.length)
-        sequences = sum(int(cmd[cmd.index("--num-sequences") + 1]) if "--num-sequences" in cmd else 1
-                        for cmd in work.values())
+        work = workloads(
+            main_server.grpc_url, main_server.http_url, stream_server.grpc_url, args.length
+        )
+        sequences = sum(
+            int(cmd[cmd.index("--num-sequences") + 1]) if "--num-sequences" in cmd else 1
+            for cmd in work.values()
+        )
         reference = {}
         for name, cmd in work.items():  # alone: the texts every round must reproduce
             code, out, err = run_client(cmd, main_server.infer_key)
@@ -146,16 +226,31 @@ def main(argv: list[str] | None = None) -> int:
         with ThreadPoolExecutor(len(work) + 1) as pool:
             while time.monotonic() < t_end:
                 t0 = time.monotonic()
-                futures = {name: pool.submit(run_client, cmd, main_server.infer_key) for name, cmd in work.items()}
-                bad = pool.submit(bad_requests, main_server.grpc_url, main_server.http_url, main_server.infer_key, rng)
+                futures = {
+                    name: pool.submit(run_client, cmd, main_server.infer_key)
+                    for name, cmd in work.items()
+                }
+                bad = pool.submit(
+                    bad_requests,
+                    main_server.grpc_url,
+                    main_server.http_url,
+                    main_server.infer_key,
+                    rng,
+                )
                 rounds += 1
                 for name, future in futures.items():
                     code, out, err = future.result()
                     if code or out != reference[name]:
                         died = [s.log_path for s in servers if s.process.poll() is not None]
-                        raise CheckFailed(f"round {rounds}, {name}", (f"exit {code}: {err.strip()[-300:]}" if code
-                                          else "the text differs from its run alone") +
-                                          (f"; a server died, see {', '.join(map(str, died))}" if died else ""))
+                        raise CheckFailed(
+                            f"round {rounds}, {name}",
+                            (
+                                f"exit {code}: {err.strip()[-300:]}"
+                                if code
+                                else "the text differs from its run alone"
+                            )
+                            + (f"; a server died, see {', '.join(map(str, died))}" if died else ""),
+                        )
                 if problems := bad.result():
                     raise CheckFailed(f"round {rounds}, bad requests", "; ".join(problems))
                 if not all(s.is_ready() for s in servers):
@@ -163,15 +258,22 @@ def main(argv: list[str] | None = None) -> int:
                 chars += args.length * sequences
                 if rss_first is None:
                     rss_first = server_rss(servers)
-                print(f"round {rounds}: {time.monotonic() - t0:.1f} s, every text equal to its run alone, bad "
-                      f"requests refused; servers' RSS {mib(server_rss(servers))}", flush=True)
+                print(
+                    f"round {rounds}: {time.monotonic() - t0:.1f} s, every text equal to its run alone, bad "
+                    f"requests refused; servers' RSS {mib(server_rss(servers))}",
+                    flush=True,
+                )
         rss_last = server_rss(servers)
     growth = rss_last - rss_first
-    print(f"mixed soak: {rounds} rounds in {args.minutes:g} min, {chars:,} characters, 0 crashes, 0 wrong texts; "
-          f"servers' RSS {mib(rss_first)} after round 1, {mib(rss_last)} at the end ({growth / 2**20:+.1f} MiB, "
-          f"bound ±{args.rss_bound_mib:g} MiB)")
+    print(
+        f"mixed soak: {rounds} rounds in {args.minutes:g} min, {chars:,} characters, 0 crashes, 0 wrong texts; "
+        f"servers' RSS {mib(rss_first)} after round 1, {mib(rss_last)} at the end ({growth / 2**20:+.1f} MiB, "
+        f"bound ±{args.rss_bound_mib:g} MiB)"
+    )
     if abs(growth) > args.rss_bound_mib * 2**20:
-        raise CheckFailed("memory", f"the servers' RSS grew by {mib(growth)} (bound {args.rss_bound_mib:g} MiB)")
+        raise CheckFailed(
+            "memory", f"the servers' RSS grew by {mib(growth)} (bound {args.rss_bound_mib:g} MiB)"
+        )
     return 0
 
 

@@ -43,22 +43,29 @@ def pick_offsets(n_test: int, streams: int, window: int, seed: int) -> list[int]
     """`streams` distinct start offsets of a `window`-character slice of an `n_test`-character split, sorted."""
     n_offsets = n_test - window + 1
     if n_offsets < 1:
-        raise UserError("--prompt-length/--steps",
-                        f"a stream needs {window:,} characters but the test split has only {n_test:,}",
-                        "use a smaller --prompt-length or --steps, or a larger corpus")
+        raise UserError(
+            "--prompt-length/--steps",
+            f"a stream needs {window:,} characters but the test split has only {n_test:,}",
+            "use a smaller --prompt-length or --steps, or a larger corpus",
+        )
     if streams > n_offsets:
-        raise UserError("--streams", f"{streams:,} distinct streams of {window:,} characters do not fit in a "
-                        f"{n_test:,}-character test split ({n_offsets:,} possible offsets)",
-                        "use fewer --streams or shorter streams")
+        raise UserError(
+            "--streams",
+            f"{streams:,} distinct streams of {window:,} characters do not fit in a "
+            f"{n_test:,}-character test split ({n_offsets:,} possible offsets)",
+            "use fewer --streams or shorter streams",
+        )
     rng = np.random.default_rng(seed)
     return sorted(int(o) for o in rng.choice(n_offsets, size=streams, replace=False))
 
 
-def build_input_data(test_ids: np.ndarray, offsets: list[int], prompt_length: int, steps: int) -> dict:
+def build_input_data(
+    test_ids: np.ndarray, offsets: list[int], prompt_length: int, steps: int
+) -> dict:
     """The perf_analyzer JSON object: per offset one stream = prompt request + `steps` one-character requests."""
     data = []
     for off in offsets:
-        window = test_ids[off: off + prompt_length + steps].tolist()
+        window = test_ids[off : off + prompt_length + steps].tolist()
         prompt, rest = window[:prompt_length], window[prompt_length:]
         stream = [{INPUT_IDS: {"content": prompt, "shape": [prompt_length]}}]
         stream += [{INPUT_IDS: {"content": [i], "shape": [1]}} for i in rest]
@@ -66,22 +73,39 @@ def build_input_data(test_ids: np.ndarray, offsets: list[int], prompt_length: in
     return {"data": data}
 
 
-def build_gen_input_data(test_ids: np.ndarray, offsets: list[int], prompt_length: int, steps: int, k: int,
-                         vocab_size: int, seed: int) -> dict:
+def build_gen_input_data(
+    test_ids: np.ndarray,
+    offsets: list[int],
+    prompt_length: int,
+    steps: int,
+    k: int,
+    vocab_size: int,
+    seed: int,
+) -> dict:
     """The perf_analyzer JSON for a generation model: per offset one stream of steps // k requests of k
-    characters; the first carries the prompt, each later one the next real character (teacher-forced)."""
+    characters; the first carries the prompt, each later one the next real character (teacher-forced).
+    """
     rng = np.random.default_rng(seed)
     data = []
     for off in offsets:
-        window = test_ids[off: off + prompt_length + steps].tolist()
+        window = test_ids[off : off + prompt_length + steps].tolist()
         stream = []
         for r in range(steps // k):
             ids = window[:prompt_length] if r == 0 else [window[prompt_length + r * k - 1]]
-            noise = rng.uniform(np.finfo(np.float32).tiny, 1.0, (k, vocab_size)).astype("<f4")  # (K, V)
-            stream.append({INPUT_IDS: {"content": ids, "shape": [len(ids)]},
-                           NOISE: {"b64": base64.b64encode(noise.tobytes()).decode(), "shape": [k, vocab_size]},
-                           TEMPERATURE: {"content": [1.0], "shape": [1]},
-                           TOP_K: {"content": [0], "shape": [1]}})
+            noise = rng.uniform(np.finfo(np.float32).tiny, 1.0, (k, vocab_size)).astype(
+                "<f4"
+            )  # (K, V)
+            stream.append(
+                {
+                    INPUT_IDS: {"content": ids, "shape": [len(ids)]},
+                    NOISE: {
+                        "b64": base64.b64encode(noise.tobytes()).decode(),
+                        "shape": [k, vocab_size],
+                    },
+                    TEMPERATURE: {"content": [1.0], "shape": [1]},
+                    TOP_K: {"content": [0], "shape": [1]},
+                }
+            )
         data.append(stream)
     return {"data": data}
 
@@ -100,31 +124,55 @@ def write_json(obj: dict, out: Path) -> None:
 @cli
 def main(argv: list[str] | None = None) -> int:
     p = parser("python -m bench.perf_input", __doc__)
-    p.add_argument("--out", type=Path, default=Path("bench/results/perf_input.json"), help="JSON file to write")
-    p.add_argument("--data", default="data/tinyshakespeare.txt", help="corpus; its fixed test split is used")
-    p.add_argument("--streams", type=int, default=64,
-                   help="distinct streams (perf_analyzer hands them to new sequences round-robin)")
-    p.add_argument("--prompt-length", type=int, default=64,
-                   help=f"characters in the first request of each stream (1..{MAX_T}, the per-request limit)")
+    p.add_argument(
+        "--out", type=Path, default=Path("bench/results/perf_input.json"), help="JSON file to write"
+    )
+    p.add_argument(
+        "--data", default="data/tinyshakespeare.txt", help="corpus; its fixed test split is used"
+    )
+    p.add_argument(
+        "--streams",
+        type=int,
+        default=64,
+        help="distinct streams (perf_analyzer hands them to new sequences round-robin)",
+    )
+    p.add_argument(
+        "--prompt-length",
+        type=int,
+        default=64,
+        help=f"characters in the first request of each stream (1..{MAX_T}, the per-request limit)",
+    )
     p.add_argument("--steps", type=int, default=256, help="one-character requests after the prompt")
-    p.add_argument("--seed", type=int, default=0, help="seed for the stream offsets (and the NOISE)")
-    p.add_argument("--chunk", type=int, default=None, metavar="K",
-                   help=f"streams for a generation model (charrnn_gen_*): K characters per request (1..{MAX_K}, "
-                        "a divisor of --steps)")
+    p.add_argument(
+        "--seed", type=int, default=0, help="seed for the stream offsets (and the NOISE)"
+    )
+    p.add_argument(
+        "--chunk",
+        type=int,
+        default=None,
+        metavar="K",
+        help=f"streams for a generation model (charrnn_gen_*): K characters per request (1..{MAX_K}, "
+        "a divisor of --steps)",
+    )
     args = p.parse_args(argv)
 
     # Check the flags before reading the corpus.
     if args.streams < 1:
         raise UserError("--streams", f"must be >= 1, got {args.streams}")
     if not 1 <= args.prompt_length <= MAX_T:
-        raise UserError("--prompt-length", f"must be in 1..{MAX_T}, got {args.prompt_length}",
-                        f"the served models accept at most MAX_T={MAX_T} characters per request")
+        raise UserError(
+            "--prompt-length",
+            f"must be in 1..{MAX_T}, got {args.prompt_length}",
+            f"the served models accept at most MAX_T={MAX_T} characters per request",
+        )
     if args.steps < 1:
         raise UserError("--steps", f"must be >= 1, got {args.steps}")
     if args.seed < 0:
         raise UserError("--seed", f"must be >= 0, got {args.seed}")
     if args.chunk is not None and not (1 <= args.chunk <= MAX_K and args.steps % args.chunk == 0):
-        raise UserError("--chunk", f"must be in 1..{MAX_K} and divide --steps ({args.steps}), got {args.chunk}")
+        raise UserError(
+            "--chunk", f"must be in 1..{MAX_K} and divide --steps ({args.steps}), got {args.chunk}"
+        )
 
     from charrnn.data import load_splits  # NumPy-only part of charrnn.data
 
@@ -135,12 +183,26 @@ def main(argv: list[str] | None = None) -> int:
         requests = args.steps + 1
         what = f"prompt {args.prompt_length} chars, then {args.steps} x 1"
     else:
-        write_json(build_gen_input_data(test_ids, offsets, args.prompt_length, args.steps, args.chunk,
-                                        len(text_vocab), args.seed), args.out)
+        write_json(
+            build_gen_input_data(
+                test_ids,
+                offsets,
+                args.prompt_length,
+                args.steps,
+                args.chunk,
+                len(text_vocab),
+                args.seed,
+            ),
+            args.out,
+        )
         requests = args.steps // args.chunk
-        what = f"K = {args.chunk} characters each, the first with a {args.prompt_length}-char prompt"
-    print(f"{args.out}: {len(offsets)} streams x {requests} requests ({what}) from the test split of "
-          f"{args.data}; perf_analyzer --sequence-length {requests} --sequence-length-variation 0")
+        what = (
+            f"K = {args.chunk} characters each, the first with a {args.prompt_length}-char prompt"
+        )
+    print(
+        f"{args.out}: {len(offsets)} streams x {requests} requests ({what}) from the test split of "
+        f"{args.data}; perf_analyzer --sequence-length {requests} --sequence-length-variation 0"
+    )
     return 0
 
 

@@ -28,14 +28,19 @@ from charrnn.repository import PYTHON
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 PER_CHAR_MODEL = PYTHON
-SERVER_TIMES = ("Server Queue", "Server Compute Input", "Server Compute Infer", "Server Compute Output")
+SERVER_TIMES = (
+    "Server Queue",
+    "Server Compute Input",
+    "Server Compute Infer",
+    "Server Compute Output",
+)
 
 
 def read_perf(results: Path) -> dict[str, list[dict]]:
     """model -> rows of perf_<model>.csv, each with the average batch and perf_analyzer's CPU from its log."""
     out = {}
     for path in sorted(results.glob("perf_*.csv")):
-        model = path.stem[len("perf_"):]
+        model = path.stem[len("perf_") :]
         if re.search(r"_c\d+$", model):
             continue  # a single run's file; the merged table is perf_<model>.csv
         rows = []
@@ -77,11 +82,13 @@ def server_counts(url: str, model: str) -> tuple[int, int]:
     return int(s.get("inference_count", 0)), int(s.get("execution_count", 0))
 
 
-def client_sweep(url: str, levels: list[int], data: str, prompt_length: int, length: int) -> list[dict]:
+def client_sweep(
+    url: str, levels: list[int], data: str, prompt_length: int, length: int
+) -> list[dict]:
     """bench.bench's served sweep (our client) at `levels` against the server at `url`."""
     from bench.bench import served_run, sweep_prompts
-    from client.connection import Connection
     from charrnn.data import load_splits
+    from client.connection import Connection
 
     conn = Connection(url, "grpc")
     try:
@@ -94,13 +101,22 @@ def client_sweep(url: str, levels: list[int], data: str, prompt_length: int, len
     rows = []
     for c in levels:
         inf0, exe0 = server_counts(url, PER_CHAR_MODEL)
-        row = served_run(server, sweep_prompts(vocab, test, c, prompt_length), length, seed=c, model=PER_CHAR_MODEL)
+        row = served_run(
+            server,
+            sweep_prompts(vocab, test, c, prompt_length),
+            length,
+            seed=c,
+            model=PER_CHAR_MODEL,
+        )
         inf1, exe1 = server_counts(url, PER_CHAR_MODEL)
         row["Avg Batch"] = (inf1 - inf0) / max(1, exe1 - exe0)
         rows.append(row)
-        print(f"  our client, {c:>3} sequences: {row['Inferences/Second']:7.0f} infer/s  "
-              f"p50 {row['p50 latency']:6.0f} us  avg batch {row['Avg Batch']:.1f}  "
-              f"client CPU {row['Client CPU %']:.0f}%", flush=True)
+        print(
+            f"  our client, {c:>3} sequences: {row['Inferences/Second']:7.0f} infer/s  "
+            f"p50 {row['p50 latency']:6.0f} us  avg batch {row['Avg Batch']:.1f}  "
+            f"client CPU {row['Client CPU %']:.0f}%",
+            flush=True,
+        )
     return rows
 
 
@@ -108,21 +124,29 @@ def fmt(value: float | None, digits: int = 0) -> str:
     return "" if value is None or value != value else f"{value:,.{digits}f}"
 
 
-def markdown(perf: dict[str, list[dict]], ours: list[dict], chunk: int | None, machine: dict, date: str) -> str:
-    lines = [f"Measured by `make perf-slim` on {machine['cores']} cores ({machine['cpu']}), {machine['memory']}, "
-             f"no GPU, {date}: perf_analyzer 2.60 in the `perf-slim` container and the project's client on the "
-             "host, one after the other against the same `triton-slim` container; everything on one machine. "
-             "Latencies in ms, server times in µs per request (perf_analyzer's server-side averages); average "
-             "batch = the server's inferences / executions.", ""]
+def markdown(
+    perf: dict[str, list[dict]], ours: list[dict], chunk: int | None, machine: dict, date: str
+) -> str:
+    lines = [
+        f"Measured by `make perf-slim` on {machine['cores']} cores ({machine['cpu']}), {machine['memory']}, "
+        f"no GPU, {date}: perf_analyzer 2.60 in the `perf-slim` container and the project's client on the "
+        "host, one after the other against the same `triton-slim` container; everything on one machine. "
+        "Latencies in ms, server times in µs per request (perf_analyzer's server-side averages); average "
+        "batch = the server's inferences / executions.",
+        "",
+    ]
     rows = perf.get(PER_CHAR_MODEL, [])
     if rows:
         by_c = {int(r["Concurrency"]): r for r in ours}
-        lines += [f"**{PER_CHAR_MODEL}, one request per character.** perf_analyzer (teacher-forced streams) | our "
-                  "client (`python -m client`, sampling):", "",
-                  "| concurrency | perf_analyzer infer/s | p50 / p95 / p99 ms | avg batch | queue / input / infer "
-                  "/ output µs | perf_analyzer CPU | our client infer/s | p50 / p95 / p99 ms | avg batch | "
-                  "our client CPU |",
-                  "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        lines += [
+            f"**{PER_CHAR_MODEL}, one request per character.** perf_analyzer (teacher-forced streams) | our "
+            "client (`python -m client`, sampling):",
+            "",
+            "| concurrency | perf_analyzer infer/s | p50 / p95 / p99 ms | avg batch | queue / input / infer "
+            "/ output µs | perf_analyzer CPU | our client infer/s | p50 / p95 / p99 ms | avg batch | "
+            "our client CPU |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
         for r in rows:
             c = int(r["Concurrency"])
             o = by_c.get(c, {})
@@ -131,29 +155,41 @@ def markdown(perf: dict[str, list[dict]], ours: list[dict], chunk: int | None, m
                 f"{fmt(r['p50 latency'] / 1e3, 2)} / {fmt(r['p95 latency'] / 1e3, 2)} / "
                 f"{fmt(r['p99 latency'] / 1e3, 2)} | {fmt(r.get('Avg Batch'), 1)} | "
                 f"{' / '.join(fmt(r[k]) for k in SERVER_TIMES)} | {fmt(r.get('Client CPU %'))}% | "
-                + (f"{fmt(o['Inferences/Second'])} | {fmt(o['p50 latency'] / 1e3, 2)} / "
-                   f"{fmt(o['p95 latency'] / 1e3, 2)} / {fmt(o['p99 latency'] / 1e3, 2)} | "
-                   f"{fmt(o['Avg Batch'], 1)} | {fmt(o['Client CPU %'])}% |" if o else "| | | |"))
+                + (
+                    f"{fmt(o['Inferences/Second'])} | {fmt(o['p50 latency'] / 1e3, 2)} / "
+                    f"{fmt(o['p95 latency'] / 1e3, 2)} / {fmt(o['p99 latency'] / 1e3, 2)} | "
+                    f"{fmt(o['Avg Batch'], 1)} | {fmt(o['Client CPU %'])}% |"
+                    if o
+                    else "| | | |"
+                )
+            )
         lines.append("")
     for model, rows in perf.items():
         if model == PER_CHAR_MODEL:
             continue
         k = f"K = {chunk}" if chunk else "K characters"
-        lines += [f"**{model}, {k} per request** (perf_analyzer; characters/s = infer/s × K):", "",
-                  "| concurrency | infer/s | chars/s | p50 / p95 / p99 ms | avg batch | queue / input / infer / "
-                  "output µs | perf_analyzer CPU |", "|---:|---:|---:|---:|---:|---:|---:|"]
+        lines += [
+            f"**{model}, {k} per request** (perf_analyzer; characters/s = infer/s × K):",
+            "",
+            "| concurrency | infer/s | chars/s | p50 / p95 / p99 ms | avg batch | queue / input / infer / "
+            "output µs | perf_analyzer CPU |",
+            "|---:|---:|---:|---:|---:|---:|---:|",
+        ]
         for r in rows:
             chars = r["Inferences/Second"] * chunk if chunk else None
             lines.append(
                 f"| {int(r['Concurrency'])} | {fmt(r['Inferences/Second'], 1)} | {fmt(chars)} | "
                 f"{fmt(r['p50 latency'] / 1e3, 1)} / {fmt(r['p95 latency'] / 1e3, 1)} / "
                 f"{fmt(r['p99 latency'] / 1e3, 1)} | {fmt(r.get('Avg Batch'), 1)} | "
-                f"{' / '.join(fmt(r[k]) for k in SERVER_TIMES)} | {fmt(r.get('Client CPU %'))}% |")
+                f"{' / '.join(fmt(r[k]) for k in SERVER_TIMES)} | {fmt(r.get('Client CPU %'))}% |"
+            )
         lines.append("")
     return "\n".join(lines)
 
 
-def plot(perf: dict[str, list[dict]], ours: list[dict], chunk: int | None, path: Path, title: str) -> None:
+def plot(
+    perf: dict[str, list[dict]], ours: list[dict], chunk: int | None, path: Path, title: str
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -163,15 +199,24 @@ def plot(perf: dict[str, list[dict]], ours: list[dict], chunk: int | None, path:
     series = []
     for model, rows in perf.items():
         scale = chunk if model != PER_CHAR_MODEL and chunk else 1
-        series.append((f"perf_analyzer, {model}" + (f" (K = {chunk})" if scale > 1 else ""), rows, scale, "o-"))
+        series.append(
+            (
+                f"perf_analyzer, {model}" + (f" (K = {chunk})" if scale > 1 else ""),
+                rows,
+                scale,
+                "o-",
+            )
+        )
     if ours:
         series.append((f"our client, {PER_CHAR_MODEL}", ours, 1, "s--"))
     for label, rows, scale, style in series:
         c = [r["Concurrency"] for r in rows]
         a1.plot(c, [r["Inferences/Second"] * scale for r in rows], style, label=label)
         a2.plot(c, [r["p95 latency"] / 1e3 for r in rows], style, label=label)
-    for ax, ylabel, name in ((a1, "characters / s", "Throughput"), (a2, "p95 latency per request (ms)",
-                                                                    "p95 latency")):
+    for ax, ylabel, name in (
+        (a1, "characters / s", "Throughput"),
+        (a2, "p95 latency per request (ms)", "p95 latency"),
+    ):
         ax.set(xscale="log", yscale="log", xlabel="concurrent sequences", ylabel=ylabel, title=name)
         levels = sorted({int(r["Concurrency"]) for _, rows, _, _ in series for r in rows})
         ax.set_xticks(levels, [str(x) for x in levels])
@@ -195,20 +240,38 @@ def chunk_of(results: Path) -> int | None:
 @cli
 def main(argv: list[str] | None = None) -> int:
     p = parser("python -m bench.perf_report", __doc__)
-    p.add_argument("--results", type=Path, default=RESULTS, help="where perf.sh wrote perf_<model>.csv")
-    p.add_argument("--url", default="127.0.0.1:8001", help="gRPC host:port of the server perf_analyzer measured")
+    p.add_argument(
+        "--results", type=Path, default=RESULTS, help="where perf.sh wrote perf_<model>.csv"
+    )
+    p.add_argument(
+        "--url",
+        default="127.0.0.1:8001",
+        help="gRPC host:port of the server perf_analyzer measured",
+    )
     p.add_argument("--no-client", action="store_true", help="skip our client's sweep")
-    p.add_argument("--data", default=str(ROOT / "data" / "tinyshakespeare.txt"),
-                   help="our client's prompts come from its test split")
-    p.add_argument("--prompt-length", type=int, default=64, help="characters each of our sequences is primed with")
-    p.add_argument("--length", type=int, default=256, help="characters per sequence in our client's sweep")
+    p.add_argument(
+        "--data",
+        default=str(ROOT / "data" / "tinyshakespeare.txt"),
+        help="our client's prompts come from its test split",
+    )
+    p.add_argument(
+        "--prompt-length",
+        type=int,
+        default=64,
+        help="characters each of our sequences is primed with",
+    )
+    p.add_argument(
+        "--length", type=int, default=256, help="characters per sequence in our client's sweep"
+    )
     args = p.parse_args(argv)
 
     from bench.bench import machine
 
     perf = read_perf(args.results)
     if not perf:
-        raise UserError(str(args.results), "no perf_<model>.csv from perf_analyzer", "run `make perf-slim`")
+        raise UserError(
+            str(args.results), "no perf_<model>.csv from perf_analyzer", "run `make perf-slim`"
+        )
     ours = []
     if not args.no_client and PER_CHAR_MODEL in perf:
         levels = [int(r["Concurrency"]) for r in perf[PER_CHAR_MODEL]]
@@ -217,10 +280,20 @@ def main(argv: list[str] | None = None) -> int:
     m, date, chunk = machine(), time.strftime("%Y-%m-%d"), chunk_of(args.results)
     md = markdown(perf, ours, chunk, m, date)
     (args.results / "perf.md").write_text(md + "\n")
-    (args.results / "perf.json").write_text(json.dumps({"machine": m, "date": date, "chunk": chunk,
-                                                        "perf_analyzer": perf, "client": ours}, indent=2) + "\n")
-    plot(perf, ours, chunk, args.results / "perf.png",
-         f"perf_analyzer and our client vs triton-slim: {m['cores']} cores, {m['cpu']}")
+    (args.results / "perf.json").write_text(
+        json.dumps(
+            {"machine": m, "date": date, "chunk": chunk, "perf_analyzer": perf, "client": ours},
+            indent=2,
+        )
+        + "\n"
+    )
+    plot(
+        perf,
+        ours,
+        chunk,
+        args.results / "perf.png",
+        f"perf_analyzer and our client vs triton-slim: {m['cores']} cores, {m['cpu']}",
+    )
     print(f"\n{md}\nwrote {args.results}/perf.md, perf.json, perf.png")
     return 0
 

@@ -23,9 +23,18 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
         default = action.default
-        takes_default = action.option_strings or action.nargs in (argparse.OPTIONAL, argparse.ZERO_OR_MORE)
-        if (not takes_default or "%(default)" in text or action.nargs == 0
-                or default is None or default is argparse.SUPPRESS or default == []):
+        takes_default = action.option_strings or action.nargs in (
+            argparse.OPTIONAL,
+            argparse.ZERO_OR_MORE,
+        )
+        if (
+            not takes_default
+            or "%(default)" in text
+            or action.nargs == 0
+            or default is None
+            or default is argparse.SUPPRESS
+            or default == []
+        ):
             return text
         if isinstance(default, str) and (not default or default != " ".join(default.split())):
             return f"{text} (default: {repr(default).replace('%', '%%')})"
@@ -36,11 +45,15 @@ def parser(prog: str, doc: str | None, **kwargs) -> argparse.ArgumentParser:
     """The ArgumentParser of one command: `prog` as users type it ("python -m client", or the entry point's
     name, e.g. charrnn-client, when run as one); the module docstring's
     first paragraph as the description and the rest (examples, details, exit codes) as the epilog, each once;
-    every option's default shown. kwargs go to argparse.ArgumentParser (usage=, allow_abbrev=, ...)."""
+    every option's default shown. kwargs go to argparse.ArgumentParser (usage=, allow_abbrev=, ...).
+    """
     summary, _, rest = (doc or "").strip("\n").partition("\n\n")
     invoked = os.path.basename(sys.argv[0] if sys.argv else "")
-    if invoked.startswith("charrnn-"):  # run as an installed entry point (pyproject.toml [project.scripts])
+    if invoked.startswith(
+        "charrnn-"
+    ):  # run as an installed entry point (pyproject.toml [project.scripts])
         prog = invoked
     kwargs.setdefault("formatter_class", HelpFormatter)
-    return argparse.ArgumentParser(prog=prog, description=summary or None, epilog=rest.strip("\n") or None,
-                                   **kwargs)
+    return argparse.ArgumentParser(
+        prog=prog, description=summary or None, epilog=rest.strip("\n") or None, **kwargs
+    )

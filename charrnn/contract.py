@@ -48,7 +48,9 @@ MAX_SEQUENCES = 1024
 # checking the data, so ONE unauthenticated request with "shape": [1, 2**40] aborted the server (std::bad_alloc);
 # 2.59 adds --http-max-input-size, 2.51 has no setting. gRPC checks sizes first and stays open.
 INFER_KEY_HEADER = "infer-key"
-INFER_KEY_ENV = "TRITON_INFER_KEY"  # where the client, the local launcher and compose's .env read the key
+INFER_KEY_ENV = (
+    "TRITON_INFER_KEY"  # where the client, the local launcher and compose's .env read the key
+)
 # Behind several replicas (compose profile `scale`, serve/haproxy.cfg) the proxy hashes this header to pick the
 # replica that holds a sequence's state: the client sets it per gRPC stream (one per shard) or per HTTP request.
 ROUTING_HEADER = "x-sequence-key"

@@ -14,7 +14,9 @@ import numpy as np
 from charrnn.errors import UnavailableError, UserError
 from charrnn.vocab import Vocab
 
-CORPUS_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+CORPUS_URL = (
+    "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+)
 CORPUS_CHARS = 1_115_394
 CORPUS_MD5 = "6fb458f1232090904fb40fe944165e91"
 SPLIT = (0.90, 0.05, 0.05)  # train / val / test, contiguous, in this order
@@ -36,8 +38,14 @@ def verify_corpus(path: str | Path, md5: str = CORPUS_MD5, chars: int = CORPUS_C
         )
 
 
-def fetch_corpus(dest: str | Path, shared: str | Path | None = None, url: str = CORPUS_URL,
-                 md5: str = CORPUS_MD5, chars: int = CORPUS_CHARS, timeout: float = 60) -> str:
+def fetch_corpus(
+    dest: str | Path,
+    shared: str | Path | None = None,
+    url: str = CORPUS_URL,
+    md5: str = CORPUS_MD5,
+    chars: int = CORPUS_CHARS,
+    timeout: float = 60,
+) -> str:
     """Put the corpus at `dest`: copy `shared` if it exists, else download `url`; verify. Returns the source used."""
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -54,14 +62,19 @@ def fetch_corpus(dest: str | Path, shared: str | Path | None = None, url: str = 
                 raise OSError(f"connection closed after {tmp.stat().st_size} of {promised} bytes")
         except (urllib.error.URLError, OSError) as e:
             tmp.unlink(missing_ok=True)
-            raise UnavailableError(url, f"download failed ({e})", "check the network or pass --corpus FILE") from e
+            raise UnavailableError(
+                url, f"download failed ({e})", "check the network or pass --corpus FILE"
+            ) from e
         source = url
     try:
         verify_corpus(tmp, md5, chars)
-    except UserError:
+    except UserError as e:
         tmp.unlink(missing_ok=True)
-        raise UserError(str(source), "downloaded/copied file does not match the expected corpus md5 and size",
-                        f"expected {chars:,} chars md5 {md5}; check the source")
+        raise UserError(
+            str(source),
+            "downloaded/copied file does not match the expected corpus md5 and size",
+            f"expected {chars:,} chars md5 {md5}; check the source",
+        ) from e
     tmp.replace(dest)
     return source
 
@@ -70,9 +83,13 @@ def read_text(path: str | Path) -> str:
     try:
         return Path(path).read_text(encoding="utf-8")
     except FileNotFoundError as e:
-        raise UserError(str(path), "corpus file not found", "run `make data` or pass --data FILE") from e
+        raise UserError(
+            str(path), "corpus file not found", "run `make data` or pass --data FILE"
+        ) from e
     except (OSError, UnicodeDecodeError) as e:
-        raise UserError(str(path), f"cannot read the corpus as UTF-8 text ({e})", "pass a UTF-8 text file") from e
+        raise UserError(
+            str(path), f"cannot read the corpus as UTF-8 text ({e})", "pass a UTF-8 text file"
+        ) from e
 
 
 def split(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -96,8 +113,9 @@ def num_streams_batches(n_ids: int, batch_size: int, seq_len: int) -> int:
     return ((n_ids - 1) // batch_size) // seq_len
 
 
-def stream_batches(ids: np.ndarray, batch_size: int, seq_len: int,
-                   what: str = "corpus") -> Iterator[tuple[np.ndarray, np.ndarray]]:
+def stream_batches(
+    ids: np.ndarray, batch_size: int, seq_len: int, what: str = "corpus"
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """char-rnn batching: cut ids into `batch_size` contiguous streams and walk them `seq_len` at a time.
 
     Row b of consecutive batches continues the same text, so the trainer carries the RNN state across

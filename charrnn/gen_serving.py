@@ -19,15 +19,31 @@ from typing import Iterator
 
 import numpy as np
 
-from charrnn.contract import (INPUT_IDS, MAX_K, MAX_T, MIN_TEMPERATURE, NOISE, OUTPUT_IDS, STATE_IN, STATE_OUT,
-                              TEMPERATURE, TOP_K)
+from charrnn.contract import (
+    INPUT_IDS,
+    MAX_K,
+    MAX_T,
+    MIN_TEMPERATURE,
+    NOISE,
+    OUTPUT_IDS,
+    STATE_IN,
+    STATE_OUT,
+    TEMPERATURE,
+    TOP_K,
+)
 from charrnn.sequence_state import SequenceStates, check_ids
 
 
-def check_gen_request(ids, noise, temperature, top_k, vocab_size: int, max_t: int = MAX_T,
-                      max_k: int = MAX_K) -> str | None:
+def check_gen_request(
+    ids, noise, temperature, top_k, vocab_size: int, max_t: int = MAX_T, max_k: int = MAX_K
+) -> str | None:
     """None if the four request tensors are valid (batch dim 1), else the error message."""
-    for name, value in ((INPUT_IDS, ids), (NOISE, noise), (TEMPERATURE, temperature), (TOP_K, top_k)):
+    for name, value in (
+        (INPUT_IDS, ids),
+        (NOISE, noise),
+        (TEMPERATURE, temperature),
+        (TOP_K, top_k),
+    ):
         if value is None:
             return f"{name}: missing"
     error = check_ids(ids, vocab_size, max_t)
@@ -35,13 +51,22 @@ def check_gen_request(ids, noise, temperature, top_k, vocab_size: int, max_t: in
         return error
     if noise.dtype != np.float32:
         return f"{NOISE}: dtype must be FP32, got {noise.dtype}"
-    if noise.ndim != 3 or noise.shape[0] != 1 or not 1 <= noise.shape[1] <= max_k or noise.shape[2] != vocab_size:
-        return (f"{NOISE}: shape must be [1, K, {vocab_size}] with 1 <= K <= {max_k}, got {list(noise.shape)} "
-                "(one row of uniforms per character to generate)")
+    if (
+        noise.ndim != 3
+        or noise.shape[0] != 1
+        or not 1 <= noise.shape[1] <= max_k
+        or noise.shape[2] != vocab_size
+    ):
+        return (
+            f"{NOISE}: shape must be [1, K, {vocab_size}] with 1 <= K <= {max_k}, got {list(noise.shape)} "
+            "(one row of uniforms per character to generate)"
+        )
     if not ((noise > 0).all() and (noise < 1).all()):  # also rejects NaN
         return f"{NOISE}: values must be uniforms in the open interval (0, 1)"
     if temperature.dtype != np.float32 or temperature.shape != (1, 1):
-        return f"{TEMPERATURE}: must be FP32 [1, 1], got {temperature.dtype} {list(temperature.shape)}"
+        return (
+            f"{TEMPERATURE}: must be FP32 [1, 1], got {temperature.dtype} {list(temperature.shape)}"
+        )
     t = float(temperature[0, 0])
     if not (np.isfinite(t) and (t == 0 or t >= MIN_TEMPERATURE)):
         return f"{TEMPERATURE}: must be 0 (greedy) or >= {MIN_TEMPERATURE} (smaller values overflow), got {t}"
@@ -87,9 +112,13 @@ class GenRunner:
 
     def _feeds(self, group: list[GenRequest]) -> dict[str, np.ndarray]:
         keys = [(r.corr, r.flags) for r in group]
-        return {INPUT_IDS: _cat([r.ids for r in group]), STATE_IN: self.states.gather(keys),
-                NOISE: _cat([r.noise for r in group]), TEMPERATURE: _cat([r.temperature for r in group]),
-                TOP_K: _cat([r.top_k for r in group])}
+        return {
+            INPUT_IDS: _cat([r.ids for r in group]),
+            STATE_IN: self.states.gather(keys),
+            NOISE: _cat([r.noise for r in group]),
+            TEMPERATURE: _cat([r.temperature for r in group]),
+            TOP_K: _cat([r.top_k for r in group]),
+        }
 
     def run(self, group: list[GenRequest]) -> np.ndarray:
         """All K characters of every request in one call; returns OUTPUT_IDS (B, K). Caller holds states.lock."""

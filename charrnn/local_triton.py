@@ -32,7 +32,9 @@ from charrnn.repository import DECOUPLED_MODELS, PYTHON, PYTHON_MODELS, mixed_de
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_RUN_DIR = ROOT / "logs" / "serve"
 LOCAL_MODELS = PYTHON_MODELS  # the wheel's server: python backend only
-DEFAULT_MODELS = (PYTHON,)  # what LocalTriton loads unless told (`make serve` loads every LOCAL_MODELS)
+DEFAULT_MODELS = (
+    PYTHON,
+)  # what LocalTriton loads unless told (`make serve` loads every LOCAL_MODELS)
 RESTRICTED = "model-repository,shared-memory,logging,trace"  # admin APIs: need the admin key header
 ADMIN_HEADER = "admin-key"
 
@@ -46,7 +48,9 @@ def pytriton_dist() -> tuple[Path, Path]:
     pkg = Path(pytriton.__file__).resolve().parent
     dist, libs = pkg / "tritonserver", pkg.parent / "nvidia_pytriton.libs"
     if not (dist / "bin" / "tritonserver").is_file():
-        raise UnavailableError(str(dist), "no tritonserver binary in the nvidia-pytriton wheel", "reinstall it")
+        raise UnavailableError(
+            str(dist), "no tritonserver binary in the nvidia-pytriton wheel", "reinstall it"
+        )
     return dist, libs
 
 
@@ -56,12 +60,16 @@ def prepare_backends(run_dir: Path) -> Path:
     version = f"{sys.version_info.major}.{sys.version_info.minor}"
     stub = dist / "python_backend_stubs" / version / "triton_python_backend_stub"
     if not stub.is_file():
-        raise UnavailableError("python backend stub", f"none for Python {version} in the wheel",
-                               "use Python 3.8-3.13")
+        raise UnavailableError(
+            "python backend stub", f"none for Python {version} in the wheel", "use Python 3.8-3.13"
+        )
     backend = run_dir / "backends" / "python"
     backend.mkdir(parents=True, exist_ok=True)
-    for src in (dist / "backends" / "python" / "libtriton_python.so",
-                dist / "backends" / "python" / "triton_python_backend_utils.py", stub):
+    for src in (
+        dist / "backends" / "python" / "libtriton_python.so",
+        dist / "backends" / "python" / "triton_python_backend_utils.py",
+        stub,
+    ):
         dst = backend / src.name
         if not dst.exists() or dst.stat().st_size != src.stat().st_size:
             shutil.copy2(src, dst)
@@ -97,18 +105,28 @@ GRPC_ALLOCATION_POOL = 1024  # >= the requests in flight at once (see LocalTrito
 class LocalTriton:
     """Start/stop one tritonserver process; a context manager for tests, the demo and the benchmark."""
 
-    def __init__(self, repo: str | Path = ROOT / "model_repository", run_dir: str | Path = DEFAULT_RUN_DIR,
-                 http_port: int = 8000, grpc_port: int = 8001, metrics_port: int = 8002,
-                 models: tuple[str, ...] = DEFAULT_MODELS, tritonserver: str | None = None,
-                 extra_args: tuple[str, ...] = (), ready_timeout: float = 120.0,
-                 infer_key: str | None = None) -> None:
+    def __init__(
+        self,
+        repo: str | Path = ROOT / "model_repository",
+        run_dir: str | Path = DEFAULT_RUN_DIR,
+        http_port: int = 8000,
+        grpc_port: int = 8001,
+        metrics_port: int = 8002,
+        models: tuple[str, ...] = DEFAULT_MODELS,
+        tritonserver: str | None = None,
+        extra_args: tuple[str, ...] = (),
+        ready_timeout: float = 120.0,
+        infer_key: str | None = None,
+    ) -> None:
         self.repo, self.run_dir = Path(repo), Path(run_dir)
         self.http_port, self.grpc_port, self.metrics_port = http_port, grpc_port, metrics_port
         self.models, self.tritonserver, self.extra_args = models, tritonserver, tuple(extra_args)
         self.ready_timeout = ready_timeout
         self.log_path = self.run_dir / "triton.log"
         self.admin_key = secrets.token_hex(16)
-        self.infer_key = infer_key or secrets.token_hex(16)  # HTTP inference (charrnn/contract.py INFER_KEY_HEADER)
+        self.infer_key = infer_key or secrets.token_hex(
+            16
+        )  # HTTP inference (charrnn/contract.py INFER_KEY_HEADER)
         self.process: subprocess.Popen | None = None
 
     @classmethod
@@ -120,13 +138,15 @@ class LocalTriton:
     @property
     def shm_prefix(self) -> str:
         """Prefix of this launcher's python-backend shared-memory regions in /dev/shm: one per run directory, so
-        stale regions of an earlier server of this run directory can be told from everyone else's."""
+        stale regions of an earlier server of this run directory can be told from everyone else's.
+        """
         return f"charrnn_{hashlib.sha1(str(self.run_dir.resolve()).encode()).hexdigest()[:12]}_"
 
     def clean_stale(self) -> list[str]:
         """Remove what an earlier server of this run directory left after a crash, and only that: python stubs
         still running from our backend directory without their server (tritonserver cannot unlink or stop
-        them when it is SIGKILLed), then our /dev/shm regions that no live process maps. Returns what went."""
+        them when it is SIGKILLed), then our /dev/shm regions that no live process maps. Returns what went.
+        """
         stub = (self.run_dir / "backends" / "python" / "triton_python_backend_stub").resolve()
         removed = []
         for proc in Path("/proc").glob("[0-9]*"):
@@ -146,7 +166,11 @@ class LocalTriton:
             mapped = set()
             for maps in Path("/proc").glob("[0-9]*/maps"):
                 try:
-                    mapped |= {line.split()[-1] for line in maps.read_text().splitlines() if "/dev/shm/" in line}
+                    mapped |= {
+                        line.split()[-1]
+                        for line in maps.read_text().splitlines()
+                        if "/dev/shm/" in line
+                    }
                 except (OSError, IndexError):
                     continue
             for region in regions:
@@ -167,9 +191,13 @@ class LocalTriton:
         if not self.tritonserver and mixed_decoupled(self.models):
             decoupled = [m for m in self.models if m in DECOUPLED_MODELS]
             others = [m for m in self.models if m not in DECOUPLED_MODELS]
-            raise UserError("models", f"{', '.join(decoupled)} (decoupled) cannot share a server with "
-                            f"{', '.join(others)}: Triton 2.51 crashes when both kinds stream on one server "
-                            "(charrnn/repository.py)", "serve the decoupled model from a server of its own")
+            raise UserError(
+                "models",
+                f"{', '.join(decoupled)} (decoupled) cannot share a server with "
+                f"{', '.join(others)}: Triton 2.51 crashes when both kinds stream on one server "
+                "(charrnn/repository.py)",
+                "serve the decoupled model from a server of its own",
+            )
         self.run_dir.mkdir(parents=True, exist_ok=True)
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
@@ -179,24 +207,40 @@ class LocalTriton:
             dist, libs = pytriton_dist()
             binary = str(dist / "bin" / "tritonserver")
             repo_arg = str(prepare_repository(self.repo, self.run_dir, self.models))
-            backend_args = [f"--backend-directory={prepare_backends(self.run_dir)}",
-                            f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}"]
-            env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [env.get("LD_LIBRARY_PATH"), str(libs)]))
+            backend_args = [
+                f"--backend-directory={prepare_backends(self.run_dir)}",
+                f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
+            ]
+            env["LD_LIBRARY_PATH"] = os.pathsep.join(
+                filter(None, [env.get("LD_LIBRARY_PATH"), str(libs)])
+            )
             # The stub embeds this Python: put its environment first so it finds numpy/onnxruntime/charrnn.
             env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
         restricted = f"{RESTRICTED}:{ADMIN_HEADER}={self.admin_key}"
-        args = [binary, f"--model-repository={repo_arg}", *backend_args,
-                "--model-control-mode=none", "--strict-readiness=true", "--exit-on-error=true",
-                "--http-address=127.0.0.1", f"--http-port={self.http_port}",
-                "--grpc-address=127.0.0.1", f"--grpc-port={self.grpc_port}",
-                "--metrics-address=127.0.0.1", f"--metrics-port={self.metrics_port}",
-                f"--http-restricted-api={restricted}", f"--grpc-restricted-protocol={restricted}",
-                f"--http-restricted-api=inference:{INFER_KEY_HEADER}={self.infer_key}",
-                "--exit-timeout-secs=5", "--log-verbose=0",
-                # With the default pool (8) tritonserver 2.51 segfaults (TRITONBACKEND_RequestInput, in the
-                # python backend's execute) once more than ~32 sequences stream requests at once; measured:
-                # crashes at 40/48/63/64 concurrent sequences within seconds, none with this setting.
-                f"--grpc-infer-allocation-pool-size={GRPC_ALLOCATION_POOL}", *self.extra_args]
+        args = [
+            binary,
+            f"--model-repository={repo_arg}",
+            *backend_args,
+            "--model-control-mode=none",
+            "--strict-readiness=true",
+            "--exit-on-error=true",
+            "--http-address=127.0.0.1",
+            f"--http-port={self.http_port}",
+            "--grpc-address=127.0.0.1",
+            f"--grpc-port={self.grpc_port}",
+            "--metrics-address=127.0.0.1",
+            f"--metrics-port={self.metrics_port}",
+            f"--http-restricted-api={restricted}",
+            f"--grpc-restricted-protocol={restricted}",
+            f"--http-restricted-api=inference:{INFER_KEY_HEADER}={self.infer_key}",
+            "--exit-timeout-secs=5",
+            "--log-verbose=0",
+            # With the default pool (8) tritonserver 2.51 segfaults (TRITONBACKEND_RequestInput, in the
+            # python backend's execute) once more than ~32 sequences stream requests at once; measured:
+            # crashes at 40/48/63/64 concurrent sequences within seconds, none with this setting.
+            f"--grpc-infer-allocation-pool-size={GRPC_ALLOCATION_POOL}",
+            *self.extra_args,
+        ]
         return args, env
 
     def start(self) -> "LocalTriton":
@@ -205,11 +249,19 @@ class LocalTriton:
         log = open(self.log_path, "ab")
         log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(args)}\n".encode())
         if stale:
-            log.write(f"removed what a crashed server of {self.run_dir} left: {', '.join(stale)}\n".encode())
+            log.write(
+                f"removed what a crashed server of {self.run_dir} left: {', '.join(stale)}\n".encode()
+            )
         log.flush()
         # Own process group: stop() takes the python backend stubs (children) down with the server.
-        self.process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                        start_new_session=True, cwd=self.run_dir)
+        self.process = subprocess.Popen(
+            args,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+            cwd=self.run_dir,
+        )
         log.close()
         try:
             self.wait_ready()
@@ -230,14 +282,22 @@ class LocalTriton:
         delay = 0.02
         while time.monotonic() < deadline:
             if self.process is not None and self.process.poll() is not None:
-                raise UnavailableError("tritonserver", f"exited with code {self.process.returncode} before it "
-                                       f"was ready; log {self.log_path}:\n{self.log_tail()}", "see the log")
+                raise UnavailableError(
+                    "tritonserver",
+                    f"exited with code {self.process.returncode} before it "
+                    f"was ready; log {self.log_path}:\n{self.log_tail()}",
+                    "see the log",
+                )
             if self.is_ready():
                 return
             time.sleep(delay)  # polling backoff while waiting on readiness
             delay = min(delay * 1.5, 0.5)
-        raise UnavailableError("tritonserver", f"not ready after {self.ready_timeout:.0f} s; log "
-                               f"{self.log_path}:\n{self.log_tail()}", "see the log")
+        raise UnavailableError(
+            "tritonserver",
+            f"not ready after {self.ready_timeout:.0f} s; log "
+            f"{self.log_path}:\n{self.log_tail()}",
+            "see the log",
+        )
 
     def log_tail(self, lines: int = 30) -> str:
         try:
@@ -294,5 +354,3 @@ def stop_group(pgid: int, poll, timeout: float, wait=None) -> int | None:
     if group_alive(pgid):
         os.killpg(pgid, signal.SIGKILL)
     return code if code is not None else poll()
-
-

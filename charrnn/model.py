@@ -20,8 +20,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # print an INFO line that TF_CPP_MIN_LOG_LEVEL does not silence. Off: the same numerics on every CPU.
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
-import tensorflow as tf  # noqa: E402
 import keras  # noqa: E402
+import tensorflow as tf  # noqa: E402
 
 from charrnn.contract import CELLS, Contract, state_slots  # noqa: E402
 from charrnn.errors import UserError  # noqa: E402
@@ -67,25 +67,44 @@ class ModelConfig:
 
     def to_json(self) -> str:
         d = asdict(self)
-        if d["reset_after"]:  # the default: left out so config.json of every other model stays as it was
+        if d[
+            "reset_after"
+        ]:  # the default: left out so config.json of every other model stays as it was
             del d["reset_after"]
         return json.dumps(d, indent=2)
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
         if not isinstance(d, dict):
-            raise UserError(CONFIG_FILE, f"must be a JSON object, got {type(d).__name__}", "check the model directory")
+            raise UserError(
+                CONFIG_FILE,
+                f"must be a JSON object, got {type(d).__name__}",
+                "check the model directory",
+            )
         known = {f.name for f in fields(cls)}
         unknown = set(d) - known
         if unknown:
-            raise UserError(CONFIG_FILE, f"unknown keys {sorted(unknown)}", "check the model directory")
+            raise UserError(
+                CONFIG_FILE, f"unknown keys {sorted(unknown)}", "check the model directory"
+            )
         if "vocab_size" not in d:
             raise UserError(CONFIG_FILE, "missing key 'vocab_size'", "check the model directory")
-        types = {"vocab_size": int, "layers": int, "hidden": int, "embedding": int, "cell": str,
-                 "dropout": (int, float), "reset_after": bool}
+        types = {
+            "vocab_size": int,
+            "layers": int,
+            "hidden": int,
+            "embedding": int,
+            "cell": str,
+            "dropout": (int, float),
+            "reset_after": bool,
+        }
         for key, value in d.items():
             if not isinstance(value, types[key]) or (types[key] is int and isinstance(value, bool)):
-                raise UserError(CONFIG_FILE, f"{key} has the wrong type ({value!r})", "check the model directory")
+                raise UserError(
+                    CONFIG_FILE,
+                    f"{key} has the wrong type ({value!r})",
+                    "check the model directory",
+                )
         return cls(**d)
 
 
@@ -101,8 +120,13 @@ class CharRNN(keras.Model):
         c = config
         self.embed = keras.layers.Embedding(c.vocab_size, c.embedding, name="embedding")
         self.rnns = [
-            _RNN_LAYER[c.cell](c.hidden, return_sequences=True, return_state=True, name=f"{c.cell}_{i}",
-                               **({"reset_after": c.reset_after} if c.cell == "gru" else {}))
+            _RNN_LAYER[c.cell](
+                c.hidden,
+                return_sequences=True,
+                return_state=True,
+                name=f"{c.cell}_{i}",
+                **({"reset_after": c.reset_after} if c.cell == "gru" else {}),
+            )
             for i in range(c.layers)
         ]
         self.drop = keras.layers.Dropout(c.dropout)
@@ -119,7 +143,9 @@ class CharRNN(keras.Model):
         new_layers = []
         for layer_index, rnn in enumerate(self.rnns):
             x = self.drop(x, training=training)
-            initial = [state[:, s, layer_index, :] for s in range(state_slots(self.config.cell))]  # S x (B, H)
+            initial = [
+                state[:, s, layer_index, :] for s in range(state_slots(self.config.cell))
+            ]  # S x (B, H)
             x, *final = rnn(x, initial_state=initial, training=training)  # x (B, T, H)
             new_layers.append(tf.stack(final, axis=1))  # (B, S, H)
         x = self.drop(x, training=training)
@@ -147,7 +173,8 @@ class CharRNN(keras.Model):
 
     def generate(self, prime_ids, length: int, sampler: Sampler, on_id=None) -> list[int]:
         """Prime with prime_ids (T,), then sample `length` ids, one step per character (the reference sampler:
-        every served path must give the same text for the same sampler). on_id(id) is called as each is chosen."""
+        every served path must give the same text for the same sampler). on_id(id) is called as each is chosen.
+        """
         return generate(self.step_fn(), prime_ids, length, sampler, on_id=on_id)
 
 
@@ -204,7 +231,9 @@ def load_model_dir(path: str | Path) -> tuple[CharRNN, Vocab, dict]:
     try:
         model.load_weights(str(path / WEIGHTS_FILE))
     except Exception as e:  # h5py/keras raise many types for a corrupt or mismatched file
-        raise UserError(str(path / WEIGHTS_FILE), f"cannot load weights ({type(e).__name__}: {e})", fix) from e
+        raise UserError(
+            str(path / WEIGHTS_FILE), f"cannot load weights ({type(e).__name__}: {e})", fix
+        ) from e
     card_path = path / CARD_FILE
     card = json.loads(card_path.read_text()) if card_path.is_file() else {}
     return model, vocab, card

@@ -7,7 +7,8 @@ from pathlib import Path
 
 def ort_session(path: str | Path, threads: int = 1):
     """An onnxruntime.InferenceSession on the CPU with `threads` intra-op threads, one inter-op thread, sequential
-    execution. Raises ValueError "cannot load ONNX model <path> (<why>)" for a missing or broken file."""
+    execution. Raises ValueError "cannot load ONNX model <path> (<why>)" for a missing or broken file.
+    """
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -17,4 +18,6 @@ def ort_session(path: str | Path, threads: int = 1):
     try:
         return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     except Exception as e:  # onnxruntime raises its own exception types
-        raise ValueError(f"cannot load ONNX model {path} ({type(e).__name__}: {str(e).strip()[:200]})") from e
+        raise ValueError(
+            f"cannot load ONNX model {path} ({type(e).__name__}: {str(e).strip()[:200]})"
+        ) from e

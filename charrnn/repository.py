@@ -62,12 +62,22 @@ BY_NAME = {m.name: m for m in MODELS}
 TRT, ONNX, PYTHON, GEN_TRT, GEN_ONNX, GEN_PYTHON, GEN_STREAM = (m.name for m in MODELS)
 
 
-def names(*, graph: str | None = None, backend: str | None = None, gpu_only: bool | None = None,
-          decoupled: bool | None = None) -> tuple[str, ...]:
+def names(
+    *,
+    graph: str | None = None,
+    backend: str | None = None,
+    gpu_only: bool | None = None,
+    decoupled: bool | None = None,
+) -> tuple[str, ...]:
     """The model names (in preference order) that match every filter given."""
-    return tuple(m.name for m in MODELS
-                 if (graph is None or m.graph == graph) and (backend is None or m.backend == backend)
-                 and (gpu_only is None or m.gpu_only == gpu_only) and (decoupled is None or m.decoupled == decoupled))
+    return tuple(
+        m.name
+        for m in MODELS
+        if (graph is None or m.graph == graph)
+        and (backend is None or m.backend == backend)
+        and (gpu_only is None or m.gpu_only == gpu_only)
+        and (decoupled is None or m.decoupled == decoupled)
+    )
 
 
 SERVED_MODELS = names()
@@ -83,7 +93,9 @@ PYTHON_MODELS = names(backend=PYTHON_BACKEND)
 # its first response as its last (server src/grpc/stream_infer_handler.cc, r24.10; no upstream fix as of
 # 2026-08). docs/failures.md; `make soak-mixed` runs the split servers.
 DECOUPLED_MODELS = names(decoupled=True)
-SHARED_PYTHON_MODELS = names(backend=PYTHON_BACKEND, decoupled=False)  # one server; DECOUPLED_MODELS: another
+SHARED_PYTHON_MODELS = names(
+    backend=PYTHON_BACKEND, decoupled=False
+)  # one server; DECOUPLED_MODELS: another
 IMPLICIT_STATE_MODELS = tuple(m.name for m in MODELS if m.implicit_state)
 
 
@@ -102,7 +114,9 @@ def parse_config(text: str):
     try:
         text_format.Parse(text, config)
     except text_format.ParseError as e:
-        raise CheckFailed(CONFIG, f"not a valid Triton ModelConfig ({e})", "regenerate it with `make export`") from e
+        raise CheckFailed(
+            CONFIG, f"not a valid Triton ModelConfig ({e})", "regenerate it with `make export`"
+        ) from e
     return config
 
 

@@ -30,12 +30,21 @@ class SamplingParams:
 
     def validate(self, vocab_size: int) -> "SamplingParams":
         """Raise a UserError naming the bad parameter; return self."""
-        if not self.greedy and not (np.isfinite(self.temperature) and self.temperature >= MIN_TEMPERATURE):
-            raise UserError("temperature", f"must be >= {MIN_TEMPERATURE} (smaller values overflow "
-                            f"logits / temperature), got {self.temperature}", "use --greedy for argmax decoding")
+        if not self.greedy and not (
+            np.isfinite(self.temperature) and self.temperature >= MIN_TEMPERATURE
+        ):
+            raise UserError(
+                "temperature",
+                f"must be >= {MIN_TEMPERATURE} (smaller values overflow "
+                f"logits / temperature), got {self.temperature}",
+                "use --greedy for argmax decoding",
+            )
         if not 0 <= self.top_k <= vocab_size:
-            raise UserError("top-k", f"must be in 1..{vocab_size} (the vocabulary size), got {self.top_k}",
-                            "or 0 to disable")
+            raise UserError(
+                "top-k",
+                f"must be in 1..{vocab_size} (the vocabulary size), got {self.top_k}",
+                "or 0 to disable",
+            )
         if not 0 < self.top_p <= 1:
             raise UserError("top-p", f"must be in (0, 1], got {self.top_p}", "1 disables it")
         if self.seed is not None and not 0 <= self.seed < 2**63:
@@ -48,10 +57,16 @@ def add_sampling_flags(p: argparse.ArgumentParser) -> argparse._ArgumentGroup:
     g = p.add_argument_group("sampling")
     g.add_argument("--prompt", default="ROMEO:\n", help="text to prime the model with")
     g.add_argument("--length", type=int, default=500, help="characters to generate")
-    g.add_argument("--temperature", type=float, default=1.0,
-                   help=f">= {MIN_TEMPERATURE}; lower is more conservative (--greedy for argmax)")
+    g.add_argument(
+        "--temperature",
+        type=float,
+        default=1.0,
+        help=f">= {MIN_TEMPERATURE}; lower is more conservative (--greedy for argmax)",
+    )
     g.add_argument("--top-k", type=int, default=0, help="sample among the k most likely (0: all)")
-    g.add_argument("--top-p", type=float, default=1.0, help="nucleus: smallest set reaching p (1: all)")
+    g.add_argument(
+        "--top-p", type=float, default=1.0, help="nucleus: smallest set reaching p (1: all)"
+    )
     g.add_argument("--greedy", action="store_true", help="argmax decoding (deterministic)")
     g.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
     return g
@@ -59,8 +74,13 @@ def add_sampling_flags(p: argparse.ArgumentParser) -> argparse._ArgumentGroup:
 
 def sampling_params(args: argparse.Namespace) -> SamplingParams:
     """SamplingParams from the flags of add_sampling_flags (not yet validated: that needs the vocabulary size)."""
-    return SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, greedy=args.greedy,
-                          seed=args.seed)
+    return SamplingParams(
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        greedy=args.greedy,
+        seed=args.seed,
+    )
 
 
 def noise_stream(seed: int | None) -> np.random.Generator:
@@ -73,7 +93,9 @@ def uniform_noise(rng: np.random.Generator, steps: int, vocab_size: int) -> np.n
     return np.maximum(rng.random((steps, vocab_size), dtype=np.float32), _TINY)
 
 
-def filter_logits(logits: np.ndarray, top_k: int = 0, top_p: float = 1.0, temperature: float = 1.0) -> np.ndarray:
+def filter_logits(
+    logits: np.ndarray, top_k: int = 0, top_p: float = 1.0, temperature: float = 1.0
+) -> np.ndarray:
     """Scale by temperature and set logits outside top-k / nucleus top-p to -inf. (..., V) -> (..., V)."""
     z = np.asarray(logits, dtype=np.float32) / np.float32(temperature)
     if top_k and top_k < z.shape[-1]:
@@ -131,7 +153,9 @@ class Sampler:
     def noise(self, steps: int) -> np.ndarray:
         """Take the next (steps, V) uniforms from this sequence's stream."""
         if steps > len(self._uniform):
-            fresh = uniform_noise(self.rng, max(steps - len(self._uniform), self.BLOCK), self.vocab_size)
+            fresh = uniform_noise(
+                self.rng, max(steps - len(self._uniform), self.BLOCK), self.vocab_size
+            )
             self._uniform = np.concatenate([self._uniform, fresh])
             self._gumbel = gumbel(self._uniform)
         taken = self._uniform[:steps]
@@ -150,7 +174,9 @@ class Sampler:
         return int(_choose_gumbel(logits, self.params, g))
 
 
-def generate(step, prime_ids: np.ndarray, length: int, sampler: Sampler, state=None, on_id=None) -> list[int]:
+def generate(
+    step, prime_ids: np.ndarray, length: int, sampler: Sampler, state=None, on_id=None
+) -> list[int]:
     """Prime with `prime_ids` then generate `length` ids, one `step` call per character.
 
     step(ids (1, T) int32, state) -> (logits (1, V), state); state None means a fresh sequence.

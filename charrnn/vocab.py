@@ -15,7 +15,9 @@ class Vocab:
 
     def __init__(self, chars: list[str]) -> None:
         if len(set(chars)) != len(chars) or any(len(c) != 1 for c in chars):
-            raise UserError("vocabulary", "entries must be distinct single characters", "rebuild it")
+            raise UserError(
+                "vocabulary", "entries must be distinct single characters", "rebuild it"
+            )
         self.chars = list(chars)
         self.index = {c: i for i, c in enumerate(self.chars)}
 
@@ -59,7 +61,9 @@ class Vocab:
         except (ValueError, KeyError, TypeError) as e:
             raise UserError("vocabulary", f"not a vocab JSON object with 'chars' ({e})") from e
         if not isinstance(chars, list) or not all(isinstance(c, str) for c in chars):
-            raise UserError("vocabulary", "'chars' must be a list of one-character strings", "rebuild it")
+            raise UserError(
+                "vocabulary", "'chars' must be a list of one-character strings", "rebuild it"
+            )
         return cls(chars)
 
     def save(self, path: str | Path) -> None:
@@ -70,7 +74,12 @@ class Vocab:
         try:
             return cls.from_json(Path(path).read_text(encoding="utf-8"))
         except OSError as e:
-            raise UserError(str(path), f"cannot read vocabulary ({e.strerror})", "check the path") from e
+            raise UserError(
+                str(path), f"cannot read vocabulary ({e.strerror})", "check the path"
+            ) from e
         except UnicodeDecodeError as e:
-            raise UserError(str(path), "not a UTF-8 JSON vocabulary (a pickle?)",
-                            "use vocab.json; pickled vocabularies only via `make import --trust-pickle`") from e
+            raise UserError(
+                str(path),
+                "not a UTF-8 JSON vocabulary (a pickle?)",
+                "use vocab.json; pickled vocabularies only via `make import --trust-pickle`",
+            ) from e

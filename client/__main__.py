@@ -37,27 +37,62 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = parser("python -m client", __doc__)
     g = p.add_argument_group("server")
     g.add_argument("--url", default="127.0.0.1:8001", help="host:port (gRPC 8001, HTTP 8000)")
-    g.add_argument("--protocol", default="grpc", choices=["grpc", "http"],
-                   help="grpc: one bidirectional stream for all sequences; http: one request at a time each")
-    g.add_argument("--shards", type=int, default=1, metavar="K",
-                   help="behind a proxy in front of N replicas (compose profile scale): K >= 2N gRPC streams, each "
-                        "routed by its own key; with HTTP, any K > 1 routes each sequence by its key")
-    g.add_argument("--model", default=None,
-                   help=f"model to use (default: the first ready of {', '.join(names(graph=STEP))}; with "
-                        f"--chunk, of {', '.join(names(graph=GEN))})")
+    g.add_argument(
+        "--protocol",
+        default="grpc",
+        choices=["grpc", "http"],
+        help="grpc: one bidirectional stream for all sequences; http: one request at a time each",
+    )
+    g.add_argument(
+        "--shards",
+        type=int,
+        default=1,
+        metavar="K",
+        help="behind a proxy in front of N replicas (compose profile scale): K >= 2N gRPC streams, each "
+        "routed by its own key; with HTTP, any K > 1 routes each sequence by its key",
+    )
+    g.add_argument(
+        "--model",
+        default=None,
+        help=f"model to use (default: the first ready of {', '.join(names(graph=STEP))}; with "
+        f"--chunk, of {', '.join(names(graph=GEN))})",
+    )
     add_sampling_flags(p)
-    g.add_argument("--chunk", type=int, default=None, metavar="K",
-                   help=f"server-side generation: K characters per request (1..{MAX_K}) on a charrnn_gen_* model")
+    g.add_argument(
+        "--chunk",
+        type=int,
+        default=None,
+        metavar="K",
+        help=f"server-side generation: K characters per request (1..{MAX_K}) on a charrnn_gen_* model",
+    )
     g = p.add_argument_group("retries")
-    g.add_argument("--retries", type=int, default=5,
-                   help="reconnect attempts per server outage before giving up (0: give up at once)")
-    g.add_argument("--retry-delay", type=float, default=0.5,
-                   help="seconds before the first reconnect attempt; doubled per attempt (at most 8 s)")
-    g.add_argument("--retry-max-wait", type=float, default=60.0,
-                   help="give up when the waits of one outage would exceed this many seconds")
+    g.add_argument(
+        "--retries",
+        type=int,
+        default=5,
+        help="reconnect attempts per server outage before giving up (0: give up at once)",
+    )
+    g.add_argument(
+        "--retry-delay",
+        type=float,
+        default=0.5,
+        help="seconds before the first reconnect attempt; doubled per attempt (at most 8 s)",
+    )
+    g.add_argument(
+        "--retry-max-wait",
+        type=float,
+        default=60.0,
+        help="give up when the waits of one outage would exceed this many seconds",
+    )
     g = p.add_argument_group("output")
-    g.add_argument("--num-sequences", type=int, default=1, help="independent sequences generated in parallel")
-    g.add_argument("--expect", default=None, help="exit 1 unless the generated text (of sequence 0) equals this")
+    g.add_argument(
+        "--num-sequences", type=int, default=1, help="independent sequences generated in parallel"
+    )
+    g.add_argument(
+        "--expect",
+        default=None,
+        help="exit 1 unless the generated text (of sequence 0) equals this",
+    )
     g.add_argument("--quiet", action="store_true", help="print only the final texts")
     args = p.parse_args(argv)
     if args.length < 1:
@@ -65,19 +100,30 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if not args.prompt:
         raise UserError("--prompt", "is empty", "give at least one character")
     if not 1 <= args.num_sequences <= MAX_SEQUENCES:
-        raise UserError("--num-sequences", f"must be in 1..{MAX_SEQUENCES} (the sequence slots of a model "
-                        f"instance), got {args.num_sequences}", "run several clients one after another")
+        raise UserError(
+            "--num-sequences",
+            f"must be in 1..{MAX_SEQUENCES} (the sequence slots of a model "
+            f"instance), got {args.num_sequences}",
+            "run several clients one after another",
+        )
     from .generate import RetryPolicy, check_chunk
 
     check_chunk(args.chunk)
     if args.chunk is not None and args.protocol != "grpc":
-        raise UserError("--chunk", "needs gRPC (one stream for every sequence; streaming responses)",
-                        "use --protocol grpc and the gRPC port (8001)")
-    args.retry = RetryPolicy(retries=args.retries, delay=args.retry_delay, max_wait=args.retry_max_wait).validate()
+        raise UserError(
+            "--chunk",
+            "needs gRPC (one stream for every sequence; streaming responses)",
+            "use --protocol grpc and the gRPC port (8001)",
+        )
+    args.retry = RetryPolicy(
+        retries=args.retries, delay=args.retry_delay, max_wait=args.retry_max_wait
+    ).validate()
     return args
 
 
-def print_texts(seqs, vocab, model: str, args, params, stream_one: bool, partial: bool = False) -> list[str]:
+def print_texts(
+    seqs, vocab, model: str, args, params, stream_one: bool, partial: bool = False
+) -> list[str]:
     """The final texts on stdout (a streamed single sequence is already there: end its line)."""
     texts = [vocab.decode(s.generated) for s in seqs]
     if stream_one:
@@ -85,8 +131,14 @@ def print_texts(seqs, vocab, model: str, args, params, stream_one: bool, partial
         sys.stdout.flush()
         return texts
     for seq, text in zip(seqs, texts):
-        note = f"; partial: {len(text)} of {args.length} characters" if partial and len(text) < args.length else ""
-        print(f"=== sequence {seq.index} ({model}, seed {params[seq.index].seed}{note}) ===\n{args.prompt}{text}\n")
+        note = (
+            f"; partial: {len(text)} of {args.length} characters"
+            if partial and len(text) < args.length
+            else ""
+        )
+        print(
+            f"=== sequence {seq.index} ({model}, seed {params[seq.index].seed}{note}) ===\n{args.prompt}{text}\n"
+        )
     sys.stdout.flush()
     return texts
 
@@ -104,8 +156,10 @@ def main(argv: list[str] | None = None) -> int:
         model = conn.pick_model(args.model, STEP if args.chunk is None else GEN)
         vocab = conn.vocabulary(model)
         params = [base.validate(len(vocab))]
-        params += [replace(base, seed=None if base.seed is None else base.seed + i)
-                   for i in range(1, args.num_sequences)]
+        params += [
+            replace(base, seed=None if base.seed is None else base.seed + i)
+            for i in range(1, args.num_sequences)
+        ]
         stream_one = args.num_sequences == 1 and not args.quiet
         if stream_one:
             sys.stdout.write(args.prompt)
@@ -124,8 +178,18 @@ def main(argv: list[str] | None = None) -> int:
             mid_line[0] = False
 
         try:
-            seqs = generate(conn, model, vocab, [args.prompt] * args.num_sequences, args.length, params,
-                            chunk=args.chunk, on_text=on_text, retry=args.retry, on_retry=on_retry)
+            seqs = generate(
+                conn,
+                model,
+                vocab,
+                [args.prompt] * args.num_sequences,
+                args.length,
+                params,
+                chunk=args.chunk,
+                on_text=on_text,
+                retry=args.retry,
+                on_retry=on_retry,
+            )
         except GenerationFailed as e:  # nothing lost: print what was generated before giving up
             print_texts(e.sequences, vocab, model, args, params, stream_one, partial=True)
             raise
@@ -133,8 +197,10 @@ def main(argv: list[str] | None = None) -> int:
         conn.close()
     texts = print_texts(seqs, vocab, model, args, params, stream_one)
     per = f", {args.chunk} per request, {sum(s.sent for s in seqs)} requests" if args.chunk else ""
-    print(f"[{model} via {args.protocol}://{conn.url}: {args.num_sequences} x {args.length} characters{per}]",
-          file=sys.stderr)
+    print(
+        f"[{model} via {args.protocol}://{conn.url}: {args.num_sequences} x {args.length} characters{per}]",
+        file=sys.stderr,
+    )
     if args.expect is not None and texts[0] != args.expect:
         raise CheckFailed("--expect", "the generated text differs from the expected text")
     return 0

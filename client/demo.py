@@ -19,16 +19,24 @@ from charrnn.errors import cli
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     # Only -h/--help is the demo's own (answered before a server starts); every other flag goes to the client.
-    parser("python -m client.demo", __doc__, usage="%(prog)s [-h] [client flags ...]",
-           allow_abbrev=False).parse_known_args(argv)
-    from .__main__ import main as client_main
+    parser(
+        "python -m client.demo",
+        __doc__,
+        usage="%(prog)s [-h] [client flags ...]",
+        allow_abbrev=False,
+    ).parse_known_args(argv)
     from charrnn.local_triton import LocalTriton
+
+    from .__main__ import main as client_main
 
     t0 = time.time()
     server = LocalTriton.on_free_ports()
     print(f"starting the local Triton server (log {server.log_path}) ...", file=sys.stderr)
     with server:
-        print(f"ready in {time.time() - t0:.1f} s on {server.grpc_url}; generating:\n", file=sys.stderr)
+        print(
+            f"ready in {time.time() - t0:.1f} s on {server.grpc_url}; generating:\n",
+            file=sys.stderr,
+        )
         rc = client_main(["--url", server.grpc_url, *argv])
     print("server stopped.", file=sys.stderr)
     return rc

@@ -16,13 +16,17 @@ import sys
 import numpy as np
 import tritonclient.grpc as grpcclient
 
-from charrnn.repository import PYTHON as MODEL  # the one thing taken from the project: the model's name
+from charrnn.repository import (
+    PYTHON as MODEL,  # the one thing taken from the project: the model's name
+)
 
 
 def infer(client, ids, sequence_id, start=False, end=False):
     inp = grpcclient.InferInput("INPUT_IDS", [1, len(ids)], "INT32")
     inp.set_data_from_numpy(np.array([ids], np.int32))  # (1, T)
-    result = client.infer(MODEL, [inp], sequence_id=sequence_id, sequence_start=start, sequence_end=end)
+    result = client.infer(
+        MODEL, [inp], sequence_id=sequence_id, sequence_start=start, sequence_end=end
+    )
     return result.as_numpy("LOGITS")[0]  # (V,)
 
 
@@ -35,12 +39,16 @@ def greedy(client, logits, sequence_id, length):
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(prog="python -m client.example", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(
+        prog="python -m client.example", description=__doc__.splitlines()[0]
+    )
     p.add_argument("--url", default="127.0.0.1:8001", help="Triton's gRPC address")
     args = p.parse_args()
     client = grpcclient.InferenceServerClient(args.url)
     config = client.get_model_config(MODEL, as_json=True)["config"]
-    chars = json.loads(config["parameters"]["vocab_json"]["string_value"])["chars"]  # the model's vocabulary
+    chars = json.loads(config["parameters"]["vocab_json"]["string_value"])[
+        "chars"
+    ]  # the model's vocabulary
     prompt = [chars.index(c) for c in "ROMEO:\n"]
 
     whole = infer(client, prompt, 1001, start=True)  # sequence 1001: the prompt in one request

@@ -46,6 +46,7 @@ from charrnn.errors import UnavailableError, UserError
 from charrnn.repository import GEN, STEP
 from charrnn.sampling import Sampler, SamplingParams
 from charrnn.vocab import Vocab
+
 from .connection import Connection
 
 RESULT_TIMEOUT_S = 60.0
@@ -62,7 +63,8 @@ class GenerationFailed(UnavailableError):
 @dataclass(frozen=True)
 class RetryPolicy:
     """Reconnect on server loss: at most `retries` attempts per outage (the count restarts once characters
-    flow again), waiting delay, 2*delay, 4*delay, ... (each at most max_delay, all together at most max_wait)."""
+    flow again), waiting delay, 2*delay, 4*delay, ... (each at most max_delay, all together at most max_wait).
+    """
 
     retries: int = 0  # 0: fail at once (the text so far is kept in the exception)
     delay: float = 0.5
@@ -102,13 +104,19 @@ class Sequence:
     length: int  # characters to generate
     chunk: int  # K: characters per request (1: a step model, the client samples)
     sampler: Sampler
-    chunks: list[np.ndarray] = field(default_factory=list)  # prompt chunks (1..MAX_T ids) of the current priming
+    chunks: list[np.ndarray] = field(
+        default_factory=list
+    )  # prompt chunks (1..MAX_T ids) of the current priming
     generated: list[int] = field(default_factory=list)
     sent: int = 0  # requests sent so far (under the current sequence id)
     received: int = 0  # characters received for the request in flight
     primed: int = 0  # characters of `generated` that were part of the current priming
-    latencies: list[float] = field(default_factory=list)  # seconds per request (send -> last character)
-    first_char: list[float] = field(default_factory=list)  # seconds per request (send -> first answer)
+    latencies: list[float] = field(
+        default_factory=list
+    )  # seconds per request (send -> last character)
+    first_char: list[float] = field(
+        default_factory=list
+    )  # seconds per request (send -> first answer)
     restarts: int = 0  # times re-primed under a new sequence id
     restarts_without_progress: int = 0  # re-primings since this sequence last generated a character
     sequence_ids: list[int | str] = field(default_factory=list)  # earlier sequence ids
@@ -141,7 +149,9 @@ class Sequence:
             self.epoch += 1
             sequence_id = f"{self.key}:{self.epoch}"
         self.sequence_id = sequence_id
-        self.chunks = chunk_prompt(np.concatenate([self.prompt, np.asarray(self.generated, np.int32)]), max_t)
+        self.chunks = chunk_prompt(
+            np.concatenate([self.prompt, np.asarray(self.generated, np.int32)]), max_t
+        )
         self.primed, self.sent, self.received = len(self.generated), 0, 0
         self.sampler = Sampler(self.sampler.params, self.sampler.vocab_size)
         self.sampler.noise(len(self.generated))
@@ -178,8 +188,12 @@ def inputs_of(seq: Sequence, req: Request, generation: bool) -> dict[str, np.nda
         noise, temperature = np.full((req.k, v), 0.5, np.float32), 0.0
     else:
         noise, temperature = seq.sampler.noise(req.k), p.temperature
-    return {INPUT_IDS: ids, NOISE: np.ascontiguousarray(noise, np.float32)[None],  # (1, K, V)
-            TEMPERATURE: np.array([[temperature]], np.float32), TOP_K: np.array([[0 if p.greedy else p.top_k]], np.int32)}
+    return {
+        INPUT_IDS: ids,
+        NOISE: np.ascontiguousarray(noise, np.float32)[None],  # (1, K, V)
+        TEMPERATURE: np.array([[temperature]], np.float32),
+        TOP_K: np.array([[0 if p.greedy else p.top_k]], np.int32),
+    }
 
 
 # What an error means for the generation: the server went away (reconnect), the server does not know the
@@ -187,9 +201,18 @@ def inputs_of(seq: Sequence, req: Request, generation: bool) -> dict[str, np.nda
 OUTAGE, LOST, FATAL = "outage", "lost", "fatal"
 # HTTP 502/503/504: a proxy in front of the replicas (serve/haproxy.cfg) lost, or has no, replica for the request.
 _OUTAGE_STATUS = ("UNAVAILABLE", "CANCELLED", "DEADLINE_EXCEEDED", "ABORTED", "502", "503", "504")
-_OUTAGE_TEXT = ("stream is no longer in valid state", "socket closed", "connection refused", "failed to connect",
-                "connection reset", "broken pipe", "server is stopping", "stream removed", "no answer for",
-                "channel closed")  # gRPC's ValueError once our side of the connection is closed
+_OUTAGE_TEXT = (
+    "stream is no longer in valid state",
+    "socket closed",
+    "connection refused",
+    "failed to connect",
+    "connection reset",
+    "broken pipe",
+    "server is stopping",
+    "stream removed",
+    "no answer for",
+    "channel closed",
+)  # gRPC's ValueError once our side of the connection is closed
 _LOST_TEXT = ("must specify the start flag", "unknown sequence")
 
 
@@ -198,8 +221,11 @@ def classify(error) -> str:
     if any(s in text for s in _LOST_TEXT):
         return LOST
     status = str(getattr(error, "status", lambda: None)() or "")
-    if isinstance(error, (OSError, TimeoutError)) or any(status.endswith(s) for s in _OUTAGE_STATUS) or \
-            any(s in text for s in _OUTAGE_TEXT):
+    if (
+        isinstance(error, (OSError, TimeoutError))
+        or any(status.endswith(s) for s in _OUTAGE_STATUS)
+        or any(s in text for s in _OUTAGE_TEXT)
+    ):
         return OUTAGE
     return FATAL
 
@@ -212,11 +238,20 @@ class _Outage(Exception):
         self.error, self.shard = error, shard
 
 
-def generate(conn: Connection, model: str, vocab: Vocab, prompts: list[str], length: int,
-             params: list[SamplingParams] | SamplingParams, chunk: int | None = None,
-             on_text: Callable[[int, str], None] | None = None, sequence_ids: list[int] | None = None,
-             max_t: int = MAX_T, retry: RetryPolicy | None = None,
-             on_retry: Callable[[str], None] | None = None) -> list[Sequence]:
+def generate(
+    conn: Connection,
+    model: str,
+    vocab: Vocab,
+    prompts: list[str],
+    length: int,
+    params: list[SamplingParams] | SamplingParams,
+    chunk: int | None = None,
+    on_text: Callable[[int, str], None] | None = None,
+    sequence_ids: list[int] | None = None,
+    max_t: int = MAX_T,
+    retry: RetryPolicy | None = None,
+    on_retry: Callable[[str], None] | None = None,
+) -> list[Sequence]:
     """Run len(prompts) sequences concurrently to completion; returns them (ids in .generated).
 
     chunk: None for a step model (one character per request, sampled here); K for a generation model.
@@ -229,25 +264,39 @@ def generate(conn: Connection, model: str, vocab: Vocab, prompts: list[str], len
         raise UserError("prompt", "is empty", "give at least one character")
     generation, k = chunk is not None, check_chunk(chunk)
     if generation and conn.protocol != "grpc":
-        raise UserError("--chunk", "needs gRPC (one stream for every sequence; streaming responses)",
-                        "use --protocol grpc and the gRPC port (8001)")
+        raise UserError(
+            "--chunk",
+            "needs gRPC (one stream for every sequence; streaming responses)",
+            "use --protocol grpc and the gRPC port (8001)",
+        )
     params = [params] * len(prompts) if isinstance(params, SamplingParams) else params
     for p in params:
         p.validate(len(vocab))
         if generation and not p.greedy and p.top_p < 1.0:
-            raise UserError("--top-p", "is not available with --chunk (the server samples with temperature and "
-                            "top-k only)", "drop --top-p, or generate per character without --chunk")
+            raise UserError(
+                "--top-p",
+                "is not available with --chunk (the server samples with temperature and "
+                "top-k only)",
+                "drop --top-p, or generate per character without --chunk",
+            )
     retry = (retry or RetryPolicy()).validate()
-    encoded = [vocab.encode(p) for p in prompts]  # unknown characters: an error before anything is sent
+    encoded = [
+        vocab.encode(p) for p in prompts
+    ]  # unknown characters: an error before anything is sent
     ids = sequence_ids or new_sequence_ids(len(prompts))
-    seqs = [Sequence(i, ids[i], e, length, k, Sampler(params[i], len(vocab)), chunk_prompt(e, max_t))
-            for i, e in enumerate(encoded)]
+    seqs = [
+        Sequence(i, ids[i], e, length, k, Sampler(params[i], len(vocab)), chunk_prompt(e, max_t))
+        for i, e in enumerate(encoded)
+    ]
     if conn.routed:  # "<key>:<epoch>" ids; sequence s on shard hash(key) mod K
         for seq in seqs:
             seq.key = secrets.token_hex(8)
             seq.sequence_id, seq.shard = f"{seq.key}:0", zlib.crc32(seq.key.encode()) % conn.shards
     by_request: dict[str, tuple[Sequence, Request, float]] = {}
-    outage = {"attempts": 0, "waited": 0.0}  # of the current outage; reset when characters flow again
+    outage = {
+        "attempts": 0,
+        "waited": 0.0,
+    }  # of the current outage; reset when characters flow again
     unfinished = [len(seqs)]  # sequences not done yet
     dropped = []  # set when the connection was given up: no END requests to send then
     say = on_retry or (lambda text: None)
@@ -267,8 +316,16 @@ def generate(conn: Connection, model: str, vocab: Vocab, prompts: list[str], len
         by_request[request_id] = (seq, req, time.perf_counter())
         seq.received = 0
         try:
-            conn.send(request_id, model, inputs_of(seq, req, generation), seq.sequence_id, req.start, req.end,
-                      shard=seq.shard, key=seq.key)
+            conn.send(
+                request_id,
+                model,
+                inputs_of(seq, req, generation),
+                seq.sequence_id,
+                req.start,
+                req.end,
+                shard=seq.shard,
+                key=seq.key,
+            )
         except UserError:
             raise
         except Exception as e:  # e.g. a dead gRPC stream refuses new requests
@@ -279,7 +336,8 @@ def generate(conn: Connection, model: str, vocab: Vocab, prompts: list[str], len
 
     def sequence_of(request_id, error) -> Sequence | None:
         """The sequence an answer belongs to; gRPC stream errors carry no request id, but the models' errors
-        name their sequence ("sequence <id>: ...") and one sequence in flight can only be that one."""
+        name their sequence ("sequence <id>: ...") and one sequence in flight can only be that one.
+        """
         if request_id is not None:
             entry = by_request.get(request_id)
             return entry[0] if entry else None
@@ -292,26 +350,42 @@ def generate(conn: Connection, model: str, vocab: Vocab, prompts: list[str], len
     def recover(error, shard: int | None = None) -> None:
         """Reconnect with backoff and re-prime every unfinished sequence (of `shard`'s stream, if one is named)
         under a new id; or give up. The other shards' sequences carry on untouched."""
-        why = f"connection lost ({brief(message(error))})" if shard is None else \
-            f"stream {shard} lost ({brief(message(error))})"
+        why = (
+            f"connection lost ({brief(message(error))})"
+            if shard is None
+            else f"stream {shard} lost ({brief(message(error))})"
+        )
         while True:
             outage["attempts"] += 1
             attempt, delay = outage["attempts"], retry.backoff(outage["attempts"])
             if attempt > retry.retries:
-                fix = ("restart the server, then run again with --retries N to reconnect and continue" if
-                       not retry.retries else "check the server (its log); raise --retries/--retry-max-wait")
-                raise give_up(why + (f", gave up after {retry.retries} retries" if retry.retries else ""), fix)
+                fix = (
+                    "restart the server, then run again with --retries N to reconnect and continue"
+                    if not retry.retries
+                    else "check the server (its log); raise --retries/--retry-max-wait"
+                )
+                raise give_up(
+                    why + (f", gave up after {retry.retries} retries" if retry.retries else ""), fix
+                )
             if outage["waited"] + delay > retry.max_wait:
-                raise give_up(f"{why}, gave up after waiting {outage['waited']:.1f} s (--retry-max-wait "
-                              f"{retry.max_wait:g})", "check the server (its log); raise --retry-max-wait")
-            say(f"warning: server {conn.url}: {why}; retry {attempt}/{retry.retries} in {delay:.1f} s ({kept()})")
+                raise give_up(
+                    f"{why}, gave up after waiting {outage['waited']:.1f} s (--retry-max-wait "
+                    f"{retry.max_wait:g})",
+                    "check the server (its log); raise --retry-max-wait",
+                )
+            say(
+                f"warning: server {conn.url}: {why}; retry {attempt}/{retry.retries} in {delay:.1f} s ({kept()})"
+            )
             time.sleep(delay)  # backoff between reconnection attempts
             outage["waited"] += delay
             try:
                 conn.reopen(shard)
                 conn.pick_model(model, GEN if generation else STEP)
                 if conn.vocabulary(model) != vocab:
-                    raise give_up(f"model {model} came back with another vocabulary", "run again from the start")
+                    raise give_up(
+                        f"model {model} came back with another vocabulary",
+                        "run again from the start",
+                    )
                 again = [s for s in seqs if not s.done and shard in (None, s.shard)]
                 for request_id in [r for r, (s, _, _) in by_request.items() if s in again]:
                     del by_request[request_id]
@@ -326,7 +400,9 @@ def generate(conn: Connection, model: str, vocab: Vocab, prompts: list[str], len
                 raise
             except _Outage as e:  # went down again while re-priming: next attempt
                 why = f"connection lost again ({brief(message(e.error))})"
-                shard = shard if e.shard == shard else None  # another stream broke too: recover them all
+                shard = (
+                    shard if e.shard == shard else None
+                )  # another stream broke too: recover them all
                 continue
             except UserError as e:  # e.g. not reachable yet, model not ready yet: next attempt
                 why = f"still unavailable ({brief(e.why)})"
@@ -336,27 +412,36 @@ def generate(conn: Connection, model: str, vocab: Vocab, prompts: list[str], len
                     raise
                 why = f"still unavailable ({brief(message(e))})"
                 continue
-            say(f"reconnected to {conn.url}{'' if shard is None else f' (stream {shard})'}: re-primed {len(again)} sequence(s) under new ids with "
-                f"prompt + generated text ({kept()})")
+            say(
+                f"reconnected to {conn.url}{'' if shard is None else f' (stream {shard})'}: re-primed {len(again)} sequence(s) under new ids with "
+                f"prompt + generated text ({kept()})"
+            )
             return
 
     def reprime_lost(seq: Sequence, error) -> None:
         """The server lost this one sequence (idle timeout, restart): re-prime it alone, same connection."""
         if seq.restarts_without_progress >= retry.retries:
-            raise give_up(f"sequence {seq.sequence_id} unknown to the server ({message(error)})" +
-                          (f", gave up after {retry.retries} retries" if retry.retries else ""),
-                          "check the server's max_sequence_idle_microseconds and log; pass --retries N to "
-                          "re-prime lost sequences", drop=False)
+            raise give_up(
+                f"sequence {seq.sequence_id} unknown to the server ({message(error)})"
+                + (f", gave up after {retry.retries} retries" if retry.retries else ""),
+                "check the server's max_sequence_idle_microseconds and log; pass --retries N to "
+                "re-prime lost sequences",
+                drop=False,
+            )
         seq.restarts_without_progress += 1
         old = seq.sequence_id
         for request_id in [r for r, (s, _, _) in by_request.items() if s is seq]:
             del by_request[request_id]
         seq.reprime(new_sequence_ids(1)[0], max_t)
-        say(f"warning: server {conn.url}: sequence {old} unknown to the server; re-primed it as {seq.sequence_id} "
-            f"with prompt + {len(seq.generated)} generated characters")
+        say(
+            f"warning: server {conn.url}: sequence {old} unknown to the server; re-primed it as {seq.sequence_id} "
+            f"with prompt + {len(seq.generated)} generated characters"
+        )
         send_next(seq)
 
-    def on_answer(seq: Sequence, req: Request, sent_at: float, request_id: str, result, arrived: float) -> None:
+    def on_answer(
+        seq: Sequence, req: Request, sent_at: float, request_id: str, result, arrived: float
+    ) -> None:
         """One result for a request in flight: the characters it carries, then the next request when complete."""
         if generation:
             got = [int(i) for i in result.as_numpy(OUTPUT_IDS).reshape(-1)]
@@ -366,8 +451,12 @@ def generate(conn: Connection, model: str, vocab: Vocab, prompts: list[str], len
             seq.first_char.append(arrived - sent_at)
         seq.received += len(got)
         if seq.received > req.k:
-            raise GenerationFailed(f"{model} (sequence {seq.sequence_id})", f"returned {seq.received} ids for "
-                                   f"a request of {req.k}", "see the server log", seqs)
+            raise GenerationFailed(
+                f"{model} (sequence {seq.sequence_id})",
+                f"returned {seq.received} ids for " f"a request of {req.k}",
+                "see the server log",
+                seqs,
+            )
         if req.keep:
             seq.generated.extend(got)
             seq.restarts_without_progress = 0
@@ -395,7 +484,9 @@ def generate(conn: Connection, model: str, vocab: Vocab, prompts: list[str], len
                     answer = conn.results.get(timeout=RESULT_TIMEOUT_S)
                 except queue.Empty:
                     if not retry.retries:
-                        raise give_up(f"no answer for {RESULT_TIMEOUT_S:.0f} s", "check the server") from None
+                        raise give_up(
+                            f"no answer for {RESULT_TIMEOUT_S:.0f} s", "check the server"
+                        ) from None
                     raise _Outage(TimeoutError(f"no answer for {RESULT_TIMEOUT_S:.0f} s")) from None
                 if conn.stale(answer):
                     continue  # from a connection a recovery replaced: its sequences were re-primed
@@ -408,10 +499,15 @@ def generate(conn: Connection, model: str, vocab: Vocab, prompts: list[str], len
                     if kind == LOST and seq is not None:
                         reprime_lost(seq, error)
                         continue
-                    if kind in (OUTAGE, LOST):  # LOST here: cannot tell which sequence, so re-prime them all
+                    if kind in (
+                        OUTAGE,
+                        LOST,
+                    ):  # LOST here: cannot tell which sequence, so re-prime them all
                         raise _Outage(error, shard if conn.shards > 1 else None)
                     where = f"sequence {seq.sequence_id}" if seq else "a sequence"
-                    raise GenerationFailed(f"{model} ({where})", message(error), "see the server log", seqs)
+                    raise GenerationFailed(
+                        f"{model} ({where})", message(error), "see the server log", seqs
+                    )
                 if seq is None:
                     continue  # a late answer to a request abandoned by a recovery
                 _, req, sent_at = by_request[request_id]
@@ -425,15 +521,25 @@ def generate(conn: Connection, model: str, vocab: Vocab, prompts: list[str], len
     return seqs
 
 
-def end_open_sequences(conn: Connection, model: str, seqs: list[Sequence], generation: bool) -> None:
+def end_open_sequences(
+    conn: Connection, model: str, seqs: list[Sequence], generation: bool
+) -> None:
     """Best effort on errors, Ctrl-C and re-primes: tell the server to free unfinished sequences' state."""
     for seq in seqs:
         if 0 < seq.sent < seq.total_requests:
             ids = np.array([seq.generated[-1]], np.int32) if seq.generated else seq.chunks[0]
             end = Request(ids, 1, False, False, True)  # uses no row of the noise stream
             try:
-                conn.send(f"{seq.sequence_id}:end", model, inputs_of(seq, end, generation), seq.sequence_id,
-                          start=False, end=True, shard=seq.shard, key=seq.key)
+                conn.send(
+                    f"{seq.sequence_id}:end",
+                    model,
+                    inputs_of(seq, end, generation),
+                    seq.sequence_id,
+                    start=False,
+                    end=True,
+                    shard=seq.shard,
+                    key=seq.key,
+                )
             except Exception:
                 pass
 
@@ -446,7 +552,12 @@ def message(error) -> str:
 def brief(text: str) -> str:
     """A connection error in a few words (gRPC's are long)."""
     lower = text.lower()
-    for known in ("connection refused", "socket closed", "connection reset by peer", "stream is no longer in valid state"):
+    for known in (
+        "connection refused",
+        "socket closed",
+        "connection reset by peer",
+        "stream is no longer in valid state",
+    ):
         if known in lower:
             return known
     return text if len(text) <= 160 else text[:157] + "..."

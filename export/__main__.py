@@ -18,11 +18,25 @@ from pathlib import Path
 from charrnn.cli import parser
 from charrnn.contract import MAX_SEQUENCE_IDLE_US
 from charrnn.errors import CheckFailed, UserError, cli
-from charrnn.repository import (BY_NAME, GEN, GEN_MODELS, GEN_ONNX, GEN_TRT, ONNX, PYTHON, PYTHON_BACKEND, STEP, TRT,
-                                load_config, names)
+from charrnn.repository import (
+    BY_NAME,
+    GEN,
+    GEN_MODELS,
+    GEN_ONNX,
+    GEN_TRT,
+    ONNX,
+    PYTHON,
+    PYTHON_BACKEND,
+    STEP,
+    TRT,
+    load_config,
+    names,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
-COMMITTED_REPO = ROOT / "model_repository"  # holds the python models' model.py files (exports elsewhere copy them)
+COMMITTED_REPO = (
+    ROOT / "model_repository"
+)  # holds the python models' model.py files (exports elsewhere copy them)
 
 
 def place(onnx_path: Path, repo: Path, models: tuple[str, ...]) -> None:
@@ -39,16 +53,27 @@ def place(onnx_path: Path, repo: Path, models: tuple[str, ...]) -> None:
 @cli
 def main(argv: list[str] | None = None) -> int:
     p = parser("python -m export", __doc__)
-    p.add_argument("--model", default="models/shakespeare-lstm-2x512", help="model directory (make train)")
+    p.add_argument(
+        "--model", default="models/shakespeare-lstm-2x512", help="model directory (make train)"
+    )
     p.add_argument("--repo", default="model_repository", help="Triton model repository to write")
-    p.add_argument("--idle-timeout", type=float, default=MAX_SEQUENCE_IDLE_US / 1e6, metavar="SECONDS",
-                   help="free a sequence idle this long (the sequence batcher's max_sequence_idle_microseconds)")
+    p.add_argument(
+        "--idle-timeout",
+        type=float,
+        default=MAX_SEQUENCE_IDLE_US / 1e6,
+        metavar="SECONDS",
+        help="free a sequence idle this long (the sequence batcher's max_sequence_idle_microseconds)",
+    )
     args = p.parse_args(argv)
     if not 1 <= args.idle_timeout <= 86_400:
-        raise UserError("--idle-timeout", f"must be in 1..86400 seconds, got {args.idle_timeout}",
-                        "a person at a keyboard needs tens of seconds; Triton's own default is 1 s")
+        raise UserError(
+            "--idle-timeout",
+            f"must be in 1..86400 seconds, got {args.idle_timeout}",
+            "a person at a keyboard needs tens of seconds; Triton's own default is 1 s",
+        )
 
     from charrnn.model import load_model_dir, use_cpu_only
+
     from . import configs
     from .gen_export import export_gen_onnx
     from .onnx_export import export_onnx
@@ -72,12 +97,17 @@ def main(argv: list[str] | None = None) -> int:
     report = check_model(proto)
     print("      " + report.text().replace("\n", "\n      "))
     if not report.ready:
-        raise CheckFailed(str(onnx_path), "the graph is not TensorRT-ready", "see the problems above")
+        raise CheckFailed(
+            str(onnx_path), "the graph is not TensorRT-ready", "see the problems above"
+        )
     gen_report = check_model(gen_proto)
     print("      generation graph: " + gen_report.text().replace("\n", "\n      "))
     if not gen_report.ready:
-        raise CheckFailed(str(repo / GEN_ONNX), "the generation graph is not TensorRT-ready",
-                          "see the problems above")
+        raise CheckFailed(
+            str(repo / GEN_ONNX),
+            "the generation graph is not TensorRT-ready",
+            "see the problems above",
+        )
 
     print(f"[4/4] Triton configs in {repo}/")
     contract = model.config.contract
@@ -89,9 +119,11 @@ def main(argv: list[str] | None = None) -> int:
             if problems:
                 raise CheckFailed(str(path), "; ".join(problems), "fix export/configs.py")
         print(f"      {path}  ({configs.describe(config)})")
-    print(f"done in {time.time() - t0:.1f} s. Next: `make verify` (ONNX vs TF parity); "
-          f"`make plan` builds {repo}/{TRT}/1/model.plan and {repo}/{GEN_TRT}/1/model.plan in "
-          "NVIDIA's TensorRT container.")
+    print(
+        f"done in {time.time() - t0:.1f} s. Next: `make verify` (ONNX vs TF parity); "
+        f"`make plan` builds {repo}/{TRT}/1/model.plan and {repo}/{GEN_TRT}/1/model.plan in "
+        "NVIDIA's TensorRT container."
+    )
     return 0
 
 

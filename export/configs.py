@@ -16,12 +16,40 @@ from pathlib import Path
 from google.protobuf.text_encoding import CEscape
 
 from charrnn.cli import parser
-from charrnn.contract import (INPUT_IDS, LOGITS, MAX_BATCH_SIZE, MAX_K, MAX_SEQUENCE_IDLE_US, MAX_SEQUENCES,
-                              MAX_T, NOISE, OUTPUT_IDS, STATE_IN, STATE_OUT, TEMPERATURE, TOP_K, TRITON_DTYPE,
-                              VOCAB_PARAMETER, Contract)
+from charrnn.contract import (
+    INPUT_IDS,
+    LOGITS,
+    MAX_BATCH_SIZE,
+    MAX_K,
+    MAX_SEQUENCE_IDLE_US,
+    MAX_SEQUENCES,
+    MAX_T,
+    NOISE,
+    OUTPUT_IDS,
+    STATE_IN,
+    STATE_OUT,
+    TEMPERATURE,
+    TOP_K,
+    TRITON_DTYPE,
+    VOCAB_PARAMETER,
+    Contract,
+)
 from charrnn.errors import UserError, cli
-from charrnn.repository import (BY_NAME, CONFIG, GEN_MODELS, GEN_ONNX, GEN_PYTHON, GEN_STREAM, GEN_TRT, ONNX,
-                                PYTHON, PYTHON_MODELS, SERVED_MODELS, TRT, parse_config)
+from charrnn.repository import (
+    BY_NAME,
+    CONFIG,
+    GEN_MODELS,
+    GEN_ONNX,
+    GEN_PYTHON,
+    GEN_STREAM,
+    GEN_TRT,
+    ONNX,
+    PYTHON,
+    PYTHON_MODELS,
+    SERVED_MODELS,
+    TRT,
+    parse_config,
+)
 from charrnn.vocab import Vocab
 
 # Batcher settings shared by every model (docs/model.md): `oldest` batches across sequences,
@@ -35,25 +63,56 @@ PYTHON_INSTANCES = 1
 ORT_THREADS = {PYTHON: 1, GEN_PYTHON: 2, GEN_STREAM: 2}
 
 _HEADER = {
-    TRT: ('platform: "tensorrt_plan"', "KIND_GPU", "TensorRT engine built from model.onnx by export.build_plan "
-          "(NVIDIA's TensorRT container, same release as the server)"),
-    ONNX: ('platform: "onnxruntime_onnx"', "KIND_AUTO", "ONNX Runtime; KIND_AUTO = GPU if present, else CPU"),
-    PYTHON: ('backend: "python"', "KIND_CPU", "python backend running model.onnx with ONNX Runtime; "
-             "state kept per correlation id in model.py"),
-    GEN_TRT: ('platform: "tensorrt_plan"', "KIND_GPU", "server-side generation, TensorRT engine built from the "
-              "generation graph (charrnn_gen_onnx/1/model.onnx) by export.build_plan"),
-    GEN_ONNX: ('platform: "onnxruntime_onnx"', "KIND_AUTO", "server-side generation, ONNX Runtime running the "
-               "generation graph (export/gen_export.py); KIND_AUTO = GPU if present, else CPU"),
-    GEN_PYTHON: ('backend: "python"', "KIND_CPU", "server-side generation, python backend running the generation "
-                 "graph with ONNX Runtime; state kept per correlation id in model.py"),
-    GEN_STREAM: ('backend: "python"', "KIND_CPU", "server-side generation streamed: decoupled python backend, one "
-                 "response per character as it is generated (gRPC streaming only); state kept in model.py"),
+    TRT: (
+        'platform: "tensorrt_plan"',
+        "KIND_GPU",
+        "TensorRT engine built from model.onnx by export.build_plan "
+        "(NVIDIA's TensorRT container, same release as the server)",
+    ),
+    ONNX: (
+        'platform: "onnxruntime_onnx"',
+        "KIND_AUTO",
+        "ONNX Runtime; KIND_AUTO = GPU if present, else CPU",
+    ),
+    PYTHON: (
+        'backend: "python"',
+        "KIND_CPU",
+        "python backend running model.onnx with ONNX Runtime; "
+        "state kept per correlation id in model.py",
+    ),
+    GEN_TRT: (
+        'platform: "tensorrt_plan"',
+        "KIND_GPU",
+        "server-side generation, TensorRT engine built from the "
+        "generation graph (charrnn_gen_onnx/1/model.onnx) by export.build_plan",
+    ),
+    GEN_ONNX: (
+        'platform: "onnxruntime_onnx"',
+        "KIND_AUTO",
+        "server-side generation, ONNX Runtime running the "
+        "generation graph (export/gen_export.py); KIND_AUTO = GPU if present, else CPU",
+    ),
+    GEN_PYTHON: (
+        'backend: "python"',
+        "KIND_CPU",
+        "server-side generation, python backend running the generation "
+        "graph with ONNX Runtime; state kept per correlation id in model.py",
+    ),
+    GEN_STREAM: (
+        'backend: "python"',
+        "KIND_CPU",
+        "server-side generation streamed: decoupled python backend, one "
+        "response per character as it is generated (gRPC streaming only); state kept in model.py",
+    ),
 }
 
 
 def _io_text(name: str, contract: Contract) -> str:
     """The input/output section (and its comment) of a config."""
-    ids_t, logits_t = TRITON_DTYPE[contract.inputs()[INPUT_IDS][0]], TRITON_DTYPE[contract.outputs()[LOGITS][0]]
+    ids_t, logits_t = (
+        TRITON_DTYPE[contract.inputs()[INPUT_IDS][0]],
+        TRITON_DTYPE[contract.outputs()[LOGITS][0]],
+    )
     if name not in GEN_MODELS:
         return f"""# Clients send only characters: INPUT_IDS is (1, T) per request, 1 <= T <= {MAX_T}
 # (a prompt chunk, or the one last sampled character); LOGITS are for the character after the last one.
@@ -61,8 +120,10 @@ input [ {{ name: "{INPUT_IDS}"  data_type: TYPE_{ids_t}  dims: [ -1 ] }} ]
 output [ {{ name: "{LOGITS}"  data_type: TYPE_{logits_t}  dims: [ {contract.vocab_size} ] }} ]"""
     v = contract.vocab_size
     if BY_NAME[name].decoupled:
-        out = ("# Decoupled: K responses per request, each OUTPUT_IDS (1, 1) = the next character, sent as soon as\n"
-               "# it is generated; the K-th is flagged final. Needs gRPC streaming (HTTP takes one response).")
+        out = (
+            "# Decoupled: K responses per request, each OUTPUT_IDS (1, 1) = the next character, sent as soon as\n"
+            "# it is generated; the K-th is flagged final. Needs gRPC streaming (HTTP takes one response)."
+        )
     else:
         out = "# OUTPUT_IDS (1, K): the K sampled ids, in one response."
     return f"""# Server-side generation: clients send characters and the sampling inputs, the server samples K characters:
@@ -79,13 +140,18 @@ input [
 output [ {{ name: "{OUTPUT_IDS}"  data_type: TYPE_{ids_t}  dims: [ -1 ] }} ]"""
 
 
-def render_config(name: str, contract: Contract, vocab: Vocab, idle_us: int = MAX_SEQUENCE_IDLE_US) -> str:
+def render_config(
+    name: str, contract: Contract, vocab: Vocab, idle_us: int = MAX_SEQUENCE_IDLE_US
+) -> str:
     """config.pbtxt text for one of the served models, spelled out with comments."""
     if name not in BY_NAME:
         raise ValueError(f"unknown model {name!r}")
     if len(vocab) != contract.vocab_size:
-        raise UserError("vocabulary", f"has {len(vocab)} characters, the model {contract.vocab_size}",
-                        "export with the model's own vocab.json")
+        raise UserError(
+            "vocabulary",
+            f"has {len(vocab)} characters, the model {contract.vocab_size}",
+            "export with the model's own vocab.json",
+        )
     platform, kind, what = _HEADER[name]
     state_t = TRITON_DTYPE[contract.inputs()[STATE_IN][0]]
     dims = ", ".join(str(d) for d in contract.state_dims)
@@ -110,7 +176,8 @@ def render_config(name: str, contract: Contract, vocab: Vocab, idle_us: int = MA
         params["intra_op_threads"] = str(ORT_THREADS[name])  # ONNX Runtime threads per instance
     param_text = "\n".join(
         f'parameters {{ key: "{k}" value: {{ string_value: "{CEscape(v, as_utf8=True)}" }} }}'
-        for k, v in params.items())
+        for k, v in params.items()
+    )
     equal = "T and K" if name in GEN_MODELS else "T"
     policy = "\nmodel_transaction_policy { decoupled: true }\n" if BY_NAME[name].decoupled else ""
     return f"""# Generated by `make export` (export/configs.py) from charrnn/contract.py -- do not edit by hand.
@@ -148,8 +215,13 @@ def onnx_io(model_proto) -> dict[str, tuple[str, tuple]]:
     out = {}
     for vi in list(model_proto.graph.input) + list(model_proto.graph.output):
         t = vi.type.tensor_type
-        dtype = TRITON_DTYPE.get(onnx.helper.tensor_dtype_to_np_dtype(t.elem_type), f"ONNX:{t.elem_type}")
-        out[vi.name] = (dtype, tuple(d.dim_value if d.HasField("dim_value") else -1 for d in t.shape.dim))
+        dtype = TRITON_DTYPE.get(
+            onnx.helper.tensor_dtype_to_np_dtype(t.elem_type), f"ONNX:{t.elem_type}"
+        )
+        out[vi.name] = (
+            dtype,
+            tuple(d.dim_value if d.HasField("dim_value") else -1 for d in t.shape.dim),
+        )
     return out
 
 
@@ -182,17 +254,24 @@ def check_config_against_onnx(config, model_proto) -> list[str]:
         expect(s.output_name, s.data_type, s.dims, "state output")
         for init in s.initial_state:
             if tuple(init.dims) != tuple(s.dims) or init.data_type != s.data_type:
-                problems.append(f"initial_state of {s.input_name!r} does not match the state's dtype/dims")
-    declared = {t.name for t in config.input} | {s.input_name for s in config.sequence_batching.state}
+                problems.append(
+                    f"initial_state of {s.input_name!r} does not match the state's dtype/dims"
+                )
+    declared = {t.name for t in config.input} | {
+        s.input_name for s in config.sequence_batching.state
+    }
     graph_inputs = {vi.name for vi in model_proto.graph.input}
     if config.platform == "onnxruntime_onnx" and declared != graph_inputs:
-        problems.append(f"ONNX Runtime needs config inputs + states == graph inputs: {sorted(declared)} vs "
-                        f"{sorted(graph_inputs)}")
+        problems.append(
+            f"ONNX Runtime needs config inputs + states == graph inputs: {sorted(declared)} vs "
+            f"{sorted(graph_inputs)}"
+        )
     return problems
 
 
-def write_repository(repo: str | Path, contract: Contract, vocab: Vocab,
-                     idle_us: int = MAX_SEQUENCE_IDLE_US) -> list[Path]:
+def write_repository(
+    repo: str | Path, contract: Contract, vocab: Vocab, idle_us: int = MAX_SEQUENCE_IDLE_US
+) -> list[Path]:
     """Write config.pbtxt for every model under `repo` (sequences idle `idle_us` are freed); returns the paths."""
     repo = Path(repo)
     written = []
@@ -209,17 +288,27 @@ def write_repository(repo: str | Path, contract: Contract, vocab: Vocab,
 
 def describe(config) -> str:
     """One line per tensor, for reports."""
-    rows = [f"{t.name} {t.data_type} {list(t.dims)}" for t in list(config.input) + list(config.output)]
-    return "; ".join(rows) + "".join(f"; state {s.input_name}->{s.output_name} {list(s.dims)}"
-                                     for s in config.sequence_batching.state)
+    rows = [
+        f"{t.name} {t.data_type} {list(t.dims)}" for t in list(config.input) + list(config.output)
+    ]
+    return "; ".join(rows) + "".join(
+        f"; state {s.input_name}->{s.output_name} {list(s.dims)}"
+        for s in config.sequence_batching.state
+    )
 
 
 @cli
 def main(argv: list[str] | None = None) -> int:
     """Print one model's config for a quick look (a 2 x 512 LSTM over 65 characters)."""
     p = parser("python -m export.configs", __doc__)
-    p.add_argument("model", nargs="?", default=ONNX, choices=SERVED_MODELS, metavar="MODEL",
-                   help=f"served model whose config to print: {', '.join(SERVED_MODELS)}")
+    p.add_argument(
+        "model",
+        nargs="?",
+        default=ONNX,
+        choices=SERVED_MODELS,
+        metavar="MODEL",
+        help=f"served model whose config to print: {', '.join(SERVED_MODELS)}",
+    )
     args = p.parse_args(argv)
     c = Contract("lstm", 2, 512, 65)
     print(render_config(args.model, c, Vocab([chr(i) for i in range(32, 97)])))

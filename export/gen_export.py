@@ -31,13 +31,29 @@ import numpy as np
 import onnx
 
 from charrnn.cli import parser
-from charrnn.contract import (FLOAT_DTYPE, IDS_DTYPE, INPUT_IDS, NOISE, OUTPUT_IDS, STATE_IN, STATE_OUT,
-                              MIN_TEMPERATURE, TEMPERATURE, TOP_K, Contract, state_slots)
+from charrnn.contract import (
+    INPUT_IDS,
+    MIN_TEMPERATURE,
+    NOISE,
+    OUTPUT_IDS,
+    STATE_IN,
+    STATE_OUT,
+    TEMPERATURE,
+    TOP_K,
+    Contract,
+    state_slots,
+)
 from charrnn.errors import CheckFailed, cli
+
 from .onnx_export import OPSET, name_dims, rename_value
 
-_ARG_NAMES = {"input_ids": INPUT_IDS, "state_in": STATE_IN, "noise": NOISE, "temperature": TEMPERATURE,
-              "top_k": TOP_K}
+_ARG_NAMES = {
+    "input_ids": INPUT_IDS,
+    "state_in": STATE_IN,
+    "noise": NOISE,
+    "temperature": TEMPERATURE,
+    "top_k": TOP_K,
+}
 
 
 def generation_function(model):
@@ -47,11 +63,13 @@ def generation_function(model):
     config = model.config
     contract = config.contract
     slots, vocab = state_slots(config.cell), config.vocab_size
-    spec = (tf.TensorSpec([None, None], tf.int32, name="input_ids"),
-            tf.TensorSpec([None, *contract.state_dims], tf.float32, name="state_in"),
-            tf.TensorSpec([None, None, vocab], tf.float32, name="noise"),
-            tf.TensorSpec([None, 1], tf.float32, name="temperature"),
-            tf.TensorSpec([None, 1], tf.int32, name="top_k"))
+    spec = (
+        tf.TensorSpec([None, None], tf.int32, name="input_ids"),
+        tf.TensorSpec([None, *contract.state_dims], tf.float32, name="state_in"),
+        tf.TensorSpec([None, None, vocab], tf.float32, name="noise"),
+        tf.TensorSpec([None, 1], tf.float32, name="temperature"),
+        tf.TensorSpec([None, 1], tf.int32, name="top_k"),
+    )
 
     def choose(logits, u, temperature, kth_index):
         """One character per row: logits (B, V), u (B, V) -> ids (B,) int32 (= charrnn.sampling.choose)."""
@@ -59,7 +77,9 @@ def generation_function(model):
         sample = temperature > 0.0  # (B, 1)
         # Clamped to MIN_TEMPERATURE: the TensorRT / ONNX Runtime backends run this graph without the python
         # models' request checks, and a subnormal temperature would overflow logits / T.
-        z = logits / tf.where(sample, tf.maximum(temperature, MIN_TEMPERATURE), tf.ones_like(temperature))  # (B, V)
+        z = logits / tf.where(
+            sample, tf.maximum(temperature, MIN_TEMPERATURE), tf.ones_like(temperature)
+        )  # (B, V)
         ordered = tf.math.top_k(z, k=vocab, sorted=True).values  # (B, V) descending: ONNX TopK
         kth = tf.gather(ordered, kth_index, axis=1, batch_dims=1)  # (B, 1): ONNX GatherElements
         z = tf.where(z < kth, tf.constant(-np.inf, tf.float32), z)
@@ -96,8 +116,11 @@ def generation_function(model):
             return i + 1, chosen, state, out
 
         _, _, state, out = tf.while_loop(
-            lambda i, *_: i < k_total, body, (tf.constant(1), first, state, out),
-            maximum_iterations=k_total - 1)
+            lambda i, *_: i < k_total,
+            body,
+            (tf.constant(1), first, state, out),
+            maximum_iterations=k_total - 1,
+        )
         return {OUTPUT_IDS: out, STATE_OUT: state}
 
     return generate, spec
@@ -127,7 +150,11 @@ def hoist_loop_invariants(graph: onnx.GraphProto) -> int:
                 keep.append(j)
         scan = list(node.output[n_carried:])
         body_inputs = [body.input[0], body.input[1]] + [body.input[2 + j] for j in keep]
-        body_outputs = [body.output[0]] + [body.output[1 + j] for j in keep] + list(body.output[1 + n_carried:])
+        body_outputs = (
+            [body.output[0]]
+            + [body.output[1 + j] for j in keep]
+            + list(body.output[1 + n_carried :])
+        )
         node_inputs = list(node.input[:2]) + [node.input[2 + j] for j in keep]
         node_outputs = [node.output[j] for j in keep] + scan
         del body.input[:], body.output[:], node.input[:], node.output[:]
@@ -149,12 +176,18 @@ def export_gen_onnx(model, out: str | Path, opset: int = OPSET) -> onnx.ModelPro
     hoist_loop_invariants(graph)
     for vi in list(graph.input):
         rename_value(graph, vi.name, _ARG_NAMES.get(vi.name.split(":")[0], vi.name))
-    dims = {INPUT_IDS: {0: "batch", 1: "T"}, NOISE: {0: "batch", 1: "K"}, OUTPUT_IDS: {0: "batch", 1: "K"}}
+    dims = {
+        INPUT_IDS: {0: "batch", 1: "T"},
+        NOISE: {0: "batch", 1: "K"},
+        OUTPUT_IDS: {0: "batch", 1: "K"},
+    }
     for vi in list(graph.input) + list(graph.output):
         name_dims(vi, dims.get(vi.name, {0: "batch"}))
-    proto.doc_string = (f"charrnn generation: {INPUT_IDS} (batch, T) + {STATE_IN} + {NOISE} (batch, K, "
-                        f"{contract.vocab_size}) + {TEMPERATURE} (batch, 1) + {TOP_K} (batch, 1) -> {OUTPUT_IDS} "
-                        f"(batch, K) + {STATE_OUT}; cell {contract.cell}")
+    proto.doc_string = (
+        f"charrnn generation: {INPUT_IDS} (batch, T) + {STATE_IN} + {NOISE} (batch, K, "
+        f"{contract.vocab_size}) + {TEMPERATURE} (batch, 1) + {TOP_K} (batch, 1) -> {OUTPUT_IDS} "
+        f"(batch, K) + {STATE_OUT}; cell {contract.cell}"
+    )
     onnx.checker.check_model(proto)
     problems = check_gen_io(proto, contract)
     if problems:
@@ -171,10 +204,15 @@ def check_gen_io(proto: onnx.ModelProto, contract: Contract) -> list[str]:
     got = {}
     for vi in list(proto.graph.input) + list(proto.graph.output):
         t = vi.type.tensor_type
-        got[vi.name] = (np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.elem_type)),
-                        tuple(d.dim_value if d.HasField("dim_value") else -1 for d in t.shape.dim))
-    problems = [f"{name}: want {w}, graph has {got.get(name, 'nothing')}" for name, w in want.items()
-                if got.get(name) != w]
+        got[vi.name] = (
+            np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.elem_type)),
+            tuple(d.dim_value if d.HasField("dim_value") else -1 for d in t.shape.dim),
+        )
+    problems = [
+        f"{name}: want {w}, graph has {got.get(name, 'nothing')}"
+        for name, w in want.items()
+        if got.get(name) != w
+    ]
     extra = sorted(set(got) - set(want))
     if extra:
         problems.append(f"unexpected graph inputs/outputs {extra}")
@@ -188,6 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="ONNX file to write")
     args = p.parse_args(argv)
     from charrnn.model import load_model_dir, use_cpu_only
+
     from .trt_check import check_model
 
     use_cpu_only()  # a visible GPU makes Keras emit CudnnRNNV3, which tf2onnx cannot convert

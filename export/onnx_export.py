@@ -48,8 +48,10 @@ def export_onnx(model, out: str | Path, opset: int = OPSET) -> onnx.ModelProto:
     import tf2onnx
 
     contract = model.config.contract
-    spec = (tf.TensorSpec([None, None], tf.int32, name="input_ids"),
-            tf.TensorSpec([None, *contract.state_dims], tf.float32, name="state_in"))
+    spec = (
+        tf.TensorSpec([None, None], tf.int32, name="input_ids"),
+        tf.TensorSpec([None, *contract.state_dims], tf.float32, name="state_in"),
+    )
 
     @tf.function(input_signature=spec)
     def step(input_ids, state_in):
@@ -66,8 +68,10 @@ def export_onnx(model, out: str | Path, opset: int = OPSET) -> onnx.ModelProto:
         name_dims(vi, {0: "batch", 1: "T"} if vi.name == INPUT_IDS else DIM_NAMES)
     for vi in graph.output:
         name_dims(vi, DIM_NAMES)
-    proto.doc_string = (f"charrnn step: {INPUT_IDS} (batch, T) int32 + {STATE_IN} {('batch', *contract.state_dims)} "
-                        f"-> {LOGITS} (batch, {contract.vocab_size}) + {STATE_OUT}; cell {contract.cell}")
+    proto.doc_string = (
+        f"charrnn step: {INPUT_IDS} (batch, T) int32 + {STATE_IN} {('batch', *contract.state_dims)} "
+        f"-> {LOGITS} (batch, {contract.vocab_size}) + {STATE_OUT}; cell {contract.cell}"
+    )
     onnx.checker.check_model(proto)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

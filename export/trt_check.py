@@ -23,21 +23,36 @@ from charrnn.contract import INPUT_IDS, NOISE, OUTPUT_IDS
 from charrnn.errors import CheckFailed, UserError, cli
 
 ROOT = Path(__file__).resolve().parent.parent
-OPS_FILE_CANDIDATES = (ROOT.parent / "shared" / "tensorrt" / "onnx_ops_supported.txt",
-                       ROOT / "export" / "onnx_ops_supported.txt")
-OPSET_RANGE = (9, 24)  # "TensorRT 10.15 supports operators in the inclusive range of opset 9 to opset 24"
+OPS_FILE_CANDIDATES = (
+    ROOT.parent / "shared" / "tensorrt" / "onnx_ops_supported.txt",
+    ROOT / "export" / "onnx_ops_supported.txt",
+)
+OPSET_RANGE = (
+    9,
+    24,
+)  # "TensorRT 10.15 supports operators in the inclusive range of opset 9 to opset 24"
 # Graph I/O that may have a dynamic dim 1 (besides batch): T of INPUT_IDS, K of the generation graph.
 DYNAMIC_DIM1 = {INPUT_IDS: "T", NOISE: "K", OUTPUT_IDS: "K"}
-IO_DTYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16,
-             onnx.TensorProto.INT32, onnx.TensorProto.INT64, onnx.TensorProto.BOOL, onnx.TensorProto.UINT8}
+IO_DTYPES = {
+    onnx.TensorProto.FLOAT,
+    onnx.TensorProto.FLOAT16,
+    onnx.TensorProto.BFLOAT16,
+    onnx.TensorProto.INT32,
+    onnx.TensorProto.INT64,
+    onnx.TensorProto.BOOL,
+    onnx.TensorProto.UINT8,
+}
 
 
 def supported_ops(path: str | Path | None = None) -> dict[str, str]:
     """op name -> the list's note, for the ops marked Y in TensorRT's ONNX-parser support list."""
     candidates = [Path(path)] if path else [p for p in OPS_FILE_CANDIDATES if p.is_file()]
     if not candidates or not candidates[0].is_file():
-        raise UserError("TensorRT op list", f"not found at {[str(p) for p in OPS_FILE_CANDIDATES]}",
-                        "pass --ops FILE")
+        raise UserError(
+            "TensorRT op list",
+            f"not found at {[str(p) for p in OPS_FILE_CANDIDATES]}",
+            "pass --ops FILE",
+        )
     ops = {}
     for line in candidates[0].read_text().splitlines():
         if not line or line.startswith("#") or "\t" not in line:
@@ -82,7 +97,9 @@ def check_model(model: onnx.ModelProto, ops_file: str | Path | None = None) -> R
         if node.domain not in ("", "ai.onnx"):
             rep.problems.append(f"op {node.op_type} is in custom domain {node.domain!r}")
         elif node.op_type not in ops:
-            rep.problems.append(f"op {node.op_type} ({node.name}) is not supported by TensorRT's ONNX parser")
+            rep.problems.append(
+                f"op {node.op_type} ({node.name}) is not supported by TensorRT's ONNX parser"
+            )
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
         if node.op_type in ("LSTM", "GRU", "RNN") and attrs.get("layout", 0) != 0:
             rep.problems.append(f"{node.op_type} {node.name}: layout must be 0 for TensorRT")
@@ -90,16 +107,22 @@ def check_model(model: onnx.ModelProto, ops_file: str | Path | None = None) -> R
             rep.problems.append(f"LSTM {node.name}: input_forget must be 0 for TensorRT")
     for imp in model.opset_import:
         if imp.domain in ("", "ai.onnx") and not OPSET_RANGE[0] <= imp.version <= OPSET_RANGE[1]:
-            rep.problems.append(f"opset {imp.version} is outside TensorRT's parser range {OPSET_RANGE}")
+            rep.problems.append(
+                f"opset {imp.version} is outside TensorRT's parser range {OPSET_RANGE}"
+            )
     for vi in list(model.graph.input) + list(model.graph.output):
         t = vi.type.tensor_type
         if t.elem_type not in IO_DTYPES:
-            rep.problems.append(f"{vi.name}: dtype {onnx.TensorProto.DataType.Name(t.elem_type)} not supported on I/O")
+            rep.problems.append(
+                f"{vi.name}: dtype {onnx.TensorProto.DataType.Name(t.elem_type)} not supported on I/O"
+            )
         allowed_dynamic = {0, 1} if vi.name in DYNAMIC_DIM1 else {0}
         for i, d in enumerate(t.shape.dim):
             if not d.HasField("dim_value") and i not in allowed_dynamic:
-                rep.problems.append(f"{vi.name}: dim {i} is dynamic ({d.dim_param or '?'}); only batch"
-                                    f"{' and ' + DYNAMIC_DIM1[vi.name] if vi.name in DYNAMIC_DIM1 else ''} may be")
+                rep.problems.append(
+                    f"{vi.name}: dim {i} is dynamic ({d.dim_param or '?'}); only batch"
+                    f"{' and ' + DYNAMIC_DIM1[vi.name] if vi.name in DYNAMIC_DIM1 else ''} may be"
+                )
     return rep
 
 
@@ -107,16 +130,22 @@ def check_model(model: onnx.ModelProto, ops_file: str | Path | None = None) -> R
 def main(argv: list[str] | None = None) -> int:
     p = parser("python -m export.trt_check", __doc__)
     p.add_argument("onnx", help="ONNX model file")
-    p.add_argument("--ops", default=None, help="TensorRT ONNX op support list (default: ../shared/tensorrt/)")
+    p.add_argument(
+        "--ops", default=None, help="TensorRT ONNX op support list (default: ../shared/tensorrt/)"
+    )
     args = p.parse_args(argv)
     try:
         model = onnx.load(args.onnx)
     except (OSError, onnx.onnx_cpp2py_export.checker.ValidationError, Exception) as e:
-        raise UserError(args.onnx, f"cannot load ONNX model ({type(e).__name__}: {e})", "run `make export`") from e
+        raise UserError(
+            args.onnx, f"cannot load ONNX model ({type(e).__name__}: {e})", "run `make export`"
+        ) from e
     rep = check_model(model, args.ops)
     print(rep.text())
     if not rep.ready:
-        raise CheckFailed(args.onnx, f"{len(rep.problems)} TensorRT problem(s)", "see the list above")
+        raise CheckFailed(
+            args.onnx, f"{len(rep.problems)} TensorRT problem(s)", "see the list above"
+        )
     return 0
 
 

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
+from charrnn import onnx_runtime
 from charrnn.cli import parser
 from charrnn.contract import INPUT_IDS, LOGITS, STATE_IN, STATE_OUT
-from charrnn import onnx_runtime
 from charrnn.errors import CheckFailed, UserError, cli
 
 PROMPTS = ("ROMEO:\n", "First Citizen:\nBefore we proceed", "KING HENRY", "O, ", "\n")
@@ -29,24 +29,31 @@ def ort_session(path: str | Path):
     try:
         return onnx_runtime.ort_session(path)
     except ValueError as e:
-        raise UserError(str(path), f"cannot load ONNX model ({e.__cause__.__class__.__name__})",
-                        "run `make export`") from e
+        raise UserError(
+            str(path),
+            f"cannot load ONNX model ({e.__cause__.__class__.__name__})",
+            "run `make export`",
+        ) from e
 
 
 def ort_step(session):
     """A charrnn.sampling.generate step function over the explicit-state ONNX model."""
+
     def step(ids, state):
         if state is None:
             shape = session.get_inputs()[1].shape
             state = np.zeros((ids.shape[0], *shape[1:]), np.float32)
-        logits, new_state = session.run([LOGITS, STATE_OUT], {INPUT_IDS: ids.astype(np.int32), STATE_IN: state})
+        logits, new_state = session.run(
+            [LOGITS, STATE_OUT], {INPUT_IDS: ids.astype(np.int32), STATE_IN: state}
+        )
         return logits, new_state
 
     return step
 
 
-def compare_logits(model, session, batches=(1, 3, 8), length: int = 300, chunk: int = 64,
-                   seed: int = 0) -> float:
+def compare_logits(
+    model, session, batches=(1, 3, 8), length: int = 300, chunk: int = 64, seed: int = 0
+) -> float:
     """Max |Δ logit| between TF and ONNX over random text, state carried across chunks."""
     rng = np.random.default_rng(seed)
     worst = 0.0
@@ -67,8 +74,14 @@ def compare_logits(model, session, batches=(1, 3, 8), length: int = 300, chunk: 
 @cli
 def main(argv: list[str] | None = None) -> int:
     p = parser("python -m export.verify", __doc__)
-    p.add_argument("--model", default="models/shakespeare-lstm-2x512", help="model directory (the reference)")
-    p.add_argument("--onnx", default="model_repository/charrnn_onnx/1/model.onnx", help="exported ONNX model to check")
+    p.add_argument(
+        "--model", default="models/shakespeare-lstm-2x512", help="model directory (the reference)"
+    )
+    p.add_argument(
+        "--onnx",
+        default="model_repository/charrnn_onnx/1/model.onnx",
+        help="exported ONNX model to check",
+    )
     p.add_argument("--length", type=int, default=1000, help="greedy characters per prompt")
     p.add_argument("--tolerance", type=float, default=1e-4, help="max |Δ logit| allowed")
     args = p.parse_args(argv)
@@ -82,14 +95,18 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     delta = compare_logits(model, session)
     ok_logits = delta <= args.tolerance
-    print(f"logits: batches 1/3/8 x 300 chars, state carried in chunks of 64: max |delta| = {delta:.2e} "
-          f"(tolerance {args.tolerance:.0e}) {'PASS' if ok_logits else 'FAIL'}")
+    print(
+        f"logits: batches 1/3/8 x 300 chars, state carried in chunks of 64: max |delta| = {delta:.2e} "
+        f"(tolerance {args.tolerance:.0e}) {'PASS' if ok_logits else 'FAIL'}"
+    )
     failures = [] if ok_logits else [f"max |delta logit| {delta:.2e} > {args.tolerance:.0e}"]
     greedy = SamplingParams(greedy=True)
     for prompt in PROMPTS:
         prime = vocab.encode(prompt)
         expect = vocab.decode(model.generate(prime, args.length, Sampler(greedy, len(vocab))))
-        received = vocab.decode(generate(ort_step(session), prime, args.length, Sampler(greedy, len(vocab))))
+        received = vocab.decode(
+            generate(ort_step(session), prime, args.length, Sampler(greedy, len(vocab)))
+        )
         same = expect == received
         first_diff = next((i for i, (a, b) in enumerate(zip(expect, received)) if a != b), None)
         print(f"\nprompt {prompt!r}: greedy {args.length} chars {'PASS' if same else 'FAIL'}")
@@ -100,7 +117,9 @@ def main(argv: list[str] | None = None) -> int:
             failures.append(f"greedy text differs for prompt {prompt!r} at character {first_diff}")
     print(f"\n{'PASS' if not failures else 'FAIL'} ({time.time() - t0:.1f} s)")
     if failures:
-        raise CheckFailed("verify", "; ".join(failures), "re-run `make export`; if it persists, report it")
+        raise CheckFailed(
+            "verify", "; ".join(failures), "re-run `make export`; if it persists, report it"
+        )
     return 0
 
 

@@ -30,7 +30,6 @@ from charrnn.errors import UserError, cli
 from charrnn.local_triton import DEFAULT_RUN_DIR, ROOT, LocalTriton, group_alive, stop_group
 from charrnn.repository import DECOUPLED_MODELS, SHARED_PYTHON_MODELS
 
-
 # --- CLI: make serve / make stop --------------------------------------------------------------------
 PID_FILE = DEFAULT_RUN_DIR / "triton.pid"
 ACTIONS = {
@@ -44,30 +43,55 @@ ACTIONS = {
 @cli
 def main(argv: list[str] | None = None) -> int:
     p = parser("python -m serve.local", __doc__)
-    p.add_argument("action", choices=list(ACTIONS), help="\n".join(f"{k}: {v}" for k, v in ACTIONS.items()))
+    p.add_argument(
+        "action", choices=list(ACTIONS), help="\n".join(f"{k}: {v}" for k, v in ACTIONS.items())
+    )
     p.add_argument("--repo", default=str(ROOT / "model_repository"), help="model repository")
-    p.add_argument("--http-port", type=int, default=8000, help="HTTP port (inference needs the key)")
+    p.add_argument(
+        "--http-port", type=int, default=8000, help="HTTP port (inference needs the key)"
+    )
     p.add_argument("--grpc-port", type=int, default=8001, help="gRPC port")
     p.add_argument("--metrics-port", type=int, default=8002, help="Prometheus metrics port")
-    p.add_argument("--models", default=None,
-                   help="comma-separated models for ONE server (default: every local model, the decoupled one "
-                        "on a second server)")
-    p.add_argument("--stream-http-port", type=int, default=8010, help="second server's HTTP port (the decoupled model)")
+    p.add_argument(
+        "--models",
+        default=None,
+        help="comma-separated models for ONE server (default: every local model, the decoupled one "
+        "on a second server)",
+    )
+    p.add_argument(
+        "--stream-http-port",
+        type=int,
+        default=8010,
+        help="second server's HTTP port (the decoupled model)",
+    )
     p.add_argument("--stream-grpc-port", type=int, default=8011, help="second server's gRPC port")
-    p.add_argument("--stream-metrics-port", type=int, default=8012, help="second server's metrics port")
-    p.add_argument("--tritonserver", default=None, metavar="PATH",
-                   help="use this tritonserver binary (a real install, with all its backends) instead of the "
-                        "wheel's; a bare name is looked up on PATH (--tritonserver tritonserver)")
+    p.add_argument(
+        "--stream-metrics-port", type=int, default=8012, help="second server's metrics port"
+    )
+    p.add_argument(
+        "--tritonserver",
+        default=None,
+        metavar="PATH",
+        help="use this tritonserver binary (a real install, with all its backends) instead of the "
+        "wheel's; a bare name is looked up on PATH (--tritonserver tritonserver)",
+    )
     args = p.parse_args(argv)
     if args.tritonserver is not None:
         found = shutil.which(args.tritonserver)
         if found is None:
-            raise UserError("--tritonserver", f"{args.tritonserver!r} is not an executable file or a command on "
-                            "PATH", "pass the path of a real Triton install's bin/tritonserver, or leave the "
-                            "flag out to run the nvidia-pytriton wheel's server")
+            raise UserError(
+                "--tritonserver",
+                f"{args.tritonserver!r} is not an executable file or a command on " "PATH",
+                "pass the path of a real Triton install's bin/tritonserver, or leave the "
+                "flag out to run the nvidia-pytriton wheel's server",
+            )
         args.tritonserver = found
 
-    recorded = [int(line.split()[0]) for line in PID_FILE.read_text().splitlines()] if PID_FILE.is_file() else []
+    recorded = (
+        [int(line.split()[0]) for line in PID_FILE.read_text().splitlines()]
+        if PID_FILE.is_file()
+        else []
+    )
     if args.action in ("stop", "status"):
         if not recorded:
             print("no local server recorded (make serve starts one)")
@@ -86,14 +110,33 @@ def main(argv: list[str] | None = None) -> int:
     infer_key = os.environ.get(INFER_KEY_ENV) or secrets.token_hex(16)
     common = {"repo": args.repo, "tritonserver": args.tritonserver, "infer_key": infer_key}
     if args.models is not None:
-        servers = [LocalTriton(http_port=args.http_port, grpc_port=args.grpc_port, metrics_port=args.metrics_port,
-                               models=tuple(filter(None, args.models.split(","))), **common)]
+        servers = [
+            LocalTriton(
+                http_port=args.http_port,
+                grpc_port=args.grpc_port,
+                metrics_port=args.metrics_port,
+                models=tuple(filter(None, args.models.split(","))),
+                **common,
+            )
+        ]
     else:
-        servers = [LocalTriton(http_port=args.http_port, grpc_port=args.grpc_port, metrics_port=args.metrics_port,
-                               models=SHARED_PYTHON_MODELS, **common),
-                   LocalTriton(http_port=args.stream_http_port, grpc_port=args.stream_grpc_port,
-                               metrics_port=args.stream_metrics_port, run_dir=DEFAULT_RUN_DIR.parent / "serve-stream",
-                               models=DECOUPLED_MODELS, **common)]
+        servers = [
+            LocalTriton(
+                http_port=args.http_port,
+                grpc_port=args.grpc_port,
+                metrics_port=args.metrics_port,
+                models=SHARED_PYTHON_MODELS,
+                **common,
+            ),
+            LocalTriton(
+                http_port=args.stream_http_port,
+                grpc_port=args.stream_grpc_port,
+                metrics_port=args.stream_metrics_port,
+                run_dir=DEFAULT_RUN_DIR.parent / "serve-stream",
+                models=DECOUPLED_MODELS,
+                **common,
+            ),
+        ]
     if args.action == "start" and any(group_alive(pid) for pid in recorded):
         raise UserError("make serve", "a local server is already running", "`make stop` first")
     started = []
@@ -101,8 +144,10 @@ def main(argv: list[str] | None = None) -> int:
         for server in servers:
             t0 = time.time()
             started.append(server.start())
-            print(f"Triton ready in {time.time() - t0:.1f} s: grpc {server.grpc_url}, http {server.http_url}, "
-                  f"models {', '.join(server.models)}; log {server.log_path}")
+            print(
+                f"Triton ready in {time.time() - t0:.1f} s: grpc {server.grpc_url}, http {server.http_url}, "
+                f"models {', '.join(server.models)}; log {server.log_path}"
+            )
     except BaseException:
         for server in started:
             server.stop()
@@ -111,8 +156,10 @@ def main(argv: list[str] | None = None) -> int:
     key_file.unlink(missing_ok=True)
     key_file.touch(mode=0o600)
     key_file.write_text(infer_key + "\n")
-    print(f"HTTP inference needs the header {INFER_KEY_HEADER}: export {INFER_KEY_ENV}=$(cat {key_file}) for the "
-          "client (gRPC needs no key)")
+    print(
+        f"HTTP inference needs the header {INFER_KEY_HEADER}: export {INFER_KEY_ENV}=$(cat {key_file}) for the "
+        "client (gRPC needs no key)"
+    )
     if args.action == "start":
         PID_FILE.write_text("".join(f"{s.process.pid}\n" for s in servers))
         for server in servers:

@@ -1,13 +1,13 @@
 """Shared fixtures and helpers, defined here once and imported by the test files from `tests.conftest`.
 
-  - the corpus, a tiny model trained for real by the project's trainer, the shipped model (TensorFlow) and its
-    export (`python -m export`, once per session), tiny exports of every cell;
-  - local Triton servers (the python backend, charrnn.local_triton): `server` (charrnn_python), `gen_server`
-    (the non-decoupled python models), `stream_server` (the decoupled one, on a server of its own) for the
-    whole session; `short_idle_server` and `restartable` per test module (the second one is killed and
-    restarted by its tests, so no other module shares it);
-  - what the server tests drive them with: served() (the client library's generate()), chunked(), RawStream
-    (raw requests on one gRPC stream), the client command line, and deadline-bounded waits (no fixed sleeps).
+- the corpus, a tiny model trained for real by the project's trainer, the shipped model (TensorFlow) and its
+  export (`python -m export`, once per session), tiny exports of every cell;
+- local Triton servers (the python backend, charrnn.local_triton): `server` (charrnn_python), `gen_server`
+  (the non-decoupled python models), `stream_server` (the decoupled one, on a server of its own) for the
+  whole session; `short_idle_server` and `restartable` per test module (the second one is killed and
+  restarted by its tests, so no other module shares it);
+- what the server tests drive them with: served() (the client library's generate()), chunked(), RawStream
+  (raw requests on one gRPC stream), the client command line, and deadline-bounded waits (no fixed sleeps).
 """
 
 from __future__ import annotations
@@ -30,7 +30,6 @@ import numpy as np
 import pytest
 
 from charrnn.contract import MAX_T, Contract
-from charrnn.local_triton import free_port  # noqa: F401  (re-exported: the tests import it from here)
 from charrnn.repository import GEN_STREAM, ONNX, PYTHON, SHARED_PYTHON_MODELS
 from charrnn.sampling import SamplingParams
 from charrnn.vocab import Vocab
@@ -41,7 +40,9 @@ if TYPE_CHECKING:
 ROOT = Path(__file__).resolve().parent.parent
 CORPUS = ROOT / "data" / "tinyshakespeare.txt"
 # CHARRNN_TEST_MODEL: run the suite against another model directory (e.g. a snapshot while training).
-SHIPPED_MODEL = Path(os.environ.get("CHARRNN_TEST_MODEL", ROOT / "models" / "shakespeare-lstm-2x512"))
+SHIPPED_MODEL = Path(
+    os.environ.get("CHARRNN_TEST_MODEL", ROOT / "models" / "shakespeare-lstm-2x512")
+)
 COMMITTED_REPO = ROOT / "model_repository"
 PY = sys.executable
 
@@ -49,17 +50,49 @@ os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 # Small but real: trained by train.train on the real corpus (a few seconds on 2 cores).
-TINY_FLAGS = ["--hidden-size", "48", "--embedding-size", "16", "--num-layers", "2", "--dropout", "0",
-              "--batch-size", "16", "--seq-length", "50", "--max-steps", "60", "--eval-every", "30",
-              "--checkpoint-every", "30", "--learning-rate", "0.01", "--quiet"]
+TINY_FLAGS = [
+    "--hidden-size",
+    "48",
+    "--embedding-size",
+    "16",
+    "--num-layers",
+    "2",
+    "--dropout",
+    "0",
+    "--batch-size",
+    "16",
+    "--seq-length",
+    "50",
+    "--max-steps",
+    "60",
+    "--eval-every",
+    "30",
+    "--checkpoint-every",
+    "30",
+    "--learning-rate",
+    "0.01",
+    "--quiet",
+]
 # The `exported` fixture's GRU / SimpleRNN models, even smaller than the tiny LSTM: only their export is tested.
-TINY_OTHER_CELL = ["--hidden-size", "16", "--embedding-size", "8", "--max-steps", "2", "--eval-every", "2",
-                   "--checkpoint-every", "2"]
+TINY_OTHER_CELL = [
+    "--hidden-size",
+    "16",
+    "--embedding-size",
+    "8",
+    "--max-steps",
+    "2",
+    "--eval-every",
+    "2",
+    "--checkpoint-every",
+    "2",
+]
 
 
 def run(*args, timeout=120):
     """`python <args>` in the checkout, output captured as text."""
-    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def read_json(path):
@@ -114,7 +147,13 @@ def tiny_text(tiny, prompt="ROMEO:", length=40, **kw) -> str:
 
     model, vocab, step = tiny
     seen = []
-    ids = generate(step, vocab.encode(prompt), length, Sampler(SamplingParams(**kw), len(vocab)), on_id=seen.append)
+    ids = generate(
+        step,
+        vocab.encode(prompt),
+        length,
+        Sampler(SamplingParams(**kw), len(vocab)),
+        on_id=seen.append,
+    )
     assert seen == ids and len(ids) == length
     return vocab.decode(ids)
 
@@ -132,7 +171,8 @@ def shipped():
 @pytest.fixture(scope="session")
 def shipped_repo(tmp_path_factory) -> Path:
     """`python -m export` of the shipped model into a fresh repository (step and generation graphs, every
-    config), once per session. Read-only: a test that changes a config copies the model folder first."""
+    config), once per session. Read-only: a test that changes a config copies the model folder first.
+    """
     from export.__main__ import main as export_main
 
     out = tmp_path_factory.mktemp("shipped-repo")
@@ -179,10 +219,15 @@ def tf_text(shipped, prompt: str, length: int, params) -> str:
 # --- the generation graph (server-side sampling) --------------------------------------------------------
 GEN_LENGTH = 160
 # The second prompt is longer than MAX_T: two prime requests (the first one's id is discarded).
-LONG_PROMPT = ("First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\n" * 4)[: MAX_T + 40]
+LONG_PROMPT = (
+    "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\n" * 4
+)[: MAX_T + 40]
 GEN_PROMPTS = ["ROMEO:\n", LONG_PROMPT]
-SEEDED = [SamplingParams(temperature=0.9, top_k=20, seed=11), SamplingParams(temperature=1.1, seed=12),
-          SamplingParams(temperature=0.7, top_k=3, seed=13)]
+SEEDED = [
+    SamplingParams(temperature=0.9, top_k=20, seed=11),
+    SamplingParams(temperature=1.1, seed=12),
+    SamplingParams(temperature=0.7, top_k=3, seed=13),
+]
 GREEDY = SamplingParams(greedy=True)
 
 
@@ -243,7 +288,10 @@ class Exported:
         """model.step as one tf.function traced once for any (B, T): eager Keras RNNs are far too slow here."""
         import tensorflow as tf
 
-        spec = (tf.TensorSpec([None, None], tf.int32), tf.TensorSpec([None, *self.contract.state_dims], tf.float32))
+        spec = (
+            tf.TensorSpec([None, None], tf.int32),
+            tf.TensorSpec([None, *self.contract.state_dims], tf.float32),
+        )
         step = tf.function(lambda ids, state: self.model.step(ids, state), input_signature=spec)
         return lambda ids, state: tuple(t.numpy() for t in step(ids, state))
 
@@ -255,7 +303,9 @@ def _export(model_dir: Path, onnx_path: Path) -> Exported:
 
     model, vocab, _ = load_model_dir(model_dir)
     proto = export_onnx(model, onnx_path)
-    return Exported(model.config.cell, model_dir, model, vocab, onnx_path, proto, ort_session(onnx_path))
+    return Exported(
+        model.config.cell, model_dir, model, vocab, onnx_path, proto, ort_session(onnx_path)
+    )
 
 
 @pytest.fixture(scope="session")
@@ -266,8 +316,11 @@ def exported(tiny_model, tmp_path_factory):
 
     def get(cell: str) -> Exported:
         if cell not in cache:
-            model_dir = tiny_model if cell == "lstm" else train_tiny(root / f"tiny-{cell}",
-                                                                     ["--cell", cell, *TINY_OTHER_CELL])
+            model_dir = (
+                tiny_model
+                if cell == "lstm"
+                else train_tiny(root / f"tiny-{cell}", ["--cell", cell, *TINY_OTHER_CELL])
+            )
             cache[cell] = _export(model_dir, root / f"{cell}.onnx")
         return cache[cell]
 
@@ -301,7 +354,9 @@ def server(shipped_repo, tmp_path_factory):
 @pytest.fixture(scope="session")
 def gen_server(shipped_repo, tmp_path_factory):
     """The non-decoupled python models (charrnn_python, charrnn_gen_python) on one local server."""
-    s = start_server(shipped_repo, tmp_path_factory.mktemp("gen-serve"), models=SHARED_PYTHON_MODELS)
+    s = start_server(
+        shipped_repo, tmp_path_factory.mktemp("gen-serve"), models=SHARED_PYTHON_MODELS
+    )
     yield s
     s.stop()
 
@@ -309,7 +364,9 @@ def gen_server(shipped_repo, tmp_path_factory):
 @pytest.fixture(scope="session")
 def stream_server(shipped_repo, tmp_path_factory):
     """The decoupled model on a server of its own (charrnn/repository.py DECOUPLED_MODELS: mixing crashes 2.51)."""
-    s = start_server(shipped_repo, tmp_path_factory.mktemp("gen-stream-serve"), models=(GEN_STREAM,))
+    s = start_server(
+        shipped_repo, tmp_path_factory.mktemp("gen-stream-serve"), models=(GEN_STREAM,)
+    )
     yield s
     s.stop()
 
@@ -324,7 +381,11 @@ def short_idle_server(shipped_repo, tmp_path_factory):
     shutil.copytree(shipped_repo / PYTHON, short / PYTHON)
     config = short / PYTHON / "config.pbtxt"
     text = config.read_text()
-    new, n = re.subn(r"max_sequence_idle_microseconds: \d+", f"max_sequence_idle_microseconds: {SHORT_IDLE_US}", text)
+    new, n = re.subn(
+        r"max_sequence_idle_microseconds: \d+",
+        f"max_sequence_idle_microseconds: {SHORT_IDLE_US}",
+        text,
+    )
     assert n == 1, "config.pbtxt should set max_sequence_idle_microseconds once"
     config.write_text(new)
     s = start_server(short, tmp_path_factory.mktemp("serve-short-idle"))
@@ -441,8 +502,11 @@ def served(server, prompts, length, params, protocol="grpc", model=None, sequenc
     from client.connection import Connection
     from client.generate import generate
 
-    conn = Connection(server.grpc_url if protocol == "grpc" else server.http_url, protocol,
-                      infer_key=server.infer_key)
+    conn = Connection(
+        server.grpc_url if protocol == "grpc" else server.http_url,
+        protocol,
+        infer_key=server.infer_key,
+    )
     try:
         model = conn.pick_model(None) if model is None else model
         vocab = conn.vocabulary(model)
@@ -460,7 +524,9 @@ def chunked(server, model, prompts, params, chunk, length=GEN_LENGTH, on_text=No
     conn = Connection(server.grpc_url)
     try:
         vocab = conn.vocabulary(model)
-        seqs = generate(conn, model, vocab, list(prompts), length, list(params), chunk=chunk, on_text=on_text)
+        seqs = generate(
+            conn, model, vocab, list(prompts), length, list(params), chunk=chunk, on_text=on_text
+        )
     finally:
         conn.close()
     return [s.generated for s in seqs], seqs
@@ -498,8 +564,9 @@ class RawStream:
         array = ids if isinstance(ids, np.ndarray) else np.asarray(ids, np.int32)
         inp = self.tc.InferInput("INPUT_IDS", list(array.shape), dtype)
         inp.set_data_from_numpy(array)
-        self.client.async_stream_infer(PYTHON, [inp], request_id=rid, sequence_id=seq, sequence_start=start,
-                                       sequence_end=end)
+        self.client.async_stream_infer(
+            PYTHON, [inp], request_id=rid, sequence_id=seq, sequence_start=start, sequence_end=end
+        )
 
     def logits(self, route: str, timeout=60.0) -> np.ndarray:
         with self.lock:
@@ -507,7 +574,9 @@ class RawStream:
         try:
             return q.get(timeout=timeout)[1]
         except queue.Empty:
-            pytest.fail(f"no result for {route} after {timeout:.0f} s; errors: {list(self.errors.queue)}")
+            pytest.fail(
+                f"no result for {route} after {timeout:.0f} s; errors: {list(self.errors.queue)}"
+            )
 
     def error(self, timeout=60.0) -> str:
         try:

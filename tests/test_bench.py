@@ -32,11 +32,27 @@ def test_bench_quick_writes_perf_analyzer_csv_plot_and_table(tmp_path, shipped_r
 
     kept = {f: f.read_bytes() for f in [ROOT / "README.md", *sorted(RESULTS.glob("bench.*"))]}
     out = tmp_path / "results"
-    r = subprocess.run([sys.executable, "-m", "bench.bench", "--quick", "--repo", str(shipped_repo),
-                        "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench.bench",
+            "--quick",
+            "--repo",
+            str(shipped_repo),
+            "--out",
+            str(out),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert "[5/5]" in r.stdout, "progress is shown while it runs"
-    assert {f: f.read_bytes() for f in kept} == kept, "--out elsewhere: README and bench/results untouched"
+    assert {
+        f: f.read_bytes() for f in kept
+    } == kept, "--out elsewhere: README and bench/results untouched"
     with open(out / "bench.csv") as f:
         rows = list(csv.DictReader(f))
     assert [int(r["Concurrency"]) for r in rows] == [1, 4]
@@ -47,20 +63,36 @@ def test_bench_quick_writes_perf_analyzer_csv_plot_and_table(tmp_path, shipped_r
     md = (out / "bench.md").read_text()
     assert "cores" in md and "| ONNX Runtime, batch 64 |" in md and "time to first char" in md
     assert "| 8 | 16 |" in md, "server-side generation rows (K = 8, 16 sequences) expected"
-    floor = json.loads((out / "bench.json").read_text())["floor"]  # the empty python model was served and driven
+    floor = json.loads((out / "bench.json").read_text())[
+        "floor"
+    ]  # the empty python model was served and driven
     assert floor["Concurrency"] == 1 and floor["Requests"] > 0 and floor["Chars/Second"] > 0
     assert "| round-trip floor: empty python-backend model, 1 stream |" in md
 
 
-@pytest.mark.parametrize("flags, what", [
-    (["--values", "1"], "error: --values: needs at least two values"),
-    (["--param", "no_such_parameter"], f"error: --param: {repository.GEN_PYTHON} has no config parameter"),
-    (["--model", repository.ONNX], f"error: --model: '{repository.ONNX}' does not run on the local server"),
-    (["--k", "0"], "error: --sequences/--k/--rounds/--length: need positive integers"),
-])
+@pytest.mark.parametrize(
+    "flags, what",
+    [
+        (["--values", "1"], "error: --values: needs at least two values"),
+        (
+            ["--param", "no_such_parameter"],
+            f"error: --param: {repository.GEN_PYTHON} has no config parameter",
+        ),
+        (
+            ["--model", repository.ONNX],
+            f"error: --model: '{repository.ONNX}' does not run on the local server",
+        ),
+        (["--k", "0"], "error: --sequences/--k/--rounds/--length: need positive integers"),
+    ],
+)
 def test_bench_ab_bad_flags_are_clear_errors(shipped_repo, flags, what):
-    r = subprocess.run([sys.executable, "-m", "bench.ab", "--repo", str(shipped_repo), *flags], cwd=ROOT,
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "bench.ab", "--repo", str(shipped_repo), *flags],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 2, r.stdout + r.stderr
     assert what in r.stderr
 
@@ -76,8 +108,22 @@ def test_text(corpus) -> str:
 @pytest.fixture(scope="module")
 def generated(corpus, tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("perf") / "perf_input.json"
-    rc = main(["--out", str(out), "--data", str(corpus), "--streams", str(STREAMS),
-               "--prompt-length", str(PROMPT), "--steps", str(STEPS), "--seed", "0"])
+    rc = main(
+        [
+            "--out",
+            str(out),
+            "--data",
+            str(corpus),
+            "--streams",
+            str(STREAMS),
+            "--prompt-length",
+            str(PROMPT),
+            "--steps",
+            str(STEPS),
+            "--seed",
+            "0",
+        ]
+    )
     assert rc == 0
     return json.loads(out.read_text())
 
@@ -110,7 +156,7 @@ def test_streams_are_teacher_forced_windows_of_the_test_split(generated, corpus_
         assert len(text) == PROMPT + STEPS
         offset = test_text.find(text)
         assert offset >= 0, "stream is not contiguous text of the test split"
-        assert text == test_text[offset: offset + PROMPT + STEPS]
+        assert text == test_text[offset : offset + PROMPT + STEPS]
 
 
 def test_streams_differ(generated, corpus_vocab):
@@ -120,7 +166,16 @@ def test_streams_differ(generated, corpus_vocab):
 
 def test_seed_makes_it_reproducible(corpus, tmp_path, generated):
     a, b = tmp_path / "a.json", tmp_path / "b.json"
-    flags = ["--data", str(corpus), "--streams", str(STREAMS), "--prompt-length", str(PROMPT), "--steps", str(STEPS)]
+    flags = [
+        "--data",
+        str(corpus),
+        "--streams",
+        str(STREAMS),
+        "--prompt-length",
+        str(PROMPT),
+        "--steps",
+        str(STEPS),
+    ]
     assert main(["--out", str(a), *flags, "--seed", "0"]) == 0
     assert main(["--out", str(b), *flags, "--seed", "1"]) == 0
     assert json.loads(a.read_text()) == generated
@@ -135,15 +190,18 @@ def small_corpus(corpus, tmp_path) -> Path:
     return path
 
 
-@pytest.mark.parametrize("flags", [
-    ["--streams", "0"],
-    ["--streams", "-3"],
-    ["--prompt-length", "0"],
-    ["--prompt-length", str(MAX_T + 1)],  # one request may carry at most MAX_T characters
-    ["--steps", "0"],
-    ["--seed", "-1"],
-    ["--data", "no/such/corpus.txt"],
-])
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--streams", "0"],
+        ["--streams", "-3"],
+        ["--prompt-length", "0"],
+        ["--prompt-length", str(MAX_T + 1)],  # one request may carry at most MAX_T characters
+        ["--steps", "0"],
+        ["--seed", "-1"],
+        ["--data", "no/such/corpus.txt"],
+    ],
+)
 def test_bad_flags_exit_2(corpus, tmp_path, flags, capsys):
     out = tmp_path / "x.json"
     assert main(["--out", str(out), "--data", str(corpus), *flags]) == EXIT_USAGE
@@ -153,32 +211,89 @@ def test_bad_flags_exit_2(corpus, tmp_path, flags, capsys):
 
 def test_stream_longer_than_the_test_split_exits_2(small_corpus, tmp_path, capsys):
     # 150-character prompt > the 100-character test split.
-    rc = main(["--out", str(tmp_path / "x.json"), "--data", str(small_corpus), "--prompt-length", "150",
-               "--steps", "1", "--streams", "1"])
+    rc = main(
+        [
+            "--out",
+            str(tmp_path / "x.json"),
+            "--data",
+            str(small_corpus),
+            "--prompt-length",
+            "150",
+            "--steps",
+            "1",
+            "--streams",
+            "1",
+        ]
+    )
     assert rc == EXIT_USAGE
     assert "test split has only 100" in capsys.readouterr().err
 
 
 def test_more_streams_than_offsets_exits_2(small_corpus, tmp_path, capsys):
     # 100 - (50 + 10) + 1 = 41 possible offsets.
-    rc = main(["--out", str(tmp_path / "x.json"), "--data", str(small_corpus), "--prompt-length", "50",
-               "--steps", "10", "--streams", "42"])
+    rc = main(
+        [
+            "--out",
+            str(tmp_path / "x.json"),
+            "--data",
+            str(small_corpus),
+            "--prompt-length",
+            "50",
+            "--steps",
+            "10",
+            "--streams",
+            "42",
+        ]
+    )
     assert rc == EXIT_USAGE
     assert "41 possible offsets" in capsys.readouterr().err
-    assert main(["--out", str(tmp_path / "y.json"), "--data", str(small_corpus), "--prompt-length", "50",
-                 "--steps", "10", "--streams", "41"]) == 0
+    assert (
+        main(
+            [
+                "--out",
+                str(tmp_path / "y.json"),
+                "--data",
+                str(small_corpus),
+                "--prompt-length",
+                "50",
+                "--steps",
+                "10",
+                "--streams",
+                "41",
+            ]
+        )
+        == 0
+    )
 
 
 def test_module_cli_exit_code(corpus, tmp_path):
-    r = subprocess.run([sys.executable, "-m", "bench.perf_input", "--streams", "0", "--out", str(tmp_path / "x.json"),
-                        "--data", str(corpus)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench.perf_input",
+            "--streams",
+            "0",
+            "--out",
+            str(tmp_path / "x.json"),
+            "--data",
+            str(corpus),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == EXIT_USAGE
     assert r.stderr.strip() == "error: --streams: must be >= 1, got 0"
 
 
-def test_generation_model_streams_carry_noise_temperature_and_top_k(corpus, tmp_path, corpus_vocab, test_text):
+def test_generation_model_streams_carry_noise_temperature_and_top_k(
+    corpus, tmp_path, corpus_vocab, test_text
+):
     """--chunk K: steps / K requests per stream, each with NOISE (K, V) uniforms in (0, 1) as base64 float32,
-    TEMPERATURE [1.0] and TOP_K [0]; the first carries the prompt, each later one the next real character."""
+    TEMPERATURE [1.0] and TOP_K [0]; the first carries the prompt, each later one the next real character.
+    """
     import base64
 
     import numpy as np
@@ -187,27 +302,52 @@ def test_generation_model_streams_carry_noise_temperature_and_top_k(corpus, tmp_
 
     out = tmp_path / "gen.json"
     k, steps, prompt = 16, 64, 32
-    assert main(["--out", str(out), "--data", str(corpus), "--streams", "4", "--prompt-length", str(prompt),
-                 "--steps", str(steps), "--chunk", str(k)]) == 0
+    assert (
+        main(
+            [
+                "--out",
+                str(out),
+                "--data",
+                str(corpus),
+                "--streams",
+                "4",
+                "--prompt-length",
+                str(prompt),
+                "--steps",
+                str(steps),
+                "--chunk",
+                str(k),
+            ]
+        )
+        == 0
+    )
     data = json.loads(out.read_text())["data"]
     assert len(data) == 4 and all(len(stream) == steps // k for stream in data)
     for stream in data:
         first = corpus_vocab.decode(stream[0][INPUT_IDS]["content"])
         assert len(first) == prompt and first in test_text
-        window = test_text[test_text.index(first):][: prompt + steps]
+        window = test_text[test_text.index(first) :][: prompt + steps]
         for r, step in enumerate(stream):
             assert sorted(step) == sorted([INPUT_IDS, NOISE, TEMPERATURE, TOP_K])
             if r:  # the character the previous request's K-th output stands for, teacher-forced
                 assert corpus_vocab.decode(step[INPUT_IDS]["content"]) == window[prompt + r * k - 1]
             noise = np.frombuffer(base64.b64decode(step[NOISE]["b64"]), "<f4")
-            assert step[NOISE]["shape"] == [k, len(corpus_vocab)] and noise.size == k * len(corpus_vocab)
+            assert step[NOISE]["shape"] == [k, len(corpus_vocab)] and noise.size == k * len(
+                corpus_vocab
+            )
             assert (noise > 0).all() and (noise < 1).all()
-            assert step[TEMPERATURE] == {"content": [1.0], "shape": [1]} and step[TOP_K] == {"content": [0], "shape": [1]}
+            assert step[TEMPERATURE] == {"content": [1.0], "shape": [1]} and step[TOP_K] == {
+                "content": [0],
+                "shape": [1],
+            }
 
 
 @pytest.mark.parametrize("chunk", ["0", "257", "48"])  # 48 does not divide --steps 256
 def test_bad_chunk_exits_2(corpus, tmp_path, chunk, capsys):
-    assert main(["--out", str(tmp_path / "x.json"), "--data", str(corpus), "--chunk", chunk]) == EXIT_USAGE
+    assert (
+        main(["--out", str(tmp_path / "x.json"), "--data", str(corpus), "--chunk", chunk])
+        == EXIT_USAGE
+    )
     assert "error: --chunk: must be in 1..256 and divide --steps (256)" in capsys.readouterr().err
 
 
@@ -216,15 +356,34 @@ def test_bad_chunk_exits_2(corpus, tmp_path, chunk, capsys):
 def test_soak_64_sequences_no_errors_and_flat_server_memory(shipped_repo, tmp_path):
     from bench.soak import main as soak_main
 
-    assert soak_main(["--repo", str(shipped_repo), "--run-dir", str(tmp_path / "serve"), "--sequences", "64",
-                      "--length", "2000"]) == 0
+    assert (
+        soak_main(
+            [
+                "--repo",
+                str(shipped_repo),
+                "--run-dir",
+                str(tmp_path / "serve"),
+                "--sequences",
+                "64",
+                "--length",
+                "2000",
+            ]
+        )
+        == 0
+    )
 
 
 @pytest.mark.slow
 def test_mixed_soak_10_minutes_no_crash_no_wrong_text_flat_memory():
     """`make soak-mixed`: every python model at once, over gRPC and HTTP, per character, chunked and streamed,
-    with bad requests mixed in, for 10 minutes (bench/mixed_soak.py checks texts, errors and memory)."""
-    r = subprocess.run([sys.executable, "-m", "bench.mixed_soak", "--minutes", "10"], cwd=ROOT,
-                       capture_output=True, text=True, timeout=1500)
+    with bad requests mixed in, for 10 minutes (bench/mixed_soak.py checks texts, errors and memory).
+    """
+    r = subprocess.run(
+        [sys.executable, "-m", "bench.mixed_soak", "--minutes", "10"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=1500,
+    )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "0 crashes, 0 wrong texts" in r.stdout

@@ -7,7 +7,16 @@ from __future__ import annotations
 import pytest
 
 from charrnn import repository
-from charrnn.contract import INPUT_IDS, MAX_BATCH_SIZE, MAX_K, MAX_T, NOISE, STATE_IN, TEMPERATURE, TOP_K
+from charrnn.contract import (
+    INPUT_IDS,
+    MAX_BATCH_SIZE,
+    MAX_K,
+    MAX_T,
+    NOISE,
+    STATE_IN,
+    TEMPERATURE,
+    TOP_K,
+)
 from export.build_plan import profile_shapes
 from tests.conftest import committed_text, run
 
@@ -20,7 +29,9 @@ def tensorrt_builder_available() -> bool:
     return hasattr(tensorrt, "Builder")
 
 
-@pytest.mark.skipif(tensorrt_builder_available(), reason="TensorRT is installed here: the plan can be built")
+@pytest.mark.skipif(
+    tensorrt_builder_available(), reason="TensorRT is installed here: the plan can be built"
+)
 def test_build_plan_without_tensorrt_exits_3_and_writes_nothing(tmp_path, shipped_onnx):
     out = tmp_path / "plan" / "model.plan"
     r = run("-m", "export.build_plan", "--onnx", str(shipped_onnx), "--out", str(out))
@@ -41,15 +52,26 @@ def test_build_plan_with_a_missing_onnx_exits_2(tmp_path):
 def test_profile_shapes_cover_the_serving_limits(shipped_contract_vocab):
     contract, _ = shipped_contract_vocab
     shapes = profile_shapes(contract.state_dims, MAX_BATCH_SIZE, MAX_T)
-    assert set(shapes) == {INPUT_IDS, STATE_IN}  # every input, STATE_IN included, has a profile entry
+    assert set(shapes) == {
+        INPUT_IDS,
+        STATE_IN,
+    }  # every input, STATE_IN included, has a profile entry
     assert shapes[INPUT_IDS] == ((1, 1), (64, 1), (64, 256))  # batch 1..64, T 1..256, opt T=1
-    assert shapes[STATE_IN] == ((1, 2, 2, 512), (64, 2, 2, 512), (64, 2, 2, 512))  # state dims exact
+    assert shapes[STATE_IN] == (
+        (1, 2, 2, 512),
+        (64, 2, 2, 512),
+        (64, 2, 2, 512),
+    )  # state dims exact
     # Triton: config max_batch_size must be <= the profile's max batch
     config = repository.parse_config(committed_text(repository.TRT))
     assert shapes[INPUT_IDS][2][0] >= config.max_batch_size
     assert shapes[STATE_IN][2][1:] == tuple(config.sequence_batching.state[0].dims)
     gru = profile_shapes((1, 3, 8), 4, 9)
-    assert gru[STATE_IN] == ((1, 1, 3, 8), (4, 1, 3, 8), (4, 1, 3, 8)) and gru[INPUT_IDS] == ((1, 1), (4, 1), (4, 9))
+    assert gru[STATE_IN] == ((1, 1, 3, 8), (4, 1, 3, 8), (4, 1, 3, 8)) and gru[INPUT_IDS] == (
+        (1, 1),
+        (4, 1),
+        (4, 9),
+    )
 
 
 def test_plan_profile_covers_the_generation_inputs():
@@ -58,4 +80,7 @@ def test_plan_profile_covers_the_generation_inputs():
     shapes = profile_shapes((2, 2, 512), 64, MAX_T, gen_vocab=65)
     assert shapes[NOISE] == ((1, 1, 65), (64, 32, 65), (64, MAX_K, 65))
     assert shapes[TEMPERATURE] == shapes[TOP_K] == ((1, 1), (64, 1), (64, 1))
-    assert set(profile_shapes((2, 2, 512), 64, MAX_T)) == {INPUT_IDS, STATE_IN}  # the step graph: unchanged
+    assert set(profile_shapes((2, 2, 512), 64, MAX_T)) == {
+        INPUT_IDS,
+        STATE_IN,
+    }  # the step graph: unchanged

@@ -14,18 +14,34 @@ import pytest
 
 from charrnn.repository import PYTHON
 from charrnn.sampling import SamplingParams
-from tests.conftest import (ROOT, client_cmd, ensure_up, free_port, inference_count, kill_server, restart_later,
-                            tf_text, wait_for)
+from tests.conftest import (
+    ROOT,
+    client_cmd,
+    ensure_up,
+    free_port,
+    inference_count,
+    kill_server,
+    restart_later,
+    tf_text,
+    wait_for,
+)
 
 
 def run_client(*args, timeout=120):
-    return subprocess.run([sys.executable, "-m", "client", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "client", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def run_client_on(server, *args, timeout=180):
     """`python -m client --url <server> --model charrnn_python <args>`."""
-    return subprocess.run(client_cmd(server, *args), cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        client_cmd(server, *args), cwd=ROOT, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def read_until(process, n: int, timeout: float = 120) -> bytes:
@@ -50,18 +66,43 @@ def test_same_seed_same_text_different_seed_differs(server):
 
 def test_client_cli_streams_and_checks_expect(shipped, server):
     want = tf_text(shipped, "ROMEO:", 80, SamplingParams(greedy=True))
-    ok = run_client("--url", server.grpc_url, "--prompt", "ROMEO:", "--length", "80", "--greedy", "--expect", want)
+    ok = run_client(
+        "--url",
+        server.grpc_url,
+        "--prompt",
+        "ROMEO:",
+        "--length",
+        "80",
+        "--greedy",
+        "--expect",
+        want,
+    )
     assert ok.returncode == 0, ok.stderr
     assert ok.stdout == "ROMEO:" + want + "\n"
-    bad = run_client("--url", server.grpc_url, "--prompt", "ROMEO:", "--length", "80", "--greedy", "--expect", "x")
+    bad = run_client(
+        "--url",
+        server.grpc_url,
+        "--prompt",
+        "ROMEO:",
+        "--length",
+        "80",
+        "--greedy",
+        "--expect",
+        "x",
+    )
     assert bad.returncode == 1
     assert bad.stderr.splitlines()[-1].startswith("error: --expect: the generated text differs")
 
 
 def test_example_client_passes_and_prints_the_reference_text(shipped, server):
     """client/example.py, the raw protocol on one page, checks itself: PASS, exit 0, TF's greedy text."""
-    r = subprocess.run([sys.executable, "-m", "client.example", "--url", server.grpc_url], cwd=ROOT,
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "client.example", "--url", server.grpc_url],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr
     text, verdict = r.stdout.rstrip("\n").rsplit("\n", 1)
     assert verdict == "PASS"
@@ -77,24 +118,39 @@ def test_unknown_character_is_a_client_error_before_anything_is_sent(server):
     assert inference_count(server) == before
 
 
-@pytest.mark.parametrize("args, code, pattern", [
-    (["--length", "0"], 2, r"^error: --length: must be >= 1"),
-    (["--prompt", ""], 2, r"^error: --prompt: is empty"),
-    (["--temperature", "-1"], 2, r"^error: temperature: must be >= 0\.001"),
-    # a subnormal temperature overflowed logits / T into degenerate text, returned as success
-    (["--temperature", "1e-45"], 2, r"^error: temperature: must be >= 0\.001 \(smaller values overflow"),
-    (["--temperature", "1e-45", "--chunk", "4"], 2, r"^error: temperature: must be >= 0\.001"),
-    (["--top-k", "1000"], 2, r"^error: top-k: must be in 1\.\.65"),
-    (["--top-p", "0"], 2, r"^error: top-p: must be in \(0, 1\]"),
-    (["--model", "no_such_model"], 3, r"^error: model no_such_model: not ready"),
-    (["--num-sequences", "0"], 2, r"^error: --num-sequences: must be in 1\.\.1024"),
-    (["--num-sequences", "1025"], 2, r"^error: --num-sequences: must be in 1\.\.1024 \(the sequence slots"),
-    (["--seed", "-1"], 2, r"^error: seed: must be in 0\.\.2\^63-1"),
-    (["--retries", "-1"], 2, r"^error: --retries: must be >= 0"),
-    (["--chunk", "0"], 2, r"^error: --chunk: must be in 1\.\.256"),
-    (["--chunk", "4", "--protocol", "http"], 2, r"^error: --chunk: needs gRPC"),
-    (["--chunk", "4", "--model", PYTHON], 2, rf"^error: --model: {PYTHON} is not a server-side"),
-])
+@pytest.mark.parametrize(
+    "args, code, pattern",
+    [
+        (["--length", "0"], 2, r"^error: --length: must be >= 1"),
+        (["--prompt", ""], 2, r"^error: --prompt: is empty"),
+        (["--temperature", "-1"], 2, r"^error: temperature: must be >= 0\.001"),
+        # a subnormal temperature overflowed logits / T into degenerate text, returned as success
+        (
+            ["--temperature", "1e-45"],
+            2,
+            r"^error: temperature: must be >= 0\.001 \(smaller values overflow",
+        ),
+        (["--temperature", "1e-45", "--chunk", "4"], 2, r"^error: temperature: must be >= 0\.001"),
+        (["--top-k", "1000"], 2, r"^error: top-k: must be in 1\.\.65"),
+        (["--top-p", "0"], 2, r"^error: top-p: must be in \(0, 1\]"),
+        (["--model", "no_such_model"], 3, r"^error: model no_such_model: not ready"),
+        (["--num-sequences", "0"], 2, r"^error: --num-sequences: must be in 1\.\.1024"),
+        (
+            ["--num-sequences", "1025"],
+            2,
+            r"^error: --num-sequences: must be in 1\.\.1024 \(the sequence slots",
+        ),
+        (["--seed", "-1"], 2, r"^error: seed: must be in 0\.\.2\^63-1"),
+        (["--retries", "-1"], 2, r"^error: --retries: must be >= 0"),
+        (["--chunk", "0"], 2, r"^error: --chunk: must be in 1\.\.256"),
+        (["--chunk", "4", "--protocol", "http"], 2, r"^error: --chunk: needs gRPC"),
+        (
+            ["--chunk", "4", "--model", PYTHON],
+            2,
+            rf"^error: --model: {PYTHON} is not a server-side",
+        ),
+    ],
+)
 def test_bad_client_input_gives_clear_errors(server, args, code, pattern):
     r = run_client("--url", server.grpc_url, *args)
     assert r.returncode == code, r.stderr
@@ -111,11 +167,18 @@ def test_unreachable_server_is_a_clear_error(url):
 
 
 def test_retry_flags_are_checked():
-    for flags, pattern in ((["--retries", "-1"], r"^error: --retries: must be >= 0"),
-                           (["--retry-delay", "0"], r"^error: --retry-delay: must be > 0"),
-                           (["--retry-max-wait", "-1"], r"^error: --retry-max-wait: must be >= 0")):
-        r = subprocess.run([sys.executable, "-m", "client", "--url", f"127.0.0.1:{free_port()}", *flags],
-                           cwd=ROOT, capture_output=True, text=True, timeout=60)
+    for flags, pattern in (
+        (["--retries", "-1"], r"^error: --retries: must be >= 0"),
+        (["--retry-delay", "0"], r"^error: --retry-delay: must be > 0"),
+        (["--retry-max-wait", "-1"], r"^error: --retry-max-wait: must be >= 0"),
+    ):
+        r = subprocess.run(
+            [sys.executable, "-m", "client", "--url", f"127.0.0.1:{free_port()}", *flags],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert r.returncode == 2 and re.search(pattern, r.stderr), r.stderr
 
 
@@ -123,11 +186,27 @@ def test_retry_flags_are_checked():
 def test_cli_seeded_generation_survives_a_server_crash(restartable):
     s = restartable
     ensure_up(s)
-    flags = ["--prompt", "ROMEO:", "--length", "1000", "--seed", "7", "--temperature", "0.9", "--top-k", "20",
-             "--retry-delay", "0.2", "--retries", "10"]
+    flags = [
+        "--prompt",
+        "ROMEO:",
+        "--length",
+        "1000",
+        "--seed",
+        "7",
+        "--temperature",
+        "0.9",
+        "--top-k",
+        "20",
+        "--retry-delay",
+        "0.2",
+        "--retries",
+        "10",
+    ]
     want = run_client_on(s, *flags)
     assert want.returncode == 0, want.stderr
-    client = subprocess.Popen(client_cmd(s, *flags), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    client = subprocess.Popen(
+        client_cmd(s, *flags), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
     try:
         out = read_until(client, len("ROMEO:") + 150)
         kill_server(s)
@@ -147,8 +226,12 @@ def test_cli_without_retries_exits_3_and_prints_the_text_so_far(restartable):
     flags = ["--prompt", "ROMEO:", "--length", "1000", "--greedy"]
     want = run_client_on(s, *flags)
     assert want.returncode == 0, want.stderr
-    client = subprocess.Popen(client_cmd(s, *flags, "--retries", "0"), cwd=ROOT, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE)
+    client = subprocess.Popen(
+        client_cmd(s, *flags, "--retries", "0"),
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     try:
         out = read_until(client, len("ROMEO:") + 100)
         kill_server(s)
@@ -159,10 +242,17 @@ def test_cli_without_retries_exits_3_and_prints_the_text_so_far(restartable):
     err = err.decode()
     assert client.returncode == 3, err
     last = err.strip().splitlines()[-1]
-    assert re.match(rf"error: server {re.escape(s.grpc_url)}: connection lost \(.+\); \d+ of 1000 characters "
-                    r"kept \(restart the server, then run again with --retries N", last), last
+    assert re.match(
+        rf"error: server {re.escape(s.grpc_url)}: connection lost \(.+\); \d+ of 1000 characters "
+        r"kept \(restart the server, then run again with --retries N",
+        last,
+    ), last
     text = (out + rest).decode()
-    assert text.endswith("\n") and want.stdout.startswith(text[:-1]) and len(text) > len("ROMEO:") + 100
+    assert (
+        text.endswith("\n")
+        and want.stdout.startswith(text[:-1])
+        and len(text) > len("ROMEO:") + 100
+    )
     kept = int(re.search(r"(\d+) of 1000 characters kept", last).group(1))
     assert len(text) - 1 - len("ROMEO:") == kept, "everything generated must be on stdout"
 
@@ -172,23 +262,49 @@ def test_cli_gives_up_after_its_retries_and_prints_partial_texts_of_every_sequen
     s = restartable
     ensure_up(s)
     before = inference_count(s)
-    client = subprocess.Popen(client_cmd(s, "--prompt", "ROMEO:", "--length", "20000", "--greedy",
-                                         "--num-sequences", "2", "--retries", "2", "--retry-delay", "0.1"),
-                              cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    client = subprocess.Popen(
+        client_cmd(
+            s,
+            "--prompt",
+            "ROMEO:",
+            "--length",
+            "20000",
+            "--greedy",
+            "--num-sequences",
+            "2",
+            "--retries",
+            "2",
+            "--retry-delay",
+            "0.1",
+        ),
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
-        wait_for(lambda: inference_count(s) - before >= 100 or client.poll() is not None, 120,
-                 "the client to be generating")
+        wait_for(
+            lambda: inference_count(s) - before >= 100 or client.poll() is not None,
+            120,
+            "the client to be generating",
+        )
         kill_server(s)
         out, err = client.communicate(timeout=60)
     finally:
         client.kill()
         s.start()
     assert client.returncode == 3, err
-    heads = re.findall(rf"=== sequence (\d) \({PYTHON}, seed None; partial: (\d+) of 20000 characters\) ===\n"
-                       r"ROMEO:", out)
+    heads = re.findall(
+        rf"=== sequence (\d) \({PYTHON}, seed None; partial: (\d+) of 20000 characters\) ===\n"
+        r"ROMEO:",
+        out,
+    )
     assert [h[0] for h in heads] == ["0", "1"], out[:500]
     assert all(int(h[1]) > 0 for h in heads)
     lines = err.strip().splitlines()
     assert sum("warning: server" in line and "retry" in line for line in lines) == 2, err
-    assert re.match(rf"error: server {re.escape(s.grpc_url)}: still unavailable \(.*\), gave up after 2 retries; "
-                    rf"{sum(int(h[1]) for h in heads)} of 40000 characters kept \(check the server", lines[-1]), lines[-1]
+    assert re.match(
+        rf"error: server {re.escape(s.grpc_url)}: still unavailable \(.*\), gave up after 2 retries; "
+        rf"{sum(int(h[1]) for h in heads)} of 40000 characters kept \(check the server",
+        lines[-1],
+    ), lines[-1]

@@ -24,9 +24,9 @@ from pathlib import Path
 import pytest
 
 from charrnn.errors import UnavailableError
+from charrnn.repository import DECOUPLED_MODELS, GEN_PYTHON, GEN_STREAM, PYTHON, PYTHON_MODELS
+from charrnn.repository import SHARED_PYTHON_MODELS as SHARED_MODELS
 from charrnn.sampling import SamplingParams
-from charrnn.repository import (DECOUPLED_MODELS, GEN_PYTHON, GEN_STREAM, PYTHON, PYTHON_MODELS,
-                                SHARED_PYTHON_MODELS as SHARED_MODELS)
 from tests.conftest import ROOT, free_port, served, tf_text
 
 REQUIRE_DOCKER = os.environ.get("CHARRNN_REQUIRE_DOCKER") == "1"
@@ -73,10 +73,28 @@ class Stack:
     def stream_url(self) -> str:
         return f"127.0.0.1:{self.stream_grpc_port}"
 
-    def compose(self, *args: str, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
-        cmd = ["docker", "compose", "-p", self.project, "--profile", "slim", "--profile", "perf-slim", *args]
-        return subprocess.run(cmd, cwd=ROOT, env={**self.env, **(env or {})}, capture_output=True, text=True,
-                              timeout=timeout)
+    def compose(
+        self, *args: str, timeout: float = 600, env: dict | None = None
+    ) -> subprocess.CompletedProcess:
+        cmd = [
+            "docker",
+            "compose",
+            "-p",
+            self.project,
+            "--profile",
+            "slim",
+            "--profile",
+            "perf-slim",
+            *args,
+        ]
+        return subprocess.run(
+            cmd,
+            cwd=ROOT,
+            env={**self.env, **(env or {})},
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
 
     def container(self) -> str:
         out = self.compose("ps", "-q", SERVICE).stdout.split()
@@ -84,13 +102,20 @@ class Stack:
         return out[0]
 
     def inspect(self) -> dict:
-        return json.loads(subprocess.run(["docker", "inspect", self.container()], capture_output=True,
-                                         text=True, check=True).stdout)[0]
+        return json.loads(
+            subprocess.run(
+                ["docker", "inspect", self.container()], capture_output=True, text=True, check=True
+            ).stdout
+        )[0]
 
     def server_pid(self) -> int:
         """Host pid of the tritonserver process (docker top lists host pids)."""
-        top = subprocess.run(["docker", "top", self.container(), "-eo", "pid,comm"], capture_output=True,
-                             text=True, check=True).stdout.splitlines()[1:]
+        top = subprocess.run(
+            ["docker", "top", self.container(), "-eo", "pid,comm"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.splitlines()[1:]
         pids = [int(line.split()[0]) for line in top if line.split()[1] == "tritonserver"]
         assert len(pids) == 1, top
         return pids[0]
@@ -118,16 +143,37 @@ def bases() -> dict:
 @pytest.fixture(scope="module")
 def stack(bases, shipped_repo, tmp_path_factory):
     project = f"charrnn-test-{secrets.token_hex(4)}"
-    ports = {name: free_port() for name in ("TRITON_HTTP_PORT", "TRITON_GRPC_PORT", "TRITON_METRICS_PORT",
-                                            "TRITON_STREAM_HTTP_PORT", "TRITON_STREAM_GRPC_PORT",
-                                            "TRITON_STREAM_METRICS_PORT")}
-    env = {**os.environ, **bases, **{k: str(v) for k, v in ports.items()},
-           "TRITON_ADMIN_KEY": secrets.token_hex(16),
-           "TRITON_INFER_KEY": secrets.token_hex(16), "TRITON_MEM_LIMIT": "3g", "MODEL_REPOSITORY": str(shipped_repo),
-           "HOST_UID": str(os.getuid()), "HOST_GID": str(os.getgid()),
-           "PERF_RESULTS": str(tmp_path_factory.mktemp("perf-results"))}
-    s = Stack(project, env, ports["TRITON_HTTP_PORT"], ports["TRITON_GRPC_PORT"], ports["TRITON_METRICS_PORT"],
-              ports["TRITON_STREAM_GRPC_PORT"])
+    ports = {
+        name: free_port()
+        for name in (
+            "TRITON_HTTP_PORT",
+            "TRITON_GRPC_PORT",
+            "TRITON_METRICS_PORT",
+            "TRITON_STREAM_HTTP_PORT",
+            "TRITON_STREAM_GRPC_PORT",
+            "TRITON_STREAM_METRICS_PORT",
+        )
+    }
+    env = {
+        **os.environ,
+        **bases,
+        **{k: str(v) for k, v in ports.items()},
+        "TRITON_ADMIN_KEY": secrets.token_hex(16),
+        "TRITON_INFER_KEY": secrets.token_hex(16),
+        "TRITON_MEM_LIMIT": "3g",
+        "MODEL_REPOSITORY": str(shipped_repo),
+        "HOST_UID": str(os.getuid()),
+        "HOST_GID": str(os.getgid()),
+        "PERF_RESULTS": str(tmp_path_factory.mktemp("perf-results")),
+    }
+    s = Stack(
+        project,
+        env,
+        ports["TRITON_HTTP_PORT"],
+        ports["TRITON_GRPC_PORT"],
+        ports["TRITON_METRICS_PORT"],
+        ports["TRITON_STREAM_GRPC_PORT"],
+    )
     t0 = time.monotonic()
     up = s.compose("up", "-d", "--wait", SERVICE, STREAM_SERVICE)
     if up.returncode != 0:
@@ -140,8 +186,13 @@ def stack(bases, shipped_repo, tmp_path_factory):
 
 
 def client(stack: Stack, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "client", "--url", stack.grpc_url, *args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "client", "--url", stack.grpc_url, *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def inference_count(stack: Stack, model: str = PYTHON) -> int:
@@ -149,7 +200,11 @@ def inference_count(stack: Stack, model: str = PYTHON) -> int:
 
     c = tc.InferenceServerClient(stack.grpc_url)
     try:
-        return int(c.get_inference_statistics(model, as_json=True)["model_stats"][0].get("inference_count", 0))
+        return int(
+            c.get_inference_statistics(model, as_json=True)["model_stats"][0].get(
+                "inference_count", 0
+            )
+        )
     except Exception:  # noqa: BLE001  (the server is restarting: no count yet)
         return -1
     finally:
@@ -159,12 +214,23 @@ def inference_count(stack: Stack, model: str = PYTHON) -> int:
 # --- it builds, comes up and serves ------------------------------------------------------------------------
 def test_compose_itself_accepts_every_service_of_every_profile(stack):
     """Docker Compose's own validation of the whole file, the NGC services included (they cannot run here)."""
-    r = stack.compose("--profile", "cpu", "--profile", "export", "--profile", "perf", "config", "-q")
+    r = stack.compose(
+        "--profile", "cpu", "--profile", "export", "--profile", "perf", "config", "-q"
+    )
     assert r.returncode == 0, r.stderr
-    r = stack.compose("--profile", "cpu", "--profile", "export", "--profile", "perf", "config", "--services")
-    assert set(r.stdout.split()) == {"triton", "triton-cpu", "triton-stream", "export-trt", "perf", "triton-slim",
-                                     "triton-slim-stream", "perf-slim"}
-
+    r = stack.compose(
+        "--profile", "cpu", "--profile", "export", "--profile", "perf", "config", "--services"
+    )
+    assert set(r.stdout.split()) == {
+        "triton",
+        "triton-cpu",
+        "triton-stream",
+        "export-trt",
+        "perf",
+        "triton-slim",
+        "triton-slim-stream",
+        "perf-slim",
+    }
 
 
 def test_stack_is_healthy_and_serves_exactly_the_python_models(stack):
@@ -180,7 +246,9 @@ def test_stack_is_healthy_and_serves_exactly_the_python_models(stack):
         version = c.get_server_metadata()["version"]
     finally:
         c.close()
-    assert sorted((m["name"], m["state"]) for m in index) == sorted((m, "READY") for m in SHARED_MODELS)
+    assert sorted((m["name"], m["state"]) for m in index) == sorted(
+        (m, "READY") for m in SHARED_MODELS
+    )
     import tritonclient.grpc as tg
 
     g = tg.InferenceServerClient(stack.stream_url)
@@ -189,8 +257,11 @@ def test_stack_is_healthy_and_serves_exactly_the_python_models(stack):
     finally:
         g.close()
     # The image's tag says which Triton it holds (the NGC 24.10 release's server).
-    assert stack.inspect()["Config"]["Image"] == f"charrnn-tritonserver-slim:{version}" == \
-        "charrnn-tritonserver-slim:2.51.0"
+    assert (
+        stack.inspect()["Config"]["Image"]
+        == f"charrnn-tritonserver-slim:{version}"
+        == "charrnn-tritonserver-slim:2.51.0"
+    )
 
 
 def test_greedy_through_the_container_equals_tensorflow(stack, shipped):
@@ -212,8 +283,22 @@ def test_8_concurrent_seeded_sequences_equal_their_solo_runs(stack):
 def test_generation_models_answer_through_the_container(stack, shipped, model):
     want = tf_text(shipped, "ROMEO:", 120, SamplingParams(greedy=True))
     url = stack.stream_url if model in DECOUPLED_MODELS else stack.grpc_url
-    r = client(stack, "--url", url, "--model", model, "--chunk", "16", "--greedy", "--prompt", "ROMEO:",
-               "--length", "120", "--expect", want)
+    r = client(
+        stack,
+        "--url",
+        url,
+        "--model",
+        model,
+        "--chunk",
+        "16",
+        "--greedy",
+        "--prompt",
+        "ROMEO:",
+        "--length",
+        "120",
+        "--expect",
+        want,
+    )
     assert r.returncode == 0, r.stderr
     assert f"[{model} via grpc://{url}: 1 x 120 characters, 16 per request" in r.stderr
 
@@ -222,20 +307,42 @@ def test_generation_models_answer_through_the_container(stack, shipped, model):
 def test_server_crash_mid_generation_is_restarted_and_the_client_loses_nothing(stack):
     """SIGKILL of tritonserver in the middle of 4 sequences (what a segfault or the OOM killer does): Docker's
     restart policy brings the container back, and the client reconnects and re-primes to the same text.
-    (`docker compose kill` would not do: Docker counts it as a manual stop and never restarts after it.)"""
+    (`docker compose kill` would not do: Docker counts it as a manual stop and never restarts after it.)
+    """
     if os.geteuid() != 0:
         pytest.skip("needs root to kill the server process from the host")
-    flags = ["--num-sequences", "4", "--seed", "5", "--temperature", "0.9", "--length", "600", "--quiet",
-             "--retries", "10", "--retry-delay", "0.5"]
+    flags = [
+        "--num-sequences",
+        "4",
+        "--seed",
+        "5",
+        "--temperature",
+        "0.9",
+        "--length",
+        "600",
+        "--quiet",
+        "--retries",
+        "10",
+        "--retry-delay",
+        "0.5",
+    ]
     want = client(stack, *flags)
     assert want.returncode == 0, want.stderr
     restarts = stack.inspect()["RestartCount"]
     before = inference_count(stack)
-    proc = subprocess.Popen([sys.executable, "-m", "client", "--url", stack.grpc_url, *flags], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "client", "--url", stack.grpc_url, *flags],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
-        wait_for(lambda: inference_count(stack) >= before + 4 * 150 or proc.poll() is not None, 120,
-                 "the client to be mid-generation")
+        wait_for(
+            lambda: inference_count(stack) >= before + 4 * 150 or proc.poll() is not None,
+            120,
+            "the client to be mid-generation",
+        )
         assert proc.poll() is None, "the client finished before the crash"
         os.kill(stack.server_pid(), signal.SIGKILL)
         out, err = proc.communicate(timeout=300)
@@ -244,8 +351,13 @@ def test_server_crash_mid_generation_is_restarted_and_the_client_loses_nothing(s
     assert proc.returncode == 0, err
     assert out == want.stdout, "the text after the crash differs from the uninterrupted run"
     assert "reconnected" in err, err
-    info = wait_for(lambda: (lambda i: i if i["State"].get("Health", {}).get("Status") == "healthy" else None)(
-        stack.inspect()), 120, "the restarted container to be healthy")
+    info = wait_for(
+        lambda: (lambda i: i if i["State"].get("Health", {}).get("Status") == "healthy" else None)(
+            stack.inspect()
+        ),
+        120,
+        "the restarted container to be healthy",
+    )
     assert info["RestartCount"] == restarts + 1
 
 
@@ -256,11 +368,23 @@ def test_perf_slim_runs_perf_analyzer_and_writes_its_csv(stack, corpus):
     results = Path(stack.env["PERF_RESULTS"])
     common = ["--data", str(corpus), "--streams", "8", "--prompt-length", "32", "--steps", "64"]
     assert perf_input(["--out", str(results / "perf_input.json"), *common]) == 0
-    assert perf_input(["--out", str(results / "perf_input_gen.json"), "--chunk", "16", *common]) == 0
+    assert (
+        perf_input(["--out", str(results / "perf_input_gen.json"), "--chunk", "16", *common]) == 0
+    )
     models = SHARED_MODELS
-    r = stack.compose("run", "--rm", "perf-slim", timeout=900,
-                      env={"PERF_MODELS": " ".join(models), "PERF_CONCURRENCY": "1 4", "PERF_INTERVAL_MS": "2000",
-                           "PERF_MAX_TRIALS": "6", "PERF_STABILITY": "50"})
+    r = stack.compose(
+        "run",
+        "--rm",
+        "perf-slim",
+        timeout=900,
+        env={
+            "PERF_MODELS": " ".join(models),
+            "PERF_CONCURRENCY": "1 4",
+            "PERF_INTERVAL_MS": "2000",
+            "PERF_MAX_TRIALS": "6",
+            "PERF_STABILITY": "50",
+        },
+    )
     assert r.returncode == 0, f"{r.stdout[-3000:]}\n{r.stderr[-2000:]}"
     for model in models:
         with open(results / f"perf_{model}.csv") as f:
@@ -268,16 +392,39 @@ def test_perf_slim_runs_perf_analyzer_and_writes_its_csv(stack, corpus):
         assert [int(row["Concurrency"]) for row in rows] == [1, 4], rows
         for row in rows:
             assert float(row["Inferences/Second"]) > 0, row
-            for column in ("p50 latency", "p95 latency", "p99 latency", "Server Queue", "Server Compute Input",
-                           "Server Compute Infer", "Server Compute Output"):
+            for column in (
+                "p50 latency",
+                "p95 latency",
+                "p99 latency",
+                "Server Queue",
+                "Server Compute Input",
+                "Server Compute Infer",
+                "Server Compute Output",
+            ):
                 assert float(row[column]) >= 0, (column, row)
         log = (results / f"perf_{model}_c4.log").read_text()
         assert "Execution count" in log and "perf_analyzer CPU:" in log, log[-2000:]
     # make perf-slim's last step: our client at the same concurrencies, the tables and the plot.
-    from bench.perf_report import main as perf_report, read_perf
+    from bench.perf_report import main as perf_report
+    from bench.perf_report import read_perf
 
-    assert perf_report(["--results", str(results), "--url", stack.grpc_url, "--data", str(corpus),
-                        "--prompt-length", "32", "--length", "32"]) == 0
+    assert (
+        perf_report(
+            [
+                "--results",
+                str(results),
+                "--url",
+                stack.grpc_url,
+                "--data",
+                str(corpus),
+                "--prompt-length",
+                "32",
+                "--length",
+                "32",
+            ]
+        )
+        == 0
+    )
     perf = read_perf(results)
     assert all(r["Avg Batch"] >= 1 and r["Client CPU %"] > 0 for m in models for r in perf[m]), perf
     report = json.loads((results / "perf.json").read_text())
@@ -287,12 +434,24 @@ def test_perf_slim_runs_perf_analyzer_and_writes_its_csv(stack, corpus):
     assert "| 4 |" in table and f"{GEN_PYTHON}, K = 16" in table, table
     assert (results / "perf.png").stat().st_size > 10_000
     # No stable measurement: perf_analyzer itself exits 0 and writes no row; perf.sh must call that a failure.
-    r = stack.compose("run", "--rm", "perf-slim", timeout=300,
-                      env={"PERF_MODELS": PYTHON, "PERF_CONCURRENCY": "1", "PERF_INTERVAL_MS": "500",
-                           "PERF_MAX_TRIALS": "3", "PERF_STABILITY": "0"})
+    r = stack.compose(
+        "run",
+        "--rm",
+        "perf-slim",
+        timeout=300,
+        env={
+            "PERF_MODELS": PYTHON,
+            "PERF_CONCURRENCY": "1",
+            "PERF_INTERVAL_MS": "500",
+            "PERF_MAX_TRIALS": "3",
+            "PERF_STABILITY": "0",
+        },
+    )
     assert r.returncode == 1 and f"perf: FAILED runs: {PYTHON}@1" in r.stderr, r.stderr[-2000:]
     assert not (results / f"perf_{PYTHON}_c1.csv").exists()
-    assert not (results / f"perf_{PYTHON}.csv").exists(), "a failed run must not leave an old table behind"
+    assert not (
+        results / f"perf_{PYTHON}.csv"
+    ).exists(), "a failed run must not leave an old table behind"
 
 
 # --- security, seen from outside ------------------------------------------------------------------------
@@ -301,9 +460,14 @@ def test_server_runs_unprivileged_with_no_capabilities(stack):
     fields = dict(line.split(":", 1) for line in status.splitlines())
     uids = fields["Uid"].split()
     assert uids and all(u == "1000" for u in uids), fields["Uid"]
-    assert int(fields["CapEff"], 16) == 0 and int(fields["CapBnd"], 16) == 0, (fields["CapEff"], fields["CapBnd"])
+    assert int(fields["CapEff"], 16) == 0 and int(fields["CapBnd"], 16) == 0, (
+        fields["CapEff"],
+        fields["CapBnd"],
+    )
     assert fields["NoNewPrivs"].strip() == "1"
-    assert stack.inspect()["HostConfig"]["Memory"] == 3 * 2**30  # TRITON_MEM_LIMIT reaches the container
+    assert (
+        stack.inspect()["HostConfig"]["Memory"] == 3 * 2**30
+    )  # TRITON_MEM_LIMIT reaches the container
     mounts = stack.inspect()["Mounts"]
     assert sorted(m["Destination"] for m in mounts) == sorted(f"/models/{m}" for m in SHARED_MODELS)
     assert not any(m["RW"] for m in mounts), mounts
@@ -312,8 +476,9 @@ def test_server_runs_unprivileged_with_no_capabilities(stack):
 def test_ports_are_published_on_loopback_only(stack):
     ports = stack.inspect()["NetworkSettings"]["Ports"]
     bindings = [b for spec in ports.values() for b in (spec or [])]
-    assert sorted(int(b["HostPort"]) for b in bindings) == sorted([stack.http_port, stack.grpc_port,
-                                                                   stack.metrics_port])
+    assert sorted(int(b["HostPort"]) for b in bindings) == sorted(
+        [stack.http_port, stack.grpc_port, stack.metrics_port]
+    )
     assert all(b["HostIp"] == "127.0.0.1" for b in bindings), bindings
 
 
@@ -325,17 +490,27 @@ def test_admin_api_needs_the_key_from_outside(stack):
     key = stack.env["TRITON_ADMIN_KEY"]
     h, g = th.InferenceServerClient(stack.http_url), tg.InferenceServerClient(stack.grpc_url)
     try:
-        for call in (lambda: h.get_model_repository_index(), lambda: h.get_log_settings(),
-                     lambda: g.get_model_repository_index(), lambda: g.get_log_settings(),
-                     lambda: h.get_model_repository_index(headers={"admin-key": "guess"})):
+        for call in (
+            lambda: h.get_model_repository_index(),
+            lambda: h.get_log_settings(),
+            lambda: g.get_model_repository_index(),
+            lambda: g.get_log_settings(),
+            lambda: h.get_model_repository_index(headers={"admin-key": "guess"}),
+        ):
             with pytest.raises(InferenceServerException, match="restricted"):
                 call()
         assert h.get_log_settings(headers={"admin-key": key})["log_verbose_level"] == 0
-        names = [m["name"] for m in g.get_model_repository_index(
-            headers={"triton-grpc-protocol-admin-key": key}, as_json=True)["models"]]
+        names = [
+            m["name"]
+            for m in g.get_model_repository_index(
+                headers={"triton-grpc-protocol-admin-key": key}, as_json=True
+            )["models"]
+        ]
         assert sorted(names) == sorted(SHARED_MODELS)
         # Even with the key, model control mode none: nothing can be loaded or unloaded.
-        with pytest.raises(InferenceServerException, match="explicit model load / unload is not allowed"):
+        with pytest.raises(
+            InferenceServerException, match="explicit model load / unload is not allowed"
+        ):
             h.unload_model(PYTHON, headers={"admin-key": key})
         assert h.is_model_ready(PYTHON)
     finally:
@@ -349,6 +524,7 @@ def test_compose_down_leaves_no_container_network_or_volume(stack):
     assert r.returncode == 0, r.stderr
     label = f"label=com.docker.compose.project={stack.project}"
     for kind in (["ps", "-a"], ["network", "ls"], ["volume", "ls"]):
-        left = subprocess.run(["docker", *kind, "-q", "--filter", label], capture_output=True, text=True,
-                              check=True).stdout.split()
+        left = subprocess.run(
+            ["docker", *kind, "-q", "--filter", label], capture_output=True, text=True, check=True
+        ).stdout.split()
         assert left == [], f"docker {' '.join(kind)} still lists {left} of project {stack.project}"

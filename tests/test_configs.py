@@ -1,6 +1,7 @@
 """export/configs.py: the Triton configs it renders (parsed with Triton's own ModelConfig proto), with no drift
 between the committed model_repository/, a fresh export and render_config, the documented requirements of
-every config, and the cross-check of a config against its ONNX graph (step and generation graphs)."""
+every config, and the cross-check of a config against its ONNX graph (step and generation graphs).
+"""
 
 from __future__ import annotations
 
@@ -10,21 +11,38 @@ import re
 import pytest
 
 from charrnn import repository
-from charrnn.contract import (INPUT_IDS, LOGITS, MAX_BATCH_SIZE, MAX_SEQUENCE_IDLE_US, MAX_SEQUENCES, NOISE,
-                              OUTPUT_IDS, STATE_IN, STATE_OUT, TEMPERATURE, TOP_K, VOCAB_PARAMETER)
+from charrnn.contract import (
+    INPUT_IDS,
+    LOGITS,
+    MAX_BATCH_SIZE,
+    MAX_SEQUENCE_IDLE_US,
+    MAX_SEQUENCES,
+    NOISE,
+    OUTPUT_IDS,
+    STATE_IN,
+    STATE_OUT,
+    TEMPERATURE,
+    TOP_K,
+    VOCAB_PARAMETER,
+)
 from charrnn.repository import STEP_MODELS as STEP
 from charrnn.vocab import Vocab
 from export import configs
 from tests.conftest import COMMITTED_REPO, ROOT, SHIPPED_MODEL, committed_text
 
 COMMITTED_CONFIGS = sorted(p.parent.name for p in COMMITTED_REPO.glob(f"*/{repository.CONFIG}"))
-STEP_STATEFUL = (repository.TRT, repository.ONNX)  # implicit state (the python backend keeps state itself)
+STEP_STATEFUL = (
+    repository.TRT,
+    repository.ONNX,
+)  # implicit state (the python backend keeps state itself)
 
 
 # --- the committed, rendered and freshly exported configs ---------------------------------------------------
 def test_committed_model_repository_has_the_step_models():
     assert set(STEP) <= set(COMMITTED_CONFIGS)
-    assert set(COMMITTED_CONFIGS) <= set(repository.SERVED_MODELS), "a config no generator knows about (stale or by hand)"
+    assert set(COMMITTED_CONFIGS) <= set(
+        repository.SERVED_MODELS
+    ), "a config no generator knows about (stale or by hand)"
 
 
 @pytest.mark.parametrize("name", COMMITTED_CONFIGS)
@@ -33,8 +51,9 @@ def test_committed_config_parses_and_equals_render_config(name, shipped_contract
     text = committed_text(name)
     config = repository.parse_config(text)  # Triton's own ModelConfig protobuf
     assert config.name == name
-    assert text == configs.render_config(name, contract, vocab), \
-        f"model_repository/{name}/config.pbtxt drifted from export/configs.py: run `make export`"
+    assert text == configs.render_config(
+        name, contract, vocab
+    ), f"model_repository/{name}/config.pbtxt drifted from export/configs.py: run `make export`"
 
 
 @pytest.mark.parametrize("name", repository.SERVED_MODELS)
@@ -47,11 +66,19 @@ def test_freshly_exported_config_parses_and_equals_committed(name, shipped_repo)
         assert name not in STEP
 
 
-@pytest.mark.parametrize("source, name", [*(("committed", n) for n in COMMITTED_CONFIGS),
-                                          *(("fresh", n) for n in repository.SERVED_MODELS)])
-def test_config_meets_the_documented_requirements(name, source, shipped_repo, shipped_contract_vocab):
+@pytest.mark.parametrize(
+    "source, name",
+    [
+        *(("committed", n) for n in COMMITTED_CONFIGS),
+        *(("fresh", n) for n in repository.SERVED_MODELS),
+    ],
+)
+def test_config_meets_the_documented_requirements(
+    name, source, shipped_repo, shipped_contract_vocab
+):
     """Every config: batching, the `oldest` sequence batcher, an explicit idle timeout, ONE packed implicit state
-    (zero_data, named) exactly on the TensorRT / ONNX Runtime models, platform/backend, the vocabulary."""
+    (zero_data, named) exactly on the TensorRT / ONNX Runtime models, platform/backend, the vocabulary.
+    """
     from tritonclient.grpc import model_config_pb2 as pb
 
     contract, vocab = shipped_contract_vocab
@@ -61,16 +88,21 @@ def test_config_meets_the_documented_requirements(name, source, shipped_repo, sh
     assert c.name == name
     assert c.max_batch_size == MAX_BATCH_SIZE > 0
     if name in STEP:  # client-facing interface: the same for the three step models
-        assert [(t.name, t.data_type, list(t.dims)) for t in c.input] == [(INPUT_IDS, pb.TYPE_INT32, [-1])]
-        assert [(t.name, t.data_type, list(t.dims)) for t in c.output] == \
-            [(LOGITS, pb.TYPE_FP32, [contract.vocab_size])]
+        assert [(t.name, t.data_type, list(t.dims)) for t in c.input] == [
+            (INPUT_IDS, pb.TYPE_INT32, [-1])
+        ]
+        assert [(t.name, t.data_type, list(t.dims)) for t in c.output] == [
+            (LOGITS, pb.TYPE_FP32, [contract.vocab_size])
+        ]
     # sequence batcher: oldest strategy, idle timeout set explicitly and well above Triton's 1 s default
     sb = c.sequence_batching
     assert c.HasField("sequence_batching")
     assert sb.WhichOneof("strategy_choice") == "oldest"
     # Sequence slots far above the batch: sequence 65 must not wait for a slot (and block its gRPC stream).
     assert sb.oldest.max_candidate_sequences == MAX_SEQUENCES >= 16 * MAX_BATCH_SIZE
-    assert re.search(r"^\s*max_sequence_idle_microseconds:\s*\d+", text, re.M), "must be set explicitly"
+    assert re.search(
+        r"^\s*max_sequence_idle_microseconds:\s*\d+", text, re.M
+    ), "must be set explicitly"
     assert sb.max_sequence_idle_microseconds == MAX_SEQUENCE_IDLE_US > 1_000_000
     assert not c.HasField("dynamic_batching"), "the sequence batcher, not the dynamic batcher"
     assert list(sb.control_input) == [], "the graph has no START/READY inputs"
@@ -87,7 +119,9 @@ def test_config_meets_the_documented_requirements(name, source, shipped_repo, sh
         assert init.WhichOneof("state_data") == "zero_data" and init.zero_data
         assert init.name
         assert init.data_type == s.data_type and tuple(init.dims) == contract.state_dims
-        assert STATE_IN not in [t.name for t in c.input] and STATE_OUT not in [t.name for t in c.output]
+        assert STATE_IN not in [t.name for t in c.input] and STATE_OUT not in [
+            t.name for t in c.output
+        ]
     else:
         assert len(sb.state) == 0
     # platform / backend / instance kind
@@ -102,8 +136,9 @@ def test_config_meets_the_documented_requirements(name, source, shipped_repo, sh
         assert kinds == [pb.ModelInstanceGroup.KIND_CPU]
     # the vocabulary travels with the model
     assert repository.vocab_of(c) == vocab == Vocab.load(SHIPPED_MODEL / "vocab.json")
-    assert json.loads(c.parameters[VOCAB_PARAMETER].string_value) == \
-        json.loads((SHIPPED_MODEL / "vocab.json").read_text())
+    assert json.loads(c.parameters[VOCAB_PARAMETER].string_value) == json.loads(
+        (SHIPPED_MODEL / "vocab.json").read_text()
+    )
 
 
 def test_render_config_rejects_a_vocab_of_the_wrong_size(shipped_contract_vocab):
@@ -122,14 +157,21 @@ def test_gen_configs_parse_are_committed_and_agree_with_the_graph(name, shipped_
 
     fresh = (shipped_repo / name / repository.CONFIG).read_text()
     committed = ROOT / "model_repository" / name / repository.CONFIG
-    assert committed.is_file() and committed.read_text() == fresh, f"{committed} is stale: run `make export`"
+    assert (
+        committed.is_file() and committed.read_text() == fresh
+    ), f"{committed} is stale: run `make export`"
     c = repository.parse_config(fresh)
     assert c.name == name
     assert configs.check_config_against_onnx(c, gen_proto) == []
     assert [(t.name, t.data_type, list(t.dims)) for t in c.input] == [
-        (INPUT_IDS, pb.TYPE_INT32, [-1]), (NOISE, pb.TYPE_FP32, [-1, 65]), (TEMPERATURE, pb.TYPE_FP32, [1]),
-        (TOP_K, pb.TYPE_INT32, [1])]
-    assert [(t.name, t.data_type, list(t.dims)) for t in c.output] == [(OUTPUT_IDS, pb.TYPE_INT32, [-1])]
+        (INPUT_IDS, pb.TYPE_INT32, [-1]),
+        (NOISE, pb.TYPE_FP32, [-1, 65]),
+        (TEMPERATURE, pb.TYPE_FP32, [1]),
+        (TOP_K, pb.TYPE_INT32, [1]),
+    ]
+    assert [(t.name, t.data_type, list(t.dims)) for t in c.output] == [
+        (OUTPUT_IDS, pb.TYPE_INT32, [-1])
+    ]
     assert c.model_transaction_policy.decoupled == (name == repository.GEN_STREAM)
     assert (len(c.sequence_batching.state) == 1) == (name in repository.IMPLICIT_STATE_MODELS)
     # a config that disagrees with the graph is reported
@@ -156,18 +198,43 @@ def test_configs_for_one_slot_cells_agree_with_their_graph(cell, exported, tmp_p
             assert tuple(s.dims) == (1, 2, 16)
 
 
-@pytest.mark.parametrize("old, new, tensor, words", [
-    ("dims: [ 2, 2, 512 ]", "dims: [ 2, 2, 256 ]", "STATE_IN", "shape"),  # state and initial_state dims
-    ('dims: [ 2, 2, 512 ]\n      initial', 'dims: [ 2, 512 ]\n      initial', "STATE_IN", "shape"),  # state only
-    ("data_type: TYPE_FP32\n      dims", "data_type: TYPE_FP16\n      dims", "STATE_IN", "dtype"),
-    ('input_name: "STATE_IN"', 'input_name: "STATE"', "STATE", "not in the ONNX graph"),
-    ('output_name: "STATE_OUT"', 'output_name: "STATE_OUTPUT"', "STATE_OUTPUT", "not in the ONNX graph"),
-    ('name: "INPUT_IDS"', 'name: "INPUT_ID"', "INPUT_ID", "not in the ONNX graph"),
-    ("data_type: TYPE_INT32", "data_type: TYPE_INT64", "INPUT_IDS", "dtype"),
-    ("dims: [ 65 ]", "dims: [ 64 ]", "LOGITS", "shape"),
-])
+@pytest.mark.parametrize(
+    "old, new, tensor, words",
+    [
+        (
+            "dims: [ 2, 2, 512 ]",
+            "dims: [ 2, 2, 256 ]",
+            "STATE_IN",
+            "shape",
+        ),  # state and initial_state dims
+        (
+            "dims: [ 2, 2, 512 ]\n      initial",
+            "dims: [ 2, 512 ]\n      initial",
+            "STATE_IN",
+            "shape",
+        ),  # state only
+        (
+            "data_type: TYPE_FP32\n      dims",
+            "data_type: TYPE_FP16\n      dims",
+            "STATE_IN",
+            "dtype",
+        ),
+        ('input_name: "STATE_IN"', 'input_name: "STATE"', "STATE", "not in the ONNX graph"),
+        (
+            'output_name: "STATE_OUT"',
+            'output_name: "STATE_OUTPUT"',
+            "STATE_OUTPUT",
+            "not in the ONNX graph",
+        ),
+        ('name: "INPUT_IDS"', 'name: "INPUT_ID"', "INPUT_ID", "not in the ONNX graph"),
+        ("data_type: TYPE_INT32", "data_type: TYPE_INT64", "INPUT_IDS", "dtype"),
+        ("dims: [ 65 ]", "dims: [ 64 ]", "LOGITS", "shape"),
+    ],
+)
 @pytest.mark.parametrize("name", STEP_STATEFUL)
-def test_config_that_differs_from_the_graph_is_reported(name, old, new, tensor, words, shipped_repo, shipped_proto):
+def test_config_that_differs_from_the_graph_is_reported(
+    name, old, new, tensor, words, shipped_repo, shipped_proto
+):
     text = (shipped_repo / name / repository.CONFIG).read_text()
     assert old in text
     config = repository.parse_config(text.replace(old, new, 1))

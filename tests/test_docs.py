@@ -22,11 +22,28 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 FLAGS_MD = ROOT / "docs" / "flags.md"
 
-CLIS = ("train.prepare", "train.train", "train.sample", "train.evaluate", "train.import_tf1",
-        "export", "export.gen_export", "export.trt_check", "export.build_plan", "export.verify",
-        "serve.local", "serve.images", "client",
-        "bench.bench", "bench.chunked", "bench.ab", "bench.soak", "bench.mixed_soak",
-        "bench.perf_input", "bench.perf_report")
+CLIS = (
+    "train.prepare",
+    "train.train",
+    "train.sample",
+    "train.evaluate",
+    "train.import_tf1",
+    "export",
+    "export.gen_export",
+    "export.trt_check",
+    "export.build_plan",
+    "export.verify",
+    "serve.local",
+    "serve.images",
+    "client",
+    "bench.bench",
+    "bench.chunked",
+    "bench.ab",
+    "bench.soak",
+    "bench.mixed_soak",
+    "bench.perf_input",
+    "bench.perf_report",
+)
 NOT_RUN = ("client.demo",)  # starts a server; passes its arguments to `python -m client`
 
 FLAG = r"(?<![\w-])--[a-z0-9][a-z0-9-]*"
@@ -49,8 +66,13 @@ def documented() -> dict[str, set[str]]:
 
 def help_flags(module: str) -> set[str]:
     """The flags of `python -m <module> --help`'s usage block (every option argparse knows, nothing else)."""
-    r = subprocess.run([sys.executable, "-m", module, "--help"], cwd=ROOT, capture_output=True, text=True,
-                       timeout=60)
+    r = subprocess.run(
+        [sys.executable, "-m", module, "--help"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 0, f"python -m {module} --help: exit {r.returncode}\n{r.stderr[-2000:]}"
     usage = r.stdout.split("\n\n", 1)[0]
     assert usage.startswith("usage:"), r.stdout[:500]
@@ -65,7 +87,9 @@ def test_flags_md_has_a_section_per_command():
 def test_flags_md_lists_exactly_the_flags_of(module):
     offered, listed = help_flags(module), documented()[module]
     assert offered - listed == set(), f"python -m {module}: flags missing from docs/flags.md"
-    assert listed - offered == set(), f"python -m {module}: docs/flags.md lists flags the command lacks"
+    assert (
+        listed - offered == set()
+    ), f"python -m {module}: docs/flags.md lists flags the command lacks"
 
 
 def test_client_demo_has_no_flags_of_its_own():

@@ -1,21 +1,21 @@
 """The evaluator (train.evaluate): evaluate_loss against a NumPy cross-entropy, its CLI (`make evaluate`) on the
-tiny model and on the shipped one (test perplexity below sampleCharRNN's published 4.940, as its card states)."""
+tiny model and on the shipped one (test perplexity below sampleCharRNN's published 4.940, as its card states).
+"""
 
 from __future__ import annotations
 
 import json
 import math
 
+import keras  # noqa: E402  (after charrnn.model, which sets TensorFlow's environment)
 import numpy as np
 import pytest
 
 from charrnn.data import load_splits
 from charrnn.model import ModelConfig, build_model
-from train.evaluate import evaluate_loss
-from train import evaluate as evaluate_cli
 from tests.conftest import read_json
-
-import keras  # noqa: E402  (after charrnn.model, which sets TensorFlow's environment)
+from train import evaluate as evaluate_cli
+from train.evaluate import evaluate_loss
 
 
 def test_evaluate_loss_of_zero_weights_is_ln_v():
@@ -47,7 +47,9 @@ def random_model():
 
 def test_evaluate_loss_matches_numpy_cross_entropy_single_stream(random_model):
     ids = np.random.default_rng(1).integers(0, 5, size=40, dtype=np.int32)
-    loss, count = evaluate_loss(random_model, ids, batch_size=1, seq_len=7)  # 6 chunks, state carried
+    loss, count = evaluate_loss(
+        random_model, ids, batch_size=1, seq_len=7
+    )  # 6 chunks, state carried
     assert count == 39
     logits, _ = random_model(ids[None, :-1])
     want = _numpy_ce(logits.numpy()[0], ids[1:]).mean()
@@ -70,7 +72,12 @@ def test_evaluate_loss_streams(random_model):
 def test_evaluate_cli_json_matches_card(tiny_model, corpus, capsys):
     """`python -m train.evaluate --json` (its main, in-process: TensorFlow is already loaded here)."""
     capsys.readouterr()
-    assert evaluate_cli.main(["--model", str(tiny_model), "--data", str(corpus), "--split", "val", "--json"]) == 0
+    assert (
+        evaluate_cli.main(
+            ["--model", str(tiny_model), "--data", str(corpus), "--split", "val", "--json"]
+        )
+        == 0
+    )
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 1, lines
     result = json.loads(lines[0])
@@ -84,7 +91,9 @@ def test_evaluate_cli_json_matches_card(tiny_model, corpus, capsys):
 
 def test_evaluate_cli_bad_model_dir(tmp_path, capsys):
     assert evaluate_cli.main(["--model", str(tmp_path / "nope"), "--json"]) == 2
-    assert capsys.readouterr().err.startswith(f"error: {tmp_path / 'nope'}: model directory not found")
+    assert capsys.readouterr().err.startswith(
+        f"error: {tmp_path / 'nope'}: model directory not found"
+    )
 
 
 def test_shipped_model_beats_samplecharrnn_on_the_test_split(corpus, capsys):
@@ -101,5 +110,9 @@ def test_shipped_model_beats_samplecharrnn_on_the_test_split(corpus, capsys):
     card = read_json(SHIPPED_MODEL / "model_card.json")
     assert result["perplexity"] == pytest.approx(card["metrics"]["test_perplexity"], abs=1e-3)
     if SHIPPED_MODEL == ROOT / "models" / "shakespeare-lstm-2x512":
-        flags = re.search(r"^TRAIN_FLAGS \?= (.+)$", (ROOT / "Makefile").read_text(), re.M).group(1).strip()
+        flags = (
+            re.search(r"^TRAIN_FLAGS \?= (.+)$", (ROOT / "Makefile").read_text(), re.M)
+            .group(1)
+            .strip()
+        )
         assert card["training"]["command"].endswith(flags), (card["training"]["command"], flags)

@@ -23,13 +23,19 @@ def gen_session(gen_onnx):
 
 def run_gen(session, prompt_ids, state, noise, temperature, top_k):
     b = len(prompt_ids)
-    feeds = {INPUT_IDS: np.asarray(prompt_ids, np.int32), STATE_IN: state, NOISE: noise,
-             TEMPERATURE: np.asarray(temperature, np.float32).reshape(b, 1),
-             TOP_K: np.asarray(top_k, np.int32).reshape(b, 1)}
+    feeds = {
+        INPUT_IDS: np.asarray(prompt_ids, np.int32),
+        STATE_IN: state,
+        NOISE: noise,
+        TEMPERATURE: np.asarray(temperature, np.float32).reshape(b, 1),
+        TOP_K: np.asarray(top_k, np.int32).reshape(b, 1),
+    }
     return session.run([OUTPUT_IDS, STATE_OUT], feeds)
 
 
-def noise_for(params: SamplingParams, k: int, vocab_size: int, sampler: Sampler | None = None) -> np.ndarray:
+def noise_for(
+    params: SamplingParams, k: int, vocab_size: int, sampler: Sampler | None = None
+) -> np.ndarray:
     if params.greedy:
         return np.full((k, vocab_size), 0.5, np.float32)
     return (sampler or Sampler(params, vocab_size)).noise(k)
@@ -52,9 +58,17 @@ def test_gen_graph_contract_and_tensorrt_readiness(gen_proto, shipped):
     body = next(a.g for a in loop.attribute if a.name == "body")
     carried = len(body.input) - 2
     assert loop.input[0], "the Loop has a trip count (K - 1): TensorRT gets a kCOUNT trip limit"
-    assert len(body.output) == 1 + carried and len(loop.output) == carried, "no scan outputs (dynamic length)"
-    assert carried <= 6, f"only the real loop state is carried (weights are read from outside): {carried}"
-    constants = {i.name: onnx.numpy_helper.to_array(i) for g in (gen_proto.graph, body) for i in g.initializer}
+    assert (
+        len(body.output) == 1 + carried and len(loop.output) == carried
+    ), "no scan outputs (dynamic length)"
+    assert (
+        carried <= 6
+    ), f"only the real loop state is carried (weights are read from outside): {carried}"
+    constants = {
+        i.name: onnx.numpy_helper.to_array(i)
+        for g in (gen_proto.graph, body)
+        for i in g.initializer
+    }
     for node in _nodes(gen_proto.graph):
         if node.op_type == "TopK":  # k: a constant (V), below TensorRT's limit of 3840
             assert node.input[1] in constants, f"TopK {node.name}: k is not a constant"
@@ -65,17 +79,31 @@ def test_gen_onnx_matches_tf_reference(gen_session, shipped, tf_texts):
     """ONNX Runtime, one call of K = LENGTH characters, and the same in calls of 7 (state and last id carried)."""
     model, vocab = shipped
     zero = model.config.contract.zero_state(1)
-    for params, prompts in ((GREEDY, GEN_PROMPTS), (SEEDED[0], GEN_PROMPTS[:1]), (SEEDED[2], GEN_PROMPTS[:1])):
+    for params, prompts in (
+        (GREEDY, GEN_PROMPTS),
+        (SEEDED[0], GEN_PROMPTS[:1]),
+        (SEEDED[2], GEN_PROMPTS[:1]),
+    ):
         for prompt in prompts:
             want = tf_texts(prompt, params)
             t, k = (0.0, 0) if params.greedy else (params.temperature, params.top_k)
-            ids, _ = run_gen(gen_session, [vocab.encode(prompt)], zero, noise_for(params, GEN_LENGTH, len(vocab))[None],
-                             t, k)
-            assert ids[0].tolist() == want, f"{params}: first difference at {first_difference(ids[0], want)}"
+            ids, _ = run_gen(
+                gen_session,
+                [vocab.encode(prompt)],
+                zero,
+                noise_for(params, GEN_LENGTH, len(vocab))[None],
+                t,
+                k,
+            )
+            assert (
+                ids[0].tolist() == want
+            ), f"{params}: first difference at {first_difference(ids[0], want)}"
             sampler, got, inp, state = Sampler(params, len(vocab)), [], [vocab.encode(prompt)], zero
             while len(got) < GEN_LENGTH:
                 n = min(7, GEN_LENGTH - len(got))
-                ids, state = run_gen(gen_session, inp, state, noise_for(params, n, len(vocab), sampler)[None], t, k)
+                ids, state = run_gen(
+                    gen_session, inp, state, noise_for(params, n, len(vocab), sampler)[None], t, k
+                )
                 got += ids[0].tolist()
                 inp = ids[:, -1:]
             assert got == want
@@ -85,7 +113,9 @@ def test_gen_onnx_batch_rows_are_independent(gen_session, shipped):
     """Greedy, sampled and top-k rows in one batch each give what they give alone; TOP_K out of range = all."""
     model, vocab = shipped
     V = len(vocab)
-    prompts = np.array([vocab.encode(p) for p in ("ROMEO:", "JULIET", "HAMLET", "Romeo ", "IAGO: ")], np.int32)
+    prompts = np.array(
+        [vocab.encode(p) for p in ("ROMEO:", "JULIET", "HAMLET", "Romeo ", "IAGO: ")], np.int32
+    )
     rng = np.random.default_rng(3)
     state = (0.3 * rng.standard_normal((5, *model.config.contract.state_dims))).astype(np.float32)
     noise = rng.random((5, 24, V), dtype=np.float32) + np.float32(1e-7)
@@ -93,15 +123,25 @@ def test_gen_onnx_batch_rows_are_independent(gen_session, shipped):
     top_k = [0, 5, 0, 1, 0]
     ids, new_state = run_gen(gen_session, prompts, state, noise, temperature, top_k)
     for row in range(5):
-        alone, alone_state = run_gen(gen_session, prompts[row : row + 1], state[row : row + 1],
-                                     noise[row : row + 1], temperature[row], top_k[row])
+        alone, alone_state = run_gen(
+            gen_session,
+            prompts[row : row + 1],
+            state[row : row + 1],
+            noise[row : row + 1],
+            temperature[row],
+            top_k[row],
+        )
         assert ids[row].tolist() == alone[0].tolist()
         np.testing.assert_allclose(new_state[row], alone_state[0], atol=1e-5)
     assert len(set(map(tuple, ids.tolist()))) == 5
     # top-k 1 is greedy whatever the temperature and noise; greedy ignores the noise
-    greedy, _ = run_gen(gen_session, prompts[3:4], state[3:4], np.full_like(noise[3:4], 0.5), 0.0, 0)
+    greedy, _ = run_gen(
+        gen_session, prompts[3:4], state[3:4], np.full_like(noise[3:4], 0.5), 0.0, 0
+    )
     assert ids[3].tolist() == greedy[0].tolist()
-    huge, _ = run_gen(gen_session, prompts[2:3], state[2:3], noise[2:3], 1.0, V + 50)  # clamped: every character
+    huge, _ = run_gen(
+        gen_session, prompts[2:3], state[2:3], noise[2:3], 1.0, V + 50
+    )  # clamped: every character
     assert huge[0].tolist() == ids[2].tolist()
     # A subnormal temperature is clamped in the graph (the TensorRT / ONNX Runtime backends run it without the
     # python models' checks): the same text as MIN_TEMPERATURE, not the inf - inf degenerate text.
@@ -120,7 +160,9 @@ def test_gen_export_of_one_slot_cells_matches_tf(cell, extra, tmp_path):
     from export.trt_check import check_model
     from export.verify import ort_session
 
-    model = build_model(ModelConfig(vocab_size=30, cell=cell, layers=2, hidden=16, embedding=8, **extra))
+    model = build_model(
+        ModelConfig(vocab_size=30, cell=cell, layers=2, hidden=16, embedding=8, **extra)
+    )
     proto = export_gen_onnx(model, tmp_path / "gen.onnx")
     assert check_model(proto).ready, check_model(proto).text()
     session = ort_session(tmp_path / "gen.onnx")
@@ -128,6 +170,12 @@ def test_gen_export_of_one_slot_cells_matches_tf(cell, extra, tmp_path):
     for params in (GREEDY, SamplingParams(temperature=0.7, top_k=7, seed=1)):
         want = model.generate(prime, 40, Sampler(params, 30))
         t, k = (0.0, 0) if params.greedy else (params.temperature, params.top_k)
-        ids, _ = run_gen(session, prime[None], model.config.contract.zero_state(1),
-                         noise_for(params, 40, 30)[None], t, k)
+        ids, _ = run_gen(
+            session,
+            prime[None],
+            model.config.contract.zero_state(1),
+            noise_for(params, 40, 30)[None],
+            t,
+            k,
+        )
         assert ids[0].tolist() == want

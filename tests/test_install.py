@@ -17,8 +17,9 @@ SETUPTOOLS = PROJECT["tool"]["setuptools"]
 
 
 def test_every_installed_package_is_named_charrnn():
-    assert SETUPTOOLS["packages"] and all(re.fullmatch(r"charrnn(_[a-z0-9]+)?(\.[a-z0-9_]+)*", p)
-                                          for p in SETUPTOOLS["packages"]), SETUPTOOLS["packages"]
+    assert SETUPTOOLS["packages"] and all(
+        re.fullmatch(r"charrnn(_[a-z0-9]+)?(\.[a-z0-9_]+)*", p) for p in SETUPTOOLS["packages"]
+    ), SETUPTOOLS["packages"]
     for name, folder in SETUPTOOLS["package-dir"].items():
         assert name == f"charrnn_{folder}" and (ROOT / folder / "__init__.py").is_file()
 
@@ -33,13 +34,19 @@ def test_the_client_extra_installs_no_tensorflow():
 @pytest.mark.parametrize("name, target", sorted(PROJECT["project"]["scripts"].items()))
 def test_entry_points_resolve_to_a_main(name, target):
     module, func = target.split(":")
-    assert callable(getattr(importlib.import_module(module), func))  # the editable install of `make setup`
+    assert callable(
+        getattr(importlib.import_module(module), func)
+    )  # the editable install of `make setup`
 
 
 def test_client_modules_import_without_tensorflow():
     """What `pip install ".[client]"` gets must not need TensorFlow: import it with tensorflow made unimportable."""
-    code = ("import sys; sys.modules['tensorflow'] = None; sys.modules['keras'] = None\n"
-            "import charrnn_client.__main__, charrnn_client.generate, charrnn_client.connection\n"
-            "assert 'tensorflow' not in {m for m in sys.modules if sys.modules[m] is not None}")
-    r = subprocess.run([sys.executable, "-c", code], cwd="/", capture_output=True, text=True, timeout=60)
+    code = (
+        "import sys; sys.modules['tensorflow'] = None; sys.modules['keras'] = None\n"
+        "import charrnn_client.__main__, charrnn_client.generate, charrnn_client.connection\n"
+        "assert 'tensorflow' not in {m for m in sys.modules if sys.modules[m] is not None}"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", code], cwd="/", capture_output=True, text=True, timeout=60
+    )
     assert r.returncode == 0, r.stderr

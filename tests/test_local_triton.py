@@ -23,18 +23,29 @@ from tests.conftest import ROOT, RawStream, group_pids, served, start_server
 
 
 # --- starting and stopping ------------------------------------------------------------------------------
-@pytest.mark.parametrize("binary", ["/nonexistent/bin/tritonserver", "no-such-tritonserver-command"])
+@pytest.mark.parametrize(
+    "binary", ["/nonexistent/bin/tritonserver", "no-such-tritonserver-command"]
+)
 def test_launcher_names_a_missing_tritonserver_binary(binary):
-    r = subprocess.run([sys.executable, "-m", "serve.local", "run", "--tritonserver", binary], cwd=ROOT,
-                       capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [sys.executable, "-m", "serve.local", "run", "--tritonserver", binary],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 2, r.stdout + r.stderr
-    assert r.stderr.startswith(f"error: --tritonserver: {binary!r} is not an executable file"), r.stderr
+    assert r.stderr.startswith(
+        f"error: --tritonserver: {binary!r} is not an executable file"
+    ), r.stderr
 
 
 def test_launcher_stops_the_server_and_leaves_no_process(tmp_path, shipped_repo):
     s = start_server(shipped_repo, tmp_path / "serve")
     pid = s.process.pid
-    children = subprocess.run(["pgrep", "-g", str(pid)], capture_output=True, text=True).stdout.split()
+    children = subprocess.run(
+        ["pgrep", "-g", str(pid)], capture_output=True, text=True
+    ).stdout.split()
     assert len(children) >= 2, "server + python backend stub expected in the process group"
     s.stop()
     left = subprocess.run(["pgrep", "-g", str(pid)], capture_output=True, text=True).stdout.split()
@@ -44,14 +55,17 @@ def test_launcher_stops_the_server_and_leaves_no_process(tmp_path, shipped_repo)
 
 def test_launcher_removes_its_own_leftovers_of_a_crash_and_only_its_own(shipped_repo, tmp_path):
     """After tritonserver is SIGKILLed its python stubs can outlive it (seen: one 136 MB orphan) and its
-    /dev/shm regions stay. The next start of the same run directory removes them; other regions stay."""
+    /dev/shm regions stay. The next start of the same run directory removes them; other regions stay.
+    """
     run_dir = tmp_path / "serve"
     s = start_server(shipped_repo, run_dir)
     stubs = [p for p in group_pids(s.process.pid) if p != s.process.pid]
     regions = list(Path("/dev/shm").glob(s.shm_prefix + "*"))
     assert stubs and regions, (stubs, regions)
-    foreign = [Path("/dev/shm", "triton_python_backend_shm_region_not-ours-" + os.urandom(4).hex()),
-               Path("/dev/shm", "charrnn_000000000000_not-ours-" + os.urandom(4).hex())]
+    foreign = [
+        Path("/dev/shm", "triton_python_backend_shm_region_not-ours-" + os.urandom(4).hex()),
+        Path("/dev/shm", "charrnn_000000000000_not-ours-" + os.urandom(4).hex()),
+    ]
     for f in foreign:
         f.write_bytes(b"x")
     try:
@@ -60,12 +74,19 @@ def test_launcher_removes_its_own_leftovers_of_a_crash_and_only_its_own(shipped_
         os.kill(s.process.pid, signal.SIGKILL)  # the server alone, as a segfault would
         s.process.wait(timeout=30)
         s.process = None
-        assert all(Path(f"/proc/{pid}").exists() for pid in stubs) and all(r.exists() for r in regions)
+        assert all(Path(f"/proc/{pid}").exists() for pid in stubs) and all(
+            r.exists() for r in regions
+        )
         s2 = start_server(shipped_repo, run_dir)
         try:
-            assert not any(Path(f"/proc/{pid}").exists() and Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
-                           for pid in stubs), "the crashed server's stubs are still running"
-            assert not any(r.exists() for r in regions), "the crashed server's shared memory is still there"
+            assert not any(
+                Path(f"/proc/{pid}").exists()
+                and Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+                for pid in stubs
+            ), "the crashed server's stubs are still running"
+            assert not any(
+                r.exists() for r in regions
+            ), "the crashed server's shared memory is still there"
             assert all(f.exists() for f in foreign), "removed a region that was not ours"
             assert "removed what a crashed server" in s2.log_path.read_text()
             assert served(s2, ["ROMEO:\n"], 20, [SamplingParams(greedy=True)])[0]
@@ -87,17 +108,25 @@ def test_a_decoupled_model_never_shares_a_local_server(shipped_repo, tmp_path):
     from charrnn.errors import UserError
     from charrnn.local_triton import LocalTriton
 
-    with pytest.raises(UserError, match=f"{repository.GEN_STREAM} \\(decoupled\\) cannot share a server with {PYTHON}"):
-        LocalTriton.on_free_ports(repo=shipped_repo, run_dir=tmp_path, models=(PYTHON, repository.GEN_STREAM)).start()
+    with pytest.raises(
+        UserError,
+        match=f"{repository.GEN_STREAM} \\(decoupled\\) cannot share a server with {PYTHON}",
+    ):
+        LocalTriton.on_free_ports(
+            repo=shipped_repo, run_dir=tmp_path, models=(PYTHON, repository.GEN_STREAM)
+        ).start()
 
 
 # --- what keeps the server up ---------------------------------------------------------------------------
 def test_64_concurrent_sequences_keep_the_server_up(server):
     """Regression: with gRPC's default allocation pool (8) tritonserver 2.51 segfaulted within seconds once
-    more than ~32 sequences streamed at once (measured at 40, 48, 63, 64); serve.local sets a larger pool."""
+    more than ~32 sequences streamed at once (measured at 40, 48, 63, 64); serve.local sets a larger pool.
+    """
     n, length = 64, 120
     prompts = [("ROMEO:\n", "JULIET:\n", "First Citizen:\n", "HAMLET:\n")[i % 4] for i in range(n)]
-    texts = served(server, prompts, length, [SamplingParams(temperature=1.0, seed=i) for i in range(n)])
+    texts = served(
+        server, prompts, length, [SamplingParams(temperature=1.0, seed=i) for i in range(n)]
+    )
     assert [len(t) for t in texts] == [length] * n
     assert len(set(texts)) > n // 2  # different seeds: different texts
     assert server.process.poll() is None and "Signal (11)" not in server.log_path.read_text()
@@ -111,12 +140,61 @@ def test_mixed_streaming_traffic_on_split_servers_keeps_both_up(gen_server, stre
 
     py = [sys.executable, "-m", "client"]
     for _ in range(3):
-        procs = [subprocess.Popen([*py, "--url", gen_server.grpc_url, "--model", PYTHON, "--greedy",
-                                   "--length", "600", "--retries", "0", "--quiet"], cwd=ROOT, stdout=subprocess.DEVNULL),
-                 subprocess.Popen([*py, "--url", gen_server.grpc_url, "--model", repository.GEN_PYTHON, "--chunk", "4",
-                                   "--seed", "3", "--length", "600", "--quiet"], cwd=ROOT, stdout=subprocess.DEVNULL),
-                 subprocess.Popen([*py, "--url", stream_server.grpc_url, "--model", repository.GEN_STREAM, "--chunk", "4",
-                                   "--seed", "9", "--length", "600", "--quiet"], cwd=ROOT, stdout=subprocess.DEVNULL)]
+        procs = [
+            subprocess.Popen(
+                [
+                    *py,
+                    "--url",
+                    gen_server.grpc_url,
+                    "--model",
+                    PYTHON,
+                    "--greedy",
+                    "--length",
+                    "600",
+                    "--retries",
+                    "0",
+                    "--quiet",
+                ],
+                cwd=ROOT,
+                stdout=subprocess.DEVNULL,
+            ),
+            subprocess.Popen(
+                [
+                    *py,
+                    "--url",
+                    gen_server.grpc_url,
+                    "--model",
+                    repository.GEN_PYTHON,
+                    "--chunk",
+                    "4",
+                    "--seed",
+                    "3",
+                    "--length",
+                    "600",
+                    "--quiet",
+                ],
+                cwd=ROOT,
+                stdout=subprocess.DEVNULL,
+            ),
+            subprocess.Popen(
+                [
+                    *py,
+                    "--url",
+                    stream_server.grpc_url,
+                    "--model",
+                    repository.GEN_STREAM,
+                    "--chunk",
+                    "4",
+                    "--seed",
+                    "9",
+                    "--length",
+                    "600",
+                    "--quiet",
+                ],
+                cwd=ROOT,
+                stdout=subprocess.DEVNULL,
+            ),
+        ]
         assert [p.wait(timeout=300) for p in procs] == [0, 0, 0]
         assert gen_server.is_ready() and stream_server.is_ready()
 
@@ -160,17 +238,24 @@ def test_server_listens_on_loopback_only(server):
     for port in (server.http_port, server.grpc_port, server.metrics_port):
         sockets = listening(port)
         assert sockets, f"nothing listens on port {port}"
-        assert all(address in LOOPBACK for address, _ in sockets), f"port {port} not loopback-only: {sockets}"
+        assert all(
+            address in LOOPBACK for address, _ in sockets
+        ), f"port {port} not loopback-only: {sockets}"
         assert all(inode in mine for _, inode in sockets), f"port {port} is not the server's"
 
 
 def admin_clients(server):
     import tritonclient.grpc as tg
     import tritonclient.http as th
+
     from charrnn.local_triton import ADMIN_HEADER
 
-    return (tg.InferenceServerClient(server.grpc_url), {f"triton-grpc-protocol-{ADMIN_HEADER}": server.admin_key},
-            th.InferenceServerClient(server.http_url), {ADMIN_HEADER: server.admin_key})
+    return (
+        tg.InferenceServerClient(server.grpc_url),
+        {f"triton-grpc-protocol-{ADMIN_HEADER}": server.admin_key},
+        th.InferenceServerClient(server.http_url),
+        {ADMIN_HEADER: server.admin_key},
+    )
 
 
 def refused(call) -> str:
@@ -184,26 +269,45 @@ def refused(call) -> str:
 def test_model_repository_api_needs_the_admin_key_and_control_mode_is_none(server):
     g, gkey, h, hkey = admin_clients(server)
     try:
-        for call in (lambda kw: g.get_model_repository_index(**kw), lambda kw: g.load_model(PYTHON, **kw),
-                     lambda kw: g.unload_model(PYTHON, **kw)):
-            assert "restricted, expecting header 'triton-grpc-protocol-admin-key'" in refused(lambda: call({}))
-            assert "restricted" in refused(lambda: call({"headers": {"triton-grpc-protocol-admin-key": "guess"}}))
-        for call in (lambda kw: h.get_model_repository_index(**kw), lambda kw: h.load_model(PYTHON, **kw),
-                     lambda kw: h.unload_model(PYTHON, **kw)):
+        for call in (
+            lambda kw: g.get_model_repository_index(**kw),
+            lambda kw: g.load_model(PYTHON, **kw),
+            lambda kw: g.unload_model(PYTHON, **kw),
+        ):
+            assert "restricted, expecting header 'triton-grpc-protocol-admin-key'" in refused(
+                lambda: call({})
+            )
+            assert "restricted" in refused(
+                lambda: call({"headers": {"triton-grpc-protocol-admin-key": "guess"}})
+            )
+        for call in (
+            lambda kw: h.get_model_repository_index(**kw),
+            lambda kw: h.load_model(PYTHON, **kw),
+            lambda kw: h.unload_model(PYTHON, **kw),
+        ):
             assert "restricted, expecting header 'admin-key'" in refused(lambda: call({}))
             assert "restricted" in refused(lambda: call({"headers": {"admin-key": "guess"}}))
         index = g.get_model_repository_index(headers=gkey, as_json=True)["models"]
         assert [(m["name"], m["state"]) for m in index] == [(PYTHON, "READY")]
-        assert [(m["name"], m["state"]) for m in h.get_model_repository_index(headers=hkey)] == [(PYTHON, "READY")]
+        assert [(m["name"], m["state"]) for m in h.get_model_repository_index(headers=hkey)] == [
+            (PYTHON, "READY")
+        ]
         # Even with the key the repository cannot be changed: model control mode none.
-        for call in (lambda: g.load_model(PYTHON, headers=gkey), lambda: g.unload_model(PYTHON, headers=gkey),
-                     lambda: h.load_model(PYTHON, headers=hkey), lambda: h.unload_model(PYTHON, headers=hkey)):
+        for call in (
+            lambda: g.load_model(PYTHON, headers=gkey),
+            lambda: g.unload_model(PYTHON, headers=gkey),
+            lambda: h.load_model(PYTHON, headers=hkey),
+            lambda: h.unload_model(PYTHON, headers=hkey),
+        ):
             assert "explicit model load / unload is not allowed" in refused(call)
         assert g.is_model_ready(PYTHON), "the model must still be loaded"
     finally:
         g.close()
         h.close()
-    assert "--model-control-mode=none" in Path(f"/proc/{server.process.pid}/cmdline").read_bytes().decode()
+    assert (
+        "--model-control-mode=none"
+        in Path(f"/proc/{server.process.pid}/cmdline").read_bytes().decode()
+    )
 
 
 def test_logging_api_needs_the_admin_key(server):
@@ -213,7 +317,12 @@ def test_logging_api_needs_the_admin_key(server):
         assert "restricted" in refused(lambda: g.update_log_settings({"log_verbose_level": 1}))
         assert "restricted" in refused(lambda: h.get_log_settings())
         assert "restricted" in refused(lambda: h.update_log_settings({"log_verbose_level": 1}))
-        assert g.get_log_settings(headers=gkey, as_json=True)["settings"]["log_verbose_level"]["uint32_param"] == 0
+        assert (
+            g.get_log_settings(headers=gkey, as_json=True)["settings"]["log_verbose_level"][
+                "uint32_param"
+            ]
+            == 0
+        )
         assert h.get_log_settings(headers=hkey)["log_verbose_level"] == 0
     finally:
         g.close()
@@ -224,15 +333,18 @@ def test_http_inference_needs_the_key_so_a_huge_declared_shape_cannot_abort_the_
     """Triton 2.51 allocates a JSON input's declared shape before it reads the data: ONE request with
     "shape": [1, 2**40] aborted tritonserver (std::bad_alloc) in 1.3 s. The restricted-API check runs before the
     body is parsed, so without the inference key that request, and any HTTP inference, is refused; the server
-    and a gRPC sequence running alongside carry on. The key works over HTTP, and the CLI explains a missing key."""
+    and a gRPC sequence running alongside carry on. The key works over HTTP, and the CLI explains a missing key.
+    """
     import json
     import urllib.error
     import urllib.request
 
     def post(body: dict, headers: dict) -> tuple[int, str]:
-        request = urllib.request.Request(f"http://{server.http_url}/v2/models/{PYTHON}/infer",
-                                         data=json.dumps(body).encode(),
-                                         headers={"Content-Type": "application/json", **headers})
+        request = urllib.request.Request(
+            f"http://{server.http_url}/v2/models/{PYTHON}/infer",
+            data=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json", **headers},
+        )
         try:
             with urllib.request.urlopen(request, timeout=30) as r:
                 return r.status, r.read().decode()
@@ -240,8 +352,10 @@ def test_http_inference_needs_the_key_so_a_huge_declared_shape_cannot_abort_the_
             return e.code, e.read().decode()
 
     def body(shape: list[int], seq: int) -> dict:
-        return {"parameters": {"sequence_id": seq, "sequence_start": True, "sequence_end": True},
-                "inputs": [{"name": "INPUT_IDS", "datatype": "INT32", "shape": shape, "data": [1]}]}
+        return {
+            "parameters": {"sequence_id": seq, "sequence_start": True, "sequence_end": True},
+            "inputs": [{"name": "INPUT_IDS", "datatype": "INT32", "shape": shape, "data": [1]}],
+        }
 
     canary = RawStream(server.grpc_url)
     try:
@@ -252,18 +366,57 @@ def test_http_inference_needs_the_key_so_a_huge_declared_shape_cannot_abort_the_
             assert code == 403 and f"expecting header '{INFER_KEY_HEADER}'" in text, (code, text)
         assert server.is_ready()
         assert post(body([1, 1], 8_500_000_003), {INFER_KEY_HEADER: server.infer_key})[0] == 200
-        canary.send("c/1", [[2]], 8_500_000_001, end=True)  # the sequence kept its state through all of it
+        canary.send(
+            "c/1", [[2]], 8_500_000_001, end=True
+        )  # the sequence kept its state through all of it
         canary.logits("c")
     finally:
         canary.close()
     env = {k: v for k, v in os.environ.items() if k != INFER_KEY_ENV}
-    p = subprocess.run([sys.executable, "-m", "client", "--url", server.http_url, "--protocol", "http",
-                        "--model", PYTHON, "--length", "5", "--greedy"], cwd=ROOT, env=env, capture_output=True,
-                       text=True, timeout=120)
-    assert p.returncode == 2 and p.stderr.startswith("error: --protocol http: the server refused HTTP inference "
-                                                     "with no key"), p.stderr
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "client",
+            "--url",
+            server.http_url,
+            "--protocol",
+            "http",
+            "--model",
+            PYTHON,
+            "--length",
+            "5",
+            "--greedy",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert p.returncode == 2 and p.stderr.startswith(
+        "error: --protocol http: the server refused HTTP inference " "with no key"
+    ), p.stderr
     assert INFER_KEY_ENV in p.stderr
-    p = subprocess.run([sys.executable, "-m", "client", "--url", server.http_url, "--protocol", "http",
-                        "--model", PYTHON, "--length", "5", "--greedy"], cwd=ROOT, capture_output=True, text=True,
-                       env={**env, INFER_KEY_ENV: server.infer_key}, timeout=120)
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "client",
+            "--url",
+            server.http_url,
+            "--protocol",
+            "http",
+            "--model",
+            PYTHON,
+            "--length",
+            "5",
+            "--greedy",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**env, INFER_KEY_ENV: server.infer_key},
+        timeout=120,
+    )
     assert p.returncode == 0, p.stderr

@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import shutil
 
+import keras  # noqa: E402  (after charrnn.model)
 import numpy as np
 import pytest
+import tensorflow as tf  # noqa: E402
 
 from charrnn.errors import UserError
 from charrnn.model import (  # imports TensorFlow (with its log level and CPU-only set first)
@@ -20,9 +22,6 @@ from charrnn.model import (  # imports TensorFlow (with its log level and CPU-on
     save_model_dir,
 )
 from charrnn.vocab import Vocab
-
-import keras  # noqa: E402  (after charrnn.model)
-import tensorflow as tf  # noqa: E402
 
 V, H, E, L = 7, 5, 3, 2
 VOCAB = Vocab(list("\n abcde"))
@@ -80,7 +79,9 @@ def test_state_carried_across_chunks_equals_one_pass(cell):
     full, full_state = model(ids)
     a, state_a = model(ids[:, :5], model.zero_state(2))
     b, state_b = model(ids[:, 5:], state_a)
-    np.testing.assert_allclose(np.concatenate([a.numpy(), b.numpy()], axis=1), full.numpy(), rtol=0, atol=1e-5)
+    np.testing.assert_allclose(
+        np.concatenate([a.numpy(), b.numpy()], axis=1), full.numpy(), rtol=0, atol=1e-5
+    )
     np.testing.assert_allclose(state_b.numpy(), full_state.numpy(), rtol=0, atol=1e-5)
     # One character at a time through `step` (what the sampler and the server do) gives the same logits.
     state = model.zero_state(2)
@@ -108,7 +109,13 @@ def test_save_load_round_trip_identical_outputs(tmp_path, cell):
     for name in (CONFIG_FILE, VOCAB_FILE, WEIGHTS_FILE, CARD_FILE):
         assert (tmp_path / "m" / name).is_file()
     assert json.loads((tmp_path / "m" / CONFIG_FILE).read_text()) == {
-        "vocab_size": V, "cell": cell, "layers": L, "hidden": H, "embedding": E, "dropout": 0.0}
+        "vocab_size": V,
+        "cell": cell,
+        "layers": L,
+        "hidden": H,
+        "embedding": E,
+        "dropout": 0.0,
+    }
     loaded, vocab, loaded_card = load_model_dir(tmp_path / "m")
     assert loaded.config == model.config
     assert vocab == VOCAB
@@ -157,7 +164,11 @@ def test_load_corrupt_weights(tmp_path, lstm_dir, how):
     d = _broken(tmp_path, lstm_dir)
     w = d / WEIGHTS_FILE
     data = w.read_bytes()
-    w.write_bytes({"garbage": b"\x00not an h5 file" * 100, "truncated": data[: len(data) // 2], "empty": b""}[how])
+    w.write_bytes(
+        {"garbage": b"\x00not an h5 file" * 100, "truncated": data[: len(data) // 2], "empty": b""}[
+            how
+        ]
+    )
     with pytest.raises(UserError) as info:
         load_model_dir(d)
     assert str(info.value).startswith(f"error: {w}: cannot load weights")
@@ -231,5 +242,10 @@ def test_model_config_accepts_edges():
     assert ModelConfig(vocab_size=2, dropout=0.0).dropout == 0.0
     assert ModelConfig(vocab_size=2, dropout=0.999).dropout == 0.999
     cfg = ModelConfig(vocab_size=65)
-    assert (cfg.cell, cfg.layers, cfg.hidden, cfg.embedding) == ("lstm", 2, 512, 512)  # sampleCharRNN
+    assert (cfg.cell, cfg.layers, cfg.hidden, cfg.embedding) == (
+        "lstm",
+        2,
+        512,
+        512,
+    )  # sampleCharRNN
     assert ModelConfig.from_dict(json.loads(cfg.to_json())) == cfg

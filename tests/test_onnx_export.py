@@ -13,7 +13,16 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from charrnn.contract import CELLS, INPUT_IDS, LOGITS, MAX_BATCH_SIZE, MAX_T, STATE_IN, STATE_OUT, Contract
+from charrnn.contract import (
+    CELLS,
+    INPUT_IDS,
+    LOGITS,
+    MAX_BATCH_SIZE,
+    MAX_T,
+    STATE_IN,
+    STATE_OUT,
+    Contract,
+)
 from tests.conftest import SHIPPED_MODEL, Exported, op_counts
 
 TOL = 1e-4  # max |Δ| allowed between ONNX Runtime and TensorFlow (logits and state)
@@ -97,7 +106,9 @@ def test_batched_rows_are_independent(exported):
     state = random_state(rng, e.contract, 8)
     logits, new_state = e.session.run([LOGITS, STATE_OUT], {INPUT_IDS: ids, STATE_IN: state})
     for i in (0, 5, 7):
-        l1, s1 = e.session.run([LOGITS, STATE_OUT], {INPUT_IDS: ids[i : i + 1], STATE_IN: state[i : i + 1]})
+        l1, s1 = e.session.run(
+            [LOGITS, STATE_OUT], {INPUT_IDS: ids[i : i + 1], STATE_IN: state[i : i + 1]}
+        )
         assert max_delta(l1[0], logits[i]) <= 1e-5 and max_delta(s1[0], new_state[i]) <= 1e-5
 
 
@@ -118,17 +129,31 @@ def test_shipped_model_onnx_state_matches_tf(shipped_onnx):
 # --- 2. graph contract ------------------------------------------------------------------------------------
 def io_table(values) -> list[tuple[str, int, list]]:
     """[(name, ONNX elem type, dims as dim_param or dim_value)] of graph inputs or outputs, in order."""
-    return [(vi.name, vi.type.tensor_type.elem_type,
-             [d.dim_param if not d.HasField("dim_value") else d.dim_value for d in vi.type.tensor_type.shape.dim])
-            for vi in values]
+    return [
+        (
+            vi.name,
+            vi.type.tensor_type.elem_type,
+            [
+                d.dim_param if not d.HasField("dim_value") else d.dim_value
+                for d in vi.type.tensor_type.shape.dim
+            ],
+        )
+        for vi in values
+    ]
 
 
 def assert_graph_contract(proto: onnx.ModelProto, contract: Contract):
     state = ["batch", *contract.state_dims]
-    assert io_table(proto.graph.input) == [(INPUT_IDS, TensorProto.INT32, ["batch", "T"]),
-                                           (STATE_IN, TensorProto.FLOAT, state)]
-    assert sorted(io_table(proto.graph.output)) == sorted([(LOGITS, TensorProto.FLOAT, ["batch", contract.vocab_size]),
-                                                           (STATE_OUT, TensorProto.FLOAT, state)])
+    assert io_table(proto.graph.input) == [
+        (INPUT_IDS, TensorProto.INT32, ["batch", "T"]),
+        (STATE_IN, TensorProto.FLOAT, state),
+    ]
+    assert sorted(io_table(proto.graph.output)) == sorted(
+        [
+            (LOGITS, TensorProto.FLOAT, ["batch", contract.vocab_size]),
+            (STATE_OUT, TensorProto.FLOAT, state),
+        ]
+    )
     default_opset = [i.version for i in proto.opset_import if i.domain in ("", "ai.onnx")]
     assert default_opset and default_opset[0] >= 17
     onnx.checker.check_model(proto)
@@ -141,7 +166,9 @@ def test_shipped_graph_contract(shipped_proto, shipped_contract_vocab):
 
 
 @pytest.mark.parametrize("which", ["shipped", "tiny"])
-def test_lstm_graph_has_one_onnx_lstm_per_layer_and_no_loop(which, shipped_proto, shipped_contract_vocab, exported):
+def test_lstm_graph_has_one_onnx_lstm_per_layer_and_no_loop(
+    which, shipped_proto, shipped_contract_vocab, exported
+):
     if which == "shipped":
         proto, contract = shipped_proto, shipped_contract_vocab[0]
     else:
@@ -165,8 +192,10 @@ def test_tiny_graph_contract_every_cell(exported, cell):
     assert e.contract.state_dims == ((2 if cell == "lstm" else 1), 2, 16 if cell != "lstm" else 48)
     assert onnx.load(str(e.onnx_path)) == e.proto  # the file on disk is the returned proto
     ort_inputs = {i.name: (i.type, i.shape) for i in e.session.get_inputs()}
-    assert ort_inputs == {INPUT_IDS: ("tensor(int32)", ["batch", "T"]),
-                          STATE_IN: ("tensor(float)", ["batch", *e.contract.state_dims])}
+    assert ort_inputs == {
+        INPUT_IDS: ("tensor(int32)", ["batch", "T"]),
+        STATE_IN: ("tensor(float)", ["batch", *e.contract.state_dims]),
+    }
 
 
 def test_gru_export_is_one_onnx_loop_per_layer_as_documented(exported):

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from charrnn.data import CORPUS_MD5, md5_of
-from train.prepare import main as prepare
 from tests.conftest import PY, ROOT, free_port
+from train.prepare import main as prepare
 
 
 class Server:
@@ -73,8 +73,23 @@ def test_copy_from_shared(tmp_path, corpus, capsys):
 def test_download_from_local_server(tmp_path, corpus_bytes):
     dest = tmp_path / "data" / "tinyshakespeare.txt"
     with Server(corpus_bytes) as server:
-        r = subprocess.run([PY, "-m", "train.prepare", "--dest", str(dest), "--shared", str(tmp_path / "no-shared"),
-                            "--url", server.url], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        r = subprocess.run(
+            [
+                PY,
+                "-m",
+                "train.prepare",
+                "--dest",
+                str(dest),
+                "--shared",
+                str(tmp_path / "no-shared"),
+                "--url",
+                server.url,
+            ],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
     assert r.returncode == 0, r.stderr
     assert server.requests == ["/tinyshakespeare/input.txt"]
     assert dest.read_bytes() == corpus_bytes
@@ -86,13 +101,28 @@ def test_present_and_verified_is_not_fetched_again(tmp_path, corpus, corpus_byte
     dest = tmp_path / "tinyshakespeare.txt"
     dest.write_bytes(corpus_bytes)
     with Server(b"must not be downloaded") as server:
-        assert prepare(["--dest", str(dest), "--shared", str(tmp_path / "none"), "--url", server.url]) == 0
+        assert (
+            prepare(["--dest", str(dest), "--shared", str(tmp_path / "none"), "--url", server.url])
+            == 0
+        )
         assert server.requests == []
         assert "already present and verified" in capsys.readouterr().out
         # --force fetches again (and still verifies)
         with Server(corpus_bytes) as good:
-            assert prepare(["--dest", str(dest), "--shared", str(tmp_path / "none"), "--url", good.url,
-                            "--force"]) == 0
+            assert (
+                prepare(
+                    [
+                        "--dest",
+                        str(dest),
+                        "--shared",
+                        str(tmp_path / "none"),
+                        "--url",
+                        good.url,
+                        "--force",
+                    ]
+                )
+                == 0
+            )
             assert good.requests == ["/tinyshakespeare/input.txt"]
     assert dest.read_bytes() == corpus_bytes
 
@@ -101,7 +131,10 @@ def test_present_but_corrupt_is_replaced(tmp_path, corpus_bytes, capsys):
     dest = tmp_path / "tinyshakespeare.txt"
     dest.write_bytes(corpus_bytes[:-10])
     with Server(corpus_bytes) as server:
-        assert prepare(["--dest", str(dest), "--shared", str(tmp_path / "none"), "--url", server.url]) == 0
+        assert (
+            prepare(["--dest", str(dest), "--shared", str(tmp_path / "none"), "--url", server.url])
+            == 0
+        )
         assert len(server.requests) == 1
     assert "does not verify; fetching again" in capsys.readouterr().out
     assert dest.read_bytes() == corpus_bytes
@@ -110,7 +143,9 @@ def test_present_but_corrupt_is_replaced(tmp_path, corpus_bytes, capsys):
 @pytest.mark.parametrize("wrong", ["one-byte-changed", "truncated", "html-page"])
 def test_wrong_bytes_exit_2_and_leave_nothing(tmp_path, corpus_bytes, capsys, wrong):
     body = {
-        "one-byte-changed": corpus_bytes[:500] + (b"X" if corpus_bytes[500:501] != b"X" else b"Y") + corpus_bytes[501:],
+        "one-byte-changed": corpus_bytes[:500]
+        + (b"X" if corpus_bytes[500:501] != b"X" else b"Y")
+        + corpus_bytes[501:],
         "truncated": corpus_bytes[: len(corpus_bytes) // 2],
         "html-page": b"<html><body>rate limited</body></html>",
     }[wrong]
@@ -138,8 +173,23 @@ def test_wrong_shared_file_exit_2(tmp_path, corpus_bytes, capsys):
 def test_unreachable_url_exit_3(tmp_path):
     dest = tmp_path / "data" / "tinyshakespeare.txt"
     url = closed_url()
-    r = subprocess.run([PY, "-m", "train.prepare", "--dest", str(dest), "--shared", str(tmp_path / "none"),
-                        "--url", url], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [
+            PY,
+            "-m",
+            "train.prepare",
+            "--dest",
+            str(dest),
+            "--shared",
+            str(tmp_path / "none"),
+            "--url",
+            url,
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 3, (r.stdout, r.stderr)
     assert r.stderr.startswith(f"error: {url}: download failed")
     assert not dest.exists() and leftovers(dest) == []
@@ -148,6 +198,9 @@ def test_unreachable_url_exit_3(tmp_path):
 def test_http_error_exit_3(tmp_path, capsys):
     dest = tmp_path / "tinyshakespeare.txt"
     with Server(b"not found", status=404) as server:
-        assert prepare(["--dest", str(dest), "--shared", str(tmp_path / "none"), "--url", server.url]) == 3
+        assert (
+            prepare(["--dest", str(dest), "--shared", str(tmp_path / "none"), "--url", server.url])
+            == 3
+        )
     assert "download failed" in capsys.readouterr().err
     assert not dest.exists()

@@ -23,23 +23,80 @@ from charrnn import repository
 from charrnn.contract import INFER_KEY_HEADER, INPUT_IDS, MAX_K
 from charrnn.repository import PYTHON
 from charrnn.sampling import SamplingParams
-from tests.conftest import (GREEDY, ROOT, SHORT_IDLE_US, RawStream, chunked, client_cmd, evictions, ids_of,
-                            inference_count, log_size, served, start_server, wait_for)
-
+from tests.conftest import (
+    GREEDY,
+    ROOT,
+    SHORT_IDLE_US,
+    RawStream,
+    chunked,
+    client_cmd,
+    evictions,
+    ids_of,
+    inference_count,
+    log_size,
+    served,
+    start_server,
+    wait_for,
+)
 
 # --- 1. bad input at the served model boundary --------------------------------------------------------
 V = 65  # vocabulary size of the shipped model (checked in the test)
 BAD_REQUESTS = [  # name, array, Triton dtype, what the error must say (Triton's or the model's own check)
-    ("INT64 ids", np.array([[1, 2, 3]], np.int64), "INT64", rf"data-type is 'INT64', but model '{PYTHON}' expects 'INT32'"),
-    ("FP32 ids", np.array([[1.0, 2.0]], np.float32), "FP32", rf"data-type is 'FP32', but model '{PYTHON}' expects 'INT32'"),
-    ("1-D ids", np.array([1, 2, 3], np.int32), "INT32", r"unexpected shape for input 'INPUT_IDS'.*got \[3\]"),
-    ("3-D ids", np.array([[[1, 2, 3]]], np.int32), "INT32", r"unexpected shape for input 'INPUT_IDS'.*got \[1,1,3\]"),
+    (
+        "INT64 ids",
+        np.array([[1, 2, 3]], np.int64),
+        "INT64",
+        rf"data-type is 'INT64', but model '{PYTHON}' expects 'INT32'",
+    ),
+    (
+        "FP32 ids",
+        np.array([[1.0, 2.0]], np.float32),
+        "FP32",
+        rf"data-type is 'FP32', but model '{PYTHON}' expects 'INT32'",
+    ),
+    (
+        "1-D ids",
+        np.array([1, 2, 3], np.int32),
+        "INT32",
+        r"unexpected shape for input 'INPUT_IDS'.*got \[3\]",
+    ),
+    (
+        "3-D ids",
+        np.array([[[1, 2, 3]]], np.int32),
+        "INT32",
+        r"unexpected shape for input 'INPUT_IDS'.*got \[1,1,3\]",
+    ),
     ("batch of 2", np.array([[1, 2], [3, 4]], np.int32), "INT32", r"must specify batch-size 1"),
-    ("negative id", np.array([[1, -5, 3]], np.int32), "INT32", r"sequence {seq}: INPUT_IDS: ids must be in 0\.\.64, got -5\.\.3"),
-    ("id == V", np.array([[1, V, 3]], np.int32), "INT32", r"sequence {seq}: INPUT_IDS: ids must be in 0\.\.64, got 1\.\.65"),
-    ("huge id", np.array([[2**31 - 1]], np.int32), "INT32", r"sequence {seq}: INPUT_IDS: ids must be in 0\.\.64"),
-    ("T = 0", np.ones((1, 0), np.int32), "INT32", r"sequence {seq}: INPUT_IDS: shape must be \[1, T\] with 1 <= T <= 256, got \[1, 0\]"),
-    ("T = MAX_T + 1", np.ones((1, 257), np.int32), "INT32", r"sequence {seq}: INPUT_IDS: shape must be \[1, T\] with 1 <= T <= 256, got \[1, 257\]"),
+    (
+        "negative id",
+        np.array([[1, -5, 3]], np.int32),
+        "INT32",
+        r"sequence {seq}: INPUT_IDS: ids must be in 0\.\.64, got -5\.\.3",
+    ),
+    (
+        "id == V",
+        np.array([[1, V, 3]], np.int32),
+        "INT32",
+        r"sequence {seq}: INPUT_IDS: ids must be in 0\.\.64, got 1\.\.65",
+    ),
+    (
+        "huge id",
+        np.array([[2**31 - 1]], np.int32),
+        "INT32",
+        r"sequence {seq}: INPUT_IDS: ids must be in 0\.\.64",
+    ),
+    (
+        "T = 0",
+        np.ones((1, 0), np.int32),
+        "INT32",
+        r"sequence {seq}: INPUT_IDS: shape must be \[1, T\] with 1 <= T <= 256, got \[1, 0\]",
+    ),
+    (
+        "T = MAX_T + 1",
+        np.ones((1, 257), np.int32),
+        "INT32",
+        r"sequence {seq}: INPUT_IDS: shape must be \[1, T\] with 1 <= T <= 256, got \[1, 257\]",
+    ),
 ]
 
 
@@ -101,11 +158,20 @@ def test_bad_requests_fail_alone_in_a_busy_batch_and_keep_the_sequence_state(ser
             stream.send(f"v{k}/1", follow, victim, end=True)
             after = stream.logits(f"v{k}")
             outcomes[name] = (error, after)
-            assert not any(str(g) in error for g in good_ids), f"{name}: error names a good sequence: {error}"
+            assert not any(
+                str(g) in error for g in good_ids
+            ), f"{name}: error names a good sequence: {error}"
             assert re.search(pattern.format(seq=victim), error), f"{name}: unclear error {error!r}"
-            np.testing.assert_allclose(after, clean, rtol=1e-5, atol=1e-5,
-                                       err_msg=f"{name}: the failed request changed sequence {victim}'s state")
-        assert good.is_alive(), f"the good sequences ended before the bad requests were all sent {[str(e) for e in failure]}"
+            np.testing.assert_allclose(
+                after,
+                clean,
+                rtol=1e-5,
+                atol=1e-5,
+                err_msg=f"{name}: the failed request changed sequence {victim}'s state",
+            )
+        assert (
+            good.is_alive()
+        ), f"the good sequences ended before the bad requests were all sent {[str(e) for e in failure]}"
         bad_done.set()
         good.join(timeout=300)
         assert not failure, f"a good sequence failed: {failure[0]!r}"
@@ -122,7 +188,9 @@ def test_bad_requests_fail_alone_in_a_busy_batch_and_keep_the_sequence_state(ser
     assert 50 < length < max_steps and all(len(t) == length for t in texts)
     greedy = SamplingParams(greedy=True)
     solo = [served(server, [p], length, [greedy])[0] for p in prompts]
-    assert [vocab.decode(t) for t in texts] == solo, "a good sequence's text changed next to the bad requests"
+    assert [
+        vocab.decode(t) for t in texts
+    ] == solo, "a good sequence's text changed next to the bad requests"
     assert server.process.poll() is None and server.is_ready(), "the server must keep running"
     assert sorted(outcomes) == sorted(name for name, *_ in BAD_REQUESTS)
 
@@ -147,7 +215,9 @@ def test_sequence_whose_start_failed_is_unknown_to_the_model(server):
         assert f"sequence {seq}: INPUT_IDS: ids must be in 0..64" in stream.error()
         stream.send("s/1", [[1]], seq)
         error = stream.error()
-        assert error.startswith(f"sequence {seq}: unknown sequence") and "sequence_start=True" in error, error
+        assert (
+            error.startswith(f"sequence {seq}: unknown sequence") and "sequence_start=True" in error
+        ), error
         stream.send("s/2", [[1]], seq, start=True)
         stream.logits("s")
         stream.send("s/3", [[1]], seq, end=True)
@@ -165,10 +235,15 @@ def test_a_bad_request_is_the_callers_error_400_and_invalid_argument(server):
     import tritonclient.grpc as tg
     from tritonclient.utils import InferenceServerException
 
-    body = {"parameters": {"sequence_id": 8_400_000_001, "sequence_start": True, "sequence_end": True},
-            "inputs": [{"name": "INPUT_IDS", "datatype": "INT32", "shape": [1, 1], "data": [99]}]}
-    request = urllib.request.Request(f"http://{server.http_url}/v2/models/{PYTHON}/infer", data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json", INFER_KEY_HEADER: server.infer_key})
+    body = {
+        "parameters": {"sequence_id": 8_400_000_001, "sequence_start": True, "sequence_end": True},
+        "inputs": [{"name": "INPUT_IDS", "datatype": "INT32", "shape": [1, 1], "data": [99]}],
+    }
+    request = urllib.request.Request(
+        f"http://{server.http_url}/v2/models/{PYTHON}/infer",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json", INFER_KEY_HEADER: server.infer_key},
+    )
     with pytest.raises(urllib.error.HTTPError) as e:
         urllib.request.urlopen(request, timeout=30)
     assert e.value.code == 400 and "ids must be in 0..64" in e.value.read().decode()
@@ -177,8 +252,13 @@ def test_a_bad_request_is_the_callers_error_400_and_invalid_argument(server):
         ids = tg.InferInput("INPUT_IDS", [1, 1], "INT32")
         ids.set_data_from_numpy(np.array([[99]], np.int32))
         with pytest.raises(InferenceServerException) as e:
-            client.infer(PYTHON, [ids], sequence_id=8_400_000_002, sequence_start=True, sequence_end=True)
-        assert e.value.status() == "StatusCode.INVALID_ARGUMENT" and "ids must be in 0..64" in e.value.message()
+            client.infer(
+                PYTHON, [ids], sequence_id=8_400_000_002, sequence_start=True, sequence_end=True
+            )
+        assert (
+            e.value.status() == "StatusCode.INVALID_ARGUMENT"
+            and "ids must be in 0..64" in e.value.message()
+        )
     finally:
         client.close()
 
@@ -204,8 +284,12 @@ def test_gen_python_rejects_bad_requests_and_keeps_the_state(gen_server, shipped
     stream = Connection(gen_server.grpc_url)
 
     def call(ids, noise, t=0.0, k=0, start=False, end=False, seq=424242):
-        inputs = {INPUT_IDS: np.asarray(ids, np.int32).reshape(1, -1), NOISE: noise[None],
-                  TEMPERATURE: np.array([[t]], np.float32), TOP_K: np.array([[k]], np.int32)}
+        inputs = {
+            INPUT_IDS: np.asarray(ids, np.int32).reshape(1, -1),
+            NOISE: noise[None],
+            TEMPERATURE: np.array([[t]], np.float32),
+            TOP_K: np.array([[k]], np.int32),
+        }
         stream.send(f"{seq}:{time.monotonic_ns()}", repository.GEN_PYTHON, inputs, seq, start, end)
         _, result, error, *_ = stream.results.get(timeout=30)
         return (None if result is None else result.as_numpy(OUTPUT_IDS).reshape(-1)), error
@@ -214,21 +298,30 @@ def test_gen_python_rejects_bad_requests_and_keeps_the_state(gen_server, shipped
     try:
         first, error = call(vocab.encode("ROMEO:\n"), half, start=True)
         assert error is None
-        for noise, t, k, words in ((np.zeros((4, V), np.float32), 1.0, 0, "open interval (0, 1)"),
-                                   (np.full((4, V), 1.5, np.float32), 1.0, 0, "open interval (0, 1)"),
-                                   (half, -1.0, 0, "TEMPERATURE: must be 0 (greedy) or >= 0.001"),
-                                   # subnormal: logits / T overflowed into degenerate text, returned as success
-                                   (half, 1e-45, 0, "TEMPERATURE: must be 0 (greedy) or >= 0.001"),
-                                   (half, 1.0, V + 1, f"TOP_K: must be in 0..{V}"),
-                                   (np.full((MAX_K + 1, V), 0.5, np.float32), 0.0, 0, f"1 <= K <= {MAX_K}")):
+        for noise, t, k, words in (
+            (np.zeros((4, V), np.float32), 1.0, 0, "open interval (0, 1)"),
+            (np.full((4, V), 1.5, np.float32), 1.0, 0, "open interval (0, 1)"),
+            (half, -1.0, 0, "TEMPERATURE: must be 0 (greedy) or >= 0.001"),
+            # subnormal: logits / T overflowed into degenerate text, returned as success
+            (half, 1e-45, 0, "TEMPERATURE: must be 0 (greedy) or >= 0.001"),
+            (half, 1.0, V + 1, f"TOP_K: must be in 0..{V}"),
+            (np.full((MAX_K + 1, V), 0.5, np.float32), 0.0, 0, f"1 <= K <= {MAX_K}"),
+        ):
             _, error = call(first[-1:], noise, t, k)
-            assert error is not None and words in str(error) and "sequence 424242" in str(error), str(error)
+            assert (
+                error is not None and words in str(error) and "sequence 424242" in str(error)
+            ), str(error)
         _, error = call([V + 3], half)
         assert error is not None and "ids must be in" in str(error)
         rest, error = call(first[-1:], half, end=True)
         assert error is None
-        whole, error = call(vocab.encode("ROMEO:\n"), np.full((8, V), 0.5, np.float32), start=True, end=True,
-                            seq=434343)
+        whole, error = call(
+            vocab.encode("ROMEO:\n"),
+            np.full((8, V), 0.5, np.float32),
+            start=True,
+            end=True,
+            seq=434343,
+        )
         assert error is None and whole.tolist() == first.tolist() + rest.tolist()
     finally:
         stream.close()
@@ -271,18 +364,37 @@ def test_killed_client_leaves_no_state_behind(short_idle_server):
     s = short_idle_server
     offset, before = log_size(s), inference_count(s)
     n = 3
-    client = subprocess.Popen(client_cmd(s, "--num-sequences", str(n), "--length", "20000", "--seed", "1",
-                                         "--quiet", "--retries", "0"),
-                              cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    client = subprocess.Popen(
+        client_cmd(
+            s,
+            "--num-sequences",
+            str(n),
+            "--length",
+            "20000",
+            "--seed",
+            "1",
+            "--quiet",
+            "--retries",
+            "0",
+        ),
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
-        wait_for(lambda: inference_count(s) - before >= n * 30 or client.poll() is not None, 120,
-                 "the client to be generating")
+        wait_for(
+            lambda: inference_count(s) - before >= n * 30 or client.poll() is not None,
+            120,
+            "the client to be generating",
+        )
         assert client.poll() is None, "the client ended before it was killed"
         client.send_signal(signal.SIGKILL)  # no END, no goodbye
     finally:
         client.kill()
         client.wait(timeout=30)
-    wait_for(lambda: sum(k for k, _ in evictions(s, offset)) >= n, 30, f"{n} evictions in the server log")
+    wait_for(
+        lambda: sum(k for k, _ in evictions(s, offset)) >= n, 30, f"{n} evictions in the server log"
+    )
     found = evictions(s, offset)
     assert sum(k for k, _ in found) == n and found[-1][1] == 0, f"state left behind: {found}"
     assert s.process.poll() is None and s.is_ready()
@@ -292,7 +404,10 @@ def test_killed_client_leaves_no_state_behind(short_idle_server):
 # --- 3. every sequence keeps its own state --------------------------------------------------------------
 def test_concurrent_sequences_do_not_leak_state(server):
     """8 sequences interleaved on one stream (batched by the server) each equal their solo run."""
-    prompts = [f"{name}:\n" for name in ("ROMEO", "JULIET", "HAMLET", "LEAR", "MACBETH", "OTHELLO", "PUCK", "IAGO")]
+    prompts = [
+        f"{name}:\n"
+        for name in ("ROMEO", "JULIET", "HAMLET", "LEAR", "MACBETH", "OTHELLO", "PUCK", "IAGO")
+    ]
     params = [SamplingParams(temperature=1.0, seed=100 + i) for i in range(len(prompts))]
     together = served(server, prompts, 150, params)
     solo = [served(server, [p], 150, [q])[0] for p, q in zip(prompts, params)]
@@ -326,7 +441,8 @@ def test_sequences_stay_on_their_instance_with_two_instances(tmp_path, shipped_r
 @pytest.mark.parametrize("n", [65, 500])
 def test_more_sequences_than_the_batch_all_finish(server, n):
     """Regression: with sequence slots == batch size (64) the 65th START waited in Triton's backlog and, since
-    Triton answers one gRPC stream in order, every later answer on the stream waited behind it: a hang."""
+    Triton answers one gRPC stream in order, every later answer on the stream waited behind it: a hang.
+    """
     greedy = [SamplingParams(greedy=True)] * n
     t0 = time.monotonic()
     texts = served(server, ["ROMEO:\n"] * n, 8, greedy)
@@ -359,6 +475,8 @@ def test_abandoned_sequences_do_not_block_a_new_one(server):
 def test_gen_model_answers_65_sequences_at_once(gen_server):
     """Regression: `--chunk 4 --num-sequences 65` never finished with 64 sequence slots (the 65th START waited
     for a slot and blocked every later answer on the client's gRPC stream)."""
-    got, _ = chunked(gen_server, repository.GEN_PYTHON, ["ROMEO:\n"] * 65, [GREEDY] * 65, 4, length=20)
+    got, _ = chunked(
+        gen_server, repository.GEN_PYTHON, ["ROMEO:\n"] * 65, [GREEDY] * 65, 4, length=20
+    )
     alone, _ = chunked(gen_server, repository.GEN_PYTHON, ["ROMEO:\n"], [GREEDY], 4, length=20)
     assert got == alone * 65

@@ -40,16 +40,23 @@ def test_greedy_is_argmax_and_deterministic():
     for _ in range(50):
         logits = rng.normal(size=V).astype(np.float32)
         s1 = Sampler(SamplingParams(greedy=True), V)
-        s2 = Sampler(SamplingParams(greedy=True, seed=5, temperature=0.0), V)  # greedy ignores temperature
+        s2 = Sampler(
+            SamplingParams(greedy=True, seed=5, temperature=0.0), V
+        )  # greedy ignores temperature
         assert s1.next(logits) == s2.next(logits) == int(np.argmax(logits))
-    assert choose(np.array([[0.1, 3.0, 2.0], [5.0, 0.0, 1.0]]), SamplingParams(greedy=True), None).tolist() == [1, 0]
+    assert choose(
+        np.array([[0.1, 3.0, 2.0], [5.0, 0.0, 1.0]]), SamplingParams(greedy=True), None
+    ).tolist() == [1, 0]
 
 
 def test_top_k_1_equals_greedy():
     rng = np.random.default_rng(1)
     for seed in range(30):
         logits = rng.normal(size=V).astype(np.float32)
-        assert draws(SamplingParams(top_k=1, seed=seed, temperature=1.5), logits, n=3) == [int(np.argmax(logits))] * 3
+        assert (
+            draws(SamplingParams(top_k=1, seed=seed, temperature=1.5), logits, n=3)
+            == [int(np.argmax(logits))] * 3
+        )
 
 
 # --- filtering ----------------------------------------------------------------------------------------
@@ -60,9 +67,24 @@ def test_top_p_keeps_the_nucleus():
     z = filter_logits(np.log(probs), top_p=0.8)
     assert np.isfinite(z).tolist() == [True, True, False, False]
     np.testing.assert_allclose(z[:2], np.log(probs[:2]), rtol=1e-6)
-    assert np.isfinite(filter_logits(np.log(probs), top_p=0.81)).tolist() == [True, True, True, False]
-    assert np.isfinite(filter_logits(np.log(probs), top_p=0.5)).tolist() == [True, False, False, False]
-    assert np.isfinite(filter_logits(np.log(probs), top_p=0.01)).tolist() == [True, False, False, False]
+    assert np.isfinite(filter_logits(np.log(probs), top_p=0.81)).tolist() == [
+        True,
+        True,
+        True,
+        False,
+    ]
+    assert np.isfinite(filter_logits(np.log(probs), top_p=0.5)).tolist() == [
+        True,
+        False,
+        False,
+        False,
+    ]
+    assert np.isfinite(filter_logits(np.log(probs), top_p=0.01)).tolist() == [
+        True,
+        False,
+        False,
+        False,
+    ]
     assert np.isfinite(filter_logits(np.log(probs), top_p=1.0)).all()
     # Exactly at the boundary (exact in float32: four equal logits, 0.25 each): p=0.5 is reached by 2 entries.
     assert np.isfinite(filter_logits(np.zeros(4), top_p=0.5)).sum() == 2
@@ -103,13 +125,16 @@ def test_sampler_next_is_choose_on_its_noise_stream():
     assert choose(np.broadcast_to(LOGITS, (300, V)), params, noise).tolist() == one_by_one
 
 
-@pytest.mark.parametrize("params", [
-    SamplingParams(temperature=1.0, seed=11),
-    SamplingParams(temperature=0.7, seed=12),
-    SamplingParams(temperature=2.0, seed=13),
-    SamplingParams(temperature=0.8, top_k=4, seed=14),
-    SamplingParams(temperature=1.0, top_p=0.9, seed=15),
-])
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(temperature=1.0, seed=11),
+        SamplingParams(temperature=0.7, seed=12),
+        SamplingParams(temperature=2.0, seed=13),
+        SamplingParams(temperature=0.8, top_k=4, seed=14),
+        SamplingParams(temperature=1.0, top_p=0.9, seed=15),
+    ],
+)
 def test_sampling_frequencies_match_softmax(params):
     logits = np.array([2.0, 1.0, 0.5, 0.0, -1.0, -3.0], np.float32)
     n = 50_000
@@ -128,19 +153,22 @@ def test_sampling_frequencies_match_softmax(params):
 # --- parameter validation ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kwargs,what", [
-    ({"temperature": 0.0}, "temperature"),
-    ({"temperature": -1.0}, "temperature"),
-    ({"temperature": float("nan")}, "temperature"),
-    ({"temperature": float("inf")}, "temperature"),
-    ({"top_k": -1}, "top-k"),
-    ({"top_k": V + 1}, "top-k"),
-    ({"top_p": 0.0}, "top-p"),
-    ({"top_p": -0.5}, "top-p"),
-    ({"top_p": 1.01}, "top-p"),
-    ({"top_p": float("nan")}, "top-p"),
-    ({"seed": -1}, "seed"),
-])
+@pytest.mark.parametrize(
+    "kwargs,what",
+    [
+        ({"temperature": 0.0}, "temperature"),
+        ({"temperature": -1.0}, "temperature"),
+        ({"temperature": float("nan")}, "temperature"),
+        ({"temperature": float("inf")}, "temperature"),
+        ({"top_k": -1}, "top-k"),
+        ({"top_k": V + 1}, "top-k"),
+        ({"top_p": 0.0}, "top-p"),
+        ({"top_p": -0.5}, "top-p"),
+        ({"top_p": 1.01}, "top-p"),
+        ({"top_p": float("nan")}, "top-p"),
+        ({"seed": -1}, "seed"),
+    ],
+)
 def test_bad_params_raise_user_error(kwargs, what):
     with pytest.raises(UserError) as info:
         Sampler(SamplingParams(**kwargs), V)
@@ -148,8 +176,13 @@ def test_bad_params_raise_user_error(kwargs, what):
 
 
 def test_edge_params_are_accepted():
-    for p in (SamplingParams(greedy=True, temperature=0.0), SamplingParams(top_k=V), SamplingParams(top_k=0),
-              SamplingParams(top_p=1.0), SamplingParams(temperature=1e-3, seed=0)):
+    for p in (
+        SamplingParams(greedy=True, temperature=0.0),
+        SamplingParams(top_k=V),
+        SamplingParams(top_k=0),
+        SamplingParams(top_p=1.0),
+        SamplingParams(temperature=1e-3, seed=0),
+    ):
         assert Sampler(p, V).params is p
 
 
@@ -171,7 +204,7 @@ def by_hand(tiny, prompt: str, length: int, params: SamplingParams) -> str:
     for _ in range(length):
         logits, _ = model(np.array([ids], np.int32))
         ids.append(sampler.next(logits.numpy()[0, -1]))
-    return vocab.decode(ids[len(prompt):])
+    return vocab.decode(ids[len(prompt) :])
 
 
 def test_generate_greedy_is_argmax_of_the_model(tiny):

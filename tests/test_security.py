@@ -10,16 +10,18 @@ import subprocess
 
 from tests.conftest import ROOT
 
-
-UNSAFE = re.compile(r"\bpickle\s*\.\s*loads?\s*\(|(?<![\w.])eval\s*\(|(?<![\w.])exec\s*\(|\bmarshal\s*\.\s*loads?\s*\("
-                    r"|allow_pickle\s*=\s*True|\byaml\s*\.\s*load\s*\(|\bshell\s*=\s*True")
+UNSAFE = re.compile(
+    r"\bpickle\s*\.\s*loads?\s*\(|(?<![\w.])eval\s*\(|(?<![\w.])exec\s*\(|\bmarshal\s*\.\s*loads?\s*\("
+    r"|allow_pickle\s*=\s*True|\byaml\s*\.\s*load\s*\(|\bshell\s*=\s*True"
+)
 
 
 def test_no_pickle_eval_exec_anywhere():
     """No unsafe deserialization or evaluation in any committed Python file. (The importer's --trust-pickle
     path unpickles data only: tests/test_import_tf1.py checks a pickle with a global is refused.)"""
-    files = subprocess.run(["git", "ls-files", "*.py"], cwd=ROOT, capture_output=True, text=True,
-                           check=True).stdout.split()
+    files = subprocess.run(
+        ["git", "ls-files", "*.py"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.split()
     assert len(files) > 20
     hits = []
     for name in files:

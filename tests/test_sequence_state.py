@@ -12,14 +12,27 @@ import pytest
 from google.protobuf import json_format
 
 from charrnn import sequence_state
-from charrnn.contract import (INPUT_IDS, LOGITS, MAX_BATCH_SIZE, MAX_SEQUENCE_IDLE_US, MAX_SEQUENCES, MAX_T, NOISE,
-                              STATE_IN, STATE_OUT)
+from charrnn.contract import (
+    INPUT_IDS,
+    LOGITS,
+    MAX_BATCH_SIZE,
+    MAX_SEQUENCE_IDLE_US,
+    MAX_SEQUENCES,
+    MAX_T,
+    NOISE,
+    STATE_IN,
+    STATE_OUT,
+)
 from charrnn.repository import GEN_PYTHON, PYTHON, load_config, vocab_of
 from charrnn.sequence_state import END, START, SequenceStates, check_ids, load_stateful_model
 from tests.conftest import SHIPPED_MODEL
 
-STEP_TENSORS = {INPUT_IDS: "tensor(int32)", STATE_IN: "tensor(float)", LOGITS: "tensor(float)",
-                STATE_OUT: "tensor(float)"}  # what charrnn_python's initialize() asks for
+STEP_TENSORS = {
+    INPUT_IDS: "tensor(int32)",
+    STATE_IN: "tensor(float)",
+    LOGITS: "tensor(float)",
+    STATE_OUT: "tensor(float)",
+}  # what charrnn_python's initialize() asks for
 V = 65  # the shipped vocabulary
 
 
@@ -30,13 +43,19 @@ def config_json(model_dir) -> dict:
 
 def triton_args(model_dir, config: dict | None = None) -> dict:
     """initialize(args) as Triton's python backend fills it for <model_dir>/1/model.py."""
-    return {"model_config": json.dumps(config_json(model_dir) if config is None else config),
-            "model_name": model_dir.name, "model_repository": str(model_dir), "model_version": "1"}
+    return {
+        "model_config": json.dumps(config_json(model_dir) if config is None else config),
+        "model_name": model_dir.name,
+        "model_repository": str(model_dir),
+        "model_version": "1",
+    }
 
 
 def unknown(idle: str) -> str:
-    return (f"unknown sequence (never started, ended, or idle longer than {idle} s) "
-            "(start it again with sequence_start=True)")
+    return (
+        f"unknown sequence (never started, ended, or idle longer than {idle} s) "
+        "(start it again with sequence_start=True)"
+    )
 
 
 # --- fixtures -------------------------------------------------------------------------------------------
@@ -58,7 +77,9 @@ def vocab(python_dir):
 
 @pytest.fixture
 def states(step):
-    s = SequenceStates(tuple(step.io[STATE_IN].shape[1:]), step.idle_seconds, log=lambda message: None)
+    s = SequenceStates(
+        tuple(step.io[STATE_IN].shape[1:]), step.idle_seconds, log=lambda message: None
+    )
     yield s
     s.close()
 
@@ -68,17 +89,22 @@ def execute(step, states, members, ids):
     members [(corr, flags)], ids (B, T) -> logits (B, V)."""
     with states.lock:
         assert [states.check(corr, flags) for corr, flags in members] == [None] * len(members)
-        logits, new_state = step.session.run([LOGITS, STATE_OUT], {INPUT_IDS: np.asarray(ids, np.int32),
-                                                                   STATE_IN: states.gather(members)})
+        logits, new_state = step.session.run(
+            [LOGITS, STATE_OUT],
+            {INPUT_IDS: np.asarray(ids, np.int32), STATE_IN: states.gather(members)},
+        )
         states.scatter(members, new_state)
     return logits
 
 
 def direct(step, ids, state=None):
     """The independent computation: ONNX Runtime with the state carried by the caller. ids (T,) -> (V,), (S, L, H)."""
-    state = np.zeros((1, *step.io[STATE_IN].shape[1:]), np.float32) if state is None else state[None]
-    logits, new_state = step.session.run([LOGITS, STATE_OUT], {INPUT_IDS: np.asarray(ids, np.int32)[None],
-                                                               STATE_IN: state})
+    state = (
+        np.zeros((1, *step.io[STATE_IN].shape[1:]), np.float32) if state is None else state[None]
+    )
+    logits, new_state = step.session.run(
+        [LOGITS, STATE_OUT], {INPUT_IDS: np.asarray(ids, np.int32)[None], STATE_IN: state}
+    )
     return logits[0], new_state[0]
 
 
@@ -89,7 +115,11 @@ def test_the_exported_step_model_loads_with_its_config_values(step, python_dir):
     assert step.idle_seconds == MAX_SEQUENCE_IDLE_US / 1e6 == 60.0
     assert step.threads == int(load_config(python_dir).parameters["intra_op_threads"].string_value)
     slots = 2 if model_config["cell"] == "lstm" else 1
-    assert tuple(step.io[STATE_IN].shape[1:]) == (slots, model_config["layers"], model_config["hidden"])  # (S, L, H)
+    assert tuple(step.io[STATE_IN].shape[1:]) == (
+        slots,
+        model_config["layers"],
+        model_config["hidden"],
+    )  # (S, L, H)
     assert step.io[LOGITS].shape[1] == model_config["vocab_size"] == V
     assert {n: step.io[n].type for n in STEP_TENSORS} == STEP_TENSORS
 
@@ -122,21 +152,53 @@ def _direct(c):
 def _threads(value):
     def mutate(c):
         c["parameters"]["intra_op_threads"] = {"string_value": value}
+
     return mutate
 
 
-@pytest.mark.parametrize("mutate, message", [
-    (_no_batching, f"{PYTHON} requires max_batch_size >= 1, got 0"),
-    (_zero_batch, f"{PYTHON} requires max_batch_size >= 1, got 0"),
-    (_no_sequence_batching, f"{PYTHON} requires sequence_batching, got none"),
-    (_direct, f"{PYTHON} requires the oldest strategy, got direct (direct pads batches with null requests)"),
-    (_threads("0"), f"{PYTHON} requires parameter intra_op_threads to be an integer >= 1, got '0'"),
-    (_threads("-2"), f"{PYTHON} requires parameter intra_op_threads to be an integer >= 1, got '-2'"),
-    (_threads("two"), f"{PYTHON} requires parameter intra_op_threads to be an integer >= 1, got 'two'"),
-    (_threads("\u00b2"), f"{PYTHON} requires parameter intra_op_threads to be an integer >= 1, got '\u00b2'"),
-    (_threads(""), f"{PYTHON} requires parameter intra_op_threads to be an integer >= 1, got ''"),
-], ids=["no-max_batch_size", "max_batch_size-0", "no-sequence_batching", "direct", "threads-0", "threads-neg",
-        "threads-word", "threads-superscript", "threads-empty"])
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (_no_batching, f"{PYTHON} requires max_batch_size >= 1, got 0"),
+        (_zero_batch, f"{PYTHON} requires max_batch_size >= 1, got 0"),
+        (_no_sequence_batching, f"{PYTHON} requires sequence_batching, got none"),
+        (
+            _direct,
+            f"{PYTHON} requires the oldest strategy, got direct (direct pads batches with null requests)",
+        ),
+        (
+            _threads("0"),
+            f"{PYTHON} requires parameter intra_op_threads to be an integer >= 1, got '0'",
+        ),
+        (
+            _threads("-2"),
+            f"{PYTHON} requires parameter intra_op_threads to be an integer >= 1, got '-2'",
+        ),
+        (
+            _threads("two"),
+            f"{PYTHON} requires parameter intra_op_threads to be an integer >= 1, got 'two'",
+        ),
+        (
+            _threads("\u00b2"),
+            f"{PYTHON} requires parameter intra_op_threads to be an integer >= 1, got '\u00b2'",
+        ),
+        (
+            _threads(""),
+            f"{PYTHON} requires parameter intra_op_threads to be an integer >= 1, got ''",
+        ),
+    ],
+    ids=[
+        "no-max_batch_size",
+        "max_batch_size-0",
+        "no-sequence_batching",
+        "direct",
+        "threads-0",
+        "threads-neg",
+        "threads-word",
+        "threads-superscript",
+        "threads-empty",
+    ],
+)
 def test_a_config_the_model_cannot_serve_is_refused(python_dir, mutate, message):
     config = config_json(python_dir)
     mutate(config)
@@ -151,8 +213,9 @@ def test_a_missing_model_onnx_is_refused_with_its_path(python_dir, tmp_path):
     shutil.copyfile(python_dir / "config.pbtxt", folder / "config.pbtxt")
     with pytest.raises(ValueError) as e:
         load_stateful_model(triton_args(folder), STEP_TENSORS)
-    assert str(e.value) == (f"{PYTHON} requires {folder / '1' / 'model.onnx'}, got no such file "
-                            "(run `make export`)")
+    assert str(e.value) == (
+        f"{PYTHON} requires {folder / '1' / 'model.onnx'}, got no such file " "(run `make export`)"
+    )
 
 
 def test_a_broken_model_onnx_is_a_value_error(python_dir, tmp_path):
@@ -164,11 +227,24 @@ def test_a_broken_model_onnx_is_a_value_error(python_dir, tmp_path):
         load_stateful_model(triton_args(folder), STEP_TENSORS)
 
 
-@pytest.mark.parametrize("tensors, message", [
-    ({**STEP_TENSORS, NOISE: "tensor(float)"}, f"{PYTHON} requires ONNX NOISE tensor(float), got no such tensor"),
-    ({INPUT_IDS: "tensor(int64)"}, f"{PYTHON} requires ONNX INPUT_IDS tensor(int64), got tensor(int32)"),
-    ({STATE_OUT: "tensor(float16)"}, f"{PYTHON} requires ONNX STATE_OUT tensor(float16), got tensor(float)"),
-], ids=["missing-tensor", "input-dtype", "output-dtype"])
+@pytest.mark.parametrize(
+    "tensors, message",
+    [
+        (
+            {**STEP_TENSORS, NOISE: "tensor(float)"},
+            f"{PYTHON} requires ONNX NOISE tensor(float), got no such tensor",
+        ),
+        (
+            {INPUT_IDS: "tensor(int64)"},
+            f"{PYTHON} requires ONNX INPUT_IDS tensor(int64), got tensor(int32)",
+        ),
+        (
+            {STATE_OUT: "tensor(float16)"},
+            f"{PYTHON} requires ONNX STATE_OUT tensor(float16), got tensor(float)",
+        ),
+    ],
+    ids=["missing-tensor", "input-dtype", "output-dtype"],
+)
 def test_a_graph_without_the_needed_tensors_is_refused(python_dir, tensors, message):
     with pytest.raises(ValueError) as e:
         load_stateful_model(triton_args(python_dir), tensors)
@@ -179,34 +255,63 @@ def initialize_args(model_dir: Path, config) -> dict:
     """What Triton passes to TritonPythonModel.initialize: the config as JSON, the model's folder and version."""
     from google.protobuf.json_format import MessageToJson
 
-    return {"model_config": MessageToJson(config, preserving_proto_field_name=True), "model_name": config.name,
-            "model_repository": str(model_dir), "model_version": "1"}
+    return {
+        "model_config": MessageToJson(config, preserving_proto_field_name=True),
+        "model_name": config.name,
+        "model_repository": str(model_dir),
+        "model_version": "1",
+    }
 
 
 def test_load_stateful_model_reads_the_config_and_opens_the_graph(shipped_repo):
-    from charrnn.sequence_state import load_stateful_model
     from charrnn.repository import load_config
+    from charrnn.sequence_state import load_stateful_model
 
     config = load_config(shipped_repo / PYTHON / "config.pbtxt")
     model = load_stateful_model(initialize_args(shipped_repo / PYTHON, config), STEP_TENSORS)
-    assert model.idle_seconds == config.sequence_batching.max_sequence_idle_microseconds / 1e6 == 60.0
+    assert (
+        model.idle_seconds == config.sequence_batching.max_sequence_idle_microseconds / 1e6 == 60.0
+    )
     assert model.threads == int(config.parameters["intra_op_threads"].string_value)
     assert model.io["LOGITS"].shape[1] == 65 and model.io["STATE_IN"].shape[1:] == [2, 2, 512]
 
 
-@pytest.mark.parametrize("change, message", [
-    (lambda c, d: setattr(c, "max_batch_size", 0), f"{PYTHON} requires max_batch_size >= 1, got 0"),
-    (lambda c, d: c.ClearField("sequence_batching"), f"{PYTHON} requires sequence_batching, got none"),
-    (lambda c, d: c.sequence_batching.direct.SetInParent(), f"{PYTHON} requires the oldest strategy, got direct"),
-    (lambda c, d: c.parameters["intra_op_threads"].__setattr__("string_value", "two"),
-     f"{PYTHON} requires parameter intra_op_threads to be an integer >= 1, got 'two'"),
-    (lambda c, d: (d / "1" / "model.onnx").unlink(), "/1/model.onnx, got no such file (run `make export`)"),
-    (lambda c, d: shutil.copy(d.parent / GEN_PYTHON / "1" / "model.onnx", d / "1" / "model.onnx"),
-     f"{PYTHON} requires ONNX LOGITS tensor(float), got no such tensor"),
-])
-def test_load_stateful_model_refuses_what_the_model_cannot_serve(shipped_repo, tmp_path, change, message):
-    from charrnn.sequence_state import load_stateful_model
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (
+            lambda c, d: setattr(c, "max_batch_size", 0),
+            f"{PYTHON} requires max_batch_size >= 1, got 0",
+        ),
+        (
+            lambda c, d: c.ClearField("sequence_batching"),
+            f"{PYTHON} requires sequence_batching, got none",
+        ),
+        (
+            lambda c, d: c.sequence_batching.direct.SetInParent(),
+            f"{PYTHON} requires the oldest strategy, got direct",
+        ),
+        (
+            lambda c, d: c.parameters["intra_op_threads"].__setattr__("string_value", "two"),
+            f"{PYTHON} requires parameter intra_op_threads to be an integer >= 1, got 'two'",
+        ),
+        (
+            lambda c, d: (d / "1" / "model.onnx").unlink(),
+            "/1/model.onnx, got no such file (run `make export`)",
+        ),
+        (
+            lambda c, d: shutil.copy(
+                d.parent / GEN_PYTHON / "1" / "model.onnx", d / "1" / "model.onnx"
+            ),
+            f"{PYTHON} requires ONNX LOGITS tensor(float), got no such tensor",
+        ),
+    ],
+)
+def test_load_stateful_model_refuses_what_the_model_cannot_serve(
+    shipped_repo, tmp_path, change, message
+):
     from charrnn.repository import load_config
+    from charrnn.sequence_state import load_stateful_model
 
     repo = tmp_path / "repo"  # a copy: the change must not reach the session's repository
     for name in (PYTHON, GEN_PYTHON):
@@ -219,21 +324,35 @@ def test_load_stateful_model_refuses_what_the_model_cannot_serve(shipped_repo, t
 
 
 # --- check_ids --------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("ids, message", [
-    (np.zeros((1, 3), np.int64), "INPUT_IDS: dtype must be INT32, got int64"),
-    (np.zeros((1, 3), np.float32), "INPUT_IDS: dtype must be INT32, got float32"),
-    (np.zeros((2, 3), np.int32),
-     "INPUT_IDS: shape must be [1, T] with 1 <= T <= 256, got [2, 3] (send long prompts in chunks)"),
-    (np.zeros((1, 0), np.int32),
-     "INPUT_IDS: shape must be [1, T] with 1 <= T <= 256, got [1, 0] (send long prompts in chunks)"),
-    (np.zeros((1, MAX_T + 1), np.int32),
-     "INPUT_IDS: shape must be [1, T] with 1 <= T <= 256, got [1, 257] (send long prompts in chunks)"),
-    (np.zeros((3,), np.int32),
-     "INPUT_IDS: shape must be [1, T] with 1 <= T <= 256, got [3] (send long prompts in chunks)"),
-    (np.array([[3, 65, 7]], np.int32), "INPUT_IDS: ids must be in 0..64, got 3..65"),
-    (np.array([[3, -1, 7]], np.int32),
-     "INPUT_IDS: ids must be in 0..64, got -1..7 (an HTTP JSON value outside the INT32 range arrives wrapped)"),
-], ids=["int64", "float32", "batch-2", "T-0", "T-257", "1-D", "id-65", "id-negative"])
+@pytest.mark.parametrize(
+    "ids, message",
+    [
+        (np.zeros((1, 3), np.int64), "INPUT_IDS: dtype must be INT32, got int64"),
+        (np.zeros((1, 3), np.float32), "INPUT_IDS: dtype must be INT32, got float32"),
+        (
+            np.zeros((2, 3), np.int32),
+            "INPUT_IDS: shape must be [1, T] with 1 <= T <= 256, got [2, 3] (send long prompts in chunks)",
+        ),
+        (
+            np.zeros((1, 0), np.int32),
+            "INPUT_IDS: shape must be [1, T] with 1 <= T <= 256, got [1, 0] (send long prompts in chunks)",
+        ),
+        (
+            np.zeros((1, MAX_T + 1), np.int32),
+            "INPUT_IDS: shape must be [1, T] with 1 <= T <= 256, got [1, 257] (send long prompts in chunks)",
+        ),
+        (
+            np.zeros((3,), np.int32),
+            "INPUT_IDS: shape must be [1, T] with 1 <= T <= 256, got [3] (send long prompts in chunks)",
+        ),
+        (np.array([[3, 65, 7]], np.int32), "INPUT_IDS: ids must be in 0..64, got 3..65"),
+        (
+            np.array([[3, -1, 7]], np.int32),
+            "INPUT_IDS: ids must be in 0..64, got -1..7 (an HTTP JSON value outside the INT32 range arrives wrapped)",
+        ),
+    ],
+    ids=["int64", "float32", "batch-2", "T-0", "T-257", "1-D", "id-65", "id-negative"],
+)
 def test_check_ids_names_what_is_wrong(ids, message):
     assert check_ids(ids, V, MAX_T) == message
 
@@ -241,7 +360,10 @@ def test_check_ids_names_what_is_wrong(ids, message):
 def test_check_ids_accepts_the_edges_and_names_the_tensor():
     assert check_ids(np.array([[0, V - 1]], np.int32), V, MAX_T) is None
     assert check_ids(np.full((1, MAX_T), V - 1, np.int32), V, MAX_T) is None
-    assert check_ids(np.array([[V]], np.int32), V, MAX_T, name="X") == "X: ids must be in 0..64, got 65..65"
+    assert (
+        check_ids(np.array([[V]], np.int32), V, MAX_T, name="X")
+        == "X: ids must be in 0..64, got 65..65"
+    )
 
 
 # --- the state store on the real step graph -----------------------------------------------------------------
@@ -254,10 +376,14 @@ def test_start_continue_end_match_onnx_runtime_with_explicit_state(step, states,
 
     got1 = execute(step, states, [(corr, START)], prompt[None])
     np.testing.assert_allclose(got1[0], want1, atol=1e-5)
-    np.testing.assert_allclose(states.states[corr], s1, atol=1e-5)  # (S, L, H) stored for the next request
+    np.testing.assert_allclose(
+        states.states[corr], s1, atol=1e-5
+    )  # (S, L, H) stored for the next request
     got2 = execute(step, states, [(corr, 0)], more[None])
     np.testing.assert_allclose(got2[0], want2, atol=1e-5)
-    assert not np.allclose(got2[0], direct(step, more)[0], atol=1e-3)  # it did use the state: not a fresh start
+    assert not np.allclose(
+        got2[0], direct(step, more)[0], atol=1e-3
+    )  # it did use the state: not a fresh start
     got3 = execute(step, states, [(corr, END)], more[None])
     np.testing.assert_allclose(got3[0], want3, atol=1e-5)
     assert len(states) == 0 and corr not in states.last_used  # END freed it
@@ -294,13 +420,17 @@ def test_a_reused_id_after_end_starts_from_zeros(step, states, vocab):
     np.testing.assert_allclose(got[0], fresh, atol=1e-5)
     np.testing.assert_allclose(states.states[5], fresh_state, atol=1e-5)
     stale = direct(step, second, direct(step, vocab.encode("\n"), direct(step, first)[1])[1])[0]
-    assert not np.allclose(got[0], stale, atol=1e-3)  # had the old state leaked in, the logits would be these
+    assert not np.allclose(
+        got[0], stale, atol=1e-3
+    )  # had the old state leaked in, the logits would be these
 
 
 def test_a_start_on_a_live_id_restarts_it_from_zeros(step, states, vocab):
     execute(step, states, [(9, START)], vocab.encode("ROMEO:\n")[None])
     assert states.check(9, START) is None
-    np.testing.assert_array_equal(states.gather([(9, START)]), np.zeros((1, *states.zero.shape), np.float32))
+    np.testing.assert_array_equal(
+        states.gather([(9, START)]), np.zeros((1, *states.zero.shape), np.float32)
+    )
     got = execute(step, states, [(9, START)], vocab.encode("A")[None])
     np.testing.assert_allclose(got[0], direct(step, vocab.encode("A"))[0], atol=1e-5)
 
@@ -311,7 +441,9 @@ def test_a_one_request_sequence_leaves_no_state(step, states, vocab):
     assert len(states) == 0 and not states.last_used
 
 
-@pytest.mark.parametrize("history", [[], [START | END], [START, END]], ids=["never-started", "one-request", "ended"])
+@pytest.mark.parametrize(
+    "history", [[], [START | END], [START, END]], ids=["never-started", "one-request", "ended"]
+)
 def test_an_unknown_sequence_without_start_gets_the_documented_error(states, history):
     for flags in history:
         states.scatter([(21, flags)], np.ones((1, *states.zero.shape), np.float32))
@@ -331,40 +463,56 @@ def test_the_unknown_sequence_error_states_the_configured_timeout():
 @pytest.mark.parametrize("corr", [0, ""], ids=["uint64-0", "empty-string"])
 @pytest.mark.parametrize("flags", [0, START, START | END])
 def test_a_request_without_a_sequence_id_is_refused(states, corr, flags):
-    assert states.check(corr, flags) == ("sequence id: missing (this model is stateful: send sequence_id, "
-                                         "sequence_start, sequence_end)")
+    assert states.check(corr, flags) == (
+        "sequence id: missing (this model is stateful: send sequence_id, "
+        "sequence_start, sequence_end)"
+    )
 
 
 def test_a_stored_state_is_its_own_8_kib_copy_not_a_view_of_the_batch(states):
-    batch = np.random.default_rng(0).standard_normal((3, *states.zero.shape)).astype(np.float32)  # (B, S, L, H)
+    batch = (
+        np.random.default_rng(0).standard_normal((3, *states.zero.shape)).astype(np.float32)
+    )  # (B, S, L, H)
     want = batch.copy()
     states.scatter([(1, START), (2, 0), (3, START)], batch)
     batch[:] = 0  # the next ORT call's buffer, reused
     for row, corr in enumerate((1, 2, 3)):
         np.testing.assert_array_equal(states.states[corr], want[row])
         assert states.states[corr].base is None  # nothing pins the (B, S, L, H) batch
-        assert states.states[corr].nbytes == states.zero.size * 4  # one (S, L, H): 8 KiB for 2x512 (contract.py)
-    np.testing.assert_array_equal(states.gather([(3, 0), (1, 0), (2, START)]), np.stack([want[2], want[0],
-                                                                                          np.zeros_like(want[0])]))
+        assert (
+            states.states[corr].nbytes == states.zero.size * 4
+        )  # one (S, L, H): 8 KiB for 2x512 (contract.py)
+    np.testing.assert_array_equal(
+        states.gather([(3, 0), (1, 0), (2, START)]),
+        np.stack([want[2], want[0], np.zeros_like(want[0])]),
+    )
 
 
 def test_the_store_holds_as_many_sequences_as_triton_has_slots(states, python_dir):
     assert load_config(python_dir).sequence_batching.oldest.max_candidate_sequences == MAX_SEQUENCES
     shape = states.zero.shape
-    for first in range(0, MAX_SEQUENCES, MAX_BATCH_SIZE):  # MAX_SEQUENCES sequences, MAX_BATCH_SIZE per call
+    for first in range(
+        0, MAX_SEQUENCES, MAX_BATCH_SIZE
+    ):  # MAX_SEQUENCES sequences, MAX_BATCH_SIZE per call
         members = [(corr, START) for corr in range(first + 1, first + MAX_BATCH_SIZE + 1)]
         batch = np.stack([np.full(shape, corr, np.float32) for corr, _ in members])
         states.scatter(members, batch)
     assert len(states) == MAX_SEQUENCES
     picked = [1, 64, 65, 512, MAX_SEQUENCES]
     got = states.gather([(corr, 0) for corr in picked])  # (5, S, L, H)
-    assert got[:, 0, 0, 0].tolist() == picked and all((got[i] == c).all() for i, c in enumerate(picked))
-    states.scatter([(corr, END) for corr in range(1, MAX_SEQUENCES + 1)], np.zeros((MAX_SEQUENCES, *shape)))
+    assert got[:, 0, 0, 0].tolist() == picked and all(
+        (got[i] == c).all() for i, c in enumerate(picked)
+    )
+    states.scatter(
+        [(corr, END) for corr in range(1, MAX_SEQUENCES + 1)], np.zeros((MAX_SEQUENCES, *shape))
+    )
     assert len(states) == 0 and not states.last_used
 
 
 # --- idle eviction, driven by a fake clock -------------------------------------------------------------------
-IDLE = 0.2  # the batcher's timeout in this test (200 ms): the reaper checks every 0.3 s of real time
+IDLE = (
+    0.2  # the batcher's timeout in this test (200 ms): the reaper checks every 0.3 s of real time
+)
 
 
 class FakeClock:
@@ -392,7 +540,9 @@ class FakeClock:
         comes after the first pass ended). Event driven: no fixed sleep."""
         with self.cond:
             target = self.reads + 2
-            assert self.cond.wait_for(lambda: self.reads >= target, timeout), "the reaper made no pass"
+            assert self.cond.wait_for(
+                lambda: self.reads >= target, timeout
+            ), "the reaper made no pass"
 
 
 @pytest.fixture
@@ -418,28 +568,40 @@ def one(value: float) -> np.ndarray:
 def test_an_idle_sequence_is_evicted_after_the_timeout_plus_a_second(clock, idle_states):
     idle_states.scatter([(1, START)], one(1.0))  # at t = 1000
     idle_states.scatter([(2, START)], one(2.0))
-    clock.set(1000 + IDLE + 0.5)  # Triton has freed the slot, but the store keeps it a second longer
+    clock.set(
+        1000 + IDLE + 0.5
+    )  # Triton has freed the slot, but the store keeps it a second longer
     clock.full_pass()
     assert sorted(idle_states.states) == [1, 2] and idle_states.messages == []
     clock.set(1000 + IDLE + 1.0 + 0.01)
     clock.full_pass()
     assert len(idle_states) == 0 and not idle_states.last_used
     assert idle_states.messages == ["evicted 2 idle sequence(s); 0 live"]
-    assert idle_states.check(1, 0).startswith("unknown sequence (never started, ended, or idle longer than")
+    assert idle_states.check(1, 0).startswith(
+        "unknown sequence (never started, ended, or idle longer than"
+    )
 
 
 def test_a_sequence_in_use_survives_while_an_idle_one_is_evicted(clock, idle_states):
-    idle_states.scatter([(1, START), (2, START)], np.concatenate([one(1.0), one(2.0)]))  # at t = 1000
+    idle_states.scatter(
+        [(1, START), (2, START)], np.concatenate([one(1.0), one(2.0)])
+    )  # at t = 1000
     clock.set(1000 + IDLE + 0.9)
     idle_states.scatter([(1, 0)], one(1.5))  # sequence 1 continues: its idle time starts again
     clock.set(1000 + IDLE + 1.1)
     clock.full_pass()
-    assert list(idle_states.states) == [1] and idle_states.messages == ["evicted 1 idle sequence(s); 1 live"]
+    assert list(idle_states.states) == [1] and idle_states.messages == [
+        "evicted 1 idle sequence(s); 1 live"
+    ]
     np.testing.assert_array_equal(idle_states.gather([(1, 0)]), one(1.5))
-    assert idle_states.check(2, 0).startswith("unknown sequence (never started, ended, or idle longer than")
+    assert idle_states.check(2, 0).startswith(
+        "unknown sequence (never started, ended, or idle longer than"
+    )
     clock.set(1000 + 2 * (IDLE + 1.0))
     clock.full_pass()
-    assert len(idle_states) == 0 and idle_states.messages[-1] == "evicted 1 idle sequence(s); 0 live"
+    assert (
+        len(idle_states) == 0 and idle_states.messages[-1] == "evicted 1 idle sequence(s); 0 live"
+    )
 
 
 def test_an_evicted_id_can_start_again_from_zeros(clock, idle_states):
@@ -447,7 +609,9 @@ def test_an_evicted_id_can_start_again_from_zeros(clock, idle_states):
     clock.set(1000 + IDLE + 2.0)
     clock.full_pass()
     assert idle_states.check(4, START) is None and len(idle_states) == 0
-    np.testing.assert_array_equal(idle_states.gather([(4, START)]), np.zeros((1, 2, 2, 8), np.float32))
+    np.testing.assert_array_equal(
+        idle_states.gather([(4, START)]), np.zeros((1, 2, 2, 8), np.float32)
+    )
 
 
 def test_close_stops_the_reaper_and_frees_every_state(clock):

@@ -11,17 +11,35 @@ import pytest
 from charrnn.data import CORPUS_CHARS, CORPUS_MD5, md5_of
 from charrnn.model import load_model_dir
 from charrnn.vocab import Vocab
-from train.train import main as train_main
 from tests.conftest import TINY_FLAGS, read_json
+from train.train import main as train_main
 
 LN65 = math.log(65)
 # conftest's tiny model, flag -> value (it is trained with exactly TINY_FLAGS)
 TINY = {f: v for f, v in zip(TINY_FLAGS, TINY_FLAGS[1:] + [""]) if f.startswith("--")}
 
 # Smaller than conftest's tiny model: a few seconds per run, on a 60k-character slice of the corpus.
-SMALL_FLAGS = ["--hidden-size", "16", "--embedding-size", "8", "--num-layers", "1", "--dropout", "0",
-               "--batch-size", "8", "--seq-length", "16", "--eval-every", "3", "--checkpoint-every", "3",
-               "--learning-rate", "0.01", "--quiet"]
+SMALL_FLAGS = [
+    "--hidden-size",
+    "16",
+    "--embedding-size",
+    "8",
+    "--num-layers",
+    "1",
+    "--dropout",
+    "0",
+    "--batch-size",
+    "8",
+    "--seq-length",
+    "16",
+    "--eval-every",
+    "3",
+    "--checkpoint-every",
+    "3",
+    "--learning-rate",
+    "0.01",
+    "--quiet",
+]
 
 
 @pytest.fixture(scope="module")
@@ -47,14 +65,26 @@ def six_step_run(small_corpus, tmp_path_factory):
 
 
 def test_tiny_model_directory_is_complete(tiny_model, corpus):
-    for name in ("config.json", "vocab.json", "model.weights.h5", "model_card.json",
-                 "checkpoints/train_state.json", "checkpoints/checkpoint"):
+    for name in (
+        "config.json",
+        "vocab.json",
+        "model.weights.h5",
+        "model_card.json",
+        "checkpoints/train_state.json",
+        "checkpoints/checkpoint",
+    ):
         assert (tiny_model / name).is_file(), name
     assert read_json(tiny_model / "config.json") == {
-        "vocab_size": 65, "cell": TINY.get("--cell", "lstm"), "layers": int(TINY["--num-layers"]),
-        "hidden": int(TINY["--hidden-size"]), "embedding": int(TINY["--embedding-size"]),
-        "dropout": float(TINY["--dropout"])}
-    assert Vocab.load(tiny_model / "vocab.json") == Vocab.from_text(corpus.read_text(encoding="utf-8"))
+        "vocab_size": 65,
+        "cell": TINY.get("--cell", "lstm"),
+        "layers": int(TINY["--num-layers"]),
+        "hidden": int(TINY["--hidden-size"]),
+        "embedding": int(TINY["--embedding-size"]),
+        "dropout": float(TINY["--dropout"]),
+    }
+    assert Vocab.load(tiny_model / "vocab.json") == Vocab.from_text(
+        corpus.read_text(encoding="utf-8")
+    )
     state = read_json(tiny_model / "checkpoints" / "train_state.json")
     assert state["step"] == int(TINY["--max-steps"])
     assert state["config"] == read_json(tiny_model / "config.json")
@@ -66,7 +96,9 @@ def test_tiny_model_card(tiny_model):
     card = read_json(tiny_model / "model_card.json")
     steps, every = int(TINY["--max-steps"]), int(TINY["--eval-every"])
     assert card["steps"] == steps
-    assert 1 <= card["best_step"] <= steps and (card["best_step"] % every == 0 or card["best_step"] == steps)
+    assert 1 <= card["best_step"] <= steps and (
+        card["best_step"] % every == 0 or card["best_step"] == steps
+    )
     assert card["training_seconds"] > 0
     assert card["corpus"]["md5"] == CORPUS_MD5
     assert card["corpus"]["characters"] == CORPUS_CHARS
@@ -76,7 +108,11 @@ def test_tiny_model_card(tiny_model):
     assert card["training"]["seq_length"] == int(TINY["--seq-length"])
     assert card["training"]["max_steps"] == steps
     if TINY.get("--cell", "lstm") == "lstm":  # embedding + stacked LSTMs + dense head
-        h, e, layers = int(TINY["--hidden-size"]), int(TINY["--embedding-size"]), int(TINY["--num-layers"])
+        h, e, layers = (
+            int(TINY["--hidden-size"]),
+            int(TINY["--embedding-size"]),
+            int(TINY["--num-layers"]),
+        )
         lstm = lambda inputs: 4 * (h * (inputs + h) + h)  # noqa: E731
         assert card["parameters"] == 65 * e + lstm(e) + (layers - 1) * lstm(h) + h * 65 + 65
     m = card["metrics"]
@@ -100,7 +136,9 @@ def test_small_run_outputs_and_card(six_step_run, small_corpus):
     assert card["steps"] == 6 and card["training"]["max_steps"] == 6
     assert card["corpus"]["md5"] == md5_of(small_corpus) != CORPUS_MD5
     assert card["corpus"]["file"] == "small.txt" and card["corpus"]["characters"] == 60_000
-    assert set(card["metrics"]) == {f"{s}_{k}" for s in ("train", "val", "test") for k in ("loss", "perplexity")}
+    assert set(card["metrics"]) == {
+        f"{s}_{k}" for s in ("train", "val", "test") for k in ("loss", "perplexity")
+    }
     state = read_json(six_step_run / "checkpoints" / "train_state.json")
     assert state["step"] == 6
     assert state["best_step"] == card["best_step"] in (3, 6)
@@ -131,7 +169,9 @@ def test_resume_continues_from_the_saved_step(six_step_run, small_corpus, tmp_pa
     assert (out / "checkpoints" / "ckpt-10.index").is_file()
 
 
-def test_resume_with_different_model_flags_is_a_user_error(six_step_run, small_corpus, tmp_path, capsys):
+def test_resume_with_different_model_flags_is_a_user_error(
+    six_step_run, small_corpus, tmp_path, capsys
+):
     out = tmp_path / "other"
     shutil.copytree(six_step_run, out)
     capsys.readouterr()
@@ -139,7 +179,9 @@ def test_resume_with_different_model_flags_is_a_user_error(six_step_run, small_c
     err = capsys.readouterr().err
     assert err.startswith("error: --resume: checkpoint was trained with")
     assert "'hidden': 16" in err
-    assert read_json(out / "checkpoints" / "train_state.json")["step"] == 6  # nothing was overwritten
+    assert (
+        read_json(out / "checkpoints" / "train_state.json")["step"] == 6
+    )  # nothing was overwritten
 
 
 def test_resume_without_checkpoint_is_a_user_error(small_corpus, tmp_path, capsys):
@@ -154,8 +196,22 @@ def test_corpus_smaller_than_one_batch(tmp_path, capsys):
     tiny = tmp_path / "tiny.txt"
     tiny.write_text("To be, or not to be, that is the question.\n" * 10)  # 440 chars < 16 x 50 + 1
     out = tmp_path / "o"
-    assert train_main(["--data", str(tiny), "--out", str(out), *SMALL_FLAGS, "--batch-size", "16",
-                       "--seq-length", "50"]) == 2
+    assert (
+        train_main(
+            [
+                "--data",
+                str(tiny),
+                "--out",
+                str(out),
+                *SMALL_FLAGS,
+                "--batch-size",
+                "16",
+                "--seq-length",
+                "50",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert err.startswith(f"error: {tiny}: ")
     assert "smaller than one batch (16 x 50 + 1)" in err
@@ -176,9 +232,14 @@ def test_unreadable_corpus(tmp_path, capsys, kind):
         assert "corpus file not found" in err
 
 
-@pytest.mark.parametrize("flags,what", [(["--batch-size", "0"], "--batch-size"),
-                                        (["--seq-length", "-1"], "--seq-length"),
-                                        (["--learning-rate", "0"], "--learning-rate")])
+@pytest.mark.parametrize(
+    "flags,what",
+    [
+        (["--batch-size", "0"], "--batch-size"),
+        (["--seq-length", "-1"], "--seq-length"),
+        (["--learning-rate", "0"], "--learning-rate"),
+    ],
+)
 def test_bad_flags(tmp_path, capsys, corpus, flags, what):
     assert train_main(["--data", str(corpus), "--out", str(tmp_path / "o"), "--quiet", *flags]) == 2
     assert capsys.readouterr().err.startswith(f"error: {what}")

@@ -45,15 +45,24 @@ def test_every_cell_export_passes_the_trt_check(exported, cell, record_property)
 
 
 # --- hand-built graphs ------------------------------------------------------------------------------------
-def make_model(nodes, inputs, outputs, initializers=(), opset=17, extra_opsets=()) -> onnx.ModelProto:
+def make_model(
+    nodes, inputs, outputs, initializers=(), opset=17, extra_opsets=()
+) -> onnx.ModelProto:
     graph = helper.make_graph(nodes, "g", inputs, outputs, initializer=list(initializers))
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset),
-                                                   *(helper.make_opsetid(d, v) for d, v in extra_opsets)])
+    return helper.make_model(
+        graph,
+        opset_imports=[
+            helper.make_opsetid("", opset),
+            *(helper.make_opsetid(d, v) for d, v in extra_opsets),
+        ],
+    )
 
 
 def good_io():
-    ins = [helper.make_tensor_value_info(INPUT_IDS, TensorProto.INT32, ["batch", "T"]),
-           helper.make_tensor_value_info(STATE_IN, TensorProto.FLOAT, ["batch", 2, 1, 4])]
+    ins = [
+        helper.make_tensor_value_info(INPUT_IDS, TensorProto.INT32, ["batch", "T"]),
+        helper.make_tensor_value_info(STATE_IN, TensorProto.FLOAT, ["batch", 2, 1, 4]),
+    ]
     outs = [helper.make_tensor_value_info(STATE_OUT, TensorProto.FLOAT, ["batch", 2, 1, 4])]
     return ins, outs
 
@@ -64,12 +73,14 @@ def good_graph() -> onnx.ModelProto:
 
 
 def lstm_graph(**attrs) -> onnx.ModelProto:
-    H, I = 4, 3
+    H, D = 4, 3
     rng = np.random.default_rng(0)
-    inits = [numpy_helper.from_array(rng.standard_normal((1, 4 * H, I)).astype(np.float32), "W"),
-             numpy_helper.from_array(rng.standard_normal((1, 4 * H, H)).astype(np.float32), "R")]
+    inits = [
+        numpy_helper.from_array(rng.standard_normal((1, 4 * H, D)).astype(np.float32), "W"),
+        numpy_helper.from_array(rng.standard_normal((1, 4 * H, H)).astype(np.float32), "R"),
+    ]
     node = helper.make_node("LSTM", ["X", "W", "R"], ["Y"], name="lstm", hidden_size=H, **attrs)
-    x = helper.make_tensor_value_info("X", TensorProto.FLOAT, [5, 2, I])
+    x = helper.make_tensor_value_info("X", TensorProto.FLOAT, [5, 2, D])
     y = helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)
     return make_model([node], [x], [y], inits)
 
@@ -78,9 +89,17 @@ def multinomial_graph() -> onnx.ModelProto:
     ins, outs = good_io()
     logits = helper.make_tensor_value_info(LOGITS, TensorProto.FLOAT, ["batch", 65])
     sample = helper.make_tensor_value_info("SAMPLE", TensorProto.INT32, ["batch", 1])
-    nodes = [helper.make_node("Identity", [STATE_IN], [STATE_OUT], name="id"),
-             helper.make_node("Multinomial", [LOGITS], ["SAMPLE"], name="sample", dtype=TensorProto.INT32,
-                              sample_size=1)]
+    nodes = [
+        helper.make_node("Identity", [STATE_IN], [STATE_OUT], name="id"),
+        helper.make_node(
+            "Multinomial",
+            [LOGITS],
+            ["SAMPLE"],
+            name="sample",
+            dtype=TensorProto.INT32,
+            sample_size=1,
+        ),
+    ]
     return make_model(nodes, [*ins, logits], [*outs, sample])
 
 
@@ -91,8 +110,10 @@ def custom_domain_graph() -> onnx.ModelProto:
 
 
 def dynamic_state_graph() -> onnx.ModelProto:
-    ins = [helper.make_tensor_value_info(INPUT_IDS, TensorProto.INT32, ["batch", "T"]),
-           helper.make_tensor_value_info(STATE_IN, TensorProto.FLOAT, ["batch", "S", 1, 4])]
+    ins = [
+        helper.make_tensor_value_info(INPUT_IDS, TensorProto.INT32, ["batch", "T"]),
+        helper.make_tensor_value_info(STATE_IN, TensorProto.FLOAT, ["batch", "S", 1, 4]),
+    ]
     outs = [helper.make_tensor_value_info(STATE_OUT, TensorProto.FLOAT, ["batch", "S", 1, 4])]
     return make_model([helper.make_node("Identity", [STATE_IN], [STATE_OUT], name="id")], ins, outs)
 
@@ -100,19 +121,35 @@ def dynamic_state_graph() -> onnx.ModelProto:
 def loop_with_unsupported_op_graph() -> onnx.ModelProto:
     """The unsupported op hides in a Loop body: the check must look inside subgraphs."""
     body = helper.make_graph(
-        [helper.make_node("Identity", ["cond_in"], ["cond_out"]),
-         helper.make_node("Multinomial", ["x_in"], ["s"], dtype=TensorProto.INT32, sample_size=1),
-         helper.make_node("Identity", ["x_in"], ["x_out"])],
+        [
+            helper.make_node("Identity", ["cond_in"], ["cond_out"]),
+            helper.make_node(
+                "Multinomial", ["x_in"], ["s"], dtype=TensorProto.INT32, sample_size=1
+            ),
+            helper.make_node("Identity", ["x_in"], ["x_out"]),
+        ],
         "body",
-        [helper.make_tensor_value_info("i", TensorProto.INT64, []),
-         helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
-         helper.make_tensor_value_info("x_in", TensorProto.FLOAT, [1, 4])],
-        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
-         helper.make_tensor_value_info("x_out", TensorProto.FLOAT, [1, 4])])
-    inits = [numpy_helper.from_array(np.array(3, np.int64), "M"), numpy_helper.from_array(np.array(True), "c")]
+        [
+            helper.make_tensor_value_info("i", TensorProto.INT64, []),
+            helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("x_in", TensorProto.FLOAT, [1, 4]),
+        ],
+        [
+            helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("x_out", TensorProto.FLOAT, [1, 4]),
+        ],
+    )
+    inits = [
+        numpy_helper.from_array(np.array(3, np.int64), "M"),
+        numpy_helper.from_array(np.array(True), "c"),
+    ]
     node = helper.make_node("Loop", ["M", "c", "X"], ["Y"], name="loop", body=body)
-    return make_model([node], [helper.make_tensor_value_info("X", TensorProto.FLOAT, [1, 4])],
-                      [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [1, 4])], inits)
+    return make_model(
+        [node],
+        [helper.make_tensor_value_info("X", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [1, 4])],
+        inits,
+    )
 
 
 def double_io_graph() -> onnx.ModelProto:
@@ -121,16 +158,25 @@ def double_io_graph() -> onnx.ModelProto:
     return make_model([helper.make_node("Identity", ["X"], ["Y"])], [x], [y])
 
 
-@pytest.mark.parametrize("build, expected", [
-    (multinomial_graph, r"op Multinomial \(sample\) is not supported by TensorRT's ONNX parser"),
-    (custom_domain_graph, r"op PackState is in custom domain 'com\.example'"),
-    (dynamic_state_graph, r"STATE_IN: dim 1 is dynamic \(S\); only batch may be"),
-    (lambda: lstm_graph(layout=1), r"LSTM lstm: layout must be 0 for TensorRT"),
-    (lambda: lstm_graph(input_forget=1), r"LSTM lstm: input_forget must be 0 for TensorRT"),
-    (loop_with_unsupported_op_graph, r"op Multinomial \(\) is not supported"),
-    (lambda: make_model(good_graph().graph.node, *good_io(), opset=8), r"opset 8 is outside TensorRT's parser range"),
-    (double_io_graph, r"X: dtype DOUBLE not supported on I/O"),
-])
+@pytest.mark.parametrize(
+    "build, expected",
+    [
+        (
+            multinomial_graph,
+            r"op Multinomial \(sample\) is not supported by TensorRT's ONNX parser",
+        ),
+        (custom_domain_graph, r"op PackState is in custom domain 'com\.example'"),
+        (dynamic_state_graph, r"STATE_IN: dim 1 is dynamic \(S\); only batch may be"),
+        (lambda: lstm_graph(layout=1), r"LSTM lstm: layout must be 0 for TensorRT"),
+        (lambda: lstm_graph(input_forget=1), r"LSTM lstm: input_forget must be 0 for TensorRT"),
+        (loop_with_unsupported_op_graph, r"op Multinomial \(\) is not supported"),
+        (
+            lambda: make_model(good_graph().graph.node, *good_io(), opset=8),
+            r"opset 8 is outside TensorRT's parser range",
+        ),
+        (double_io_graph, r"X: dtype DOUBLE not supported on I/O"),
+    ],
+)
 def test_trt_check_reports_the_specific_problem(build, expected):
     report = check_model(build())
     assert not report.ready
@@ -159,15 +205,34 @@ def test_trt_check_cli_exit_codes(tmp_path, shipped_onnx):
     garbage = tmp_path / "garbage.onnx"
     garbage.write_text("not a model")
     r = run("-m", "export.trt_check", str(garbage))
-    assert r.returncode == 2 and r.stderr.startswith(f"error: {garbage}: cannot load ONNX model"), r.stderr
+    assert r.returncode == 2 and r.stderr.startswith(
+        f"error: {garbage}: cannot load ONNX model"
+    ), r.stderr
 
 
 def test_op_list_used_marks_what_the_export_needs():
     used = next(p for p in OPS_FILE_CANDIDATES if p.is_file())
     ops = supported_ops()
     assert ops == supported_ops(used)
-    for op in ("LSTM", "GRU", "RNN", "Loop", "MatMul", "Gather", "Add", "Concat", "Slice", "Squeeze", "Unsqueeze",
-               "Transpose", "Reshape", "Cast", "Shape", "Sigmoid", "Tanh"):
+    for op in (
+        "LSTM",
+        "GRU",
+        "RNN",
+        "Loop",
+        "MatMul",
+        "Gather",
+        "Add",
+        "Concat",
+        "Slice",
+        "Squeeze",
+        "Unsqueeze",
+        "Transpose",
+        "Reshape",
+        "Cast",
+        "Shape",
+        "Sigmoid",
+        "Tanh",
+    ):
         assert op in ops, op
         assert ops[op].startswith("Y")
     assert "LSTM" in ops and "layout attribute must be 0" in ops["LSTM"]

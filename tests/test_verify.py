@@ -1,5 +1,6 @@
 """`make verify` (export/verify.py): Expect/Received parity of ONNX Runtime and TensorFlow (logits and 1,000
-greedy characters per prompt) on the shipped export, a tampered ONNX that must FAIL, and a missing one."""
+greedy characters per prompt) on the shipped export, a tampered ONNX that must FAIL, and a missing one.
+"""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ from tests.conftest import SHIPPED_MODEL
 
 def test_verify_passes_on_the_shipped_export(shipped_onnx, capsys):
     """`make verify`: logits parity and >= 1,000 greedy characters per prompt, identical in TF and ONNX."""
-    from export.verify import PROMPTS, main as verify_main
+    from export.verify import PROMPTS
+    from export.verify import main as verify_main
 
     rc = verify_main(["--model", str(SHIPPED_MODEL), "--onnx", str(shipped_onnx)])
     out, err = capsys.readouterr()
@@ -59,6 +61,10 @@ def test_verify_fails_on_a_tampered_onnx(exported, tmp_path, capsys):
 def test_verify_on_a_missing_onnx_is_a_usage_error(tmp_path, capsys):
     from export.verify import main as verify_main
 
-    rc = verify_main(["--model", str(SHIPPED_MODEL), "--onnx", str(tmp_path / "none.onnx"), "--length", "5"])
+    rc = verify_main(
+        ["--model", str(SHIPPED_MODEL), "--onnx", str(tmp_path / "none.onnx"), "--length", "5"]
+    )
     assert rc == 2
-    assert capsys.readouterr().err.startswith(f"error: {tmp_path / 'none.onnx'}: cannot load ONNX model")
+    assert capsys.readouterr().err.startswith(
+        f"error: {tmp_path / 'none.onnx'}: cannot load ONNX model"
+    )

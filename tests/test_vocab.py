@@ -16,7 +16,9 @@ from charrnn.vocab import Vocab
 def test_vocab_is_sorted_set_of_corpus_chars(corpus_text, corpus_vocab):
     assert len(corpus_vocab) == 65
     assert corpus_vocab.chars == sorted(set(corpus_text))
-    assert corpus_vocab.chars[0] == "\n" and corpus_vocab.chars[1] == " "  # sorted by code point, as char-rnn does
+    assert (
+        corpus_vocab.chars[0] == "\n" and corpus_vocab.chars[1] == " "
+    )  # sorted by code point, as char-rnn does
     assert [corpus_vocab.index[c] for c in corpus_vocab.chars] == list(range(65))
 
 
@@ -25,7 +27,9 @@ def test_encode_decode_round_trip_whole_corpus(corpus_text, corpus_vocab):
     assert ids.dtype == np.int32 and ids.shape == (len(corpus_text),)
     assert ids.min() == 0 and ids.max() == 64
     assert corpus_vocab.decode(ids) == corpus_text
-    assert corpus_vocab.encode("ROMEO:\n").tolist() == [corpus_vocab.chars.index(c) for c in "ROMEO:\n"]
+    assert corpus_vocab.encode("ROMEO:\n").tolist() == [
+        corpus_vocab.chars.index(c) for c in "ROMEO:\n"
+    ]
 
 
 def test_json_save_load_round_trip(tmp_path, corpus_vocab):
@@ -37,11 +41,14 @@ def test_json_save_load_round_trip(tmp_path, corpus_vocab):
     assert json.loads(raw) == {"chars": corpus_vocab.chars}
     loaded = Vocab.load(path)
     assert loaded == corpus_vocab and loaded.chars == corpus_vocab.chars
-    assert loaded.encode("To be, or not to be").tolist() == corpus_vocab.encode("To be, or not to be").tolist()
+    assert (
+        loaded.encode("To be, or not to be").tolist()
+        == corpus_vocab.encode("To be, or not to be").tolist()
+    )
 
 
 def test_json_round_trip_of_awkward_characters(tmp_path):
-    v = Vocab(sorted(set('é\n\t"\\\'{}[] ü€')))
+    v = Vocab(sorted(set("é\n\t\"\\'{}[] ü€")))
     v.save(tmp_path / "v.json")
     assert Vocab.load(tmp_path / "v.json").chars == v.chars
     assert Vocab.from_json(v.to_json()) == v

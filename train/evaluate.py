@@ -19,8 +19,9 @@ from charrnn.data import load_splits
 from charrnn.errors import cli
 
 
-def evaluate_loss(model, ids: np.ndarray, batch_size: int = 32, seq_len: int = 200,
-                  progress: bool = False) -> tuple[float, int]:
+def evaluate_loss(
+    model, ids: np.ndarray, batch_size: int = 32, seq_len: int = 200, progress: bool = False
+) -> tuple[float, int]:
     """Mean cross-entropy (nats) of predicting ids[1:] from ids[:-1], state carried along B streams.
 
     The text is cut into `batch_size` contiguous streams (the last < batch_size characters are
@@ -63,9 +64,18 @@ def evaluate_loss(model, ids: np.ndarray, batch_size: int = 32, seq_len: int = 2
 def main(argv: list[str] | None = None) -> int:
     p = parser("python -m train.evaluate", __doc__)
     p.add_argument("--model", default="models/shakespeare-lstm-2x512", help="model directory")
-    p.add_argument("--data", default="data/tinyshakespeare.txt", help="corpus the model was trained on")
-    p.add_argument("--split", default="test", choices=["train", "val", "test"], help="split to evaluate (90/5/5)")
-    p.add_argument("--batch-size", type=int, default=32, help="parallel streams the split is cut into")
+    p.add_argument(
+        "--data", default="data/tinyshakespeare.txt", help="corpus the model was trained on"
+    )
+    p.add_argument(
+        "--split",
+        default="test",
+        choices=["train", "val", "test"],
+        help="split to evaluate (90/5/5)",
+    )
+    p.add_argument(
+        "--batch-size", type=int, default=32, help="parallel streams the split is cut into"
+    )
     p.add_argument("--json", action="store_true", help="print one JSON line")
     args = p.parse_args(argv)
 
@@ -77,13 +87,20 @@ def main(argv: list[str] | None = None) -> int:
     ids = {"train": train, "val": val, "test": test}[args.split]
     t0 = time.time()
     loss, count = evaluate_loss(model, ids, args.batch_size, progress=not args.json)
-    result = {"split": args.split, "loss": loss, "perplexity": math.exp(loss), "characters": count,
-              "seconds": round(time.time() - t0, 1)}
+    result = {
+        "split": args.split,
+        "loss": loss,
+        "perplexity": math.exp(loss),
+        "characters": count,
+        "seconds": round(time.time() - t0, 1),
+    }
     if args.json:
         print(json.dumps(result))
     else:
-        print(f"{args.model}: {args.split} loss {loss:.4f} nats/char, perplexity {math.exp(loss):.3f} "
-              f"over {count:,} characters ({result['seconds']} s)")
+        print(
+            f"{args.model}: {args.split} loss {loss:.4f} nats/char, perplexity {math.exp(loss):.3f} "
+            f"over {count:,} characters ({result['seconds']} s)"
+        )
     return 0
 
 

@@ -35,7 +35,12 @@ def main(argv: list[str] | None = None) -> int:
     sampler = Sampler(sampling_params(args), len(vocab))
     prime = vocab.encode(args.prompt)
     sys.stdout.write(args.prompt)
-    model.generate(prime, args.length, sampler, on_id=lambda i: (sys.stdout.write(vocab.chars[i]), sys.stdout.flush()))
+    model.generate(
+        prime,
+        args.length,
+        sampler,
+        on_id=lambda i: (sys.stdout.write(vocab.chars[i]), sys.stdout.flush()),
+    )
     sys.stdout.write("\n")
     return 0
 

@@ -48,6 +48,7 @@ from charrnn.cli import parser
 from charrnn.data import md5_of
 from charrnn.errors import UserError, cli
 from charrnn.vocab import Vocab
+
 from .convert import CONVERSION_NOTES, build_keras, choose_forget_bias, convert
 from .naming import MAP_HELP, NAMINGS, choose_plan, parse_maps
 from .sources import CheckpointStore, WtsStore
@@ -59,25 +60,52 @@ PROG = "python -m train.import_tf1"
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = parser(PROG, __doc__)
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--checkpoint", metavar="PATH", help="TF1 checkpoint prefix, .index file or directory")
+    src.add_argument(
+        "--checkpoint", metavar="PATH", help="TF1 checkpoint prefix, .index file or directory"
+    )
     src.add_argument("--wts", metavar="FILE", help="TensorRT .wts dump (dumpTFWts.py, v1 or v2)")
     p.add_argument("--out", required=True, help="model directory to write")
     p.add_argument("--force", action="store_true", help="overwrite a model already in --out")
     voc = p.add_mutually_exclusive_group()
-    voc.add_argument("--vocab", metavar="FILE", help="vocab.json ({'chars': [...]} or {char: id}), text, or pickle")
-    voc.add_argument("--vocab-builtin", choices=sorted(BUILTIN_VOCABS),
-                     help="samplecharrnn: the 65-character map compiled into sampleCharRNN")
+    voc.add_argument(
+        "--vocab",
+        metavar="FILE",
+        help="vocab.json ({'chars': [...]} or {char: id}), text, or pickle",
+    )
+    voc.add_argument(
+        "--vocab-builtin",
+        choices=sorted(BUILTIN_VOCABS),
+        help="samplecharrnn: the 65-character map compiled into sampleCharRNN",
+    )
     p.add_argument("--naming", choices=NAMINGS, default="auto", help="variable naming scheme")
-    p.add_argument("--map", action="append", default=[], metavar="OURNAME=THEIRNAME",
-                   help=f"rename one variable (repeatable); OURNAME: {MAP_HELP}")
-    p.add_argument("--cell", choices=["lstm", "gru", "rnn"], help="expected cell (default: detected)")
-    p.add_argument("--forget-bias", type=float, default=None,
-                   help="LSTM forget_bias the model was trained with (default: 0.0 for crazydonkey/"
-                        "samplecharrnn naming, else TF's 1.0; required when cells are named with --map)")
-    p.add_argument("--input", choices=["auto", "embedding", "onehot"], default="auto",
-                   help="embedding variable, or one-hot characters (auto: embedding if present)")
-    p.add_argument("--trust-pickle", action="store_true",
-                   help="allow a pickled vocabulary (unpickling can run arbitrary code)")
+    p.add_argument(
+        "--map",
+        action="append",
+        default=[],
+        metavar="OURNAME=THEIRNAME",
+        help=f"rename one variable (repeatable); OURNAME: {MAP_HELP}",
+    )
+    p.add_argument(
+        "--cell", choices=["lstm", "gru", "rnn"], help="expected cell (default: detected)"
+    )
+    p.add_argument(
+        "--forget-bias",
+        type=float,
+        default=None,
+        help="LSTM forget_bias the model was trained with (default: 0.0 for crazydonkey/"
+        "samplecharrnn naming, else TF's 1.0; required when cells are named with --map)",
+    )
+    p.add_argument(
+        "--input",
+        choices=["auto", "embedding", "onehot"],
+        default="auto",
+        help="embedding variable, or one-hot characters (auto: embedding if present)",
+    )
+    p.add_argument(
+        "--trust-pickle",
+        action="store_true",
+        help="allow a pickled vocabulary (unpickling can run arbitrary code)",
+    )
     return p.parse_args(argv)
 
 
@@ -87,10 +115,14 @@ def main(argv: list[str] | None = None) -> int:
     maps = parse_maps(args.map)
     out = Path(args.out)
     if out.is_dir() and not args.force:
-        from charrnn.model import WEIGHTS_FILE  # imports TensorFlow (seconds): only when there is a dir to look in
+        from charrnn.model import (
+            WEIGHTS_FILE,  # imports TensorFlow (seconds): only when there is a dir to look in
+        )
 
         if (out / WEIGHTS_FILE).exists():
-            raise UserError(str(out), "already holds a model", "pass --force to overwrite it, or another --out")
+            raise UserError(
+                str(out), "already holds a model", "pass --force to overwrite it, or another --out"
+            )
     source = args.checkpoint or args.wts
     if not Path(source).exists() and args.wts:
         raise UserError(source, ".wts file not found", "check --wts")
@@ -101,11 +133,18 @@ def main(argv: list[str] | None = None) -> int:
         vocab = Vocab(list(BUILTIN_VOCABS[args.vocab_builtin]))
         vocab_source = f"builtin:{args.vocab_builtin}"
     else:
-        vocab_path = Path(args.vocab) if args.vocab else (find_vocab(Path(source)) if args.checkpoint else None)
+        vocab_path = (
+            Path(args.vocab)
+            if args.vocab
+            else (find_vocab(Path(source)) if args.checkpoint else None)
+        )
         if vocab_path is None:
-            raise UserError("vocabulary", "the weights do not say which character each id is",
-                            "pass --vocab FILE (vocab.json, chars_vocab.pkl with --trust-pickle, ...) or "
-                            "--vocab-builtin samplecharrnn for sampleCharRNN's char-rnn.wts")
+            raise UserError(
+                "vocabulary",
+                "the weights do not say which character each id is",
+                "pass --vocab FILE (vocab.json, chars_vocab.pkl with --trust-pickle, ...) or "
+                "--vocab-builtin samplecharrnn for sampleCharRNN's char-rnn.wts",
+            )
         vocab = load_vocab(str(vocab_path), args.trust_pickle)
         vocab_source = str(vocab_path)
 
@@ -114,9 +153,12 @@ def main(argv: list[str] | None = None) -> int:
     forget_bias = choose_forget_bias(args.forget_bias, maps, plan.scheme)
     imp = convert(store, plan, args.cell, forget_bias, args.input, source)
     if len(vocab) != imp.vocab_size:
-        raise UserError("vocabulary", f"{vocab_source} has {len(vocab)} characters but the weights "
-                                      f"{imp.vocab_size} (softmax_b {plan.names['softmax_b']})",
-                        "pass the vocabulary the model was trained with")
+        raise UserError(
+            "vocabulary",
+            f"{vocab_source} has {len(vocab)} characters but the weights "
+            f"{imp.vocab_size} (softmax_b {plan.names['softmax_b']})",
+            "pass the vocabulary the model was trained with",
+        )
 
     from charrnn.model import use_cpu_only
 
@@ -124,11 +166,16 @@ def main(argv: list[str] | None = None) -> int:
     config, model = build_keras(imp)
     from charrnn.model import keras, save_model_dir, tf  # already imported by build_keras
 
-    fb_note = (f"--forget-bias {forget_bias}" if args.forget_bias is not None
-               else f"default for {plan.scheme.name}: {plan.scheme.forget_bias_why}")
+    fb_note = (
+        f"--forget-bias {forget_bias}"
+        if args.forget_bias is not None
+        else f"default for {plan.scheme.name}: {plan.scheme.forget_bias_why}"
+    )
     files = [{"file": str(p.resolve()), "md5": md5_of(p)} for p in store.files()]
     if vocab_path is not None:
-        files.append({"file": str(vocab_path.resolve()), "md5": md5_of(vocab_path), "role": "vocabulary"})
+        files.append(
+            {"file": str(vocab_path.resolve()), "md5": md5_of(vocab_path), "role": "vocabulary"}
+        )
     card = {
         "name": out.name,
         "architecture": json.loads(config.to_json()),
@@ -136,7 +183,9 @@ def main(argv: list[str] | None = None) -> int:
         "vocab_size": imp.vocab_size,
         "imported_from": {
             "source": str(Path(source).resolve()),
-            "checkpoint_prefix": str(Path(store.prefix).resolve()) if isinstance(store, CheckpointStore) else None,
+            "checkpoint_prefix": (
+                str(Path(store.prefix).resolve()) if isinstance(store, CheckpointStore) else None
+            ),
             "format": store.format,
             "naming": plan.scheme.name,
             "naming_source": plan.scheme.source,
@@ -151,16 +200,24 @@ def main(argv: list[str] | None = None) -> int:
             "files": files,
             "conversion": CONVERSION_NOTES[imp.cell],
         },
-        "software": {"tensorflow": tf.__version__, "keras": keras.__version__,
-                     "python": platform.python_version()},
+        "software": {
+            "tensorflow": tf.__version__,
+            "keras": keras.__version__,
+            "python": platform.python_version(),
+        },
         "imported_at": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "command": f"{PROG} " + " ".join(argv if argv is not None else sys.argv[1:]),
     }
     save_model_dir(out, model, vocab, card)
-    fb = f", forget_bias {forget_bias:g} ({'flag' if args.forget_bias is not None else 'default'})" \
-        if imp.cell == "lstm" else ""
-    print(f"imported {source} ({store.format}, naming {plan.scheme.name}): {imp.layers} x {imp.cell_class} "
-          f"{imp.hidden}, {imp.input} {imp.embedding}, vocabulary {imp.vocab_size}{fb}; wrote {out}")
+    fb = (
+        f", forget_bias {forget_bias:g} ({'flag' if args.forget_bias is not None else 'default'})"
+        if imp.cell == "lstm"
+        else ""
+    )
+    print(
+        f"imported {source} ({store.format}, naming {plan.scheme.name}): {imp.layers} x {imp.cell_class} "
+        f"{imp.hidden}, {imp.input} {imp.embedding}, vocabulary {imp.vocab_size}{fb}; wrote {out}"
+    )
     return 0
 
 

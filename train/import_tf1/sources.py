@@ -36,18 +36,26 @@ class CheckpointStore(Store):
 
     def __init__(self, path: str) -> None:
         self.prefix = resolve_checkpoint(path)
-        from charrnn.model import tf  # charrnn.model sets TensorFlow's environment before importing it
+        from charrnn.model import (
+            tf,  # charrnn.model sets TensorFlow's environment before importing it
+        )
 
         try:
             self.reader = tf.train.load_checkpoint(self.prefix)
         except Exception as e:  # NotFoundError, DataLossError, ... for missing or corrupt files
-            raise UserError(path, f"cannot read the TensorFlow checkpoint ({type(e).__name__}: "
-                                  f"{str(e).splitlines()[0] if str(e) else ''})",
-                            "pass the checkpoint prefix (model-1234), its .index file or its directory") from e
+            raise UserError(
+                path,
+                f"cannot read the TensorFlow checkpoint ({type(e).__name__}: "
+                f"{str(e).splitlines()[0] if str(e) else ''})",
+                "pass the checkpoint prefix (model-1234), its .index file or its directory",
+            ) from e
         self._shapes = {k: tuple(v) for k, v in self.reader.get_variable_to_shape_map().items()}
         if any(".ATTRIBUTES/" in k for k in self._shapes):
-            raise UserError(path, "this is a TF2 object-based checkpoint (tf.train.Checkpoint), not a TF1 one",
-                            "TF2/Keras checkpoints of this project are loaded with charrnn.model.load_model_dir")
+            raise UserError(
+                path,
+                "this is a TF2 object-based checkpoint (tf.train.Checkpoint), not a TF1 one",
+                "TF2/Keras checkpoints of this project are loaded with charrnn.model.load_model_dir",
+            )
 
     def names(self) -> list[str]:
         return sorted(self._shapes)
@@ -57,8 +65,11 @@ class CheckpointStore(Store):
 
     def files(self) -> list[Path]:
         d, base = Path(self.prefix).parent, Path(self.prefix).name
-        return sorted(p for p in d.iterdir()
-                      if p.name == base or p.name == base + ".index" or p.name.startswith(base + ".data-"))
+        return sorted(
+            p
+            for p in d.iterdir()
+            if p.name == base or p.name == base + ".index" or p.name.startswith(base + ".data-")
+        )
 
 
 def resolve_checkpoint(path: str) -> str:
@@ -70,25 +81,43 @@ def resolve_checkpoint(path: str) -> str:
         latest = tf.train.latest_checkpoint(str(p))
         # The `checkpoint` state file may hold absolute paths from the machine it was trained on.
         if latest and not Path(latest + ".index").exists():
-            latest = str(p / Path(latest).name) if Path(str(p / Path(latest).name) + ".index").exists() else None
+            latest = (
+                str(p / Path(latest).name)
+                if Path(str(p / Path(latest).name) + ".index").exists()
+                else None
+            )
         if not latest:
             indexes = sorted(p.glob("*.index"), key=lambda f: f.stat().st_mtime)
             if not indexes:
-                raise UserError(path, "no TF checkpoint in this directory (no *.index file)",
-                                "pass the checkpoint prefix, e.g. DIR/model.ckpt-1000")
+                raise UserError(
+                    path,
+                    "no TF checkpoint in this directory (no *.index file)",
+                    "pass the checkpoint prefix, e.g. DIR/model.ckpt-1000",
+                )
             latest = str(indexes[-1])[: -len(".index")]
         return latest
     m = re.match(r"^(.*)\.(index|meta|data-\d+-of-\d+)$", str(p))
     prefix = m.group(1) if m else str(p)
-    if not (Path(prefix + ".index").exists() or Path(prefix).is_file()):  # V2 checkpoint, or a V1 single file
-        raise UserError(path, "checkpoint not found", "pass the prefix (model-1234: model-1234.index must "
-                                                      "exist), an .index file or the checkpoint directory")
+    if not (
+        Path(prefix + ".index").exists() or Path(prefix).is_file()
+    ):  # V2 checkpoint, or a V1 single file
+        raise UserError(
+            path,
+            "checkpoint not found",
+            "pass the prefix (model-1234: model-1234.index must "
+            "exist), an .index file or the checkpoint directory",
+        )
     return prefix
 
 
 # TensorRT DataType enum values (NvInfer.h) used by the .wts format.
 WTS_DTYPES = {0: np.dtype("<f4"), 1: np.dtype("<f2"), 2: np.dtype("i1"), 3: np.dtype("<i4")}
-_TRT_TYPE = {np.dtype(np.float32): 0, np.dtype(np.float16): 1, np.dtype(np.int8): 2, np.dtype(np.int32): 3}
+_TRT_TYPE = {
+    np.dtype(np.float32): 0,
+    np.dtype(np.float16): 1,
+    np.dtype(np.int8): 2,
+    np.dtype(np.int32): 3,
+}
 
 
 class WtsStore(Store):
@@ -105,7 +134,9 @@ class WtsStore(Store):
         try:
             data = Path(path).read_bytes()
         except OSError as e:
-            raise UserError(path, f"cannot read the .wts file ({e.strerror})", "check the path") from e
+            raise UserError(
+                path, f"cannot read the .wts file ({e.strerror})", "check the path"
+            ) from e
         self._arrays: dict[str, np.ndarray] = {}
         self._shapes: dict[str, tuple[int, ...] | None] = {}
         self.versions: set[str] = set()
@@ -113,8 +144,11 @@ class WtsStore(Store):
         self.format = "wts-" + "+".join(sorted(self.versions)) if self.versions else "wts"
 
     def _bad(self, why: str) -> UserError:
-        return UserError(self.path, f"not a valid TensorRT .wts weight file: {why}",
-                         "pass a file written by TensorRT's samples/common/dumpTFWts.py")
+        return UserError(
+            self.path,
+            f"not a valid TensorRT .wts weight file: {why}",
+            "pass a file written by TensorRT's samples/common/dumpTFWts.py",
+        )
 
     def _parse(self, data: bytes) -> None:
         pos, n = 0, len(data)
@@ -141,14 +175,20 @@ class WtsStore(Store):
             name = token()
             type_tok = token()
             if not type_tok.isdigit() or int(type_tok) not in WTS_DTYPES:
-                raise self._bad(f"buffer {i} ({name!r}): unknown type {type_tok[:20]!r} (0-3 expected)")
+                raise self._bad(
+                    f"buffer {i} ({name!r}): unknown type {type_tok[:20]!r} (0-3 expected)"
+                )
             dtype = WTS_DTYPES[int(type_tok)]
             skip_ws()
-            if pos < n and data[pos] == ord("("):  # v2: (d0, d1, ...) then one space, the bytes, '\n'
+            if pos < n and data[pos] == ord(
+                "("
+            ):  # v2: (d0, d1, ...) then one space, the bytes, '\n'
                 end = data.find(b")", pos)
                 if end < 0:
                     raise self._bad(f"buffer {name!r}: unterminated shape")
-                dims = [d.strip().rstrip("L") for d in data[pos + 1:end].decode("latin-1").split(",")]
+                dims = [
+                    d.strip().rstrip("L") for d in data[pos + 1 : end].decode("latin-1").split(",")
+                ]
                 try:
                     shape = tuple(int(d) for d in dims if d)
                 except ValueError:
@@ -157,9 +197,13 @@ class WtsStore(Store):
                 start = end + 2  # ')' and the space
                 stop = start + count * dtype.itemsize
                 if stop > n:
-                    raise self._bad(f"buffer {name!r} {shape} is truncated ({n - start} of "
-                                    f"{count * dtype.itemsize} bytes)")
-                self._arrays[name] = np.frombuffer(data, dtype=dtype, count=count, offset=start).reshape(shape)
+                    raise self._bad(
+                        f"buffer {name!r} {shape} is truncated ({n - start} of "
+                        f"{count * dtype.itemsize} bytes)"
+                    )
+                self._arrays[name] = np.frombuffer(
+                    data, dtype=dtype, count=count, offset=start
+                ).reshape(shape)
                 self._shapes[name] = shape
                 pos = stop
                 if pos < n and data[pos] == ord("\n"):
@@ -168,8 +212,10 @@ class WtsStore(Store):
             else:  # v1: element count, then that many hex words
                 count_tok = token()
                 if not count_tok.isdigit():
-                    raise self._bad(f"buffer {name!r}: expected '(shape)' or an element count, got "
-                                    f"{count_tok[:20]!r}")
+                    raise self._bad(
+                        f"buffer {name!r}: expected '(shape)' or an element count, got "
+                        f"{count_tok[:20]!r}"
+                    )
                 words = []
                 for _ in range(int(count_tok)):
                     words.append(int(token().rstrip("L"), 16))
@@ -205,13 +251,16 @@ def write_wts(path: str | Path, tensors: dict[str, np.ndarray], version: int = 2
             raise ValueError(f"{key}: dtype {arr.dtype} has no TensorRT DataType")
         file_key = key.replace("/", "_").encode()
         if version == 2:
-            out.append(b"%s %d %s " % (file_key, _TRT_TYPE[arr.dtype], repr(tuple(arr.shape)).encode()))
+            out.append(
+                b"%s %d %s " % (file_key, _TRT_TYPE[arr.dtype], repr(tuple(arr.shape)).encode())
+            )
             out.append(np.ascontiguousarray(arr).astype(arr.dtype.newbyteorder("<")).tobytes())
         elif version == 1:
             out.append(b"%s 0 %d " % (file_key, arr.size))
-            out.append(b"".join(b"%x " % w for w in arr.astype("<f4").ravel().view(np.uint32).tolist()))
+            out.append(
+                b"".join(b"%x " % w for w in arr.astype("<f4").ravel().view(np.uint32).tolist())
+            )
         else:
             raise ValueError(f"version must be 1 or 2, got {version}")
         out.append(b"\n")
     Path(path).write_bytes(b"".join(out))
-
