@@ -1,17 +1,19 @@
 """Build the slim compose stack's images without NVIDIA's registry or Docker Hub (`make images`).
 
-    python -m serve.images                 # both images: triton-slim (Triton 2.51) and perf-slim (perf_analyzer)
+    python -m serve.images                 # every image: triton-slim (Triton 2.51), perf-slim (perf_analyzer)
+                                           # and proxy (HAProxy, Debian's package, for the `scale` profile)
     python -m serve.images triton-slim     # one of them
     SLIM_BASE_IMAGE=my/python:3.11 python -m serve.images    # your own base image
 
 For each image, three steps, each skipped when its product is already there:
   1. wheelhouse: `pip download` on the host, with the host's pip, of the image's pinned packages (pins from
      pyproject.toml) for the image's Python and glibc, into build/wheels/<image>/. Containers here cannot reach
-     PyPI; the same path serves hosts behind a proxy or an air gap.
-  2. base image: the official one (python:3.11-slim-bookworm, python:3.13-slim-trixie) if Docker has it or can
-     pull it; otherwise an equivalent made from Debian's archive with mmdebstrap (as root) and `docker import`,
-     tagged charrnn-base:<suite>, the way Debian's own images are made. SLIM_BASE_IMAGE / PERF_BASE_IMAGE
-     override it.
+     PyPI; the same path serves hosts behind a proxy or an air gap. (proxy installs no Python package: none.)
+  2. base image: the official one (python:3.11-slim-bookworm, python:3.13-slim-trixie, debian:bookworm-slim) if
+     Docker has it or can pull it; otherwise an equivalent made from Debian's archive with mmdebstrap (as root)
+     and `docker import`, tagged charrnn-base:<suite>-<python or package>, the way Debian's own images are made.
+     The proxy's base gets Debian's haproxy package there already (containers may not reach Debian's mirror).
+     SLIM_BASE_IMAGE / PERF_BASE_IMAGE / PROXY_BASE_IMAGE override it.
   3. `docker compose build` of the service, with that base as its BASE_IMAGE build argument.
 Progress goes to stderr; the last line on stdout is the base image per variable (`SLIM_BASE_IMAGE=...`).
 Exit codes: 0 ok, 2 bad input, 3 a tool (docker, compose, mmdebstrap, pip) is missing or a step failed.
@@ -37,6 +39,7 @@ ROOT = Path(__file__).resolve().parent.parent
 WHEELS = ROOT / "build" / "wheels"
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 DEBIAN_MIRROR = "http://deb.debian.org/debian"
+PROFILES = ("slim", "perf-slim", "scale")  # the compose profiles of the images below
 
 
 @dataclass(frozen=True)
@@ -47,9 +50,13 @@ class Image:
     base_variable: str  # compose variable holding the BASE_IMAGE build argument
     official_base: str  # the default for users (Docker Hub)
     suite: str  # Debian suite of that base, for the mmdebstrap equivalent
-    python: str  # the base's Python (major.minor): wheels are downloaded for it
+    python: (
+        str | None
+    )  # the base's Python (major.minor): wheels are downloaded for it; None: no Python image
     glibc: tuple[int, int]  # the suite's glibc: the newest manylinux tag its wheels may carry
-    debs: tuple[str, ...]  # packages of the mmdebstrap base (what the official image has that we use)
+    debs: tuple[
+        str, ...
+    ]  # packages of the mmdebstrap base (what the official image has that we use)
     packages: tuple[str, ...]  # installed with their dependencies
     packages_no_deps: tuple[str, ...] = ()  # only the wheel itself
 
@@ -59,19 +66,51 @@ class Image:
 
     @property
     def debian_base(self) -> str:
-        return f"charrnn-base:{self.suite}-python{self.python}"
+        """The mmdebstrap equivalent's tag: named after its Python, or (no Python) its first package."""
+        return f"charrnn-base:{self.suite}-" + (
+            f"python{self.python}" if self.python else self.debs[0]
+        )
 
 
 IMAGES = {
     # nvidia-pytriton is needed only for the tritonserver binary, python backend and libraries it ships:
     # its own Python dependencies (pytriton's API) are not.
-    "triton-slim": Image("triton-slim", "SLIM_BASE_IMAGE", "python:3.11-slim-bookworm", "bookworm", "3.11",
-                         (2, 36), ("python3", "python3-venv", "libpython3.11", "passwd", "ca-certificates"),
-                         packages=("numpy", "onnxruntime"), packages_no_deps=("nvidia-pytriton",)),
+    "triton-slim": Image(
+        "triton-slim",
+        "SLIM_BASE_IMAGE",
+        "python:3.11-slim-bookworm",
+        "bookworm",
+        "3.11",
+        (2, 36),
+        ("python3", "python3-venv", "libpython3.11", "passwd", "ca-certificates"),
+        packages=("numpy", "onnxruntime"),
+        packages_no_deps=("nvidia-pytriton",),
+    ),
     # The perf-analyzer wheel (manylinux_2_38) needs glibc >= 2.38: Debian 13.
-    "perf-slim": Image("perf-slim", "PERF_BASE_IMAGE", "python:3.13-slim-trixie", "trixie", "3.13", (2, 41),
-                       ("python3", "python3-venv", "ca-certificates"), packages=(),
-                       packages_no_deps=("perf-analyzer",)),
+    "perf-slim": Image(
+        "perf-slim",
+        "PERF_BASE_IMAGE",
+        "python:3.13-slim-trixie",
+        "trixie",
+        "3.13",
+        (2, 41),
+        ("python3", "python3-venv", "ca-certificates"),
+        packages=(),
+        packages_no_deps=("perf-analyzer",),
+    ),
+    # HAProxy in front of the `scale` profile's replicas (serve/Dockerfile.haproxy, serve/haproxy.cfg): Debian
+    # 12's package (2.6 LTS). From debian:bookworm-slim the Dockerfile installs it with apt; the mmdebstrap base
+    # has it already, because containers may not reach Debian's mirror. No Python, no wheels.
+    "proxy": Image(
+        "proxy",
+        "PROXY_BASE_IMAGE",
+        "debian:bookworm-slim",
+        "bookworm",
+        None,
+        (2, 36),
+        ("haproxy",),
+        packages=(),
+    ),
 }
 
 
@@ -98,8 +137,11 @@ def pinned(names: tuple[str, ...]) -> list[str]:
     table = pins()
     missing = [n for n in names if n not in table]
     if missing:
-        raise UserError("pyproject.toml", f"no exact pin (name==version) for {', '.join(missing)}",
-                        "pin every package an image installs")
+        raise UserError(
+            "pyproject.toml",
+            f"no exact pin (name==version) for {', '.join(missing)}",
+            "pin every package an image installs",
+        )
     return [f"{n}=={table[n]}" for n in names]
 
 
@@ -107,26 +149,37 @@ def manylinux_platforms(glibc: tuple[int, int]) -> list[str]:
     """pip --platform tags a system with this glibc accepts, newest first (pip does not expand them itself)."""
     arch = platform.machine()
     major, minor = glibc
-    return ([f"manylinux_{major}_{m}_{arch}" for m in range(minor, 16, -1)]
-            + [f"manylinux2014_{arch}", f"manylinux2010_{arch}", f"manylinux1_{arch}"])
+    return [f"manylinux_{major}_{m}_{arch}" for m in range(minor, 16, -1)] + [
+        f"manylinux2014_{arch}",
+        f"manylinux2010_{arch}",
+        f"manylinux1_{arch}",
+    ]
 
 
 def run(args: list[str], what: str, fix: str, env: dict | None = None) -> str:
     """Run a command; its failure is an UnavailableError naming `what` with the command's last output lines."""
     try:
-        p = subprocess.run(args, cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE)  # stderr: the user sees it
+        p = subprocess.run(
+            args, cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE
+        )  # stderr: the user sees it
     except FileNotFoundError as e:
         raise UnavailableError(args[0], "not found", fix) from e
     if p.returncode != 0:
         tail = "\n".join((p.stdout or "").splitlines()[-15:])
-        raise UnavailableError(what, f"`{' '.join(args[:4])} ...` exited with {p.returncode}\n{tail}", fix)
+        raise UnavailableError(
+            what, f"`{' '.join(args[:4])} ...` exited with {p.returncode}\n{tail}", fix
+        )
     return p.stdout
 
 
-def make_wheelhouse(image: Image) -> Path:
+def make_wheelhouse(image: Image) -> Path | None:
     """build/wheels/<service>/: the wheels to install, for the image's Python and glibc; kept when its
     requirements file already says the same pins and platform."""
-    requirements = pinned(image.packages) + [f"{r}  # --no-deps" for r in pinned(image.packages_no_deps)]
+    requirements = pinned(image.packages) + [
+        f"{r}  # --no-deps" for r in pinned(image.packages_no_deps)
+    ]
+    if not requirements:
+        return None  # nothing to install from PyPI (proxy)
     platforms = manylinux_platforms(image.glibc)
     stamp = "\n".join([f"# python {image.python}, {platforms[0]}", *requirements]) + "\n"
     house = image.wheelhouse
@@ -137,21 +190,47 @@ def make_wheelhouse(image: Image) -> Path:
         shutil.rmtree(house)
     house.mkdir(parents=True)
     t0 = time.monotonic()
-    common = [sys.executable, "-m", "pip", "download", "--disable-pip-version-check", "--quiet",
-              "--only-binary=:all:", "--python-version", image.python, "--implementation", "cp",
-              "--abi", "cp" + image.python.replace(".", ""), "--abi", "abi3", "--abi", "none",
-              *[a for p in platforms for a in ("--platform", p)], "--dest", str(house)]
+    common = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--disable-pip-version-check",
+        "--quiet",
+        "--only-binary=:all:",
+        "--python-version",
+        image.python,
+        "--implementation",
+        "cp",
+        "--abi",
+        "cp" + image.python.replace(".", ""),
+        "--abi",
+        "abi3",
+        "--abi",
+        "none",
+        *[a for p in platforms for a in ("--platform", p)],
+        "--dest",
+        str(house),
+    ]
     fix = "check that this host reaches PyPI (or a mirror through PIP_INDEX_URL)"
-    log(f"[{image.service}] wheelhouse: pip download {' '.join(pinned(image.packages + image.packages_no_deps))}"
-        f" for Python {image.python}, glibc {image.glibc[0]}.{image.glibc[1]} ...")
+    log(
+        f"[{image.service}] wheelhouse: pip download {' '.join(pinned(image.packages + image.packages_no_deps))}"
+        f" for Python {image.python}, glibc {image.glibc[0]}.{image.glibc[1]} ..."
+    )
     if image.packages:
         run(common + pinned(image.packages), f"wheelhouse {image.service}", fix)
     if image.packages_no_deps:
-        run(common + ["--no-deps"] + pinned(image.packages_no_deps), f"wheelhouse {image.service}", fix)
+        run(
+            common + ["--no-deps"] + pinned(image.packages_no_deps),
+            f"wheelhouse {image.service}",
+            fix,
+        )
     (house / "requirements.txt").write_text(stamp)
     size = sum(f.stat().st_size for f in house.glob("*.whl")) / 2**20
-    log(f"[{image.service}] wheelhouse: {len(list(house.glob('*.whl')))} wheels, {size:.0f} MiB, "
-        f"{time.monotonic() - t0:.0f} s")
+    log(
+        f"[{image.service}] wheelhouse: {len(list(house.glob('*.whl')))} wheels, {size:.0f} MiB, "
+        f"{time.monotonic() - t0:.0f} s"
+    )
     return house
 
 
@@ -161,9 +240,20 @@ def docker_has(ref: str) -> bool:
 
 def docker_pull(ref: str) -> bool:
     try:
-        return subprocess.run(["docker", "pull", "--quiet", ref], capture_output=True, timeout=300).returncode == 0
+        return (
+            subprocess.run(
+                ["docker", "pull", "--quiet", ref], capture_output=True, timeout=300
+            ).returncode
+            == 0
+        )
     except subprocess.TimeoutExpired:
         return False
+
+
+def debian_security(suite: str) -> list[str]:
+    """The suite's security updates as a second mmdebstrap source (the proxy faces clients: e.g. bookworm's
+    haproxy 2.6.12-1+deb12u4 is only there); Debian's official images include them too."""
+    return [f"deb {DEBIAN_MIRROR}-security {suite}-security main"]
 
 
 def debian_base(image: Image) -> str:
@@ -173,26 +263,55 @@ def debian_base(image: Image) -> str:
         log(f"[{image.service}] base: {ref} (made earlier from Debian's archive)")
         return ref
     if shutil.which("mmdebstrap") is None:
-        raise UnavailableError(f"base image {image.official_base}", "not available (no registry access) and "
-                               "mmdebstrap is not installed to make one from Debian's archive",
-                               f"install mmdebstrap (apt-get install mmdebstrap) and run as root, or set "
-                               f"{image.base_variable} to an image with Python {image.python}")
+        raise UnavailableError(
+            f"base image {image.official_base}",
+            "not available (no registry access) and "
+            "mmdebstrap is not installed to make one from Debian's archive",
+            f"install mmdebstrap (apt-get install mmdebstrap) and run as root, or set "
+            f"{image.base_variable} to an image with "
+            f"{f'Python {image.python}' if image.python else ', '.join(image.debs)}",
+        )
     if os.geteuid() != 0:
-        raise UnavailableError("mmdebstrap", "must run as root to make a base image",
-                               f"run `sudo make images` once, or set {image.base_variable}")
-    log(f"[{image.service}] base: {image.official_base} cannot be pulled; making {ref} from Debian's archive "
-        f"(mmdebstrap {image.suite}: {', '.join(image.debs)}) ...")
+        raise UnavailableError(
+            "mmdebstrap",
+            "must run as root to make a base image",
+            f"run `sudo make images` once, or set {image.base_variable}",
+        )
+    log(
+        f"[{image.service}] base: {image.official_base} cannot be pulled; making {ref} from Debian's archive "
+        f"(mmdebstrap {image.suite} + {image.suite}-security: {', '.join(image.debs)}) ..."
+    )
     t0 = time.monotonic()
-    mm = subprocess.Popen(["mmdebstrap", "--quiet", "--variant=apt", f"--include={','.join(image.debs)}",
-                           image.suite, "-", DEBIAN_MIRROR], stdout=subprocess.PIPE)
-    imp = subprocess.run(["docker", "import", "--change", 'CMD ["python3"]',
-                          "--change", "ENV LANG=C.UTF-8", "-", ref], stdin=mm.stdout, capture_output=True,
-                         text=True)
+    mm = subprocess.Popen(
+        [
+            "mmdebstrap",
+            "--quiet",
+            "--variant=apt",
+            f"--include={','.join(image.debs)}",
+            image.suite,
+            "-",
+            DEBIAN_MIRROR,
+            *debian_security(image.suite),
+        ],
+        stdout=subprocess.PIPE,
+    )
+    cmd = (
+        ["--change", 'CMD ["python3"]'] if image.python else []
+    )  # the proxy's Dockerfile sets its own
+    imp = subprocess.run(
+        ["docker", "import", *cmd, "--change", "ENV LANG=C.UTF-8", "-", ref],
+        stdin=mm.stdout,
+        capture_output=True,
+        text=True,
+    )
     mm.stdout.close()
     if mm.wait() != 0 or imp.returncode != 0:
-        raise UnavailableError(f"base image {ref}", f"mmdebstrap exited with {mm.returncode}, docker import "
-                               f"with {imp.returncode}: {imp.stderr.strip()}",
-                               f"check that {DEBIAN_MIRROR} is reachable")
+        raise UnavailableError(
+            f"base image {ref}",
+            f"mmdebstrap exited with {mm.returncode}, docker import "
+            f"with {imp.returncode}: {imp.stderr.strip()}",
+            f"check that {DEBIAN_MIRROR} is reachable",
+        )
     log(f"[{image.service}] base: {ref} made in {time.monotonic() - t0:.0f} s")
     return ref
 
@@ -202,8 +321,11 @@ def base_image(image: Image) -> str:
     chosen = os.environ.get(image.base_variable)
     if chosen:
         if not (docker_has(chosen) or docker_pull(chosen)):
-            raise UserError(image.base_variable, f"{chosen!r} is neither local nor pullable",
-                            "docker pull it, or unset the variable")
+            raise UserError(
+                image.base_variable,
+                f"{chosen!r} is neither local nor pullable",
+                "docker pull it, or unset the variable",
+            )
         log(f"[{image.service}] base: {chosen} (from {image.base_variable})")
         return chosen
     if docker_has(image.official_base) or docker_pull(image.official_base):
@@ -222,12 +344,19 @@ def compose_env(bases: dict[str, str]) -> dict[str, str]:
 
 def check_docker() -> None:
     if shutil.which("docker") is None:
-        raise UnavailableError("docker", "not found", "install Docker >= 20.10 and Compose v2 (docs/production.md)")
+        raise UnavailableError(
+            "docker", "not found", "install Docker >= 20.10 and Compose v2 (docs/production.md)"
+        )
     if subprocess.run(["docker", "info"], capture_output=True).returncode != 0:
-        raise UnavailableError("docker", "the Docker engine does not answer (`docker info` failed)",
-                               "start dockerd, or run as a user allowed to use it")
+        raise UnavailableError(
+            "docker",
+            "the Docker engine does not answer (`docker info` failed)",
+            "start dockerd, or run as a user allowed to use it",
+        )
     if subprocess.run(["docker", "compose", "version"], capture_output=True).returncode != 0:
-        raise UnavailableError("docker compose", "Compose v2 is not installed", "install the Compose v2 plugin")
+        raise UnavailableError(
+            "docker compose", "Compose v2 is not installed", "install the Compose v2 plugin"
+        )
 
 
 def build(services: list[str]) -> dict[str, str]:
@@ -240,8 +369,20 @@ def build(services: list[str]) -> dict[str, str]:
         bases[image.base_variable] = base_image(image)
     t0 = time.monotonic()
     log(f"docker compose build {' '.join(services)} ...")
-    run(["docker", "compose", "-f", str(COMPOSE_FILE), "--profile", "slim", "--profile", "perf-slim", "build",
-         *services], "docker compose build", "see the build output above", env=compose_env(bases))
+    run(
+        [
+            "docker",
+            "compose",
+            "-f",
+            str(COMPOSE_FILE),
+            *[a for p in PROFILES for a in ("--profile", p)],
+            "build",
+            *services,
+        ],
+        "docker compose build",
+        "see the build output above",
+        env=compose_env(bases),
+    )
     log(f"built {', '.join(services)} in {time.monotonic() - t0:.0f} s")
     return bases
 
@@ -249,12 +390,18 @@ def build(services: list[str]) -> dict[str, str]:
 @cli
 def main(argv: list[str] | None = None) -> int:
     p = parser("python -m serve.images", __doc__)
-    p.add_argument("services", nargs="*", metavar="SERVICE",
-                   help=f"images to build (default: all of {', '.join(IMAGES)})")
+    p.add_argument(
+        "services",
+        nargs="*",
+        metavar="SERVICE",
+        help=f"images to build (default: all of {', '.join(IMAGES)})",
+    )
     args = p.parse_args(argv)
     unknown = [s for s in args.services if s not in IMAGES]
     if unknown:
-        raise UserError("SERVICE", f"unknown {', '.join(unknown)}", f"choose from {', '.join(IMAGES)}")
+        raise UserError(
+            "SERVICE", f"unknown {', '.join(unknown)}", f"choose from {', '.join(IMAGES)}"
+        )
     bases = build(args.services or list(IMAGES))
     print(" ".join(f"{k}={v}" for k, v in bases.items()))
     return 0

@@ -17,29 +17,68 @@ import pytest
 import yaml
 
 from charrnn.contract import INFER_KEY_ENV, INFER_KEY_HEADER
+from charrnn.repository import (
+    CPU_MODELS,
+    DECOUPLED_MODELS,
+    GEN_TRT,
+    GPU_ONLY_MODELS,
+    PYTHON_MODELS,
+    SERVED_MODELS,
+    SHARED_PYTHON_MODELS,
+    STEP_MODELS,
+    TRT,
+)
 from serve.images import IMAGES, pins
-from charrnn.repository import (CPU_MODELS, DECOUPLED_MODELS, GEN_TRT, GPU_ONLY_MODELS, PYTHON_MODELS, SERVED_MODELS,
-                                SHARED_PYTHON_MODELS, STEP_MODELS, TRT)
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 DOCKERFILE = ROOT / "serve" / "Dockerfile"
 PERF_SH = ROOT / "bench" / "perf.sh"
 
-SERVER_SERVICES = ("triton", "triton-cpu", "triton-stream", "triton-slim", "triton-slim-stream")
+SERVER_SERVICES = (
+    "triton",
+    "triton-cpu",
+    "triton-stream",
+    "triton-slim",
+    "triton-slim-stream",
+    "triton-replica",
+)
+# Replicas (profile scale) publish nothing: clients reach them through the proxy (tests/test_scale.py).
+PUBLISHING_SERVERS = tuple(s for s in SERVER_SERVICES if s != "triton-replica")
 NGC_SERVICES = ("triton", "triton-cpu", "triton-stream", "export-trt", "perf")
-PROFILES = {"triton": None, "triton-cpu": ["cpu"], "triton-stream": None, "export-trt": ["export"], "perf": ["perf"],
-            "triton-slim": ["slim"], "triton-slim-stream": ["slim"], "perf-slim": ["perf-slim"]}
+PROFILES = {
+    "triton": None,
+    "triton-cpu": ["cpu"],
+    "triton-stream": None,
+    "export-trt": ["export"],
+    "perf": ["perf"],
+    "triton-slim": ["slim"],
+    "triton-slim-stream": ["slim"],
+    "perf-slim": ["perf-slim"],
+    "triton-replica": ["scale"],
+    "proxy": ["scale"],
+}
 DEFAULT_VAR = re.compile(r"\$\{[A-Z_]+:-([^}]*)\}")
 RELEASE_VAR = re.compile(r"\$\{TRITON_RELEASE(?::-([^}]*))?\}")
 # Restricted-API categories Triton knows (src/restricted_features.h) and the ones we lock.
-KNOWN_CATEGORIES = {"health", "metadata", "inference", "shared-memory", "model-config", "model-repository",
-                    "statistics", "trace", "logging"}
+KNOWN_CATEGORIES = {
+    "health",
+    "metadata",
+    "inference",
+    "shared-memory",
+    "model-config",
+    "model-repository",
+    "statistics",
+    "trace",
+    "logging",
+}
 LOCKED = {"model-repository", "shared-memory", "logging", "trace"}
 # What clients and perf_analyzer use; locking any of these would break serving or benchmarking. HTTP inference
 # is keyed (TRITON_INFER_KEY); perf_analyzer and the streaming client use gRPC.
-MUST_STAY_OPEN = {"--grpc-restricted-protocol": {"health", "metadata", "inference", "model-config", "statistics"},
-                  "--http-restricted-api": {"health", "metadata", "model-config", "statistics"}}
+MUST_STAY_OPEN = {
+    "--grpc-restricted-protocol": {"health", "metadata", "inference", "model-config", "statistics"},
+    "--http-restricted-api": {"health", "metadata", "model-config", "statistics"},
+}
 
 
 @pytest.fixture(scope="module")
@@ -72,11 +111,23 @@ def bind_mounts(service: dict) -> list[dict]:
     for v in service.get("volumes", []):
         if isinstance(v, str):
             parts = v.split(":")
-            out.append({"source": parts[0], "target": parts[1], "read_only": parts[2:] == ["ro"], "type": "bind"})
+            out.append(
+                {
+                    "source": parts[0],
+                    "target": parts[1],
+                    "read_only": parts[2:] == ["ro"],
+                    "type": "bind",
+                }
+            )
         else:
-            out.append({"source": with_defaults(v.get("source")), "target": v["target"],
-                        "read_only": bool(v.get("read_only")),
-                        "type": v["type"]})
+            out.append(
+                {
+                    "source": with_defaults(v.get("source")),
+                    "target": v["target"],
+                    "read_only": bool(v.get("read_only")),
+                    "type": v["type"],
+                }
+            )
     return out
 
 
@@ -91,6 +142,7 @@ def all_strings(node) -> list[str]:
 
 
 # ---- services and profiles ----------------------------------------------------------------------------------
+
 
 def test_yaml_parses_and_has_every_service(services):
     assert set(PROFILES) == set(services)
@@ -108,6 +160,7 @@ def test_server_services_are_exactly_the_ones_running_tritonserver(services):
 
 # ---- network exposure -----------------------------------------------------------------------------------------
 
+
 def test_every_port_binds_loopback_only(services):
     seen = 0
     for name, s in services.items():
@@ -116,17 +169,48 @@ def test_every_port_binds_loopback_only(services):
             if isinstance(p, dict):
                 assert p.get("host_ip") == "127.0.0.1", f"{name}: {p}"
             else:
-                assert isinstance(p, str) and p.startswith("127.0.0.1:"), f"{name}: port {p!r} not on 127.0.0.1"
+                assert isinstance(p, str) and p.startswith(
+                    "127.0.0.1:"
+                ), f"{name}: port {p!r} not on 127.0.0.1"
     assert seen, "no ports published at all"
 
 
-@pytest.mark.parametrize("name", SERVER_SERVICES)
+@pytest.mark.parametrize("name", PUBLISHING_SERVERS)
 def test_server_ports_http_grpc_metrics(services, name):  # container ports; host ports may move
     published = {p.split(":")[-1] for p in services[name]["ports"]}
     assert published == {"8000", "8001", "8002"}
 
 
+def test_replicas_publish_nothing_and_the_proxy_takes_the_slim_servers_ports(services):
+    assert services["triton-replica"]["ports"] == []
+    proxy = [p.split(":", 1)[1] for p in services["proxy"]["ports"]]
+    slim = [p.split(":", 1)[1] for p in services["triton-slim"]["ports"]]
+    assert proxy[:2] == slim[:2]  # HTTP and gRPC: the same variables and container ports
+    assert proxy[2] == "${HAPROXY_STATS_PORT:-8404}:8404"
+
+
+def test_proxy_service(services):
+    """HAProxy (serve/Dockerfile.haproxy): unprivileged, read-only root, serve/haproxy.cfg mounted read-only."""
+    s = services["proxy"]
+    assert s["user"] == "haproxy" and s["read_only"] is True
+    assert s["build"]["dockerfile"] == "serve/Dockerfile.haproxy"
+    assert (
+        s["build"]["args"]["BASE_IMAGE"]
+        == f"${{{IMAGES['proxy'].base_variable}:-{IMAGES['proxy'].official_base}}}"
+    )
+    (mount,) = bind_mounts(s)
+    assert (Path(mount["source"]), mount["target"], mount["read_only"]) == (
+        Path("serve/haproxy.cfg"),
+        "/etc/haproxy/haproxy.cfg",
+        True,
+    )
+    assert s["environment"]["TRITON_REPLICAS_DNS"] == "triton-replica"
+    assert s["depends_on"] == ["triton-replica"]
+    assert "!serve/Dockerfile.haproxy" in (ROOT / ".dockerignore").read_text().split()
+
+
 # ---- server flags ---------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("name", SERVER_SERVICES)
 def test_server_hardening_flags(services, name):
@@ -134,17 +218,22 @@ def test_server_hardening_flags(services, name):
     assert flag_values(args, "--model-repository") == ["/models"]
     assert flag_values(args, "--model-control-mode") == ["none"]
     assert flag_values(args, "--strict-readiness") == ["true"]
-    assert not any(a.startswith("--load-model") for a in args), "--load-model only applies to explicit mode"
+    assert not any(
+        a.startswith("--load-model") for a in args
+    ), "--load-model only applies to explicit mode"
     (timeout,) = flag_values(args, "--exit-timeout-secs")
     grace = services[name]["stop_grace_period"]
-    assert grace.endswith("s") and int(grace[:-1]) > int(timeout), "Docker would SIGKILL before Triton's timeout"
+    assert grace.endswith("s") and int(grace[:-1]) > int(
+        timeout
+    ), "Docker would SIGKILL before Triton's timeout"
 
 
 @pytest.mark.parametrize("name", SERVER_SERVICES)
 @pytest.mark.parametrize("flag", ["--http-restricted-api", "--grpc-restricted-protocol"])
 def test_restricted_apis(services, name, flag):
     """Admin categories need TRITON_ADMIN_KEY on both protocols; HTTP inference needs TRITON_INFER_KEY (a JSON
-    request's declared shape aborts Triton 2.51: charrnn/contract.py INFER_KEY_HEADER); nothing else is locked."""
+    request's declared shape aborts Triton 2.51: charrnn/contract.py INFER_KEY_HEADER); nothing else is locked.
+    """
     keyed = {}
     for value in flag_values(command_args(services[name]), flag):
         # Syntax per the docs (fact sheet 7.2): <categories>:<key>=<value>, with a colon.
@@ -165,7 +254,9 @@ def test_restricted_apis(services, name, flag):
 @pytest.mark.parametrize("name", SERVER_SERVICES)
 def test_memory_ceiling(services, name):
     """A bounded server: Triton 2.51 has no request-size limit, and keeps a high-water mark of the largest ones."""
-    assert re.fullmatch(r"\$\{TRITON_MEM_LIMIT:-\d+g\}", services[name]["mem_limit"]), services[name]["mem_limit"]
+    assert re.fullmatch(r"\$\{TRITON_MEM_LIMIT:-\d+g\}", services[name]["mem_limit"]), services[
+        name
+    ]["mem_limit"]
 
 
 @pytest.mark.parametrize("name", SERVER_SERVICES)
@@ -179,7 +270,7 @@ def test_healthcheck_shm_and_user(services, name):
     assert s["restart"] == "unless-stopped"
 
 
-@pytest.mark.parametrize("name", [*SERVER_SERVICES, "perf-slim"])
+@pytest.mark.parametrize("name", [*SERVER_SERVICES, "perf-slim", "proxy"])
 def test_no_capabilities_and_no_new_privileges(services, name):
     assert services[name]["cap_drop"] == ["ALL"]
     assert "no-new-privileges:true" in services[name]["security_opt"]
@@ -187,8 +278,11 @@ def test_no_capabilities_and_no_new_privileges(services, name):
 
 # ---- GPU ------------------------------------------------------------------------------------------------------
 
+
 def gpu_devices(service: dict) -> list[dict]:
-    return (((service.get("deploy") or {}).get("resources") or {}).get("reservations") or {}).get("devices", [])
+    return (((service.get("deploy") or {}).get("resources") or {}).get("reservations") or {}).get(
+        "devices", []
+    )
 
 
 @pytest.mark.parametrize("name", ["triton", "export-trt"])
@@ -197,13 +291,25 @@ def test_gpu_reserved(services, name):
     assert dev["driver"] == "nvidia" and dev["capabilities"] == ["gpu"]
 
 
-@pytest.mark.parametrize("name", ["triton-cpu", "triton-stream", "perf", "triton-slim", "triton-slim-stream",
-                                  "perf-slim"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "triton-cpu",
+        "triton-stream",
+        "perf",
+        "triton-slim",
+        "triton-slim-stream",
+        "perf-slim",
+        "triton-replica",
+        "proxy",
+    ],
+)
 def test_no_gpu(services, name):
     assert not gpu_devices(services[name])
 
 
 # ---- mounts and models ----------------------------------------------------------------------------------------
+
 
 def test_every_host_path_exists_or_is_a_served_model_folder(services):
     for name, s in services.items():
@@ -215,9 +321,13 @@ def test_every_host_path_exists_or_is_a_served_model_folder(services):
             # model_repository/* is produced by `make export`; the names must be ones we serve.
             if parts[:1] == ("model_repository",):
                 assert len(parts) <= 2, f"{name}: mount {rel} inside a model folder"
-                assert len(parts) == 1 or parts[1] in SERVED_MODELS, f"{name}: {rel} is not in SERVED_MODELS"
+                assert (
+                    len(parts) == 1 or parts[1] in SERVED_MODELS
+                ), f"{name}: {rel} is not in SERVED_MODELS"
             else:
-                assert (ROOT / rel).exists(), f"{name}: host path {rel} does not exist in the repository"
+                assert (
+                    ROOT / rel
+                ).exists(), f"{name}: host path {rel} does not exist in the repository"
 
 
 def test_every_model_named_is_served():
@@ -226,9 +336,11 @@ def test_every_model_named_is_served():
     assert named and named <= set(SERVED_MODELS), named - set(SERVED_MODELS)
 
 
-NGC_MOUNTS = {"triton": [m for m in SERVED_MODELS if m not in DECOUPLED_MODELS],
-              "triton-cpu": [m for m in CPU_MODELS if m not in DECOUPLED_MODELS],
-              "triton-stream": list(DECOUPLED_MODELS)}
+NGC_MOUNTS = {
+    "triton": [m for m in SERVED_MODELS if m not in DECOUPLED_MODELS],
+    "triton-cpu": [m for m in CPU_MODELS if m not in DECOUPLED_MODELS],
+    "triton-stream": list(DECOUPLED_MODELS),
+}
 
 
 @pytest.mark.parametrize("name", NGC_MOUNTS)
@@ -242,7 +354,10 @@ def test_ngc_servers_mount_their_models_read_only_decoupled_apart(services, name
     assert bool(gpu_devices(services[name])) == any(m in GPU_ONLY_MODELS for m in NGC_MOUNTS[name])
 
 
-@pytest.mark.parametrize("name, decoupled", [("triton-slim", False), ("triton-slim-stream", True)])
+@pytest.mark.parametrize(
+    "name, decoupled",
+    [("triton-slim", False), ("triton-slim-stream", True), ("triton-replica", False)],
+)
 def test_slim_servers_mount_the_python_models_read_only_decoupled_apart(services, name, decoupled):
     """The decoupled model has a server of its own (Triton 2.51 crashes when both kinds stream on one)."""
     mounts = bind_mounts(services[name])
@@ -253,11 +368,16 @@ def test_slim_servers_mount_the_python_models_read_only_decoupled_apart(services
 
 
 def test_slim_servers_publish_different_host_ports(services):
-    host = [with_defaults(p).split(":")[1] for n in ("triton-slim", "triton-slim-stream") for p in services[n]["ports"]]
+    host = [
+        with_defaults(p).split(":")[1]
+        for n in ("triton-slim", "triton-slim-stream")
+        for p in services[n]["ports"]
+    ]
     assert len(set(host)) == 6, host
 
 
 # ---- one release for every image --------------------------------------------------------------------------------
+
 
 def test_one_triton_release_everywhere(services):
     text = COMPOSE_FILE.read_text()
@@ -293,6 +413,7 @@ def test_images_are_the_ngc_ones(services):
 
 # ---- the image --------------------------------------------------------------------------------------------------
 
+
 def test_dockerfile_adds_what_charrnn_python_needs():
     text = DOCKERFILE.read_text()
     assert re.search(r"pip install .*\"onnxruntime==\d+\.\d+\.\d+\"", text), "pin onnxruntime"
@@ -306,6 +427,7 @@ def test_dockerfile_adds_what_charrnn_python_needs():
 
 # ---- export and perf services -----------------------------------------------------------------------------------
 
+
 def test_export_service_runs_build_plan(services):
     s = services["export-trt"]
     script = " ".join(command_args(s))
@@ -313,7 +435,9 @@ def test_export_service_runs_build_plan(services):
     assert f"--out model_repository/{TRT}/1/model.plan" in script
     assert f"--out model_repository/{GEN_TRT}/1/model.plan" in script  # the generation graph's plan
     writable = [m for m in bind_mounts(s) if not m["read_only"]]
-    assert [Path(m["source"]).parts for m in writable] == [("model_repository", name) for name in GPU_ONLY_MODELS]
+    assert [Path(m["source"]).parts for m in writable] == [
+        ("model_repository", name) for name in GPU_ONLY_MODELS
+    ]
 
 
 def test_perf_service(services):
@@ -331,9 +455,19 @@ def test_perf_service(services):
 def test_perf_script_is_valid_bash_with_the_sequence_flags():
     subprocess.run(["bash", "-n", str(PERF_SH)], check=True)
     text = PERF_SH.read_text()
-    for flag in ["-m \"$model\"", "-u \"$TRITON_GRPC\"", "-i grpc", "--streaming", "--input-data",
-                 "--sequence-length \"$length\"", "--sequence-length-variation 0",
-                 "--sequence-id-range", "--concurrency-range", "--stability-percentage", "-f \"$out\""]:
+    for flag in [
+        '-m "$model"',
+        '-u "$TRITON_GRPC"',
+        "-i grpc",
+        "--streaming",
+        "--input-data",
+        '--sequence-length "$length"',
+        "--sequence-length-variation 0",
+        "--sequence-id-range",
+        "--concurrency-range",
+        "--stability-percentage",
+        '-f "$out"',
+    ]:
         assert flag in text, flag
     assert "/results/perf_input.json" in text and "/results/perf_input_gen.json" in text
     assert '-f "$out"' in text and 'merged="$RESULTS/perf_$model.csv"' in text
@@ -341,7 +475,10 @@ def test_perf_script_is_valid_bash_with_the_sequence_flags():
 
 # ---- the slim images (no NGC registry) ---------------------------------------------------------------------------
 
-SLIM_DOCKERFILES = {"triton-slim": ROOT / "serve" / "Dockerfile.slim", "perf-slim": ROOT / "bench" / "Dockerfile.perf"}
+SLIM_DOCKERFILES = {
+    "triton-slim": ROOT / "serve" / "Dockerfile.slim",
+    "perf-slim": ROOT / "bench" / "Dockerfile.perf",
+}
 
 
 @pytest.mark.parametrize("name", SLIM_DOCKERFILES)
@@ -353,9 +490,14 @@ def test_slim_base_image_is_one_build_argument_with_one_default(services, name):
     text = SLIM_DOCKERFILES[name].read_text()
     assert re.findall(r"^ARG BASE_IMAGE=(\S+)$", text, re.M) == [image.official_base]
     assert re.findall(r"^FROM (\S+)$", text, re.M) == ["${BASE_IMAGE}"]
-    assert re.search(rf"^COPY build/wheels/{name}/ ", text, re.M), "install from the host-made wheelhouse"
+    assert re.search(
+        rf"^COPY build/wheels/{name}/ ", text, re.M
+    ), "install from the host-made wheelhouse"
     assert "--no-index" in text, "no package index inside the build (containers cannot reach PyPI)"
-    assert f"!{SLIM_DOCKERFILES[name].relative_to(ROOT)}" in (ROOT / ".dockerignore").read_text().split()
+    assert (
+        f"!{SLIM_DOCKERFILES[name].relative_to(ROOT)}"
+        in (ROOT / ".dockerignore").read_text().split()
+    )
 
 
 def test_slim_images_are_tagged_with_what_they_hold(services):
@@ -373,7 +515,9 @@ def test_slim_server_image_runs_unprivileged_with_the_stub_of_its_python():
     version = IMAGES["triton-slim"].python
     assert f"python_backend_stubs/{version}/triton_python_backend_stub" in text
     assert f"/opt/venv/lib/python{version}/site-packages/charrnn/" in text
-    assert re.search(rf'v == "{re.escape(version)}"', text), "the build must refuse a base with another Python"
+    assert re.search(
+        rf'v == "{re.escape(version)}"', text
+    ), "the build must refuse a base with another Python"
 
 
 def test_perf_slim_service(services):
@@ -381,8 +525,12 @@ def test_perf_slim_service(services):
     assert s["depends_on"]["triton-slim"]["condition"] == "service_healthy"
     assert command_args(s) == ["bash", "/bench/perf.sh"]
     assert s["environment"]["TRITON_GRPC"] == "triton-slim:8001"
-    assert with_defaults(s["environment"]["MODELS"]).split() == list(SHARED_PYTHON_MODELS)  # what triton-slim serves
-    assert not s.get("ports"), "perf_analyzer reaches the server on the compose network; nothing to publish"
+    assert with_defaults(s["environment"]["MODELS"]).split() == list(
+        SHARED_PYTHON_MODELS
+    )  # what triton-slim serves
+    assert not s.get(
+        "ports"
+    ), "perf_analyzer reaches the server on the compose network; nothing to publish"
     targets = {m["target"]: m for m in bind_mounts(s)}
     assert Path(targets["/bench"]["source"]).parts == ("bench",) and targets["/bench"]["read_only"]
     assert Path(targets["/results"]["source"]).parts == ("bench", "results")
@@ -394,10 +542,13 @@ def test_ci_installs_docker_and_makes_the_docker_skip_a_failure():
     assert run.index("docker.sh") < run.index("make test")
     docker_sh = ROOT / ".ci" / "docker.sh"
     subprocess.run(["bash", "-n", str(docker_sh)], check=True)
-    assert "/etc/apt/sources.list" not in docker_sh.read_text(), "CI must not change the system's apt sources"
+    assert (
+        "/etc/apt/sources.list" not in docker_sh.read_text()
+    ), "CI must not change the system's apt sources"
 
 
 # ---- serve.images without Docker: pins, platforms, errors ----------------------------------------------------
+
 
 def test_image_pins_come_from_pyproject():
     from serve.images import pinned
@@ -413,7 +564,9 @@ def test_unpinned_package_is_a_clear_error():
     from charrnn.errors import UserError
     from serve.images import pinned
 
-    with pytest.raises(UserError, match=r"pyproject.toml: no exact pin \(name==version\) for no-such-package"):
+    with pytest.raises(
+        UserError, match=r"pyproject.toml: no exact pin \(name==version\) for no-such-package"
+    ):
         pinned(("numpy", "no-such-package"))
 
 
@@ -421,10 +574,16 @@ def test_wheel_platforms_stay_within_the_image_glibc():
     from serve.images import manylinux_platforms
 
     tags = manylinux_platforms((2, 36))
-    assert tags[0].startswith("manylinux_2_36_") and not any("2_37" in t or "2_38" in t for t in tags)
-    assert any(t.startswith("manylinux2014_") for t in tags) and any(t.startswith("manylinux_2_17_") for t in tags)
+    assert tags[0].startswith("manylinux_2_36_") and not any(
+        "2_37" in t or "2_38" in t for t in tags
+    )
+    assert any(t.startswith("manylinux2014_") for t in tags) and any(
+        t.startswith("manylinux_2_17_") for t in tags
+    )
     # perf_analyzer's wheel is manylinux_2_38: the Debian 13 image (glibc 2.41) must accept it, bookworm's not.
-    assert any(t.startswith("manylinux_2_38_") for t in manylinux_platforms(IMAGES["perf-slim"].glibc))
+    assert any(
+        t.startswith("manylinux_2_38_") for t in manylinux_platforms(IMAGES["perf-slim"].glibc)
+    )
     assert IMAGES["triton-slim"].glibc < (2, 38) <= IMAGES["perf-slim"].glibc
 
 
@@ -432,7 +591,10 @@ def test_images_cli_refuses_an_unknown_service(capsys):
     from serve.images import main
 
     assert main(["no-such-image"]) == 2
-    assert "error: SERVICE: unknown no-such-image (choose from triton-slim, perf-slim)" in capsys.readouterr().err
+    assert (
+        "error: SERVICE: unknown no-such-image (choose from triton-slim, perf-slim, proxy)"
+        in capsys.readouterr().err
+    )
 
 
 def test_images_cli_without_docker_is_a_clear_error(tmp_path, monkeypatch, capsys):
@@ -440,4 +602,7 @@ def test_images_cli_without_docker_is_a_clear_error(tmp_path, monkeypatch, capsy
 
     monkeypatch.setenv("PATH", str(tmp_path))  # no docker on PATH
     assert main([]) == 3
-    assert "error: docker: not found (install Docker >= 20.10 and Compose v2" in capsys.readouterr().err
+    assert (
+        "error: docker: not found (install Docker >= 20.10 and Compose v2"
+        in capsys.readouterr().err
+    )
