@@ -7,12 +7,15 @@ from __future__ import annotations
 import json
 import math
 
-import keras  # noqa: E402  (after charrnn.model, which sets TensorFlow's environment)
 import numpy as np
 import pytest
 
 from charrnn.data import load_splits
-from charrnn.model import ModelConfig, build_model
+from charrnn.model import (
+    ModelConfig,
+    build_model,
+    keras,  # TensorFlow's, with its environment set first
+)
 from tests.conftest import read_json
 from train import evaluate as evaluate_cli
 from train.evaluate import evaluate_loss

@@ -5,21 +5,21 @@ from __future__ import annotations
 import json
 import shutil
 
-import keras  # noqa: E402  (after charrnn.model)
 import numpy as np
 import pytest
-import tensorflow as tf  # noqa: E402
 
 from charrnn.errors import UserError
-from charrnn.model import (  # imports TensorFlow (with its log level and CPU-only set first)
+from charrnn.model import (  # imports TensorFlow and Keras, with their environment set first
     CARD_FILE,
     CONFIG_FILE,
     VOCAB_FILE,
     WEIGHTS_FILE,
     ModelConfig,
     build_model,
+    keras,
     load_model_dir,
     save_model_dir,
+    tf,
 )
 from charrnn.vocab import Vocab
 
