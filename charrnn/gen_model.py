@@ -16,6 +16,11 @@ an error response of its own and leaves the others and every sequence's state al
 charrnn_gen_stream's config is decoupled (model_transaction_policy { decoupled: true }): then each request gets
 K responses, one OUTPUT_IDS (1, 1) per character as soon as it is generated (the graph with K = 1, K times), the
 last one flagged FINAL. Same ids, same state as the one-response mode.
+
+Custom metrics, labelled model="<model name>" (docs/production.md, "Metrics"): charrnn_live_sequences,
+charrnn_sequences_started_total, charrnn_sequences_evicted_total and charrnn_characters_generated_total, which
+counts the ids the model returned: K per successful request (also the one id of a prompt chunk before the last,
+which the client discards); the decoupled model counts a request's K ids before sending the last one.
 """
 
 from __future__ import annotations
@@ -25,11 +30,29 @@ import triton_python_backend_utils as pb_utils
 
 from charrnn.contract import INPUT_IDS, NOISE, OUTPUT_IDS, STATE_IN, TEMPERATURE, TOP_K
 from charrnn.gen_serving import GenRequest, GenRunner, check_gen_request, group_by_shape
-from charrnn.sequence_state import SequenceStates, load_stateful_model
+from charrnn.sequence_state import METRICS, MetricsSink, SequenceStates, load_stateful_model
 
 
-def load(args: dict) -> tuple[dict, GenRunner, int]:
-    """Shared by charrnn_gen_python and charrnn_gen_stream: checks, ONNX Runtime session, state store."""
+def create_metrics(model_name: str) -> tuple[list, MetricsSink]:
+    """(the MetricFamily objects, a MetricsSink of their Metric labelled model=<name>); no metrics, one log line,
+    if this Triton's python backend has no custom metrics API (or the server was built without metrics)."""
+    log = pb_utils.Logger.log_warn
+    families, metrics = [], {}
+    try:
+        for name, kind, description, key in METRICS:
+            family = pb_utils.MetricFamily(name=name, description=description,
+                                           kind=getattr(pb_utils.MetricFamily, kind))
+            families.append(family)
+            metrics[key] = family.Metric(labels={"model": model_name})
+    except Exception as e:  # AttributeError: no pb_utils.MetricFamily; the server's "metrics not supported"
+        log(f"{model_name}: custom metrics unavailable, serving without them ({type(e).__name__}: {e})")
+        metrics.clear()
+    return families, MetricsSink(metrics, log)
+
+
+def load(args: dict, on_change=None) -> tuple[dict, GenRunner, int]:
+    """Shared by charrnn_gen_python and charrnn_gen_stream: checks, ONNX Runtime session, state store
+    (on_change: SequenceStates' hook, the model's MetricsSink)."""
     name = args["model_name"]
     try:  # the generation graph (export/gen_export.py)
         model = load_stateful_model(args, {INPUT_IDS: "tensor(int32)", STATE_IN: "tensor(float)",
@@ -42,7 +65,8 @@ def load(args: dict) -> tuple[dict, GenRunner, int]:
     if cfg_dims != [-1, vocab_size]:
         raise pb_utils.TritonModelException(f"{name} requires input {NOISE} dims [-1, {vocab_size}] "
                                             f"(from model.onnx), got {cfg_dims}")
-    states = SequenceStates(tuple(model.io[STATE_IN].shape[1:]), model.idle_seconds, pb_utils.Logger.log_info)
+    states = SequenceStates(tuple(model.io[STATE_IN].shape[1:]), model.idle_seconds, pb_utils.Logger.log_info,
+                            on_change=on_change)
     pb_utils.Logger.log_info(f"{name}: state {states.zero.shape}, vocab {vocab_size}, idle eviction after "
                              f"{states.idle_s:.1f} s, ORT threads {model.threads}")
     return model.config, GenRunner(model.session, states), vocab_size
@@ -72,7 +96,8 @@ def invalid(message: str):
 
 class TritonPythonModel:
     def initialize(self, args: dict) -> None:
-        config, self.runner, self.vocab_size = load(args)
+        self.metric_families, self.metrics = create_metrics(args["model_name"])
+        config, self.runner, self.vocab_size = load(args, on_change=self.metrics)
         self.decoupled = pb_utils.using_decoupled_model_transaction_policy(config)
 
     def execute(self, requests):
@@ -88,6 +113,7 @@ class TritonPythonModel:
                 for row, r in enumerate(group):
                     responses[r.index] = pb_utils.InferenceResponse(
                         output_tensors=[pb_utils.Tensor(OUTPUT_IDS, np.ascontiguousarray(ids[row : row + 1]))])
+                self.metrics({"characters": ids.size})  # before the responses leave
         return responses
 
     def execute_streaming(self, requests) -> None:
@@ -102,6 +128,8 @@ class TritonPythonModel:
             for group in group_by_shape(valid):
                 k = group[0].noise.shape[1]
                 for j, ids in self.runner.steps(group):  # ids (B, 1); states stored before the last one
+                    if j == k - 1:  # counted before the FINAL responses leave
+                        self.metrics({"characters": len(group) * k})
                     for row, r in enumerate(group):
                         senders[r.index].send(pb_utils.InferenceResponse(output_tensors=[
                             pb_utils.Tensor(OUTPUT_IDS, np.ascontiguousarray(ids[row : row + 1]))]),
@@ -109,4 +137,6 @@ class TritonPythonModel:
         return None
 
     def finalize(self) -> None:
-        self.runner.states.close()
+        self.runner.states.close()  # reports its live sequences gone
+        self.metrics.close()  # the Metric objects go before their families
+        self.metric_families.clear()

@@ -6,6 +6,9 @@ sequences idle longer than the sequence batcher's max_sequence_idle_microseconds
 slot then but does not tell the model). `load_stateful_model` is what every python-backend model's
 initialize() checks and loads: its config (batching, oldest sequence batcher, idle timeout, ORT threads)
 and its model.onnx, opened with ONNX Runtime and checked against the tensors the model needs.
+`SequenceStates` also counts what happens to sequences (`stats()`) and reports every change to an `on_change`
+hook; `MetricsSink` turns those changes (and the model's character counts) into increments of the custom
+metrics in `METRICS`, which the model.py files create with pb_utils (docs/production.md, "Metrics").
 Free of Triton's pb_utils (errors are ValueError, which model.py turns into TritonModelException), so the
 python backend's model.py files drive it and the tests can call it directly.
 """
@@ -40,22 +43,58 @@ def check_ids(ids: np.ndarray, vocab_size: int, max_t: int, name: str = "INPUT_I
     return None
 
 
+# The custom metrics of the python-backend models, labelled model="<model name>" (model.py creates them with
+# pb_utils.MetricFamily / Metric; docs/production.md "Metrics"): (name, kind, help, the MetricsSink key feeding it).
+METRICS = (
+    ("charrnn_live_sequences", "GAUGE",
+     "Sequences holding state in the model now (started, not yet ended or evicted)", "live"),
+    ("charrnn_sequences_started_total", "COUNTER",
+     "Requests flagged sequence_start that the model ran (a sequence re-started under a live id counts again)",
+     "started"),
+    ("charrnn_sequences_evicted_total", "COUNTER",
+     "Sequences freed because they were idle longer than max_sequence_idle_microseconds (+1 s), without an END",
+     "evicted"),
+    ("charrnn_characters_generated_total", "COUNTER",
+     "Characters the model returned: one per successful request of a step model (LOGITS for one character), "
+     "K per successful request of a generation model (OUTPUT_IDS)", "characters"),
+)
+
+
 class SequenceStates:
+    """Packed states by correlation id. Counters (`stats()`): live, started, ended, evicted; every change is
+    reported to `on_change({"live": d, "started": d, "ended": d, "evicted": d})` (non-zero deltas only) from the
+    thread that made it: execute()'s (scatter, with `lock` held by the caller) or the reaper's (lock released)."""
+
     def __init__(self, state_dims: tuple[int, ...], idle_seconds: float,
-                 log: Callable[[str], None] = print) -> None:
+                 log: Callable[[str], None] = print,
+                 on_change: Callable[[dict[str, int]], None] | None = None) -> None:
         self.zero = np.zeros(state_dims, np.float32)
         # Evict a little after Triton frees the slot, never before (a request Triton accepts must find its state).
         self.idle_s = idle_seconds + 1.0
         self.states: dict[object, np.ndarray] = {}  # correlation id -> (S, L, H)
         self.last_used: dict[object, float] = {}  # correlation id -> time.monotonic()
         self.lock = threading.Lock()
+        self.started = 0  # requests flagged START that ran (scatter)
+        self.ended = 0  # sequences freed by END
+        self.evicted = 0  # sequences freed by the idle timeout
         self._log = log
+        self._on_change = on_change
         self._stopping = threading.Event()
         self._reaper = threading.Thread(target=self._reap, name="sequence-reaper", daemon=True)
         self._reaper.start()
 
     def __len__(self) -> int:
         return len(self.states)
+
+    def stats(self) -> dict[str, int]:
+        """live: sequences holding state now; started / ended / evicted: totals since this store was created."""
+        with self.lock:
+            return {"live": len(self.states), "started": self.started, "ended": self.ended, "evicted": self.evicted}
+
+    def _report(self, delta: dict[str, int]) -> None:
+        delta = {k: v for k, v in delta.items() if v}
+        if delta and self._on_change is not None:
+            self._on_change(delta)
 
     def check(self, corr, flags: int) -> str | None:
         """None if a request with this correlation id and flags can run, else the error message."""
@@ -71,34 +110,86 @@ class SequenceStates:
         return np.stack([self.zero if flags & START else self.states[corr] for corr, flags in members])
 
     def scatter(self, members: list[tuple[object, int]], new_state: np.ndarray) -> None:
-        """Keep row b of new_state (B, S, L, H) for member b; free the sequences that END."""
+        """Keep row b of new_state (B, S, L, H) for member b; free the sequences that END. Caller holds lock."""
         now = time.monotonic()
+        live, started, ended = len(self.states), 0, 0
         for row, (corr, flags) in enumerate(members):
+            started += bool(flags & START)
             if flags & END:
-                self.states.pop(corr, None)
+                ended += self.states.pop(corr, None) is not None  # START|END: one request, never held
                 self.last_used.pop(corr, None)
             else:
                 self.states[corr] = new_state[row].copy()  # own memory: no view pins the batch
                 self.last_used[corr] = now
+        self.started += started
+        self.ended += ended
+        self._report({"live": len(self.states) - live, "started": started, "ended": ended})
+
+    def evict_idle(self) -> int:
+        """Free the sequences idle longer than idle_s (the reaper's pass; one clock read); returns how many."""
+        cutoff = time.monotonic() - self.idle_s
+        with self.lock:
+            idle = [c for c, t in self.last_used.items() if t < cutoff]
+            for c in idle:
+                self.states.pop(c, None)
+                self.last_used.pop(c, None)
+            self.evicted += len(idle)
+            live = len(self.states)
+        if idle:
+            self._log(f"evicted {len(idle)} idle sequence(s); {live} live")
+            self._report({"live": -len(idle), "evicted": len(idle)})
+        return len(idle)
 
     def _reap(self) -> None:
         period = min(max(self.idle_s / 4, 0.05), 5.0)
         while not self._stopping.wait(period):
-            cutoff = time.monotonic() - self.idle_s
-            with self.lock:
-                idle = [c for c, t in self.last_used.items() if t < cutoff]
-                for c in idle:
-                    self.states.pop(c, None)
-                    self.last_used.pop(c, None)
-                live = len(self.states)
-            if idle:
-                self._log(f"evicted {len(idle)} idle sequence(s); {live} live")
+            try:
+                self.evict_idle()
+            except Exception as e:  # e.g. the metrics hook failing: keep evicting
+                self._log(f"sequence reaper: {type(e).__name__}: {e}")
 
     def close(self) -> None:
+        """Stop the reaper and drop every state (the model unloads: the live sequences are reported gone)."""
         self._stopping.set()
         self._reaper.join(timeout=5)
-        self.states.clear()
-        self.last_used.clear()
+        with self.lock:
+            live = len(self.states)
+            self.states.clear()
+            self.last_used.clear()
+        self._report({"live": -live})
+
+
+class MetricsSink:
+    """Feeds the custom metrics: `sink(delta)` increments metric[key] by delta[key] for the keys of METRICS
+    ("live", "started", "evicted", "characters"; others, e.g. "ended", are ignored). Pass it as SequenceStates'
+    on_change and call it with {"characters": n} after answering requests.
+
+    `metrics` maps a key to anything with increment(value): in Triton a pb_utils.Metric (a GAUGE takes negative
+    increments). Only deltas are sent, never set(): instances of one model that share a series (same name and
+    labels) add up. Calls are serialised (execute() and the reaper thread both report); a metric that fails is
+    logged once and then skipped."""
+
+    def __init__(self, metrics: dict[str, object] | None = None, log: Callable[[str], None] = print) -> None:
+        self.metrics = dict(metrics or {})
+        self._log = log
+        self._lock = threading.Lock()
+
+    def __call__(self, delta: dict[str, int]) -> None:
+        with self._lock:
+            for key, value in delta.items():
+                metric = self.metrics.get(key)
+                if metric is None or not value:
+                    continue
+                try:
+                    metric.increment(float(value))
+                except Exception as e:
+                    self.metrics.pop(key)
+                    self._log(f"metric {key!r} disabled: {type(e).__name__}: {e}")
+
+    def close(self) -> None:
+        """Drop the metric objects (before their families: Triton wants a family deleted after its metrics)."""
+        with self._lock:
+            self.metrics.clear()
 
 
 @dataclass

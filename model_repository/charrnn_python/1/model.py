@@ -10,7 +10,11 @@ so this model keeps each sequence's packed state (S, L, H) itself (charrnn.seque
     its slot at that timeout but does not tell the model);
   - all requests of one execute() with equal T run as ONE batched ONNX Runtime call;
   - a bad request gets an error response of its own; the other requests of the batch and every sequence's
-    state are unaffected.
+    state are unaffected;
+  - custom metrics, labelled model="charrnn_python" (docs/production.md, "Metrics"): charrnn_live_sequences,
+    charrnn_sequences_started_total, charrnn_sequences_evicted_total and charrnn_characters_generated_total,
+    which counts the requests answered with LOGITS (one character each; the client discards the answers to
+    prompt chunks before the last one, the server cannot tell them apart).
 """
 
 from __future__ import annotations
@@ -19,7 +23,30 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from charrnn.contract import INPUT_IDS, LOGITS, MAX_T, STATE_IN, STATE_OUT
-from charrnn.sequence_state import SequenceStates, check_ids, load_stateful_model
+from charrnn.sequence_state import (
+    METRICS,
+    MetricsSink,
+    SequenceStates,
+    check_ids,
+    load_stateful_model,
+)
+
+
+def create_metrics(model_name: str) -> tuple[list, MetricsSink]:
+    """(the MetricFamily objects, a MetricsSink of their Metric labelled model=<name>); no metrics, one log line,
+    if this Triton's python backend has no custom metrics API (or the server was built without metrics)."""
+    log = pb_utils.Logger.log_warn
+    families, metrics = [], {}
+    try:
+        for name, kind, description, key in METRICS:
+            family = pb_utils.MetricFamily(name=name, description=description,
+                                           kind=getattr(pb_utils.MetricFamily, kind))
+            families.append(family)
+            metrics[key] = family.Metric(labels={"model": model_name})
+    except Exception as e:  # AttributeError: no pb_utils.MetricFamily; the server's "metrics not supported"
+        log(f"{model_name}: custom metrics unavailable, serving without them ({type(e).__name__}: {e})")
+        metrics.clear()
+    return families, MetricsSink(metrics, log)
 
 
 class TritonPythonModel:
@@ -36,8 +63,9 @@ class TritonPythonModel:
         if cfg_dims != [self.vocab_size]:
             raise pb_utils.TritonModelException(f"{name} requires output {LOGITS} dims [{self.vocab_size}] "
                                                 f"(from model.onnx), got {cfg_dims}")
+        self.metric_families, self.metrics = create_metrics(name)
         self.states = SequenceStates(tuple(model.io[STATE_IN].shape[1:]), model.idle_seconds,
-                                     pb_utils.Logger.log_info)
+                                     pb_utils.Logger.log_info, on_change=self.metrics)
         pb_utils.Logger.log_info(f"{name}: state {self.states.zero.shape}, vocab {self.vocab_size}, idle eviction "
                                  f"after {self.states.idle_s:.1f} s, ORT threads {model.threads}")
 
@@ -66,7 +94,11 @@ class TritonPythonModel:
                 for row, (i, *_) in enumerate(members):
                     responses[i] = pb_utils.InferenceResponse(
                         output_tensors=[pb_utils.Tensor(LOGITS, logits[row : row + 1])])
+            # Before the responses leave: a client that has its answer finds it counted.
+            self.metrics({"characters": sum(len(members) for members in groups.values())})
         return responses
 
     def finalize(self) -> None:
-        self.states.close()
+        self.states.close()  # reports its live sequences gone
+        self.metrics.close()  # the Metric objects go before their families
+        self.metric_families.clear()
