@@ -35,17 +35,23 @@ from charrnn.sequence_state import METRICS, MetricsSink, SequenceStates, load_st
 
 def create_metrics(model_name: str) -> tuple[list, MetricsSink]:
     """(the MetricFamily objects, a MetricsSink of their Metric labelled model=<name>); no metrics, one log line,
-    if this Triton's python backend has no custom metrics API (or the server was built without metrics)."""
+    if this Triton's python backend has no custom metrics API (or the server was built without metrics).
+    """
     log = pb_utils.Logger.log_warn
     families, metrics = [], {}
     try:
         for name, kind, description, key in METRICS:
-            family = pb_utils.MetricFamily(name=name, description=description,
-                                           kind=getattr(pb_utils.MetricFamily, kind))
+            family = pb_utils.MetricFamily(
+                name=name, description=description, kind=getattr(pb_utils.MetricFamily, kind)
+            )
             families.append(family)
             metrics[key] = family.Metric(labels={"model": model_name})
-    except Exception as e:  # AttributeError: no pb_utils.MetricFamily; the server's "metrics not supported"
-        log(f"{model_name}: custom metrics unavailable, serving without them ({type(e).__name__}: {e})")
+    except (
+        Exception
+    ) as e:  # AttributeError: no pb_utils.MetricFamily; the server's "metrics not supported"
+        log(
+            f"{model_name}: custom metrics unavailable, serving without them ({type(e).__name__}: {e})"
+        )
         metrics.clear()
     return families, MetricsSink(metrics, log)
 
@@ -55,24 +61,44 @@ def load(args: dict, on_change=None) -> tuple[dict, GenRunner, int]:
     (on_change: SequenceStates' hook, the model's MetricsSink)."""
     name = args["model_name"]
     try:  # the generation graph (export/gen_export.py)
-        model = load_stateful_model(args, {INPUT_IDS: "tensor(int32)", STATE_IN: "tensor(float)",
-                                           NOISE: "tensor(float)", TEMPERATURE: "tensor(float)",
-                                           TOP_K: "tensor(int32)", OUTPUT_IDS: "tensor(int32)"})
+        model = load_stateful_model(
+            args,
+            {
+                INPUT_IDS: "tensor(int32)",
+                STATE_IN: "tensor(float)",
+                NOISE: "tensor(float)",
+                TEMPERATURE: "tensor(float)",
+                TOP_K: "tensor(int32)",
+                OUTPUT_IDS: "tensor(int32)",
+            },
+        )
     except ValueError as e:
         raise pb_utils.TritonModelException(str(e)) from e
     vocab_size = int(model.io[NOISE].shape[2])
-    cfg_dims = [int(d) for i in model.config.get("input", []) if i["name"] == NOISE for d in i["dims"]]
+    cfg_dims = [
+        int(d) for i in model.config.get("input", []) if i["name"] == NOISE for d in i["dims"]
+    ]
     if cfg_dims != [-1, vocab_size]:
-        raise pb_utils.TritonModelException(f"{name} requires input {NOISE} dims [-1, {vocab_size}] "
-                                            f"(from model.onnx), got {cfg_dims}")
-    states = SequenceStates(tuple(model.io[STATE_IN].shape[1:]), model.idle_seconds, pb_utils.Logger.log_info,
-                            on_change=on_change)
-    pb_utils.Logger.log_info(f"{name}: state {states.zero.shape}, vocab {vocab_size}, idle eviction after "
-                             f"{states.idle_s:.1f} s, ORT threads {model.threads}")
+        raise pb_utils.TritonModelException(
+            f"{name} requires input {NOISE} dims [-1, {vocab_size}] "
+            f"(from model.onnx), got {cfg_dims}"
+        )
+    states = SequenceStates(
+        tuple(model.io[STATE_IN].shape[1:]),
+        model.idle_seconds,
+        pb_utils.Logger.log_info,
+        on_change=on_change,
+    )
+    pb_utils.Logger.log_info(
+        f"{name}: state {states.zero.shape}, vocab {vocab_size}, idle eviction after "
+        f"{states.idle_s:.1f} s, ORT threads {model.threads}"
+    )
     return model.config, GenRunner(model.session, states), vocab_size
 
 
-def parse(requests, vocab_size: int, states: SequenceStates) -> tuple[list[GenRequest], dict[int, str]]:
+def parse(
+    requests, vocab_size: int, states: SequenceStates
+) -> tuple[list[GenRequest], dict[int, str]]:
     """(valid requests, {request index: error message}); caller holds states.lock."""
     valid, errors = [], {}
     for i, request in enumerate(requests):
@@ -112,7 +138,10 @@ class TritonPythonModel:
                 ids = self.runner.run(group)  # (B, K)
                 for row, r in enumerate(group):
                     responses[r.index] = pb_utils.InferenceResponse(
-                        output_tensors=[pb_utils.Tensor(OUTPUT_IDS, np.ascontiguousarray(ids[row : row + 1]))])
+                        output_tensors=[
+                            pb_utils.Tensor(OUTPUT_IDS, np.ascontiguousarray(ids[row : row + 1]))
+                        ]
+                    )
                 self.metrics({"characters": ids.size})  # before the responses leave
         return responses
 
@@ -123,17 +152,28 @@ class TritonPythonModel:
         with self.runner.states.lock:
             valid, errors = parse(requests, self.vocab_size, self.runner.states)
             for i, message in errors.items():
-                senders[i].send(pb_utils.InferenceResponse(output_tensors=[], error=invalid(message)),
-                                flags=final)
+                senders[i].send(
+                    pb_utils.InferenceResponse(output_tensors=[], error=invalid(message)),
+                    flags=final,
+                )
             for group in group_by_shape(valid):
                 k = group[0].noise.shape[1]
-                for j, ids in self.runner.steps(group):  # ids (B, 1); states stored before the last one
+                for j, ids in self.runner.steps(
+                    group
+                ):  # ids (B, 1); states stored before the last one
                     if j == k - 1:  # counted before the FINAL responses leave
                         self.metrics({"characters": len(group) * k})
                     for row, r in enumerate(group):
-                        senders[r.index].send(pb_utils.InferenceResponse(output_tensors=[
-                            pb_utils.Tensor(OUTPUT_IDS, np.ascontiguousarray(ids[row : row + 1]))]),
-                            flags=final if j == k - 1 else 0)
+                        senders[r.index].send(
+                            pb_utils.InferenceResponse(
+                                output_tensors=[
+                                    pb_utils.Tensor(
+                                        OUTPUT_IDS, np.ascontiguousarray(ids[row : row + 1])
+                                    )
+                                ]
+                            ),
+                            flags=final if j == k - 1 else 0,
+                        )
         return None
 
     def finalize(self) -> None:

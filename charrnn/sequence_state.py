@@ -38,7 +38,9 @@ def check_ids(ids: np.ndarray, vocab_size: int, max_t: int, name: str = "INPUT_I
     if ids.min() < 0 or ids.max() >= vocab_size:
         # Triton 2.51 casts HTTP JSON integers to INT32 by truncation (http_server.cc): 2^63-1 arrives as -1 and
         # 2^32 + 30 as 30, which no check here can tell from a real 30 (docs/failures.md).
-        hint = " (an HTTP JSON value outside the INT32 range arrives wrapped)" if ids.min() < 0 else ""
+        hint = (
+            " (an HTTP JSON value outside the INT32 range arrives wrapped)" if ids.min() < 0 else ""
+        )
         return f"{name}: ids must be in 0..{vocab_size - 1}, got {int(ids.min())}..{int(ids.max())}{hint}"
     return None
 
@@ -46,28 +48,47 @@ def check_ids(ids: np.ndarray, vocab_size: int, max_t: int, name: str = "INPUT_I
 # The custom metrics of the python-backend models, labelled model="<model name>" (model.py creates them with
 # pb_utils.MetricFamily / Metric; docs/production.md "Metrics"): (name, kind, help, the MetricsSink key feeding it).
 METRICS = (
-    ("charrnn_live_sequences", "GAUGE",
-     "Sequences holding state in the model now (started, not yet ended or evicted)", "live"),
-    ("charrnn_sequences_started_total", "COUNTER",
-     "Requests flagged sequence_start that the model ran (a sequence re-started under a live id counts again)",
-     "started"),
-    ("charrnn_sequences_evicted_total", "COUNTER",
-     "Sequences freed because they were idle longer than max_sequence_idle_microseconds (+1 s), without an END",
-     "evicted"),
-    ("charrnn_characters_generated_total", "COUNTER",
-     "Characters the model returned: one per successful request of a step model (LOGITS for one character), "
-     "K per successful request of a generation model (OUTPUT_IDS)", "characters"),
+    (
+        "charrnn_live_sequences",
+        "GAUGE",
+        "Sequences holding state in the model now (started, not yet ended or evicted)",
+        "live",
+    ),
+    (
+        "charrnn_sequences_started_total",
+        "COUNTER",
+        "Requests flagged sequence_start that the model ran (a sequence re-started under a live id counts again)",
+        "started",
+    ),
+    (
+        "charrnn_sequences_evicted_total",
+        "COUNTER",
+        "Sequences freed because they were idle longer than max_sequence_idle_microseconds (+1 s), without an END",
+        "evicted",
+    ),
+    (
+        "charrnn_characters_generated_total",
+        "COUNTER",
+        "Characters the model returned: one per successful request of a step model (LOGITS for one character), "
+        "K per successful request of a generation model (OUTPUT_IDS)",
+        "characters",
+    ),
 )
 
 
 class SequenceStates:
     """Packed states by correlation id. Counters (`stats()`): live, started, ended, evicted; every change is
     reported to `on_change({"live": d, "started": d, "ended": d, "evicted": d})` (non-zero deltas only) from the
-    thread that made it: execute()'s (scatter, with `lock` held by the caller) or the reaper's (lock released)."""
+    thread that made it: execute()'s (scatter, with `lock` held by the caller) or the reaper's (lock released).
+    """
 
-    def __init__(self, state_dims: tuple[int, ...], idle_seconds: float,
-                 log: Callable[[str], None] = print,
-                 on_change: Callable[[dict[str, int]], None] | None = None) -> None:
+    def __init__(
+        self,
+        state_dims: tuple[int, ...],
+        idle_seconds: float,
+        log: Callable[[str], None] = print,
+        on_change: Callable[[dict[str, int]], None] | None = None,
+    ) -> None:
         self.zero = np.zeros(state_dims, np.float32)
         # Evict a little after Triton frees the slot, never before (a request Triton accepts must find its state).
         self.idle_s = idle_seconds + 1.0
@@ -89,7 +110,12 @@ class SequenceStates:
     def stats(self) -> dict[str, int]:
         """live: sequences holding state now; started / ended / evicted: totals since this store was created."""
         with self.lock:
-            return {"live": len(self.states), "started": self.started, "ended": self.ended, "evicted": self.evicted}
+            return {
+                "live": len(self.states),
+                "started": self.started,
+                "ended": self.ended,
+                "evicted": self.evicted,
+            }
 
     def _report(self, delta: dict[str, int]) -> None:
         delta = {k: v for k, v in delta.items() if v}
@@ -101,13 +127,17 @@ class SequenceStates:
         if corr in (0, ""):
             return "sequence id: missing (this model is stateful: send sequence_id, sequence_start, sequence_end)"
         if not flags & START and corr not in self.states:
-            return (f"unknown sequence (never started, ended, or idle longer than {self.idle_s - 1.0:g} s) "
-                    "(start it again with sequence_start=True)")
+            return (
+                f"unknown sequence (never started, ended, or idle longer than {self.idle_s - 1.0:g} s) "
+                "(start it again with sequence_start=True)"
+            )
         return None
 
     def gather(self, members: list[tuple[object, int]]) -> np.ndarray:
         """States of [(corr, flags), ...] as one (B, S, L, H) batch; zeros for sequence starts."""
-        return np.stack([self.zero if flags & START else self.states[corr] for corr, flags in members])
+        return np.stack(
+            [self.zero if flags & START else self.states[corr] for corr, flags in members]
+        )
 
     def scatter(self, members: list[tuple[object, int]], new_state: np.ndarray) -> None:
         """Keep row b of new_state (B, S, L, H) for member b; free the sequences that END. Caller holds lock."""
@@ -116,7 +146,9 @@ class SequenceStates:
         for row, (corr, flags) in enumerate(members):
             started += bool(flags & START)
             if flags & END:
-                ended += self.states.pop(corr, None) is not None  # START|END: one request, never held
+                ended += (
+                    self.states.pop(corr, None) is not None
+                )  # START|END: one request, never held
                 self.last_used.pop(corr, None)
             else:
                 self.states[corr] = new_state[row].copy()  # own memory: no view pins the batch
@@ -169,7 +201,9 @@ class MetricsSink:
     labels) add up. Calls are serialised (execute() and the reaper thread both report); a metric that fails is
     logged once and then skipped."""
 
-    def __init__(self, metrics: dict[str, object] | None = None, log: Callable[[str], None] = print) -> None:
+    def __init__(
+        self, metrics: dict[str, object] | None = None, log: Callable[[str], None] = print
+    ) -> None:
         self.metrics = dict(metrics or {})
         self._log = log
         self._lock = threading.Lock()
@@ -216,12 +250,16 @@ def load_stateful_model(args: dict, tensors: dict[str, str]) -> StatefulModel:
     if not seq:
         raise ValueError(f"{name} requires sequence_batching, got none")
     if "direct" in seq:
-        raise ValueError(f"{name} requires the oldest strategy, got direct (direct pads batches with null requests)")
+        raise ValueError(
+            f"{name} requires the oldest strategy, got direct (direct pads batches with null requests)"
+        )
     idle_us = int(seq.get("max_sequence_idle_microseconds") or 1_000_000)  # Triton's default: 1 s
     params = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
     threads = params.get("intra_op_threads", "1")
     if not (threads.isascii() and threads.isdigit()) or int(threads) < 1:
-        raise ValueError(f"{name} requires parameter intra_op_threads to be an integer >= 1, got {threads!r}")
+        raise ValueError(
+            f"{name} requires parameter intra_op_threads to be an integer >= 1, got {threads!r}"
+        )
     threads = int(threads)
 
     onnx_path = Path(args["model_repository"]) / args["model_version"] / "model.onnx"
@@ -231,6 +269,8 @@ def load_stateful_model(args: dict, tensors: dict[str, str]) -> StatefulModel:
     io = {t.name: t for t in session.get_inputs() + session.get_outputs()}
     for tensor, dtype in tensors.items():
         if tensor not in io or io[tensor].type != dtype:
-            raise ValueError(f"{name} requires ONNX {tensor} {dtype}, got "
-                             f"{io[tensor].type if tensor in io else 'no such tensor'}")
+            raise ValueError(
+                f"{name} requires ONNX {tensor} {dtype}, got "
+                f"{io[tensor].type if tensor in io else 'no such tensor'}"
+            )
     return StatefulModel(config, session, io, idle_us / 1e6, threads)

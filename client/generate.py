@@ -211,8 +211,9 @@ _OUTAGE_TEXT = (
     "server is stopping",
     "stream removed",
     "no answer for",
-    "channel closed",
-)  # gRPC's ValueError once our side of the connection is closed
+    "channel closed",  # gRPC's ValueError once our side of the connection is closed
+    "connection closed",  # geventhttpclient (HTTP), when a proxy closes a kept-alive connection
+)
 _LOST_TEXT = ("must specify the start flag", "unknown sequence")
 
 

@@ -30,9 +30,6 @@ import numpy as np
 import pytest
 
 from charrnn.contract import MAX_T, Contract
-from charrnn.local_triton import (
-    free_port,
-)  # noqa: F401  (re-exported: the tests import it from here)
 from charrnn.repository import GEN_STREAM, ONNX, PYTHON, SHARED_PYTHON_MODELS
 from charrnn.sampling import SamplingParams
 from charrnn.vocab import Vocab

@@ -12,13 +12,13 @@ import time
 
 import pytest
 
+from charrnn.local_triton import free_port
 from charrnn.repository import PYTHON
 from charrnn.sampling import SamplingParams
 from tests.conftest import (
     ROOT,
     client_cmd,
     ensure_up,
-    free_port,
     inference_count,
     kill_server,
     restart_later,

@@ -24,10 +24,11 @@ from pathlib import Path
 import pytest
 
 from charrnn.errors import UnavailableError
+from charrnn.local_triton import free_port
 from charrnn.repository import DECOUPLED_MODELS, GEN_PYTHON, GEN_STREAM, PYTHON, PYTHON_MODELS
 from charrnn.repository import SHARED_PYTHON_MODELS as SHARED_MODELS
 from charrnn.sampling import SamplingParams
-from tests.conftest import ROOT, free_port, served, tf_text
+from tests.conftest import ROOT, served, tf_text
 
 REQUIRE_DOCKER = os.environ.get("CHARRNN_REQUIRE_DOCKER") == "1"
 SERVICE, STREAM_SERVICE = "triton-slim", "triton-slim-stream"

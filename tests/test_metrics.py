@@ -79,13 +79,18 @@ def reported(clock):
 
 
 def test_a_new_store_counts_nothing(reported):
-    assert reported.stats() == {"live": 0, "started": 0, "ended": 0, "evicted": 0} and reported.deltas == []
+    assert (
+        reported.stats() == {"live": 0, "started": 0, "ended": 0, "evicted": 0}
+        and reported.deltas == []
+    )
 
 
 def test_start_continue_and_end_are_counted_and_reported_as_deltas(reported):
     reported.scatter([(1, START), (2, START), (3, START)], one(1.0, 3))
     assert reported.deltas == [{"live": 3, "started": 3}]
-    reported.scatter([(1, 0), (2, 0)], one(2.0, 2))  # continuing: nothing changes, nothing is reported
+    reported.scatter(
+        [(1, 0), (2, 0)], one(2.0, 2)
+    )  # continuing: nothing changes, nothing is reported
     assert reported.deltas == [{"live": 3, "started": 3}]
     reported.scatter([(1, END), (3, 0)], one(3.0, 2))
     assert reported.deltas[-1] == {"live": -1, "ended": 1}
@@ -94,7 +99,9 @@ def test_start_continue_and_end_are_counted_and_reported_as_deltas(reported):
 
 def test_a_restart_under_a_live_id_and_a_one_request_sequence(reported):
     reported.scatter([(1, START)], one(1.0))
-    reported.scatter([(1, START)], one(2.0))  # the client started id 1 again: started, still one live
+    reported.scatter(
+        [(1, START)], one(2.0)
+    )  # the client started id 1 again: started, still one live
     assert reported.deltas[-1] == {"started": 1}
     reported.scatter([(2, START | END)], one(3.0))  # one request: started, never held, not "ended"
     assert reported.deltas[-1] == {"started": 1}
@@ -156,7 +163,12 @@ def test_the_sink_increments_the_metric_of_each_key_and_ignores_the_rest():
     sink({"live": 3, "started": 3, "ended": 0})
     sink({"live": -1, "ended": 1, "evicted": 1, "characters": 40})
     sink({"characters": 0})  # zero: no call
-    assert {k: m.value for k, m in metrics.items()} == {"live": 2, "started": 3, "evicted": 1, "characters": 40}
+    assert {k: m.value for k, m in metrics.items()} == {
+        "live": 2,
+        "started": 3,
+        "evicted": 1,
+        "characters": 40,
+    }
     assert metrics["characters"].calls == 1
 
 
@@ -176,7 +188,10 @@ def test_a_sink_without_metrics_does_nothing():
 def test_concurrent_reports_add_up():
     metric = FakeMetric()
     sink = MetricsSink({"characters": metric})
-    threads = [threading.Thread(target=lambda: [sink({"characters": 1}) for _ in range(500)]) for _ in range(4)]
+    threads = [
+        threading.Thread(target=lambda: [sink({"characters": 1}) for _ in range(500)])
+        for _ in range(4)
+    ]
     for t in threads:
         t.start()
     for t in threads:
@@ -191,8 +206,11 @@ def test_the_store_and_the_sink_together_mirror_stats(reported):
         s.scatter([(1, START), (2, START), (3, START | END)], one(1.0, 3))
         s.scatter([(1, END)], one(1.0))
         stats = s.stats()
-        assert (metrics["live"].value, metrics["started"].value, metrics["evicted"].value) == \
-               (stats["live"], stats["started"], stats["evicted"]) == (1, 3, 0)
+        assert (
+            (metrics["live"].value, metrics["started"].value, metrics["evicted"].value)
+            == (stats["live"], stats["started"], stats["evicted"])
+            == (1, 3, 0)
+        )
     finally:
         s.close()
     assert metrics["live"].value == 0
@@ -204,6 +222,7 @@ def fake_pb_utils(with_metrics: bool, fail: bool = False) -> types.ModuleType:
     pb.logged = []
     pb.Logger = types.SimpleNamespace(log_info=pb.logged.append, log_warn=pb.logged.append)
     if with_metrics:
+
         class MetricFamily:
             COUNTER, GAUGE = "counter", "gauge"
 
@@ -226,7 +245,9 @@ def load_model_file(path: Path, pb) -> types.ModuleType:
     saved = sys.modules.get("triton_python_backend_utils")
     sys.modules["triton_python_backend_utils"] = pb
     try:
-        spec = importlib.util.spec_from_file_location(f"_metrics_test_{path.parent.name}_{path.stem}", path)
+        spec = importlib.util.spec_from_file_location(
+            f"_metrics_test_{path.parent.name}_{path.stem}", path
+        )
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
         return module
@@ -237,18 +258,28 @@ def load_model_file(path: Path, pb) -> types.ModuleType:
             sys.modules["triton_python_backend_utils"] = saved
 
 
-MODEL_FILES = [ROOT / "model_repository" / PYTHON / "1" / "model.py", ROOT / "charrnn" / "gen_model.py"]
+MODEL_FILES = [
+    ROOT / "model_repository" / PYTHON / "1" / "model.py",
+    ROOT / "charrnn" / "gen_model.py",
+]
 
 
 @pytest.mark.parametrize("path", MODEL_FILES, ids=["model.py", "gen_model.py"])
 def test_create_metrics_makes_one_labelled_metric_per_family(path):
     pb = fake_pb_utils(with_metrics=True)
     families, sink = load_model_file(path, pb).create_metrics("charrnn_x")
-    assert [(f.name, f.kind) for f in families] == [(LIVE, "gauge"), (STARTED, "counter"), (EVICTED, "counter"),
-                                                    (CHARS, "counter")]
+    assert [(f.name, f.kind) for f in families] == [
+        (LIVE, "gauge"),
+        (STARTED, "counter"),
+        (EVICTED, "counter"),
+        (CHARS, "counter"),
+    ]
     assert {k: (m.family.name, m.labels) for k, m in sink.metrics.items()} == {
-        "live": (LIVE, {"model": "charrnn_x"}), "started": (STARTED, {"model": "charrnn_x"}),
-        "evicted": (EVICTED, {"model": "charrnn_x"}), "characters": (CHARS, {"model": "charrnn_x"})}
+        "live": (LIVE, {"model": "charrnn_x"}),
+        "started": (STARTED, {"model": "charrnn_x"}),
+        "evicted": (EVICTED, {"model": "charrnn_x"}),
+        "characters": (CHARS, {"model": "charrnn_x"}),
+    }
     assert pb.logged == []
 
 
@@ -259,12 +290,13 @@ def test_without_metrics_the_model_serves_without_them_and_says_so(path, fail):
     families, sink = load_model_file(path, pb).create_metrics("charrnn_x")
     assert families == [] and sink.metrics == {}
     sink({"live": 1, "characters": 3})  # a no-op
-    assert len(pb.logged) == 1 and pb.logged[0].startswith("charrnn_x: custom metrics unavailable, serving "
-                                                           "without them (")
+    assert len(pb.logged) == 1 and pb.logged[0].startswith(
+        "charrnn_x: custom metrics unavailable, serving " "without them ("
+    )
 
 
 # === on real local servers ===================================================================================
-SAMPLE = re.compile(r'^(\w+)\{([^}]*)\}\s+(\S+)$')
+SAMPLE = re.compile(r"^(\w+)\{([^}]*)\}\s+(\S+)$")
 LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
 
 
@@ -287,14 +319,19 @@ def delta(after: dict[str, float], before: dict[str, float]) -> dict[str, float]
     return {k: after[k] - before[k] for k in (STARTED, EVICTED, CHARS)}
 
 
-def copy_repo(shipped_repo: Path, dest: Path, models: tuple[str, ...], idle_s: int | None = None) -> Path:
+def copy_repo(
+    shipped_repo: Path, dest: Path, models: tuple[str, ...], idle_s: int | None = None
+) -> Path:
     """The shipped export's `models` in a repository of their own, with another idle timeout if given."""
     for name in models:
         shutil.copytree(shipped_repo / name, dest / name, symlinks=True)
         if idle_s is not None:
             config = dest / name / "config.pbtxt"
-            text, n = re.subn(r"max_sequence_idle_microseconds: \d+", f"max_sequence_idle_microseconds: "
-                              f"{idle_s * 1_000_000}", config.read_text())
+            text, n = re.subn(
+                r"max_sequence_idle_microseconds: \d+",
+                f"max_sequence_idle_microseconds: " f"{idle_s * 1_000_000}",
+                config.read_text(),
+            )
             assert n == 1, f"{config} should set max_sequence_idle_microseconds once"
             config.write_text(text)
     return dest
@@ -327,8 +364,12 @@ def streaming(shipped_repo, tmp_path_factory):
 @pytest.fixture(scope="module")
 def short_idle(shipped_repo, tmp_path_factory):
     """charrnn_python and charrnn_gen_python freeing sequences idle for SHORT_IDLE_S (model: + 1 s)."""
-    repo = copy_repo(shipped_repo, tmp_path_factory.mktemp("metrics-repo-short-idle"), SHARED_PYTHON_MODELS,
-                     SHORT_IDLE_S)
+    repo = copy_repo(
+        shipped_repo,
+        tmp_path_factory.mktemp("metrics-repo-short-idle"),
+        SHARED_PYTHON_MODELS,
+        SHORT_IDLE_S,
+    )
     s = start(repo, tmp_path_factory.mktemp("metrics-serve-short-idle"), SHARED_PYTHON_MODELS)
     assert f"idle eviction after {SHORT_IDLE_S + 1:.1f} s" in s.log_path.read_text()
     yield s
@@ -342,7 +383,9 @@ def served(request):
     return request.getfixturevalue("streaming" if model == GEN_STREAM else "shared"), model
 
 
-def open_sequences(conn, model: str, vocab, n: int, prompt: str = "ROMEO:") -> list[tuple[int, int]]:
+def open_sequences(
+    conn, model: str, vocab, n: int, prompt: str = "ROMEO:"
+) -> list[tuple[int, int]]:
     """Start n sequences with one request each (the prompt; no END); returns [(sequence id, last id)] once
     every answer is in. A generation model generates K = 1 (greedy)."""
     from client.generate import new_sequence_ids
@@ -358,8 +401,14 @@ def open_sequences(conn, model: str, vocab, n: int, prompt: str = "ROMEO:") -> l
 def end_sequences(conn, model: str, opened: list[tuple[int, int]]) -> None:
     """Send each sequence's last id with END; return once every answer is in."""
     for sid, last in opened:
-        conn.send(f"{sid}:end", model, request_inputs(model, np.array([[last]], np.int32)), sid, start=False,
-                  end=True)
+        conn.send(
+            f"{sid}:end",
+            model,
+            request_inputs(model, np.array([[last]], np.int32)),
+            sid,
+            start=False,
+            end=True,
+        )
     collect(conn, len(opened))
 
 
@@ -367,8 +416,12 @@ def request_inputs(model: str, ids: np.ndarray) -> dict[str, np.ndarray]:
     if model == PYTHON:
         return {INPUT_IDS: ids}
     v = 65
-    return {INPUT_IDS: ids, NOISE: np.full((1, 1, v), 0.5, np.float32), TEMPERATURE: np.zeros((1, 1), np.float32),
-            TOP_K: np.zeros((1, 1), np.int32)}
+    return {
+        INPUT_IDS: ids,
+        NOISE: np.full((1, 1, v), 0.5, np.float32),
+        TEMPERATURE: np.zeros((1, 1), np.float32),
+        TOP_K: np.zeros((1, 1), np.int32),
+    }
 
 
 def collect(conn, n: int, timeout: float = 60.0) -> dict[str, int]:
@@ -385,8 +438,11 @@ def collect(conn, n: int, timeout: float = 60.0) -> dict[str, int]:
         assert answer.error is None, answer.error
         result = answer.result
         names = {o.name for o in result.get_response().outputs}
-        got[answer.request_id] = int(result.as_numpy("OUTPUT_IDS").reshape(-1)[0]) if "OUTPUT_IDS" in names else \
-            int(np.argmax(result.as_numpy("LOGITS")[0]))
+        got[answer.request_id] = (
+            int(result.as_numpy("OUTPUT_IDS").reshape(-1)[0])
+            if "OUTPUT_IDS" in names
+            else int(np.argmax(result.as_numpy("LOGITS")[0]))
+        )
     return got
 
 
@@ -436,13 +492,23 @@ def test_characters_generated_equal_what_the_client_received(served, length):
 
     server, model = served
     chunk = None if model == PYTHON else 8  # K = 8: the last request of 37 asks for 5
-    params = [SamplingParams(temperature=0.9, top_k=20, seed=3), SamplingParams(greedy=True),
-              SamplingParams(temperature=1.1, seed=4)]
+    params = [
+        SamplingParams(temperature=0.9, top_k=20, seed=3),
+        SamplingParams(greedy=True),
+        SamplingParams(temperature=1.1, seed=4),
+    ]
     before = scrape(server, model)
     conn = connect(server)
     try:
-        seqs = generate(conn, model, conn.vocabulary(model), ["ROMEO:", "First Citizen:\n", "KING"], length,
-                        params, chunk=chunk)
+        seqs = generate(
+            conn,
+            model,
+            conn.vocabulary(model),
+            ["ROMEO:", "First Citizen:\n", "KING"],
+            length,
+            params,
+            chunk=chunk,
+        )
     finally:
         conn.close()
     after = scrape(server, model)
@@ -459,11 +525,20 @@ def test_abandoned_sequences_are_counted_as_evicted_after_the_idle_timeout(short
     before = {model: scrape(short_idle, model) for model in SHARED_PYTHON_MODELS}
     conn = connect(short_idle)
     try:
-        opened = {model: open_sequences(conn, model, conn.vocabulary(model), n)
-                  for model, n in zip(SHARED_PYTHON_MODELS, (3, 2))}
+        opened = {
+            model: open_sequences(conn, model, conn.vocabulary(model), n)
+            for model, n in zip(SHARED_PYTHON_MODELS, (3, 2))
+        }
         # A sequence run to its END meanwhile is not evicted.
-        seqs = generate(conn, GEN_PYTHON, conn.vocabulary(GEN_PYTHON), ["ROMEO:"], 12, SamplingParams(greedy=True),
-                        chunk=4)
+        seqs = generate(
+            conn,
+            GEN_PYTHON,
+            conn.vocabulary(GEN_PYTHON),
+            ["ROMEO:"],
+            12,
+            SamplingParams(greedy=True),
+            chunk=4,
+        )
     finally:
         conn.close()  # the opened sequences are abandoned: no END
     assert len(seqs[0].generated) == 12
@@ -474,7 +549,9 @@ def test_abandoned_sequences_are_counted_as_evicted_after_the_idle_timeout(short
 
     # Triton frees the slots after SHORT_IDLE_S, the model one second later (its reaper looks every 0.75 s).
     def evicted() -> bool:
-        return all(scrape(short_idle, m)[EVICTED] - before[m][EVICTED] >= len(opened[m]) for m in opened)
+        return all(
+            scrape(short_idle, m)[EVICTED] - before[m][EVICTED] >= len(opened[m]) for m in opened
+        )
 
     t0 = time.monotonic()
     wait_for(evicted, 60, "the abandoned sequences to be counted as evicted", period=0.2)
@@ -484,6 +561,10 @@ def test_abandoned_sequences_are_counted_as_evicted_after_the_idle_timeout(short
         n = len(opened[model])
         extra = 1 if model == GEN_PYTHON else 0  # the generated sequence
         assert after[LIVE] == 0, model
-        assert delta(after, before[model]) == {STARTED: n + extra, EVICTED: n, CHARS: n + 12 * extra}, model
+        assert delta(after, before[model]) == {
+            STARTED: n + extra,
+            EVICTED: n,
+            CHARS: n + 12 * extra,
+        }, model
     log = short_idle.log_path.read_text()
     assert sum(int(k) for k in re.findall(r"evicted (\d+) idle sequence\(s\)", log)) == 5

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from charrnn.data import CORPUS_MD5, md5_of
-from tests.conftest import PY, ROOT, free_port
+from charrnn.local_triton import free_port
+from tests.conftest import PY, ROOT
 from train.prepare import main as prepare
 
 

@@ -26,10 +26,12 @@ def test_no_pickle_eval_exec_anywhere():
     hits = []
     for name in files:
         path = ROOT / name
-        if not path.is_file():
+        if (
+            not path.is_file() or name == "tests/test_security.py"
+        ):  # this file spells the patterns out
             continue
         for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
             code = line.split("#", 1)[0]
-            if UNSAFE.search(code) and not (name == "tests/test_security.py" and "UNSAFE" in code):
+            if UNSAFE.search(code):
                 hits.append((name, number, line.strip()))
     assert hits == [], f"unsafe deserialization/evaluation: {hits}"

@@ -34,17 +34,23 @@ from charrnn.sequence_state import (
 
 def create_metrics(model_name: str) -> tuple[list, MetricsSink]:
     """(the MetricFamily objects, a MetricsSink of their Metric labelled model=<name>); no metrics, one log line,
-    if this Triton's python backend has no custom metrics API (or the server was built without metrics)."""
+    if this Triton's python backend has no custom metrics API (or the server was built without metrics).
+    """
     log = pb_utils.Logger.log_warn
     families, metrics = [], {}
     try:
         for name, kind, description, key in METRICS:
-            family = pb_utils.MetricFamily(name=name, description=description,
-                                           kind=getattr(pb_utils.MetricFamily, kind))
+            family = pb_utils.MetricFamily(
+                name=name, description=description, kind=getattr(pb_utils.MetricFamily, kind)
+            )
             families.append(family)
             metrics[key] = family.Metric(labels={"model": model_name})
-    except Exception as e:  # AttributeError: no pb_utils.MetricFamily; the server's "metrics not supported"
-        log(f"{model_name}: custom metrics unavailable, serving without them ({type(e).__name__}: {e})")
+    except (
+        Exception
+    ) as e:  # AttributeError: no pb_utils.MetricFamily; the server's "metrics not supported"
+        log(
+            f"{model_name}: custom metrics unavailable, serving without them ({type(e).__name__}: {e})"
+        )
         metrics.clear()
     return families, MetricsSink(metrics, log)
 
@@ -53,21 +59,38 @@ class TritonPythonModel:
     def initialize(self, args: dict) -> None:
         name = args["model_name"]
         try:
-            model = load_stateful_model(args, {INPUT_IDS: "tensor(int32)", STATE_IN: "tensor(float)",
-                                               LOGITS: "tensor(float)", STATE_OUT: "tensor(float)"})
+            model = load_stateful_model(
+                args,
+                {
+                    INPUT_IDS: "tensor(int32)",
+                    STATE_IN: "tensor(float)",
+                    LOGITS: "tensor(float)",
+                    STATE_OUT: "tensor(float)",
+                },
+            )
         except ValueError as e:
             raise pb_utils.TritonModelException(str(e)) from e
         self.session = model.session
         self.vocab_size = int(model.io[LOGITS].shape[1])
-        cfg_dims = [int(d) for o in model.config.get("output", []) if o["name"] == LOGITS for d in o["dims"]]
+        cfg_dims = [
+            int(d) for o in model.config.get("output", []) if o["name"] == LOGITS for d in o["dims"]
+        ]
         if cfg_dims != [self.vocab_size]:
-            raise pb_utils.TritonModelException(f"{name} requires output {LOGITS} dims [{self.vocab_size}] "
-                                                f"(from model.onnx), got {cfg_dims}")
+            raise pb_utils.TritonModelException(
+                f"{name} requires output {LOGITS} dims [{self.vocab_size}] "
+                f"(from model.onnx), got {cfg_dims}"
+            )
         self.metric_families, self.metrics = create_metrics(name)
-        self.states = SequenceStates(tuple(model.io[STATE_IN].shape[1:]), model.idle_seconds,
-                                     pb_utils.Logger.log_info, on_change=self.metrics)
-        pb_utils.Logger.log_info(f"{name}: state {self.states.zero.shape}, vocab {self.vocab_size}, idle eviction "
-                                 f"after {self.states.idle_s:.1f} s, ORT threads {model.threads}")
+        self.states = SequenceStates(
+            tuple(model.io[STATE_IN].shape[1:]),
+            model.idle_seconds,
+            pb_utils.Logger.log_info,
+            on_change=self.metrics,
+        )
+        pb_utils.Logger.log_info(
+            f"{name}: state {self.states.zero.shape}, vocab {self.vocab_size}, idle eviction "
+            f"after {self.states.idle_s:.1f} s, ORT threads {model.threads}"
+        )
 
     def execute(self, requests):
         responses = [None] * len(requests)
@@ -77,23 +100,35 @@ class TritonPythonModel:
                 corr, flags = request.correlation_id(), request.flags()
                 tensor = pb_utils.get_input_tensor_by_name(request, INPUT_IDS)
                 ids = tensor.as_numpy() if tensor is not None else None
-                error = (f"{INPUT_IDS}: missing" if ids is None else
-                         check_ids(ids, self.vocab_size, MAX_T) or self.states.check(corr, flags))
-                if error:  # named by sequence: gRPC stream errors reach clients without a request id
+                error = (
+                    f"{INPUT_IDS}: missing"
+                    if ids is None
+                    else check_ids(ids, self.vocab_size, MAX_T) or self.states.check(corr, flags)
+                )
+                if (
+                    error
+                ):  # named by sequence: gRPC stream errors reach clients without a request id
                     responses[i] = pb_utils.InferenceResponse(
-                        output_tensors=[], error=pb_utils.TritonError(f"sequence {corr}: {error}",
-                                                                      pb_utils.TritonError.INVALID_ARG))
+                        output_tensors=[],
+                        error=pb_utils.TritonError(
+                            f"sequence {corr}: {error}", pb_utils.TritonError.INVALID_ARG
+                        ),
+                    )
                 else:
                     groups.setdefault(ids.shape[1], []).append((i, corr, flags, ids))
             for members in groups.values():
                 keys = [(corr, flags) for _, corr, flags, _ in members]
-                ids = members[0][3] if len(members) == 1 else np.concatenate([m[3] for m in members])  # (B, T)
+                ids = (
+                    members[0][3] if len(members) == 1 else np.concatenate([m[3] for m in members])
+                )  # (B, T)
                 logits, new_state = self.session.run(
-                    [LOGITS, STATE_OUT], {INPUT_IDS: ids, STATE_IN: self.states.gather(keys)})  # (B, V), (B, S, L, H)
+                    [LOGITS, STATE_OUT], {INPUT_IDS: ids, STATE_IN: self.states.gather(keys)}
+                )  # (B, V), (B, S, L, H)
                 self.states.scatter(keys, new_state)
                 for row, (i, *_) in enumerate(members):
                     responses[i] = pb_utils.InferenceResponse(
-                        output_tensors=[pb_utils.Tensor(LOGITS, logits[row : row + 1])])
+                        output_tensors=[pb_utils.Tensor(LOGITS, logits[row : row + 1])]
+                    )
             # Before the responses leave: a client that has its answer finds it counted.
             self.metrics({"characters": sum(len(members) for members in groups.values())})
         return responses
