@@ -14,7 +14,7 @@ PYTEST_FLAGS ?=
 
 .PHONY: setup data train evaluate sample export verify plan serve stop demo test test-slow clean help \
         bench soak import perf-input compose-plan compose-up compose-up-cpu compose-down perf \
-        images compose-up-slim perf-slim soak-mixed lint format compose-up-scale
+        images compose-up-slim perf-slim soak-mixed lint format compose-up-scale bench-scale
 
 help:
 	@grep -E '^[a-z-]+:.*## ' Makefile | sed 's/:.*## /\t/'
@@ -146,6 +146,9 @@ compose-up-scale: $(ONNX) .env ## N Triton replicas (N=2) behind HAProxy on 127.
 	$(PY) -m serve.images triton-slim proxy
 	$(COMPOSE) --profile scale up -d --wait --scale triton-replica=$(N) proxy triton-replica
 	$(PY) -c 'import sys; from serve.scale import wait_for_replicas; sys.exit(wait_for_replicas($(N)))'
+
+bench-scale: $(ONNX) ## chars/s of 64 sequences: one replica direct vs 1, 2, 3 behind the proxy (Docker) -> bench/results/scale.*
+	$(PY) -m bench.scale $(BENCH_SCALE_FLAGS)
 
 perf-slim: perf-input .env ## perf_analyzer (container) vs our client against the slim stack -> bench/results/perf*
 	$(PY) -m serve.images perf-slim

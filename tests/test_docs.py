@@ -41,6 +41,7 @@ CLIS = (
     "bench.ab",
     "bench.soak",
     "bench.mixed_soak",
+    "bench.scale",
     "bench.perf_input",
     "bench.perf_report",
 )

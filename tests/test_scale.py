@@ -554,3 +554,22 @@ def test_http_body_over_the_bound_gets_413_and_no_replica_sees_it(stack):
     )
     assert all(len(a) == REPLICAS for a in up(stack.stats).values())
     step(stack, "http", 7, start=True, end=True, key="after-413")
+
+
+def test_bench_scale_measures_direct_and_proxied_side_by_side(images, shipped_repo, tmp_path):
+    """`make bench-scale`'s code path, small: one replica direct and behind the proxy, the table and JSON."""
+    from bench.scale import main
+
+    flags = ["--replicas", "1", "--sequences", "4", "--length", "10", "--repo", str(shipped_repo)]
+    assert main([*flags, "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "scale.json").read_text())
+    assert [r["config"] for r in report["rows"]] == ["direct", "proxy, 1 replica(s)"]
+    assert all(
+        r["chars_per_s"] > 0 and r["cpu_pct_of_machine"]["client"] > 0 for r in report["rows"]
+    )
+    proxied = report["rows"][1]["cpu_pct_of_machine"]
+    assert (
+        proxied["triton-replica"] > 0 and proxied["proxy"] > 0
+    ), proxied  # where the CPU went, measured
+    assert "| proxy, 1 replica(s) |" in (tmp_path / "scale.md").read_text()
+    assert main(["--replicas", "9"]) == 2  # haproxy.cfg has 8 slots
