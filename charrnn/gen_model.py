@@ -30,30 +30,7 @@ import triton_python_backend_utils as pb_utils
 
 from charrnn.contract import INPUT_IDS, NOISE, OUTPUT_IDS, STATE_IN, TEMPERATURE, TOP_K
 from charrnn.gen_serving import GenRequest, GenRunner, check_gen_request, group_by_shape
-from charrnn.sequence_state import METRICS, MetricsSink, SequenceStates, load_stateful_model
-
-
-def create_metrics(model_name: str) -> tuple[list, MetricsSink]:
-    """(the MetricFamily objects, a MetricsSink of their Metric labelled model=<name>); no metrics, one log line,
-    if this Triton's python backend has no custom metrics API (or the server was built without metrics).
-    """
-    log = pb_utils.Logger.log_warn
-    families, metrics = [], {}
-    try:
-        for name, kind, description, key in METRICS:
-            family = pb_utils.MetricFamily(
-                name=name, description=description, kind=getattr(pb_utils.MetricFamily, kind)
-            )
-            families.append(family)
-            metrics[key] = family.Metric(labels={"model": model_name})
-    except (
-        Exception
-    ) as e:  # AttributeError: no pb_utils.MetricFamily; the server's "metrics not supported"
-        log(
-            f"{model_name}: custom metrics unavailable, serving without them ({type(e).__name__}: {e})"
-        )
-        metrics.clear()
-    return families, MetricsSink(metrics, log)
+from charrnn.sequence_state import SequenceStates, create_metrics, load_stateful_model
 
 
 def load(args: dict, on_change=None) -> tuple[dict, GenRunner, int]:
@@ -122,7 +99,7 @@ def invalid(message: str):
 
 class TritonPythonModel:
     def initialize(self, args: dict) -> None:
-        self.metric_families, self.metrics = create_metrics(args["model_name"])
+        self.metric_families, self.metrics = create_metrics(pb_utils, args["model_name"])
         config, self.runner, self.vocab_size = load(args, on_change=self.metrics)
         self.decoupled = pb_utils.using_decoupled_model_transaction_policy(config)
 

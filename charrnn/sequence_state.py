@@ -226,6 +226,30 @@ class MetricsSink:
             self.metrics.clear()
 
 
+def create_metrics(pb_utils, model_name: str) -> tuple[list, MetricsSink]:
+    """(the MetricFamily objects, a MetricsSink of their Metric labelled model=<name>) for a python-backend model;
+    `pb_utils` is the triton_python_backend_utils module the model imported (this module stays free of Triton).
+    No metrics, one log line, if this Triton's python backend has no custom metrics API (or the server was built
+    without metrics)."""
+    log = pb_utils.Logger.log_warn
+    families, metrics = [], {}
+    try:
+        for name, kind, description, key in METRICS:
+            family = pb_utils.MetricFamily(
+                name=name, description=description, kind=getattr(pb_utils.MetricFamily, kind)
+            )
+            families.append(family)
+            metrics[key] = family.Metric(labels={"model": model_name})
+    except (
+        Exception
+    ) as e:  # AttributeError: no pb_utils.MetricFamily; the server's "metrics not supported"
+        log(
+            f"{model_name}: custom metrics unavailable, serving without them ({type(e).__name__}: {e})"
+        )
+        metrics.clear()
+    return families, MetricsSink(metrics, log)
+
+
 @dataclass
 class StatefulModel:
     """What a python-backend model's initialize() gets from load_stateful_model."""

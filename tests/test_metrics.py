@@ -267,7 +267,7 @@ MODEL_FILES = [
 @pytest.mark.parametrize("path", MODEL_FILES, ids=["model.py", "gen_model.py"])
 def test_create_metrics_makes_one_labelled_metric_per_family(path):
     pb = fake_pb_utils(with_metrics=True)
-    families, sink = load_model_file(path, pb).create_metrics("charrnn_x")
+    families, sink = load_model_file(path, pb).create_metrics(pb, "charrnn_x")
     assert [(f.name, f.kind) for f in families] == [
         (LIVE, "gauge"),
         (STARTED, "counter"),
@@ -287,7 +287,7 @@ def test_create_metrics_makes_one_labelled_metric_per_family(path):
 @pytest.mark.parametrize("fail", [False, True], ids=["no-metrics-api", "metrics-not-supported"])
 def test_without_metrics_the_model_serves_without_them_and_says_so(path, fail):
     pb = fake_pb_utils(with_metrics=fail, fail=fail)
-    families, sink = load_model_file(path, pb).create_metrics("charrnn_x")
+    families, sink = load_model_file(path, pb).create_metrics(pb, "charrnn_x")
     assert families == [] and sink.metrics == {}
     sink({"live": 1, "characters": 3})  # a no-op
     assert len(pb.logged) == 1 and pb.logged[0].startswith(

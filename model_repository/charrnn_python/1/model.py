@@ -23,36 +23,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from charrnn.contract import INPUT_IDS, LOGITS, MAX_T, STATE_IN, STATE_OUT
-from charrnn.sequence_state import (
-    METRICS,
-    MetricsSink,
-    SequenceStates,
-    check_ids,
-    load_stateful_model,
-)
-
-
-def create_metrics(model_name: str) -> tuple[list, MetricsSink]:
-    """(the MetricFamily objects, a MetricsSink of their Metric labelled model=<name>); no metrics, one log line,
-    if this Triton's python backend has no custom metrics API (or the server was built without metrics).
-    """
-    log = pb_utils.Logger.log_warn
-    families, metrics = [], {}
-    try:
-        for name, kind, description, key in METRICS:
-            family = pb_utils.MetricFamily(
-                name=name, description=description, kind=getattr(pb_utils.MetricFamily, kind)
-            )
-            families.append(family)
-            metrics[key] = family.Metric(labels={"model": model_name})
-    except (
-        Exception
-    ) as e:  # AttributeError: no pb_utils.MetricFamily; the server's "metrics not supported"
-        log(
-            f"{model_name}: custom metrics unavailable, serving without them ({type(e).__name__}: {e})"
-        )
-        metrics.clear()
-    return families, MetricsSink(metrics, log)
+from charrnn.sequence_state import SequenceStates, check_ids, create_metrics, load_stateful_model
 
 
 class TritonPythonModel:
@@ -80,7 +51,7 @@ class TritonPythonModel:
                 f"{name} requires output {LOGITS} dims [{self.vocab_size}] "
                 f"(from model.onnx), got {cfg_dims}"
             )
-        self.metric_families, self.metrics = create_metrics(name)
+        self.metric_families, self.metrics = create_metrics(pb_utils, name)
         self.states = SequenceStates(
             tuple(model.io[STATE_IN].shape[1:]),
             model.idle_seconds,
