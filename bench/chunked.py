@@ -23,7 +23,7 @@ import numpy as np
 
 from charrnn.cli import parser
 from charrnn.errors import cli
-from charrnn.repository import GEN_PYTHON
+from charrnn.repository import GEN_ONNX, GEN_PYTHON
 
 ROOT = Path(__file__).resolve().parent.parent
 KS = (1, 8, 32, 128)
@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     ks = [int(x) for x in args.k.split(",") if x]
     print(
         f"in-process ORT, generation graph, batch 1, K=128: "
-        f"{ort_gen_chars_per_s(repo / 'charrnn_gen_onnx' / '1' / 'model.onnx'):.0f} chars/s",
+        f"{ort_gen_chars_per_s(repo / GEN_ONNX / '1' / 'model.onnx'):.0f} chars/s",
         flush=True,
     )
     server = LocalTriton.on_free_ports(

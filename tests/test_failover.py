@@ -18,6 +18,7 @@ import time
 import pytest
 
 from charrnn.local_triton import free_port
+from charrnn.repository import PYTHON
 from charrnn.sampling import SamplingParams
 from serve.scale import servers, wait_for_replicas
 from tests.conftest import served
@@ -112,10 +113,10 @@ def run(s: Stack, n: int, length: int, protocol: str, shards: int, on_text=None,
     url = s.grpc_url if protocol == "grpc" else s.http_url
     conn = Connection(url, protocol, infer_key=s.infer_key, shards=shards)
     try:
-        vocab = conn.vocabulary("charrnn_python")
+        vocab = conn.vocabulary(PYTHON)
         seqs = generate(
             conn,
-            "charrnn_python",
+            PYTHON,
             vocab,
             prompts(n),
             length,

@@ -30,7 +30,7 @@ import pytest
 from charrnn.contract import INFER_KEY_HEADER, ROUTING_HEADER
 from charrnn.errors import UnavailableError
 from charrnn.local_triton import free_port
-from charrnn.repository import SHARED_PYTHON_MODELS
+from charrnn.repository import PYTHON, SHARED_PYTHON_MODELS
 from charrnn.sampling import SamplingParams
 from serve.scale import BACKENDS, servers, stats_url, up, wait_for_replicas
 from tests.conftest import tf_text
@@ -40,7 +40,7 @@ REQUIRE_DOCKER = os.environ.get("CHARRNN_REQUIRE_DOCKER") == "1"
 PROXY, REPLICA = "proxy", "triton-replica"
 REPLICAS = 3
 SLOTS = 8  # server-template replica 8 in serve/haproxy.cfg
-MODEL = "charrnn_python"
+MODEL = PYTHON
 BODY_LIMIT = 16 * 2**20  # serve/haproxy.cfg: deny ... 413 if content-length > 16777216
 # Each replica's Prometheus metrics, read inside it (replicas publish no port).
 METRICS = (
