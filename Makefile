@@ -148,6 +148,7 @@ compose-up-scale: $(ONNX) .env ## N Triton replicas (N=2) behind HAProxy on 127.
 	$(PY) -c 'import sys; from serve.scale import wait_for_replicas; sys.exit(wait_for_replicas($(N)))'
 
 bench-scale: $(ONNX) ## chars/s of 64 sequences: one replica direct vs 1, 2, 3 behind the proxy (Docker) -> bench/results/scale.*
+	$(PY) -m serve.images triton-slim proxy
 	$(PY) -m bench.scale $(BENCH_SCALE_FLAGS)
 
 perf-slim: perf-input .env ## perf_analyzer (container) vs our client against the slim stack -> bench/results/perf*

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from charrnn.cli import parser
-from charrnn.errors import UserError, cli
+from charrnn.errors import UnavailableError, UserError, cli
 from charrnn.local_triton import free_port
 from charrnn.repository import PYTHON
 from charrnn.sampling import SamplingParams
@@ -33,14 +33,13 @@ PROMPTS = ["ROMEO:\n", "JULIET:\n", "KING HENRY VI:\nO", "First Citizen:\n"]
 class Compose:
     """One compose project of the slim and scale profiles on free loopback ports, serving `repo`."""
 
-    def __init__(self, repo: Path, bases: dict[str, str]) -> None:
+    def __init__(self, repo: Path) -> None:
         self.project = f"charrnn-bench-scale-{secrets.token_hex(3)}"
         self.ports = {
             n: free_port() for n in ("TRITON_HTTP_PORT", "TRITON_GRPC_PORT", "HAPROXY_STATS_PORT")
         }
         self.env = {
             **os.environ,
-            **bases,
             **{k: str(v) for k, v in self.ports.items()},
             "TRITON_ADMIN_KEY": secrets.token_hex(16),
             "TRITON_INFER_KEY": secrets.token_hex(16),
@@ -60,6 +59,12 @@ class Compose:
             *args,
         ]
         r = subprocess.run(cmd, cwd=ROOT, env=self.env, capture_output=True, text=True, timeout=600)
+        if r.returncode != 0 and ("pull access denied" in r.stderr or "No such image" in r.stderr):
+            raise UnavailableError(
+                "the slim and proxy images",
+                "not built",
+                "run `make images` (make bench-scale does)",
+            )
         if r.returncode != 0:
             raise UserError(
                 "docker compose " + " ".join(args),
@@ -164,10 +169,9 @@ def main(argv: list[str] | None = None) -> int:
             "--replicas", f"each must be in 1..8 (haproxy.cfg's server slots), got {args.replicas}"
         )
     from bench.bench import machine
-    from serve.images import build
     from serve.scale import stats_url, wait_for_replicas
 
-    c = Compose(Path(args.repo), build(["triton-slim", "proxy"]))
+    c = Compose(Path(args.repo))
     grpc = f"127.0.0.1:{c.ports['TRITON_GRPC_PORT']}"
     rows = []
     try:
