@@ -1,5 +1,6 @@
-"""Shared core of the project: vocabulary, tensor contract, model definition, sampling.
+"""The library every stage imports: vocabulary, tensor contract, model and its generate, sampling, the table of
+served models, the python models' state store and generation code, the local Triton launcher, errors and CLI help.
 
-Only `charrnn.model` and `charrnn.train_loop` import TensorFlow; everything else is NumPy-only so the
-python-backend model and the client stay light.
+Only `charrnn.model` imports TensorFlow; everything else needs NumPy (and ONNX Runtime or tritonclient where it
+says so), so the python-backend models and the client stay light.
 """
