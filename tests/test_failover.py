@@ -11,23 +11,21 @@ Needs Docker (see tests/test_scale.py). Its own compose project, 3 replicas.
 
 from __future__ import annotations
 
-import secrets
 import threading
 import time
 
 import pytest
 
-from charrnn.local_triton import free_port
 from charrnn.repository import PYTHON
 from charrnn.sampling import SamplingParams
 from serve.scale import servers, wait_for_replicas
-from tests.conftest import served
+from tests.conftest import served, wait_for
 from tests.test_scale import (
     PROXY,
     REPLICA,
     Stack,
     images,  # noqa: F401  (a fixture this module uses too)
-    keyed_env,
+    scale_stack,
     sh,
 )
 
@@ -54,26 +52,8 @@ def prompts(n: int) -> list[str]:
 
 @pytest.fixture(scope="module")
 def stack(images, shipped_repo):  # noqa: F811 (images: the fixture imported above)
-    project = f"charrnn-failover-{secrets.token_hex(4)}"
-    ports = {n: free_port() for n in ("TRITON_HTTP_PORT", "TRITON_GRPC_PORT", "HAPROXY_STATS_PORT")}
-    env = keyed_env(
-        **images,
-        **{k: str(v) for k, v in ports.items()},
-        TRITON_MEM_LIMIT="2g",
-        MODEL_REPOSITORY=str(shipped_repo),
-    )
-    s = Stack(
-        project,
-        env,
-        ports["TRITON_HTTP_PORT"],
-        ports["TRITON_GRPC_PORT"],
-        ports["HAPROXY_STATS_PORT"],
-    )
-    try:
-        scale(s, REPLICAS)
+    with scale_stack(images, shipped_repo, "charrnn-failover") as s:
         yield s
-    finally:
-        s.compose("down", "--remove-orphans", "--volumes")
 
 
 def scale(s: Stack, n: int, env: dict | None = None) -> None:
@@ -89,15 +69,6 @@ def up_addresses(s: Stack) -> set[str]:
     return {
         row["addr"] for row in servers(s.stats)["triton_http"].values() if row["status"] == "UP"
     }
-
-
-def wait_until(condition, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.2)  # polling the proxy's statistics
-    pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 def address(s: Stack, container: str) -> str:
@@ -211,32 +182,37 @@ def test_stale_state_of_a_paused_replica_is_never_continued(stack, reference, mo
 
         monkeypatch.setattr(g.Sequence, "reprime", keep_id)
     scale(stack, REPLICAS)
-    victim = stack.containers(REPLICA)[0]
-    victim_addr = address(stack, victim)
-    steps, messages = [], []
+    before = stack.requests_served()
+    steps, messages, victim = [], [], []
     n, length = 9, 160
 
     def on_text(index, text):
         chars[0] += len(text)
         if not steps and chars[0] >= n * 50:
             steps.append("pause")
-            assert sh("docker", "pause", victim).returncode == 0
-            wait_until(
-                lambda: victim_addr not in up_addresses(stack), 30, "the proxy to mark it DOWN"
+            now = (
+                stack.requests_served()
+            )  # pause the replica that serves the most of these sequences
+            victim.append(max(now, key=lambda c: now[c] - before.get(c, 0)))
+            victim_addr.append(address(stack, victim[0]))
+            assert sh("docker", "pause", victim[0]).returncode == 0
+            wait_for(
+                lambda: victim_addr[0] not in up_addresses(stack), 30, "the proxy to mark it DOWN"
             )
         elif steps == ["pause"] and chars[0] >= n * 100:
             steps.append("unpause")
-            assert sh("docker", "unpause", victim).returncode == 0
-            wait_until(lambda: victim_addr in up_addresses(stack), 30, "the proxy to mark it UP")
+            assert sh("docker", "unpause", victim[0]).returncode == 0
+            wait_for(lambda: victim_addr[0] in up_addresses(stack), 30, "the proxy to mark it UP")
 
-    chars = [0]
+    chars, victim_addr = [0], []
     try:
         texts, seqs = run(stack, n, length, "http", shards=2, on_text=on_text, messages=messages)
     finally:
-        sh("docker", "unpause", victim)
+        if victim:
+            sh("docker", "unpause", victim[0])
     assert steps == ["pause", "unpause"]
     moved = [q for q in seqs if q.restarts]
-    assert moved, "no sequence was on the paused replica"
+    assert moved, f"no sequence was on the paused replica: {messages}"
     if epochs:
         assert texts == reference(n, length), messages
         assert all(q.sequence_id == f"{q.key}:{q.epoch}" for q in seqs)
@@ -244,7 +220,9 @@ def test_stale_state_of_a_paused_replica_is_never_continued(stack, reference, mo
             q.epoch >= 2 for q in moved
         ), "came back to the old replica and was re-primed again"
     else:
-        assert texts != reference(n, length), "without epochs the stale state must show"
+        assert texts != reference(
+            n, length
+        ), f"without epochs the stale state must show: {messages}"
 
 
 def test_scale_up_and_down_under_load_loses_nothing(stack, reference):

@@ -12,6 +12,7 @@ fresh export of the shipped model (MODEL_REPOSITORY), so it never touches a user
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -173,9 +174,10 @@ def images() -> dict:
     return build(["triton-slim", PROXY])
 
 
-@pytest.fixture(scope="module")
-def stack(images, shipped_repo):
-    project = f"charrnn-scale-{secrets.token_hex(4)}"
+@contextlib.contextmanager
+def scale_stack(images: dict, repo: Path, prefix: str, replicas: int = REPLICAS):
+    """A compose project of the scale profile on free loopback ports, `replicas` replicas UP in the proxy;
+    taken down on exit. tests/test_failover.py starts its own with this too."""
     ports = {
         name: free_port() for name in ("TRITON_HTTP_PORT", "TRITON_GRPC_PORT", "HAPROXY_STATS_PORT")
     }
@@ -183,10 +185,10 @@ def stack(images, shipped_repo):
         **images,
         **{k: str(v) for k, v in ports.items()},
         TRITON_MEM_LIMIT="2g",
-        MODEL_REPOSITORY=str(shipped_repo),
+        MODEL_REPOSITORY=str(repo),
     )
     s = Stack(
-        project,
+        f"{prefix}-{secrets.token_hex(4)}",
         env,
         ports["TRITON_HTTP_PORT"],
         ports["TRITON_GRPC_PORT"],
@@ -194,21 +196,27 @@ def stack(images, shipped_repo):
     )
     try:
         t0 = time.monotonic()
-        r = s.compose("up", "-d", "--wait", "--scale", f"{REPLICA}={REPLICAS}", PROXY, REPLICA)
+        r = s.compose("up", "-d", "--wait", "--scale", f"{REPLICA}={replicas}", PROXY, REPLICA)
         healthy = time.monotonic() - t0
         if r.returncode != 0:
             pytest.fail(
                 f"docker compose up --wait failed ({r.returncode}):\n{r.stderr}\n"
                 f"{s.compose('logs', '--no-color', '--tail', '30').stdout}"
             )
-        assert wait_for_replicas(REPLICAS, s.stats, timeout=60) == 0
+        assert wait_for_replicas(replicas, s.stats, timeout=60) == 0
         print(
-            f"scale stack: {REPLICAS} replicas + proxy healthy in {healthy:.1f} s, "
+            f"scale stack: {replicas} replicas + proxy healthy in {healthy:.1f} s, "
             f"all UP in the proxy after {time.monotonic() - t0:.1f} s"
         )
         yield s
     finally:
         s.compose("down", "--remove-orphans", "--volumes")
+
+
+@pytest.fixture(scope="module")
+def stack(images, shipped_repo):
+    with scale_stack(images, shipped_repo, "charrnn-scale") as s:
+        yield s
 
 
 # --- the proxy's image and the compose services, before anything runs -----------------------------------------
