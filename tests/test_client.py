@@ -66,7 +66,7 @@ def test_same_seed_same_text_different_seed_differs(server):
 
 def test_client_cli_streams_and_checks_expect(shipped, server):
     want = tf_text(shipped, "ROMEO:", 80, SamplingParams(greedy=True))
-    ok = run_client(
+    flags = (
         "--url",
         server.grpc_url,
         "--prompt",
@@ -75,21 +75,11 @@ def test_client_cli_streams_and_checks_expect(shipped, server):
         "80",
         "--greedy",
         "--expect",
-        want,
     )
+    ok = run_client(*flags, want)
     assert ok.returncode == 0, ok.stderr
     assert ok.stdout == "ROMEO:" + want + "\n"
-    bad = run_client(
-        "--url",
-        server.grpc_url,
-        "--prompt",
-        "ROMEO:",
-        "--length",
-        "80",
-        "--greedy",
-        "--expect",
-        "x",
-    )
+    bad = run_client(*flags, "x")
     assert bad.returncode == 1
     assert bad.stderr.splitlines()[-1].startswith("error: --expect: the generated text differs")
 

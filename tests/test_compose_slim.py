@@ -20,82 +20,31 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 
-from charrnn.errors import UnavailableError
 from charrnn.local_triton import free_port
 from charrnn.repository import DECOUPLED_MODELS, GEN_PYTHON, GEN_STREAM, PYTHON, PYTHON_MODELS
 from charrnn.repository import SHARED_PYTHON_MODELS as SHARED_MODELS
 from charrnn.sampling import SamplingParams
-from tests.conftest import ROOT, served, tf_text
+from tests.conftest import ROOT, ComposeStack, docker_or_skip, served, tf_text
 
-REQUIRE_DOCKER = os.environ.get("CHARRNN_REQUIRE_DOCKER") == "1"
 SERVICE, STREAM_SERVICE = "triton-slim", "triton-slim-stream"
 PROMPTS = ["ROMEO:\n", "JULIET:\n", "First Citizen:\n", "KING HENRY VI:\nO"]
 
 
-def docker_or_skip() -> None:
-    from serve.images import check_docker
-
-    try:
-        check_docker()
-    except UnavailableError as e:
-        why = f"needs a Docker engine and Compose v2: {e.message()}"
-        if REQUIRE_DOCKER:
-            pytest.fail(f"{why} -- CHARRNN_REQUIRE_DOCKER=1: these tests must run here")
-        pytest.skip(why)
-
-
 @dataclass
-class Stack:
+class Stack(ComposeStack):
     """One compose project of the slim profile on free loopback ports."""
 
-    project: str
-    env: dict
-    http_port: int
-    grpc_port: int
-    metrics_port: int
-    stream_grpc_port: int
-
-    @property
-    def grpc_url(self) -> str:
-        return f"127.0.0.1:{self.grpc_port}"
-
-    @property
-    def http_url(self) -> str:
-        return f"127.0.0.1:{self.http_port}"
-
-    @property
-    def infer_key(self) -> str:
-        return self.env["TRITON_INFER_KEY"]
+    PROFILES: ClassVar[tuple[str, ...]] = ("slim", "perf-slim")
+    metrics_port: int = 0
+    stream_grpc_port: int = 0
 
     @property
     def stream_url(self) -> str:
         return f"127.0.0.1:{self.stream_grpc_port}"
-
-    def compose(
-        self, *args: str, timeout: float = 600, env: dict | None = None
-    ) -> subprocess.CompletedProcess:
-        cmd = [
-            "docker",
-            "compose",
-            "-p",
-            self.project,
-            "--profile",
-            "slim",
-            "--profile",
-            "perf-slim",
-            *args,
-        ]
-        return subprocess.run(
-            cmd,
-            cwd=ROOT,
-            env={**self.env, **(env or {})},
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-        )
 
     def container(self) -> str:
         out = self.compose("ps", "-q", SERVICE).stdout.split()

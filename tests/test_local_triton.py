@@ -373,21 +373,10 @@ def test_http_inference_needs_the_key_so_a_huge_declared_shape_cannot_abort_the_
     finally:
         canary.close()
     env = {k: v for k, v in os.environ.items() if k != INFER_KEY_ENV}
+    cmd = [sys.executable, "-m", "client", "--url", server.http_url, "--protocol", "http"]
+    cmd += ["--model", PYTHON, "--length", "5", "--greedy"]
     p = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "client",
-            "--url",
-            server.http_url,
-            "--protocol",
-            "http",
-            "--model",
-            PYTHON,
-            "--length",
-            "5",
-            "--greedy",
-        ],
+        cmd,
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -399,20 +388,7 @@ def test_http_inference_needs_the_key_so_a_huge_declared_shape_cannot_abort_the_
     ), p.stderr
     assert INFER_KEY_ENV in p.stderr
     p = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "client",
-            "--url",
-            server.http_url,
-            "--protocol",
-            "http",
-            "--model",
-            PYTHON,
-            "--length",
-            "5",
-            "--greedy",
-        ],
+        cmd,
         cwd=ROOT,
         capture_output=True,
         text=True,

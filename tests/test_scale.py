@@ -24,20 +24,19 @@ import time
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import pytest
 
 from charrnn.contract import INFER_KEY_HEADER, ROUTING_HEADER
-from charrnn.errors import UnavailableError
 from charrnn.local_triton import free_port
 from charrnn.repository import PYTHON, SHARED_PYTHON_MODELS
 from charrnn.sampling import SamplingParams
 from serve.scale import BACKENDS, servers, stats_url, up, wait_for_replicas
-from tests.conftest import tf_text
+from tests.conftest import ComposeStack, docker_or_skip, tf_text
 
 ROOT = Path(__file__).resolve().parent.parent
-REQUIRE_DOCKER = os.environ.get("CHARRNN_REQUIRE_DOCKER") == "1"
 PROXY, REPLICA = "proxy", "triton-replica"
 REPLICAS = 3
 SLOTS = 8  # server-template replica 8 in serve/haproxy.cfg
@@ -50,59 +49,20 @@ METRICS = (
 )
 
 
-def docker_or_skip() -> None:
-    from serve.images import check_docker
-
-    try:
-        check_docker()
-    except UnavailableError as e:
-        why = f"needs a Docker engine and Compose v2: {e.message()}"
-        if REQUIRE_DOCKER:
-            pytest.fail(f"{why} -- CHARRNN_REQUIRE_DOCKER=1: these tests must run here")
-        pytest.skip(why)
-
-
 def sh(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
     return subprocess.run(list(args), capture_output=True, text=True, timeout=timeout, check=False)
 
 
 @dataclass
-class Stack:
+class Stack(ComposeStack):
     """One compose project of the scale profile on free loopback ports."""
 
-    project: str
-    env: dict
-    http_port: int
-    grpc_port: int
-    stats_port: int
-
-    @property
-    def grpc_url(self) -> str:
-        return f"127.0.0.1:{self.grpc_port}"
-
-    @property
-    def http_url(self) -> str:
-        return f"127.0.0.1:{self.http_port}"
+    PROFILES: ClassVar[tuple[str, ...]] = ("scale",)
+    stats_port: int = 0
 
     @property
     def stats(self) -> str:
         return stats_url(self.stats_port)
-
-    @property
-    def infer_key(self) -> str:
-        return self.env["TRITON_INFER_KEY"]
-
-    def compose(self, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-        cmd = ["docker", "compose", "-p", self.project, "--profile", "scale", *args]
-        return subprocess.run(
-            cmd,
-            cwd=ROOT,
-            env=self.env,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            check=False,
-        )
 
     def containers(self, service: str) -> list[str]:
         return sorted(self.compose("ps", "-q", service).stdout.split())
