@@ -50,13 +50,11 @@ class Image:
     base_variable: str  # compose variable holding the BASE_IMAGE build argument
     official_base: str  # the default for users (Docker Hub)
     suite: str  # Debian suite of that base, for the mmdebstrap equivalent
-    python: (
-        str | None
-    )  # the base's Python (major.minor): wheels are downloaded for it; None: no Python image
+    # the base's Python (major.minor): wheels are downloaded for it; None: no Python image
+    python: str | None
     glibc: tuple[int, int]  # the suite's glibc: the newest manylinux tag its wheels may carry
-    debs: tuple[
-        str, ...
-    ]  # packages of the mmdebstrap base (what the official image has that we use)
+    # packages of the mmdebstrap base (what the official image has that we use)
+    debs: tuple[str, ...]
     packages: tuple[str, ...]  # installed with their dependencies
     packages_no_deps: tuple[str, ...] = ()  # only the wheel itself
 

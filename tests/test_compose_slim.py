@@ -28,7 +28,7 @@ from charrnn.local_triton import free_port
 from charrnn.repository import DECOUPLED_MODELS, GEN_PYTHON, GEN_STREAM, PYTHON, PYTHON_MODELS
 from charrnn.repository import SHARED_PYTHON_MODELS as SHARED_MODELS
 from charrnn.sampling import SamplingParams
-from tests.conftest import ROOT, ComposeStack, docker_or_skip, served, tf_text
+from tests.conftest import ROOT, ComposeStack, docker_or_skip, served, tf_text, wait_for
 
 SERVICE, STREAM_SERVICE = "triton-slim", "triton-slim-stream"
 PROMPTS = ["ROMEO:\n", "JULIET:\n", "First Citizen:\n", "KING HENRY VI:\nO"]
@@ -46,22 +46,25 @@ class Stack(ComposeStack):
     def stream_url(self) -> str:
         return f"127.0.0.1:{self.stream_grpc_port}"
 
-    def container(self) -> str:
-        out = self.compose("ps", "-q", SERVICE).stdout.split()
-        assert len(out) == 1, f"expected one {SERVICE} container, got {out}"
+    def container(self, service: str = SERVICE) -> str:
+        out = self.compose("ps", "-q", service).stdout.split()
+        assert len(out) == 1, f"expected one {service} container, got {out}"
         return out[0]
 
-    def inspect(self) -> dict:
+    def inspect(self, service: str = SERVICE) -> dict:
         return json.loads(
             subprocess.run(
-                ["docker", "inspect", self.container()], capture_output=True, text=True, check=True
+                ["docker", "inspect", self.container(service)],
+                capture_output=True,
+                text=True,
+                check=True,
             ).stdout
         )[0]
 
-    def server_pid(self) -> int:
+    def server_pid(self, service: str = SERVICE) -> int:
         """Host pid of the tritonserver process (docker top lists host pids)."""
         top = subprocess.run(
-            ["docker", "top", self.container(), "-eo", "pid,comm"],
+            ["docker", "top", self.container(service), "-eo", "pid,comm"],
             capture_output=True,
             text=True,
             check=True,
@@ -69,16 +72,6 @@ class Stack(ComposeStack):
         pids = [int(line.split()[0]) for line in top if line.split()[1] == "tritonserver"]
         assert len(pids) == 1, top
         return pids[0]
-
-
-def wait_for(condition, timeout: float, what: str, period: float = 0.1):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(period)  # polling a condition with a deadline
-    pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 @pytest.fixture(scope="module")
@@ -404,9 +397,13 @@ def test_perf_slim_runs_perf_analyzer_and_writes_its_csv(stack, corpus):
     ).exists(), "a failed run must not leave an old table behind"
 
 
-# --- security, seen from outside ------------------------------------------------------------------------
-def test_server_runs_unprivileged_with_no_capabilities(stack):
-    status = Path(f"/proc/{stack.server_pid()}/status").read_text()
+# --- security, seen from outside (both servers) -------------------------------------------------------------
+SERVERS = {SERVICE: SHARED_MODELS, STREAM_SERVICE: DECOUPLED_MODELS}
+
+
+@pytest.mark.parametrize("service", SERVERS)
+def test_server_runs_unprivileged_with_no_capabilities(stack, service):
+    status = Path(f"/proc/{stack.server_pid(service)}/status").read_text()
     fields = dict(line.split(":", 1) for line in status.splitlines())
     uids = fields["Uid"].split()
     assert uids and all(u == "1000" for u in uids), fields["Uid"]
@@ -415,20 +412,27 @@ def test_server_runs_unprivileged_with_no_capabilities(stack):
         fields["CapBnd"],
     )
     assert fields["NoNewPrivs"].strip() == "1"
-    assert (
-        stack.inspect()["HostConfig"]["Memory"] == 3 * 2**30
-    )  # TRITON_MEM_LIMIT reaches the container
-    mounts = stack.inspect()["Mounts"]
-    assert sorted(m["Destination"] for m in mounts) == sorted(f"/models/{m}" for m in SHARED_MODELS)
+    info = stack.inspect(service)
+    assert info["HostConfig"]["Memory"] == 3 * 2**30  # TRITON_MEM_LIMIT reaches the container
+    assert info["HostConfig"]["RestartPolicy"]["Name"] == "unless-stopped"
+    mounts = info["Mounts"]
+    assert sorted(m["Destination"] for m in mounts) == sorted(
+        f"/models/{m}" for m in SERVERS[service]
+    )
     assert not any(m["RW"] for m in mounts), mounts
 
 
-def test_ports_are_published_on_loopback_only(stack):
-    ports = stack.inspect()["NetworkSettings"]["Ports"]
+@pytest.mark.parametrize("service", SERVERS)
+def test_ports_are_published_on_loopback_only(stack, service):
+    ports = stack.inspect(service)["NetworkSettings"]["Ports"]
     bindings = [b for spec in ports.values() for b in (spec or [])]
-    assert sorted(int(b["HostPort"]) for b in bindings) == sorted(
-        [stack.http_port, stack.grpc_port, stack.metrics_port]
-    )
+    want = {
+        SERVICE: [stack.http_port, stack.grpc_port, stack.metrics_port],
+        STREAM_SERVICE: [
+            int(stack.env[f"TRITON_STREAM_{kind}_PORT"]) for kind in ("HTTP", "GRPC", "METRICS")
+        ],
+    }[service]
+    assert sorted(int(b["HostPort"]) for b in bindings) == sorted(want)
     assert all(b["HostIp"] == "127.0.0.1" for b in bindings), bindings
 
 
