@@ -536,6 +536,24 @@ def client_cmd(server, *args) -> list[str]:
     return [sys.executable, "-m", "client", "--url", server.grpc_url, "--model", PYTHON, *args]
 
 
+def run_client_on(server, *args, timeout: float = 180) -> subprocess.CompletedProcess:
+    """`python -m client --url <server> --model charrnn_python <args>`."""
+    return subprocess.run(
+        client_cmd(server, *args), cwd=ROOT, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def all_strings(node) -> list[str]:
+    """Every string in a parsed YAML document, keys included (compose file, Kubernetes manifests)."""
+    if isinstance(node, str):
+        return [node]
+    if isinstance(node, dict):
+        return [s for k, v in node.items() for s in all_strings(k) + all_strings(v)]
+    if isinstance(node, list):
+        return [s for v in node for s in all_strings(v)]
+    return []
+
+
 # --- raw requests on one gRPC stream ------------------------------------------------------------------
 class RawStream:
     """tritonclient requests on ONE stream; successes are routed by request id, errors (which carry no id

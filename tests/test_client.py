@@ -22,6 +22,7 @@ from tests.conftest import (
     inference_count,
     kill_server,
     restart_later,
+    run_client_on,
     tf_text,
     wait_for,
 )
@@ -34,13 +35,6 @@ def run_client(*args, timeout=120):
         capture_output=True,
         text=True,
         timeout=timeout,
-    )
-
-
-def run_client_on(server, *args, timeout=180):
-    """`python -m client --url <server> --model charrnn_python <args>`."""
-    return subprocess.run(
-        client_cmd(server, *args), cwd=ROOT, capture_output=True, text=True, timeout=timeout
     )
 
 

@@ -29,8 +29,8 @@ from charrnn.repository import (
     TRT,
 )
 from serve.images import IMAGES, pins
+from tests.conftest import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 DOCKERFILE = ROOT / "serve" / "Dockerfile"
 PERF_SH = ROOT / "bench" / "perf.sh"
@@ -129,16 +129,6 @@ def bind_mounts(service: dict) -> list[dict]:
                 }
             )
     return out
-
-
-def all_strings(node) -> list[str]:
-    if isinstance(node, str):
-        return [node]
-    if isinstance(node, dict):
-        return [s for k, v in node.items() for s in all_strings(k) + all_strings(v)]
-    if isinstance(node, list):
-        return [s for v in node for s in all_strings(v)]
-    return []
 
 
 # ---- services and profiles ----------------------------------------------------------------------------------

@@ -16,7 +16,6 @@ import os
 import secrets
 import signal
 import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +27,16 @@ from charrnn.local_triton import free_port
 from charrnn.repository import DECOUPLED_MODELS, GEN_PYTHON, GEN_STREAM, PYTHON, PYTHON_MODELS
 from charrnn.repository import SHARED_PYTHON_MODELS as SHARED_MODELS
 from charrnn.sampling import SamplingParams
-from tests.conftest import ROOT, ComposeStack, docker_or_skip, served, tf_text, wait_for
+from tests.conftest import (
+    ROOT,
+    ComposeStack,
+    client_cmd,
+    docker_or_skip,
+    run_client_on,
+    served,
+    tf_text,
+    wait_for,
+)
 
 SERVICE, STREAM_SERVICE = "triton-slim", "triton-slim-stream"
 PROMPTS = ["ROMEO:\n", "JULIET:\n", "First Citizen:\n", "KING HENRY VI:\nO"]
@@ -128,16 +136,6 @@ def stack(bases, shipped_repo, tmp_path_factory):
     s.compose("down", "--remove-orphans", "--volumes")
 
 
-def client(stack: Stack, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "client", "--url", stack.grpc_url, *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-
-
 def inference_count(stack: Stack, model: str = PYTHON) -> int:
     import tritonclient.grpc as tc
 
@@ -226,7 +224,7 @@ def test_8_concurrent_seeded_sequences_equal_their_solo_runs(stack):
 def test_generation_models_answer_through_the_container(stack, shipped, model):
     want = tf_text(shipped, "ROMEO:", 120, SamplingParams(greedy=True))
     url = stack.stream_url if model in DECOUPLED_MODELS else stack.grpc_url
-    r = client(
+    r = run_client_on(
         stack,
         "--url",
         url,
@@ -241,6 +239,7 @@ def test_generation_models_answer_through_the_container(stack, shipped, model):
         "120",
         "--expect",
         want,
+        timeout=300,
     )
     assert r.returncode == 0, r.stderr
     assert f"[{model} via grpc://{url}: 1 x 120 characters, 16 per request" in r.stderr
@@ -269,12 +268,12 @@ def test_server_crash_mid_generation_is_restarted_and_the_client_loses_nothing(s
         "--retry-delay",
         "0.5",
     ]
-    want = client(stack, *flags)
+    want = run_client_on(stack, *flags, timeout=300)
     assert want.returncode == 0, want.stderr
     restarts = stack.inspect()["RestartCount"]
     before = inference_count(stack)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "client", "--url", stack.grpc_url, *flags],
+        client_cmd(stack, *flags),
         cwd=ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

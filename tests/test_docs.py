@@ -15,11 +15,11 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.conftest import ROOT
+
 FLAGS_MD = ROOT / "docs" / "flags.md"
 
 CLIS = (

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import threading
 import time
+from types import SimpleNamespace
 
 import pytest
 
@@ -183,34 +184,31 @@ def test_stale_state_of_a_paused_replica_is_never_continued(stack, reference, mo
         monkeypatch.setattr(g.Sequence, "reprime", keep_id)
     scale(stack, REPLICAS)
     before = stack.requests_served()
-    steps, messages, victim = [], [], []
+    messages: list[str] = []
     n, length = 9, 160
+    at = SimpleNamespace(chars=0, steps=[], victim=None, address=None)
 
     def on_text(index, text):
-        chars[0] += len(text)
-        if not steps and chars[0] >= n * 50:
-            steps.append("pause")
-            now = (
-                stack.requests_served()
-            )  # pause the replica that serves the most of these sequences
-            victim.append(max(now, key=lambda c: now[c] - before.get(c, 0)))
-            victim_addr.append(address(stack, victim[0]))
-            assert sh("docker", "pause", victim[0]).returncode == 0
-            wait_for(
-                lambda: victim_addr[0] not in up_addresses(stack), 30, "the proxy to mark it DOWN"
-            )
-        elif steps == ["pause"] and chars[0] >= n * 100:
-            steps.append("unpause")
-            assert sh("docker", "unpause", victim[0]).returncode == 0
-            wait_for(lambda: victim_addr[0] in up_addresses(stack), 30, "the proxy to mark it UP")
+        at.chars += len(text)
+        if not at.steps and at.chars >= n * 50:
+            at.steps.append("pause")
+            # pause the replica that serves the most of these sequences
+            now = stack.requests_served()
+            at.victim = max(now, key=lambda c: now[c] - before.get(c, 0))
+            at.address = address(stack, at.victim)
+            assert sh("docker", "pause", at.victim).returncode == 0
+            wait_for(lambda: at.address not in up_addresses(stack), 30, "the proxy to mark it DOWN")
+        elif at.steps == ["pause"] and at.chars >= n * 100:
+            at.steps.append("unpause")
+            assert sh("docker", "unpause", at.victim).returncode == 0
+            wait_for(lambda: at.address in up_addresses(stack), 30, "the proxy to mark it UP")
 
-    chars, victim_addr = [0], []
     try:
         texts, seqs = run(stack, n, length, "http", shards=2, on_text=on_text, messages=messages)
     finally:
-        if victim:
-            sh("docker", "unpause", victim[0])
-    assert steps == ["pause", "unpause"]
+        if at.victim:
+            sh("docker", "unpause", at.victim)
+    assert at.steps == ["pause", "unpause"]
     moved = [q for q in seqs if q.restarts]
     assert moved, f"no sequence was on the paused replica: {messages}"
     if epochs:
@@ -269,9 +267,8 @@ def test_a_stream_idle_past_the_proxys_timeout_is_reprimed_not_continued(stack, 
             progress[0] += len(text)
             if not stalled and progress[0] >= 4 * 60:
                 stalled.append(True)
-                time.sleep(
-                    4
-                )  # the client idles longer than the proxy's timeout (2 s): it cuts the streams
+                # the client idles longer than the proxy's timeout (2 s): it cuts the streams
+                time.sleep(4)
 
         texts, seqs = run(stack, 4, 150, "grpc", shards=2, on_text=on_text, messages=messages)
         assert texts == reference(4, 150)

@@ -22,8 +22,8 @@ import pytest
 import yaml
 
 from charrnn.repository import MODELS
+from tests.conftest import ROOT, all_strings
 
-ROOT = Path(__file__).resolve().parent.parent
 K8S = ROOT / "serve" / "k8s"
 GPU = K8S / "gpu"
 # Applied by hand, never by the kustomization.
@@ -136,16 +136,6 @@ def port_number(c: dict, port) -> int:
         return port
     (number,) = [p["containerPort"] for p in c["ports"] if p["name"] == port]
     return number
-
-
-def all_strings(node) -> list[str]:
-    if isinstance(node, str):
-        return [node]
-    if isinstance(node, dict):
-        return [s for k, v in node.items() for s in all_strings(k) + all_strings(v)]
-    if isinstance(node, list):
-        return [s for v in node for s in all_strings(v)]
-    return []
 
 
 @pytest.fixture(scope="module")

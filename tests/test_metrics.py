@@ -27,9 +27,8 @@ from charrnn.contract import INPUT_IDS, NOISE, TEMPERATURE, TOP_K
 from charrnn.repository import GEN_PYTHON, GEN_STREAM, PYTHON, SHARED_PYTHON_MODELS
 from charrnn.sampling import SamplingParams
 from charrnn.sequence_state import END, METRICS, START, MetricsSink, SequenceStates
-from tests.conftest import wait_for
+from tests.conftest import ROOT, wait_for
 
-ROOT = Path(__file__).resolve().parent.parent
 LIVE, STARTED, EVICTED, CHARS = (m[0] for m in METRICS)
 NAMES = {LIVE, STARTED, EVICTED, CHARS}
 SHORT_IDLE_S = 2  # the eviction server's max_sequence_idle_microseconds, in seconds (the model evicts 1 s later)

@@ -34,9 +34,8 @@ from charrnn.local_triton import free_port
 from charrnn.repository import PYTHON, SHARED_PYTHON_MODELS
 from charrnn.sampling import SamplingParams
 from serve.scale import BACKENDS, servers, stats_url, up, wait_for_replicas
-from tests.conftest import ComposeStack, docker_or_skip, tf_text
+from tests.conftest import ROOT, ComposeStack, docker_or_skip, tf_text
 
-ROOT = Path(__file__).resolve().parent.parent
 PROXY, REPLICA = "proxy", "triton-replica"
 REPLICAS = 3
 SLOTS = 8  # server-template replica 8 in serve/haproxy.cfg
