@@ -134,6 +134,8 @@ def test_affinity_24_grpc_and_4_http_sequences_equal_single_server_and_use_every
     assert all(after[c] > before.get(c, 0) for c in after) and len(after) == REPLICAS, (
         before,
         after,
+        {c[:12]: stack.inspect(c)["RestartCount"] for c in after},
+        up_addresses(stack),
     )
 
 
