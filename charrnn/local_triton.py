@@ -27,14 +27,22 @@ from pathlib import Path
 
 from charrnn.contract import INFER_KEY_HEADER
 from charrnn.errors import UnavailableError, UserError
-from charrnn.repository import DECOUPLED_MODELS, PYTHON, PYTHON_MODELS, mixed_decoupled
+from charrnn.repository import (
+    CPU_CONFIG_NAME,
+    DECOUPLED_MODELS,
+    ONNX,
+    ORT_MODELS,
+    mixed_decoupled,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_RUN_DIR = ROOT / "logs" / "serve"
-LOCAL_MODELS = PYTHON_MODELS  # the wheel's server: python backend only
-DEFAULT_MODELS = (
-    PYTHON,
-)  # what LocalTriton loads unless told (`make serve` loads every LOCAL_MODELS)
+# Triton's ONNX Runtime backend, built from source by `make backend` (serve/backend.py): libtriton_onnxruntime.so
+# and the libonnxruntime.so.1 it runs, copied from the onnxruntime wheel. Absent until built.
+ORT_BACKEND_DIR = ROOT / "build" / "backends" / "onnxruntime"
+# What LocalTriton loads unless told: the exported graph on Triton's ONNX Runtime backend, the project's main path
+# (`make serve` loads every LOCAL_MODELS).
+DEFAULT_MODELS = (ONNX,)
 RESTRICTED = "model-repository,shared-memory,logging,trace"  # admin APIs: need the admin key header
 ADMIN_HEADER = "admin-key"
 
@@ -54,9 +62,26 @@ def pytriton_dist() -> tuple[Path, Path]:
     return dist, libs
 
 
-def prepare_backends(run_dir: Path) -> Path:
-    """backends/python with libtriton_python.so, its utils and the stub for this Python version."""
+def prepare_backends(run_dir: Path, models: tuple[str, ...] = ()) -> Path:
+    """backends/python with libtriton_python.so, its utils and the stub for this Python version; and
+    backends/onnxruntime, a link to ORT_BACKEND_DIR (`make backend`), when `models` include an ONNX Runtime model.
+    """
     dist, _ = pytriton_dist()
+    needs_ort = sorted(set(models) & set(ORT_MODELS))
+    if needs_ort:
+        if not (ORT_BACKEND_DIR / "libtriton_onnxruntime.so").is_file():
+            raise UnavailableError(
+                "Triton's ONNX Runtime backend",
+                f"not built ({ORT_BACKEND_DIR} has no libtriton_onnxruntime.so); {', '.join(needs_ort)} "
+                "needs it",
+                "run `make backend` (about a minute; needs a C++ compiler: apt-get install "
+                "build-essential)",
+            )
+        ort = run_dir / "backends" / "onnxruntime"
+        ort.parent.mkdir(parents=True, exist_ok=True)
+        if not ort.is_symlink() or ort.resolve() != ORT_BACKEND_DIR.resolve():
+            ort.unlink(missing_ok=True)
+            ort.symlink_to(ORT_BACKEND_DIR.resolve(), target_is_directory=True)
     version = f"{sys.version_info.major}.{sys.version_info.minor}"
     stub = dist / "python_backend_stubs" / version / "triton_python_backend_stub"
     if not stub.is_file():
@@ -208,8 +233,10 @@ class LocalTriton:
             binary = str(dist / "bin" / "tritonserver")
             repo_arg = str(prepare_repository(self.repo, self.run_dir, self.models))
             backend_args = [
-                f"--backend-directory={prepare_backends(self.run_dir)}",
+                f"--backend-directory={prepare_backends(self.run_dir, self.models)}",
                 f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
+                # the ONNX Runtime models' configs/cpu.pbtxt (KIND_CPU; charrnn/repository.py)
+                f"--model-config-name={CPU_CONFIG_NAME}",
             ]
             env["LD_LIBRARY_PATH"] = os.pathsep.join(
                 filter(None, [env.get("LD_LIBRARY_PATH"), str(libs)])

@@ -6,7 +6,8 @@ benchmarks and perf.sh read the table; tests/test_compose.py checks docker-compo
 
     graph  "step": INPUT_IDS -> LOGITS, the client samples (one character per request, or a prompt chunk)
            "gen":  INPUT_IDS, NOISE, TEMPERATURE, TOP_K -> OUTPUT_IDS, the server samples K characters
-    backend        tensorrt: a plan, GPU only; onnxruntime: CPU or GPU; python: ONNX Runtime inside the python
+    backend        tensorrt: a plan, GPU only; onnxruntime: Triton's ONNX Runtime backend, CPU or GPU, with
+                   implicit state (Triton keeps each sequence's state); python: ONNX Runtime inside the python
                    backend (no implicit state: model.py keeps each sequence's state)
     decoupled      one response per generated character (gRPC streaming only); such a model gets a server of
                    its own (see DECOUPLED_MODELS)
@@ -24,6 +25,10 @@ from charrnn.vocab import Vocab
 STEP, GEN = "step", "gen"
 TENSORRT, ONNXRUNTIME, PYTHON_BACKEND = "tensorrt", "onnxruntime", "python"
 CONFIG = "config.pbtxt"
+# Triton's custom model configuration (`--model-config-name=cpu` loads <model>/configs/cpu.pbtxt where it exists,
+# else config.pbtxt): our CPU servers (the local launcher, the slim and scale images) pass it, so the ONNX Runtime
+# models say KIND_CPU there, while config.pbtxt keeps KIND_AUTO for NVIDIA's images (a GPU build of the backend).
+CPU_CONFIG_NAME = "cpu"
 
 
 @dataclass(frozen=True)
@@ -41,6 +46,11 @@ class ServedModel:
     @property
     def gpu_only(self) -> bool:
         return self.backend == TENSORRT  # a plan runs only on the GPU it was built for
+
+    @property
+    def cpu_config(self) -> str | None:
+        """configs/cpu.pbtxt for the models whose config.pbtxt says KIND_AUTO (a GPU host would pick the GPU)."""
+        return f"configs/{CPU_CONFIG_NAME}.pbtxt" if self.backend == ONNXRUNTIME else None
 
     @property
     def implicit_state(self) -> bool:
@@ -83,9 +93,11 @@ def names(
 SERVED_MODELS = names()
 STEP_MODELS, GEN_MODELS = names(graph=STEP), names(graph=GEN)
 GPU_ONLY_MODELS, CPU_MODELS = names(gpu_only=True), names(gpu_only=False)
-# The python-backend models: all that Triton 2.51 from the nvidia-pytriton wheel can serve (it has no TensorRT or
-# ONNX Runtime backend): the local server (serve/local.py) and the slim compose services.
+# The python-backend models (each keeps its sequences' state in model.py).
 PYTHON_MODELS = names(backend=PYTHON_BACKEND)
+ORT_MODELS = names(
+    backend=ONNXRUNTIME
+)  # Triton's ONNX Runtime backend (built from source: make backend)
 # Decoupled models get a tritonserver process of their own. Triton 2.51's gRPC frontend segfaults (in
 # TRITONBACKEND_ResponseSend) when a decoupled and a non-decoupled model stream responses on one server: the
 # stream handlers share one pool of request states, and a non-decoupled stream marks its state complete after
@@ -93,9 +105,12 @@ PYTHON_MODELS = names(backend=PYTHON_BACKEND)
 # its first response as its last (server src/grpc/stream_infer_handler.cc, r24.10; no upstream fix as of
 # 2026-08). docs/failures.md; `make soak-mixed` runs the split servers.
 DECOUPLED_MODELS = names(decoupled=True)
-SHARED_PYTHON_MODELS = names(
-    backend=PYTHON_BACKEND, decoupled=False
-)  # one server; DECOUPLED_MODELS: another
+SHARED_PYTHON_MODELS = names(backend=PYTHON_BACKEND, decoupled=False)
+# What our CPU servers run (the wheel's tritonserver 2.51 with the python backend and the ONNX Runtime backend
+# built from source; no TensorRT): the local server (serve/local.py) and the slim and scale compose services.
+# SHARED_CPU_MODELS on one server, DECOUPLED_MODELS on another.
+LOCAL_MODELS = CPU_MODELS
+SHARED_CPU_MODELS = names(gpu_only=False, decoupled=False)
 IMPLICIT_STATE_MODELS = tuple(m.name for m in MODELS if m.implicit_state)
 
 

@@ -2,6 +2,10 @@
 
     python -m client.demo [--length 500] [--prompt "ROMEO:"] [client flags...]
 
+The server loads the exported graph on Triton's ONNX Runtime backend (built from source by `make backend`):
+charrnn_onnx, the project's main path (one character per request; Triton keeps each sequence's LSTM state as
+implicit state), and charrnn_gen_onnx (`--chunk K`: K characters per request, sampled in the graph). With
+`--model NAME` it serves and uses that model instead (a charrnn_*_python model keeps the state in Python).
 Ports are picked free on 127.0.0.1, so the demo never collides with a running `make serve`.
 Exit codes: those of `python -m client` (0 ok, 2 bad input, 3 server problems).
 """
@@ -12,33 +16,58 @@ import sys
 import time
 
 from charrnn.cli import parser
-from charrnn.errors import cli
+from charrnn.errors import UserError, cli
+from charrnn.repository import BY_NAME, DECOUPLED_MODELS, GEN_ONNX, LOCAL_MODELS, ONNX
+
+BACKENDS = {
+    "onnxruntime": "Triton's ONNX Runtime backend, built from source; Triton kept the state (implicit state)",
+    "python": "Triton's python backend; model.py kept the state",
+}
 
 
 @cli
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    # Only -h/--help is the demo's own (answered before a server starts); every other flag goes to the client.
-    parser(
+    # -h/--help is the demo's own (answered before a server starts); --model and --chunk are read to choose what
+    # the server loads; every flag goes to the client.
+    p = parser(
         "python -m client.demo",
         __doc__,
         usage="%(prog)s [-h] [client flags ...]",
         allow_abbrev=False,
-    ).parse_known_args(argv)
+    )
+    p.add_argument("--model", default=None, help="the model to serve and use")
+    p.add_argument("--chunk", default=None, help="K characters per request (a charrnn_gen_* model)")
+    known, _ = p.parse_known_args(argv)
+    model = known.model or (ONNX if known.chunk is None else GEN_ONNX)
+    if model not in LOCAL_MODELS:
+        raise UserError(
+            "--model",
+            f"{model!r} is not served by the local server",
+            f"choose one of {', '.join(LOCAL_MODELS)}",
+        )
     from charrnn.local_triton import LocalTriton
 
     from .__main__ import main as client_main
 
     t0 = time.time()
-    server = LocalTriton.on_free_ports()
+    served = (
+        (model,) if model in DECOUPLED_MODELS else tuple(dict.fromkeys((ONNX, GEN_ONNX, model)))
+    )
+    server = LocalTriton.on_free_ports(models=served)
     print(f"starting the local Triton server (log {server.log_path}) ...", file=sys.stderr)
     with server:
         print(
             f"ready in {time.time() - t0:.1f} s on {server.grpc_url}; generating:\n",
             file=sys.stderr,
         )
-        rc = client_main(["--url", server.grpc_url, *argv])
-    print("server stopped.", file=sys.stderr)
+        client_argv = argv if known.model else ["--model", model, *argv]
+        rc = client_main(["--url", server.grpc_url, *client_argv])
+    print(
+        f"server stopped. {'Generated' if rc == 0 else 'Tried'} through {model} on "
+        f"{BACKENDS[BY_NAME[model].backend]}.",
+        file=sys.stderr,
+    )
     return rc
 
 

@@ -1,4 +1,4 @@
-"""The raw protocol in one page: a stateful sequence on charrnn_python with tritonclient alone.
+"""The raw protocol in one page: a stateful sequence on charrnn_onnx (Triton keeps its state) with tritonclient alone.
 
     python -m client.example [--url 127.0.0.1:8001]      # against `make serve`; prints PASS or exits 1
 
@@ -17,7 +17,7 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 
 from charrnn.repository import (
-    PYTHON as MODEL,  # the one thing taken from the project: the model's name
+    ONNX as MODEL,  # the one thing taken from the project: the model's name
 )
 
 

@@ -38,12 +38,14 @@ from charrnn.errors import UserError, cli
 from charrnn.repository import (
     BY_NAME,
     CONFIG,
+    CPU_CONFIG_NAME,
     GEN_MODELS,
     GEN_ONNX,
     GEN_PYTHON,
     GEN_STREAM,
     GEN_TRT,
     ONNX,
+    ORT_MODELS,
     PYTHON,
     PYTHON_MODELS,
     SERVED_MODELS,
@@ -60,7 +62,8 @@ PYTHON_INSTANCES = 1
 # (docs/benchmarks.md, bench/results/ab.md): the per-character model shares the cores with the gRPC front end and the
 # client, and 2 threads cost 10-15% at 64 sequences; a generation request keeps ORT busy for K steps while
 # the client waits, and 2 threads made K = 128 1.6x faster. On a bigger host, give them the instance's cores.
-ORT_THREADS = {PYTHON: 1, GEN_PYTHON: 2, GEN_STREAM: 2}
+# The ONNX Runtime backend's models get the same counts in their CPU config (configs/cpu.pbtxt).
+ORT_THREADS = {PYTHON: 1, GEN_PYTHON: 2, GEN_STREAM: 2, ONNX: 1, GEN_ONNX: 2}
 
 _HEADER = {
     TRT: (
@@ -141,11 +144,18 @@ output [ {{ name: "{OUTPUT_IDS}"  data_type: TYPE_{ids_t}  dims: [ -1 ] }} ]"""
 
 
 def render_config(
-    name: str, contract: Contract, vocab: Vocab, idle_us: int = MAX_SEQUENCE_IDLE_US
+    name: str,
+    contract: Contract,
+    vocab: Vocab,
+    idle_us: int = MAX_SEQUENCE_IDLE_US,
+    cpu: bool = False,
 ) -> str:
-    """config.pbtxt text for one of the served models, spelled out with comments."""
+    """config.pbtxt text for one of the served models, spelled out with comments; with `cpu`, its
+    configs/cpu.pbtxt (an ONNX Runtime model on our CPU servers: KIND_CPU and the thread count)."""
     if name not in BY_NAME:
         raise ValueError(f"unknown model {name!r}")
+    if cpu and name not in ORT_MODELS:
+        raise ValueError(f"{name!r} has no CPU config (only {', '.join(ORT_MODELS)})")
     if len(vocab) != contract.vocab_size:
         raise UserError(
             "vocabulary",
@@ -153,6 +163,14 @@ def render_config(
             "export with the model's own vocab.json",
         )
     platform, kind, what = _HEADER[name]
+    if cpu:
+        kind = "KIND_CPU"
+        what = what.split(";")[0] + (
+            f"; its CPU config (configs/{CPU_CONFIG_NAME}.pbtxt), which servers started with\n"
+            f"# --model-config-name={CPU_CONFIG_NAME} load instead of config.pbtxt: our CPU servers (the local "
+            "launcher, the slim\n# and scale images). KIND_CPU: a CPU-only build of the backend refuses "
+            "KIND_GPU, which KIND_AUTO becomes on a GPU host"
+        )
     state_t = TRITON_DTYPE[contract.inputs()[STATE_IN][0]]
     dims = ", ".join(str(d) for d in contract.state_dims)
     state = ""
@@ -174,6 +192,8 @@ def render_config(
     params = {VOCAB_PARAMETER: vocab.to_json()}
     if name in PYTHON_MODELS:
         params["intra_op_threads"] = str(ORT_THREADS[name])  # ONNX Runtime threads per instance
+    if cpu:  # the ONNX Runtime backend's own parameter
+        params["intra_op_thread_count"] = str(ORT_THREADS[name])
     param_text = "\n".join(
         f'parameters {{ key: "{k}" value: {{ string_value: "{CEscape(v, as_utf8=True)}" }} }}'
         for k, v in params.items()
@@ -272,17 +292,22 @@ def check_config_against_onnx(config, model_proto) -> list[str]:
 def write_repository(
     repo: str | Path, contract: Contract, vocab: Vocab, idle_us: int = MAX_SEQUENCE_IDLE_US
 ) -> list[Path]:
-    """Write config.pbtxt for every model under `repo` (sequences idle `idle_us` are freed); returns the paths."""
+    """Write config.pbtxt for every model under `repo`, and configs/cpu.pbtxt for those that have one (sequences
+    idle `idle_us` are freed); returns the paths."""
     repo = Path(repo)
     written = []
     for name in SERVED_MODELS:
-        path = repo / name / CONFIG
-        path.parent.mkdir(parents=True, exist_ok=True)
-        (repo / name / "1").mkdir(exist_ok=True)
-        text = render_config(name, contract, vocab, idle_us)
-        parse_config(text)  # never write a config Triton would reject
-        path.write_text(text)
-        written.append(path)
+        (repo / name / "1").mkdir(parents=True, exist_ok=True)
+        files = {CONFIG: False}
+        if BY_NAME[name].cpu_config:
+            files[BY_NAME[name].cpu_config] = True
+        for relative, cpu in files.items():
+            path = repo / name / relative
+            path.parent.mkdir(parents=True, exist_ok=True)
+            text = render_config(name, contract, vocab, idle_us, cpu=cpu)
+            parse_config(text)  # never write a config Triton would reject
+            path.write_text(text)
+            written.append(path)
     return written
 
 
@@ -302,6 +327,11 @@ def main(argv: list[str] | None = None) -> int:
     """Print one model's config for a quick look (a 2 x 512 LSTM over 65 characters)."""
     p = parser("python -m export.configs", __doc__)
     p.add_argument(
+        "--cpu",
+        action="store_true",
+        help=f"print its CPU config (configs/{CPU_CONFIG_NAME}.pbtxt; ONNX Runtime models only)",
+    )
+    p.add_argument(
         "model",
         nargs="?",
         default=ONNX,
@@ -311,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = p.parse_args(argv)
     c = Contract("lstm", 2, 512, 65)
-    print(render_config(args.model, c, Vocab([chr(i) for i in range(32, 97)])))
+    print(render_config(args.model, c, Vocab([chr(i) for i in range(32, 97)]), cpu=args.cpu))
     return 0
 
 

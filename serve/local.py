@@ -5,9 +5,10 @@
     python -m serve.local status
     python -m serve.local run        # foreground; Ctrl-C stops it
 
-The wheel's server (2.51.0) has only the python backend, so only the models that run on it are loaded:
-every python model by default. `start` starts two servers: the decoupled charrnn_gen_stream runs in a
-tritonserver of its own (--stream-*-port, default 8010-8012), because 2.51 crashes when decoupled and
+The wheel's server (2.51.0) runs the python backend and Triton's ONNX Runtime backend, built from source by
+`make backend` (serve/backend.py); every model that runs without a GPU is loaded: charrnn_onnx and
+charrnn_gen_onnx (the exported graphs; Triton keeps each sequence's state), and the python models. `start`
+starts two servers: the decoupled charrnn_gen_stream runs in a tritonserver of its own (--stream-*-port, default 8010-8012), because 2.51 crashes when decoupled and
 non-decoupled models stream on one server (charrnn/repository.py); `--models` asks for one server with those
 models. With `--tritonserver PATH` (e.g. a real install's `tritonserver` on PATH) the same launcher runs that
 binary with its own backends and every model it can load.
@@ -28,7 +29,7 @@ from charrnn.cli import parser
 from charrnn.contract import INFER_KEY_ENV, INFER_KEY_HEADER
 from charrnn.errors import UserError, cli
 from charrnn.local_triton import DEFAULT_RUN_DIR, ROOT, LocalTriton, group_alive, stop_group
-from charrnn.repository import DECOUPLED_MODELS, SHARED_PYTHON_MODELS
+from charrnn.repository import DECOUPLED_MODELS, SHARED_CPU_MODELS
 
 # --- CLI: make serve / make stop --------------------------------------------------------------------
 PID_FILE = DEFAULT_RUN_DIR / "triton.pid"
@@ -125,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
                 http_port=args.http_port,
                 grpc_port=args.grpc_port,
                 metrics_port=args.metrics_port,
-                models=SHARED_PYTHON_MODELS,
+                models=SHARED_CPU_MODELS,
                 **common,
             ),
             LocalTriton(

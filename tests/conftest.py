@@ -30,7 +30,7 @@ import numpy as np
 import pytest
 
 from charrnn.contract import MAX_T, Contract
-from charrnn.repository import GEN_STREAM, ONNX, PYTHON, SHARED_PYTHON_MODELS
+from charrnn.repository import GEN_STREAM, ONNX, ORT_MODELS, PYTHON, SHARED_PYTHON_MODELS
 from charrnn.sampling import SamplingParams
 from charrnn.vocab import Vocab
 
@@ -371,23 +371,38 @@ def stream_server(shipped_repo, tmp_path_factory):
     s.stop()
 
 
+@pytest.fixture(scope="session")
+def ort_server(shipped_repo, ort_backend, tmp_path_factory):
+    """charrnn_onnx and charrnn_gen_onnx on Triton's ONNX Runtime backend (built from source), with Triton's
+    implicit state, for the whole session."""
+    s = start_server(shipped_repo, tmp_path_factory.mktemp("ort-serve"), models=ORT_MODELS)
+    yield s
+    s.stop()
+
+
+def with_idle_timeout(src: Path, dest: Path, names: tuple[str, ...], idle_us: int) -> Path:
+    """A copy of `names` from repository `src` in `dest` whose configs free idle sequences after `idle_us`."""
+    import shutil
+
+    for name in names:
+        shutil.copytree(src / name, dest / name)
+        for config in (dest / name).rglob("*.pbtxt"):
+            new, n = re.subn(
+                r"max_sequence_idle_microseconds: \d+",
+                f"max_sequence_idle_microseconds: {idle_us}",
+                config.read_text(),
+            )
+            assert n == 1, f"{config} should set max_sequence_idle_microseconds once"
+            config.write_text(new)
+    return dest
+
+
 @pytest.fixture(scope="module")
 def short_idle_server(shipped_repo, tmp_path_factory):
     """A server whose charrnn_python frees idle sequences after 2 s (the model evicts 1 s later); one per test
     module, so evictions logged by one module's sequences never reach another's counts."""
-    import shutil
-
     short = tmp_path_factory.mktemp("repo-short-idle")
-    shutil.copytree(shipped_repo / PYTHON, short / PYTHON)
-    config = short / PYTHON / "config.pbtxt"
-    text = config.read_text()
-    new, n = re.subn(
-        r"max_sequence_idle_microseconds: \d+",
-        f"max_sequence_idle_microseconds: {SHORT_IDLE_US}",
-        text,
-    )
-    assert n == 1, "config.pbtxt should set max_sequence_idle_microseconds once"
-    config.write_text(new)
+    with_idle_timeout(shipped_repo, short, (PYTHON,), SHORT_IDLE_US)
     s = start_server(short, tmp_path_factory.mktemp("serve-short-idle"))
     assert f"idle eviction after {SHORT_IDLE_US / 1e6 + 1:.1f} s" in s.log_path.read_text()
     yield s
@@ -559,10 +574,10 @@ class RawStream:
     """tritonclient requests on ONE stream; successes are routed by request id, errors (which carry no id
     on a stream) go to `errors`. Thread-safe sends: async_stream_infer only enqueues."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, model: str = PYTHON) -> None:
         import tritonclient.grpc as tc
 
-        self.tc = tc
+        self.tc, self.model = tc, model
         self.client = tc.InferenceServerClient(url)
         self.results: dict[str, queue.Queue] = {}
         self.errors: queue.Queue = queue.Queue()
@@ -583,7 +598,12 @@ class RawStream:
         inp = self.tc.InferInput("INPUT_IDS", list(array.shape), dtype)
         inp.set_data_from_numpy(array)
         self.client.async_stream_infer(
-            PYTHON, [inp], request_id=rid, sequence_id=seq, sequence_start=start, sequence_end=end
+            self.model,
+            [inp],
+            request_id=rid,
+            sequence_id=seq,
+            sequence_start=start,
+            sequence_end=end,
         )
 
     def logits(self, route: str, timeout=60.0) -> np.ndarray:

@@ -131,6 +131,7 @@ def test_config_meets_the_documented_requirements(
         assert kinds == [pb.ModelInstanceGroup.KIND_GPU]
     elif kind_of == "onnx":
         assert (c.platform, c.backend) == ("onnxruntime_onnx", "")
+        assert kinds == [pb.ModelInstanceGroup.KIND_AUTO]  # NVIDIA's images: GPU if present
     else:
         assert (c.platform, c.backend) == ("", "python")
         assert kinds == [pb.ModelInstanceGroup.KIND_CPU]
@@ -177,6 +178,37 @@ def test_gen_configs_parse_are_committed_and_agree_with_the_graph(name, shipped_
     # a config that disagrees with the graph is reported
     bad = repository.parse_config(fresh.replace("dims: [ -1, 65 ]", "dims: [ -1, 64 ]"))
     assert any("'NOISE'" in p for p in configs.check_config_against_onnx(bad, gen_proto))
+
+
+@pytest.mark.parametrize("name", repository.ORT_MODELS)
+def test_cpu_config_is_config_pbtxt_with_kind_cpu_and_its_thread_count(
+    name, shipped_repo, shipped_contract_vocab
+):
+    """configs/cpu.pbtxt, which our CPU servers load (--model-config-name=cpu): committed and fresh equal the
+    render, and it differs from config.pbtxt only in the comment, KIND_CPU and the backend's thread count.
+    """
+    from tritonclient.grpc import model_config_pb2 as pb
+
+    contract, vocab = shipped_contract_vocab
+    relative = repository.BY_NAME[name].cpu_config
+    assert relative == f"configs/{repository.CPU_CONFIG_NAME}.pbtxt"
+    text = (COMMITTED_REPO / name / relative).read_text()
+    assert text == (shipped_repo / name / relative).read_text()
+    assert text == configs.render_config(name, contract, vocab, cpu=True)
+    cpu = repository.parse_config(text)
+    default = repository.load_config(shipped_repo / name)
+    assert [g.kind for g in cpu.instance_group] == [pb.ModelInstanceGroup.KIND_CPU]
+    assert cpu.parameters["intra_op_thread_count"].string_value == str(configs.ORT_THREADS[name])
+    del cpu.instance_group[:], default.instance_group[:]
+    del cpu.parameters["intra_op_thread_count"]
+    assert cpu == default
+
+
+def test_only_the_onnxruntime_models_have_a_cpu_config():
+    have = sorted(p.parent.parent.name for p in COMMITTED_REPO.glob("*/configs/*.pbtxt"))
+    assert have == sorted(repository.ORT_MODELS)
+    with pytest.raises(ValueError, match="no CPU config"):
+        configs.render_config(repository.PYTHON, None, Vocab(["a"]), cpu=True)
 
 
 # --- config <-> ONNX cross-check ---------------------------------------------------------------------

@@ -57,9 +57,9 @@ def test_parse_config_uses_tritons_model_config_proto():
 
 
 def test_gen_models_are_served_locally_and_by_compose():
-    from charrnn.local_triton import LOCAL_MODELS
-    from charrnn.repository import CPU_MODELS, GPU_ONLY_MODELS, SERVED_MODELS
+    from charrnn.repository import CPU_MODELS, GPU_ONLY_MODELS, LOCAL_MODELS, SERVED_MODELS
 
-    assert {repository.GEN_PYTHON, repository.GEN_STREAM} <= set(LOCAL_MODELS)
+    assert {repository.GEN_PYTHON, repository.GEN_STREAM, repository.ONNX} <= set(LOCAL_MODELS)
+    assert {repository.GEN_ONNX} <= set(LOCAL_MODELS)
     assert set(repository.GEN_MODELS) <= set(SERVED_MODELS)
     assert repository.GEN_TRT in GPU_ONLY_MODELS and repository.GEN_ONNX in CPU_MODELS
