@@ -14,7 +14,7 @@ PYTEST_FLAGS ?=
 
 .PHONY: setup data train evaluate sample export verify plan serve stop demo test test-slow clean help \
         bench soak import perf-input compose-plan compose-up compose-up-cpu compose-down perf \
-        images compose-up-slim perf-slim soak-mixed lint format compose-up-scale bench-scale
+        images compose-up-slim perf-slim soak-mixed lint format compose-up-scale bench-scale backend
 
 help:
 	@grep -E '^[a-z-]+:.*## ' Makefile | sed 's/:.*## /\t/'
@@ -54,16 +54,19 @@ verify: $(ONNX) ## Expect/Received parity: ONNX Runtime vs TensorFlow (logits an
 
 plan: compose-plan ## TensorRT plan: needs NVIDIA's TensorRT container on a GPU host (docs/model.md)
 
-serve: $(ONNX) ## start the local Triton servers (python backend): 127.0.0.1:8000-8002, the stream model on 8010-8012
+backend: setup ## build Triton's ONNX Runtime backend from source (../shared/third_party or GitHub) -> build/backends/onnxruntime
+	$(PY) -m serve.backend
+
+serve: $(ONNX) backend ## start the local Triton servers (ONNX Runtime + python backends): 127.0.0.1:8000-8002, the stream model on 8010-8012
 	$(PY) -m serve.local start
 
 stop: setup ## stop the server `make serve` started
 	$(PY) -m serve.local stop
 
-demo: $(ONNX) ## THE MAIN JOB: local Triton up, ~500 characters generated through it, server down
+demo: $(ONNX) backend ## THE MAIN JOB: local Triton up, ~500 characters generated through it, server down
 	$(PY) -m client.demo $(DEMO_FLAGS)
 
-bench: $(ONNX) data ## measured sweep: served generation (1..64 sequences) vs in-process baselines -> bench/results/
+bench: $(ONNX) data backend ## measured sweep: served generation (1..64 sequences) vs in-process baselines -> bench/results/
 	$(PY) -m bench.bench
 
 # Import a TF1 char-rnn model (checkpoint or sampleCharRNN .wts); see `python -m train.import_tf1 --help`.
@@ -78,7 +81,7 @@ soak-mixed: $(ONNX) ## all python models at once (gRPC/HTTP, per char/chunked/st
 import: setup ## import a TF1 char-rnn checkpoint or sampleCharRNN .wts dump into a model directory (IMPORT_FLAGS)
 	$(PY) -m train.import_tf1 $(IMPORT_FLAGS)
 
-test: setup data lint ## the test suite (what CI runs): lint, then every suite but the slow ones
+test: setup data lint backend ## the test suite (what CI runs): lint, then every suite but the slow ones
 	$(PY) -m pytest -m "not slow" $(PYTEST_FLAGS)
 
 lint: setup ## ruff and black, as configured in pyproject.toml (no changes; `make format` applies them)
@@ -93,7 +96,7 @@ test-slow: setup data ## only the slow suites
 	$(PY) -m pytest -m slow $(PYTEST_FLAGS)
 
 clean: ## remove generated artifacts (keeps .venv, data and the shipped model)
-	rm -rf logs export/build $(REPO)/*/1/model.onnx .pytest_cache
+	rm -rf logs export/build $(REPO)/*/1/model.onnx .pytest_cache build/backend-src build/backends
 
 # ---- docker compose. Needs Docker >= 20.10 and Compose v2 (`docker compose`); make installs no system packages.
 # The slim stack (any Docker host, no GPU, no NGC registry): Triton 2.51 from the nvidia-pytriton wheel serving the

@@ -133,3 +133,39 @@ MAX_K = 256  # characters generated per request (also the TensorRT optimization 
 # Sampling temperature: 0 means greedy (argmax); otherwise at least this. Below it logits / T can overflow fp32
 # (1e-45 gave inf - inf = NaN and degenerate text) and sampling is greedy in all but name anyway.
 MIN_TEMPERATURE = 1e-3
+
+# --- Guards inside the exported graphs (export/guards.py) --------------------------------------------------
+#
+# Triton's ONNX Runtime backend runs the step and generation graphs with no Python in front, so the graphs refuse
+# bad input themselves: each guarded input's checks end in a Gather that reads out of bounds when the input is
+# bad, and that Gather node's NAME is the input's message below. ONNX Runtime's error text quotes it whole:
+#
+#   [ONNXRuntimeError] : 2 : INVALID_ARGUMENT : Non-zero status code returned while running Gather node.
+#   Name:'refused: INPUT_IDS: every id must be in 0..64 and ...' Status Message: indices element out of data bounds
+#
+# The limits are the python models' (charrnn.sequence_state.check_ids, charrnn.gen_serving.check_gen_request).
+# The checks are per execution: Triton batches several sequences' requests into one, and one bad request fails
+# every request of that batch. Clients recognise a refusal by GUARD_PREFIX (+ the input's name). The messages are
+# str.format templates, filled with .format(vocab_size=V, last_id=V - 1) (export.guards.guard_messages); they
+# contain no apostrophe, since ONNX Runtime quotes the name in '...'.
+GUARD_PREFIX = "refused: "
+GUARD_BATCH_NOTE = "one bad request fails its whole batch"
+GUARD_MESSAGES = {
+    INPUT_IDS: (
+        f"{GUARD_PREFIX}{INPUT_IDS}: every id must be in 0..{{last_id}} and 1 <= T <= {MAX_T} "
+        f"(send ids of the model vocabulary; split longer prompts into chunks; {GUARD_BATCH_NOTE})"
+    ),
+    NOISE: (
+        f"{GUARD_PREFIX}{NOISE}: K = dim 1 must be in 1..{MAX_K} and every value a uniform in the open "
+        f"interval (0, 1), never 0, 1, NaN or inf (one row of noise per character to generate; "
+        f"{GUARD_BATCH_NOTE})"
+    ),
+    TEMPERATURE: (
+        f"{GUARD_PREFIX}{TEMPERATURE}: must be 0 (greedy) or finite and >= {MIN_TEMPERATURE} (smaller values "
+        f"overflow; negative, NaN and inf are refused; {GUARD_BATCH_NOTE})"
+    ),
+    TOP_K: (
+        f"{GUARD_PREFIX}{TOP_K}: must be in 0..{{vocab_size}} (0 keeps every character; "
+        f"{GUARD_BATCH_NOTE})"
+    ),
+}

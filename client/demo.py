@@ -28,18 +28,18 @@ BACKENDS = {
 @cli
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    # -h/--help is the demo's own (answered before a server starts); --model and --chunk are read to choose what
-    # the server loads; every flag goes to the client.
-    p = parser(
+    # Only -h/--help is the demo's own (answered before a server starts); every other flag goes to the client,
+    # whose parser checks them all first (a bad flag never starts a server) and tells which model to serve.
+    parser(
         "python -m client.demo",
         __doc__,
         usage="%(prog)s [-h] [client flags ...]",
         allow_abbrev=False,
-    )
-    p.add_argument("--model", default=None, help="the model to serve and use")
-    p.add_argument("--chunk", default=None, help="K characters per request (a charrnn_gen_* model)")
-    known, _ = p.parse_known_args(argv)
-    model = known.model or (ONNX if known.chunk is None else GEN_ONNX)
+    ).parse_known_args(argv)
+    from .__main__ import parse_args
+
+    flags = parse_args(argv)
+    model = flags.model or (ONNX if flags.chunk is None else GEN_ONNX)
     if model not in LOCAL_MODELS:
         raise UserError(
             "--model",
@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
             f"ready in {time.time() - t0:.1f} s on {server.grpc_url}; generating:\n",
             file=sys.stderr,
         )
-        client_argv = argv if known.model else ["--model", model, *argv]
+        client_argv = argv if flags.model else ["--model", model, *argv]
         rc = client_main(["--url", server.grpc_url, *client_argv])
     print(
         f"server stopped. {'Generated' if rc == 0 else 'Tried'} through {model} on "

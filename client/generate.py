@@ -23,8 +23,12 @@ unknown (idle timeout, restart, or a request that reached another replica: "must
 "unknown sequence"), that sequence alone is re-primed. Behind a proxy (a Connection with shards > 1) a broken
 stream re-primes only the sequences of its shard, and sequence ids are "<key>:<epoch>": the routing key stays
 (so the proxy keeps the sequence on one replica) and the epoch grows with every re-prime, so a replica that
-comes back still holding an old state can never continue it: it does not know the new id. A re-primed sequence continues from its noise stream's position len(generated), so greedy and seeded
-runs give the same text as an uninterrupted run. Giving up raises GenerationFailed, which carries the partial
+comes back still holding an old state can never continue it: it does not know the new id. A request refused
+by the graph's input guards (charrnn.contract GUARD_PREFIX) is re-primed the same way: this client checks every
+input before sending it, so a refusal means another client's bad request shared our batch on the ONNX Runtime
+backend (one bad request fails its whole batch; the state of ours did not advance). A re-primed sequence
+continues from its noise stream's position len(generated), so greedy and seeded runs give the same text as an
+uninterrupted run. Giving up raises GenerationFailed, which carries the partial
 text.
 """
 
@@ -41,7 +45,17 @@ from typing import Callable
 
 import numpy as np
 
-from charrnn.contract import INPUT_IDS, LOGITS, MAX_K, MAX_T, NOISE, OUTPUT_IDS, TEMPERATURE, TOP_K
+from charrnn.contract import (
+    GUARD_PREFIX,
+    INPUT_IDS,
+    LOGITS,
+    MAX_K,
+    MAX_T,
+    NOISE,
+    OUTPUT_IDS,
+    TEMPERATURE,
+    TOP_K,
+)
 from charrnn.errors import UnavailableError, UserError
 from charrnn.repository import GEN, STEP
 from charrnn.sampling import Sampler, SamplingParams
@@ -197,8 +211,9 @@ def inputs_of(seq: Sequence, req: Request, generation: bool) -> dict[str, np.nda
 
 
 # What an error means for the generation: the server went away (reconnect), the server does not know the
-# sequence any more (re-prime it), or anything else (give up: retrying would not help).
-OUTAGE, LOST, FATAL = "outage", "lost", "fatal"
+# sequence any more (re-prime it), the graph refused a request batched with ours (re-prime it: see the module
+# docstring), or anything else (give up: retrying would not help).
+OUTAGE, LOST, REFUSED, FATAL = "outage", "lost", "refused", "fatal"
 # HTTP 502/503/504: a proxy in front of the replicas (serve/haproxy.cfg) lost, or has no, replica for the request.
 _OUTAGE_STATUS = ("UNAVAILABLE", "CANCELLED", "DEADLINE_EXCEEDED", "ABORTED", "502", "503", "504")
 _OUTAGE_TEXT = (
@@ -221,6 +236,8 @@ def classify(error) -> str:
     text = message(error).lower()
     if any(s in text for s in _LOST_TEXT):
         return LOST
+    if GUARD_PREFIX in text:
+        return REFUSED
     status = str(getattr(error, "status", lambda: None)() or "")
     if (
         isinstance(error, (OSError, TimeoutError))
@@ -356,6 +373,8 @@ def generate(
             if shard is None
             else f"stream {shard} lost ({brief(message(error))})"
         )
+        if classify(error) == REFUSED:
+            why = f"a request batched with ours was refused ({brief(message(error))})"
         while True:
             outage["attempts"] += 1
             attempt, delay = outage["attempts"], retry.backoff(outage["attempts"])
@@ -434,8 +453,13 @@ def generate(
         for request_id in [r for r, (s, _, _) in by_request.items() if s is seq]:
             del by_request[request_id]
         seq.reprime(new_sequence_ids(1)[0], max_t)
+        why = (
+            "refused in a batch with another client's bad request"
+            if classify(error) == REFUSED
+            else "unknown to the server"
+        )
         say(
-            f"warning: server {conn.url}: sequence {old} unknown to the server; re-primed it as {seq.sequence_id} "
+            f"warning: server {conn.url}: sequence {old} {why}; re-primed it as {seq.sequence_id} "
             f"with prompt + {len(seq.generated)} generated characters"
         )
         send_next(seq)
@@ -497,13 +521,11 @@ def generate(
                     kind = classify(error)
                     if seq is None and request_id is not None and kind != FATAL:
                         continue  # a late answer to a request abandoned by a recovery
-                    if kind == LOST and seq is not None:
+                    if kind in (LOST, REFUSED) and seq is not None:
                         reprime_lost(seq, error)
                         continue
-                    if kind in (
-                        OUTAGE,
-                        LOST,
-                    ):  # LOST here: cannot tell which sequence, so re-prime them all
+                    if kind in (OUTAGE, LOST, REFUSED):
+                        # LOST / REFUSED here: cannot tell which sequence, so re-prime them all
                         raise _Outage(error, shard if conn.shards > 1 else None)
                     where = f"sequence {seq.sequence_id}" if seq else "a sequence"
                     raise GenerationFailed(

@@ -372,6 +372,14 @@ def stream_server(shipped_repo, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def ort_backend() -> Path:
+    """Triton's ONNX Runtime backend, built from source as `make backend` does (nothing to do when up to date)."""
+    from serve.backend import build
+
+    return build()
+
+
+@pytest.fixture(scope="session")
 def ort_server(shipped_repo, ort_backend, tmp_path_factory):
     """charrnn_onnx and charrnn_gen_onnx on Triton's ONNX Runtime backend (built from source), with Triton's
     implicit state, for the whole session."""

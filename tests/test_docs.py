@@ -34,6 +34,7 @@ CLIS = (
     "export.build_plan",
     "export.verify",
     "serve.local",
+    "serve.backend",
     "serve.images",
     "client",
     "bench.bench",
