@@ -8,10 +8,11 @@
 The wheel's server (2.51.0) runs the python backend and Triton's ONNX Runtime backend, built from source by
 `make backend` (serve/backend.py); every model that runs without a GPU is loaded: charrnn_onnx and
 charrnn_gen_onnx (the exported graphs; Triton keeps each sequence's state), and the python models. `start`
-starts two servers: the decoupled charrnn_gen_stream runs in a tritonserver of its own (--stream-*-port, default 8010-8012), because 2.51 crashes when decoupled and
-non-decoupled models stream on one server (charrnn/repository.py); `--models` asks for one server with those
-models. With `--tritonserver PATH` (e.g. a real install's `tritonserver` on PATH) the same launcher runs that
-binary with its own backends and every model it can load.
+starts two servers: the decoupled charrnn_gen_stream runs in a tritonserver of its own (--stream-*-port,
+default 8010-8012), because 2.51 crashes when decoupled and non-decoupled models stream on one server
+(docs/failures.md); `--models` asks for one server with those models. With `--tritonserver PATH` (e.g. a real
+install's `tritonserver` on PATH) the same launcher runs that binary with its own backends and every model it
+can load.
 Safe defaults: loopback addresses, model control mode none, restricted admin APIs, logs to a file, and HTTP
 inference only with the inference key (header infer-key; $TRITON_INFER_KEY, else a random key that `start`
 writes to logs/serve/infer-key). gRPC inference is open.

@@ -380,3 +380,27 @@ def test_millions_of_ids_do_not_grow_the_server(ort_server):
         error = infer_error(ort_server, ONNX, {"INPUT_IDS": np.full((1, BIG_T), 30, np.int32)})
         assert guard_message("INPUT_IDS") in error
     assert rss_mb() - before < 400, f"peak RSS grew from {before:.0f} to {rss_mb():.0f} MiB"
+
+
+# --- make demo: the main path ----------------------------------------------------------------------------------
+def test_demo_generates_through_charrnn_onnx_and_says_so(ort_backend, shipped):
+    """`make demo`'s command: its own server (free ports), TF's text, and a last line naming the real backend."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    r = subprocess.run(
+        [sys.executable, "-m", "client.demo", "--prompt", "ROMEO:", "--length", "60", "--greedy"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "ROMEO:" + tf_text(shipped, "ROMEO:", 60, GREEDY).rstrip()
+    last = r.stderr.strip().splitlines()[-1]
+    assert last == (
+        f"server stopped. Generated through {ONNX} on Triton's ONNX Runtime backend, built from source; "
+        "Triton kept the state (implicit state)."
+    ), r.stderr
