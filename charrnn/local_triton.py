@@ -226,6 +226,9 @@ class LocalTriton:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+        # ONNX Runtime 1.32 (the backend's library and the python models') otherwise sends telemetry and writes a
+        # device id under ~/.cache/Microsoft; the slim image sets the same.
+        env.setdefault("ORT_DISABLE_TELEMETRY", "1")
         if self.tritonserver:  # a real Triton install: its own backends, the whole repository
             binary, repo_arg, backend_args = self.tritonserver, str(self.repo.resolve()), []
         else:

@@ -373,11 +373,13 @@ def generate(
             if shard is None
             else f"stream {shard} lost ({brief(message(error))})"
         )
-        if classify(error) == REFUSED:
+        refused = classify(error) == REFUSED  # not an outage: re-prime at once, no backoff
+        if refused:
             why = f"a request batched with ours was refused ({brief(message(error))})"
         while True:
             outage["attempts"] += 1
-            attempt, delay = outage["attempts"], retry.backoff(outage["attempts"])
+            attempt = outage["attempts"]
+            delay = 0.0 if refused else retry.backoff(attempt)
             if attempt > retry.retries:
                 fix = (
                     "restart the server, then run again with --retries N to reconnect and continue"

@@ -21,6 +21,9 @@ Add, Sigmoid, Tanh, Mul: the cell's own code, no re-implemented LSTM math). Tens
     the ids go into a fixed-shape (B, K) loop-carried buffer, written with Where(Range(K) == i, id, buffer);
   - TF's while_loop carries every captured tensor (the weights, NOISE, ...) as a loop variable; those are
     rewritten to be read from the outer scope (hoist_loop_invariants), so only ids, state and buffer recur.
+The graph refuses bad input itself, before the prompt's embedding and the Loop run (export/guards.py): ids
+outside 0..V-1, T outside 1..MAX_T, K outside 1..MAX_K, NOISE not in (0, 1), TEMPERATURE neither 0 nor finite
+and >= MIN_TEMPERATURE, TOP_K outside 0..V. A positive temperature is used as sent (no clamp in the graph).
 """
 
 from __future__ import annotations
@@ -33,7 +36,6 @@ import onnx
 from charrnn.cli import parser
 from charrnn.contract import (
     INPUT_IDS,
-    MIN_TEMPERATURE,
     NOISE,
     OUTPUT_IDS,
     STATE_IN,
@@ -45,6 +47,7 @@ from charrnn.contract import (
 )
 from charrnn.errors import CheckFailed, cli
 
+from .guards import guard_gen_inputs
 from .onnx_export import OPSET, name_dims, rename_value
 
 _ARG_NAMES = {
@@ -75,11 +78,9 @@ def generation_function(model):
         """One character per row: logits (B, V), u (B, V) -> ids (B,) int32 (= charrnn.sampling.choose)."""
         greedy = tf.cast(tf.argmax(logits, axis=-1, output_type=tf.int64), tf.int32)
         sample = temperature > 0.0  # (B, 1)
-        # Clamped to MIN_TEMPERATURE: the TensorRT / ONNX Runtime backends run this graph without the python
-        # models' request checks, and a subnormal temperature would overflow logits / T.
-        z = logits / tf.where(
-            sample, tf.maximum(temperature, MIN_TEMPERATURE), tf.ones_like(temperature)
-        )  # (B, V)
+        # No clamp: the graph's guard (export/guards.py) refuses a temperature that is neither 0 nor >=
+        # MIN_TEMPERATURE, below which logits / T would overflow.
+        z = logits / tf.where(sample, temperature, tf.ones_like(temperature))  # (B, V)
         ordered = tf.math.top_k(z, k=vocab, sorted=True).values  # (B, V) descending: ONNX TopK
         kth = tf.gather(ordered, kth_index, axis=1, batch_dims=1)  # (B, 1): ONNX GatherElements
         z = tf.where(z < kth, tf.constant(-np.inf, tf.float32), z)
@@ -101,7 +102,9 @@ def generation_function(model):
     @tf.function(input_signature=spec)
     def generate(input_ids, state_in, noise, temperature, top_k):
         batch, k_total = tf.shape(noise)[0], tf.shape(noise)[1]
-        # k-th largest index per row; 0 (and anything outside 1..V) keeps every character.
+        # k-th largest index per row; 0 keeps every character. Anything outside 0..V is refused by the guard
+        # under ONNX Runtime, so the `> vocab` / `< 0` part only matters on a TensorRT plan, where the guard does
+        # not refuse (docs/model.md): it keeps the GatherElements below in bounds there.
         k = tf.where((top_k <= 0) | (top_k > vocab), tf.fill(tf.shape(top_k), vocab), top_k)
         kth_index = k - 1  # (B, 1)
         logits, state = model.step(input_ids, state_in)  # the prompt: ONNX LSTM ops
@@ -165,8 +168,13 @@ def hoist_loop_invariants(graph: onnx.GraphProto) -> int:
     return dropped
 
 
-def export_gen_onnx(model, out: str | Path, opset: int = OPSET) -> onnx.ModelProto:
-    """Convert a charrnn.model.CharRNN's generation function to ONNX at `out`; returns the proto."""
+def export_gen_onnx(
+    model, out: str | Path, opset: int = OPSET, guard: bool = True
+) -> onnx.ModelProto:
+    """Convert a charrnn.model.CharRNN's generation function to ONNX at `out`; returns the proto.
+
+    guard: add the run-time input guards (export.guards; False only to measure or compare them).
+    """
     import tf2onnx
 
     contract = model.config.contract
@@ -183,6 +191,8 @@ def export_gen_onnx(model, out: str | Path, opset: int = OPSET) -> onnx.ModelPro
     }
     for vi in list(graph.input) + list(graph.output):
         name_dims(vi, dims.get(vi.name, {0: "batch"}))
+    if guard:  # refuses bad INPUT_IDS, NOISE, TEMPERATURE, TOP_K at run time (export/guards.py)
+        guard_gen_inputs(graph, contract)
     proto.doc_string = (
         f"charrnn generation: {INPUT_IDS} (batch, T) + {STATE_IN} + {NOISE} (batch, K, "
         f"{contract.vocab_size}) + {TEMPERATURE} (batch, 1) + {TOP_K} (batch, 1) -> {OUTPUT_IDS} "

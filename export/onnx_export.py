@@ -6,6 +6,7 @@ The graph is the model's `step`:  INPUT_IDS int32 (B, T), STATE_IN fp32 (B, S, L
 -> LOGITS fp32 (B, V) (after the last input position), STATE_OUT fp32 (B, S, L, H); batch and T dynamic.
 tf2onnx rewrites each Keras LSTM layer into one ONNX LSTM op; Keras 3 GRU and SimpleRNN layers come out as an
 ONNX Loop per layer (both are in TensorRT's ONNX op list; export.trt_check checks every op).
+The graph refuses bad INPUT_IDS itself (ids outside 0..V-1, T outside 1..MAX_T): export/guards.py.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from pathlib import Path
 import onnx
 
 from charrnn.contract import INPUT_IDS, LOGITS, STATE_IN, STATE_OUT
+
+from .guards import guard_step_inputs
 
 OPSET = 17
 DIM_NAMES = {0: "batch"}  # dynamic dims get readable names in the graph; INPUT_IDS dim 1 is "T"
@@ -42,8 +45,11 @@ def name_dims(vi: onnx.ValueInfoProto, names: dict[int, str]) -> None:
             dim.dim_param = names[i]
 
 
-def export_onnx(model, out: str | Path, opset: int = OPSET) -> onnx.ModelProto:
-    """Convert a charrnn.model.CharRNN to ONNX at `out` with the contract's names; returns the proto."""
+def export_onnx(model, out: str | Path, opset: int = OPSET, guard: bool = True) -> onnx.ModelProto:
+    """Convert a charrnn.model.CharRNN to ONNX at `out` with the contract's names; returns the proto.
+
+    guard: add the run-time input guards (export.guards; False only to measure or compare them).
+    """
     import tensorflow as tf
     import tf2onnx
 
@@ -68,6 +74,8 @@ def export_onnx(model, out: str | Path, opset: int = OPSET) -> onnx.ModelProto:
         name_dims(vi, {0: "batch", 1: "T"} if vi.name == INPUT_IDS else DIM_NAMES)
     for vi in graph.output:
         name_dims(vi, DIM_NAMES)
+    if guard:
+        guard_step_inputs(graph, contract)  # refuses bad INPUT_IDS at run time (export/guards.py)
     proto.doc_string = (
         f"charrnn step: {INPUT_IDS} (batch, T) int32 + {STATE_IN} {('batch', *contract.state_dims)} "
         f"-> {LOGITS} (batch, {contract.vocab_size}) + {STATE_OUT}; cell {contract.cell}"

@@ -5,7 +5,7 @@
     python -m serve.images triton-slim     # one of them
     SLIM_BASE_IMAGE=my/python:3.11 python -m serve.images    # your own base image
 
-For each image, three steps, each skipped when its product is already there:
+For each image, these steps, each skipped when its product is already there:
   1. wheelhouse: `pip download` on the host, with the host's pip, of the image's pinned packages (pins from
      pyproject.toml) for the image's Python and glibc, into build/wheels/<image>/. Containers here cannot reach
      PyPI; the same path serves hosts behind a proxy or an air gap. (proxy installs no Python package: none.)
@@ -13,10 +13,20 @@ For each image, three steps, each skipped when its product is already there:
      Docker has it or can pull it; otherwise an equivalent made from Debian's archive with mmdebstrap (as root)
      and `docker import`, tagged charrnn-base:<suite>-<python or package>, the way Debian's own images are made.
      The proxy's base gets Debian's haproxy package there already (containers may not reach Debian's mirror).
-     SLIM_BASE_IMAGE / PERF_BASE_IMAGE / PROXY_BASE_IMAGE override it.
-  3. `docker compose build` of the service, with that base as its BASE_IMAGE build argument.
+     SLIM_BASE_IMAGE / PERF_BASE_IMAGE / PROXY_BASE_IMAGE override it (naming the charrnn-base tag makes it).
+     triton-slim has a second base, for its builder stage (serve/Dockerfile.slim builds Triton's ONNX Runtime
+     backend there with `python -m serve.backend`): python:3.11-slim-bookworm, to which the Dockerfile adds
+     Debian's compilers, cmake and patchelf with apt-get; else charrnn-base:bookworm-python3.11-build, made
+     with them by mmdebstrap (no apt-get in the build). SLIM_BUILDER_BASE_IMAGE overrides it.
+  3. backend sources (triton-slim): the third-party sources of serve/backend.py, found and verified by
+     serve.backend itself (vendored in ../shared/third_party or $CHARRNN_THIRD_PARTY: sha256; else downloaded:
+     content checksum), copied into build/backend-sources/ for the build context; the builder stage builds
+     from them and downloads nothing.
+  4. `docker compose build` of the service, with those bases as its BASE_IMAGE (and BUILDER_BASE_IMAGE) build
+     arguments.
 Progress goes to stderr; the last line on stdout is the base image per variable (`SLIM_BASE_IMAGE=...`).
-Exit codes: 0 ok, 2 bad input, 3 a tool (docker, compose, mmdebstrap, pip) is missing or a step failed.
+Exit codes: 0 ok, 1 a backend source does not match its recorded checksum, 2 bad input, 3 a tool (docker,
+compose, mmdebstrap, pip) or a source is missing or unreachable, or a step failed.
 """
 
 from __future__ import annotations
@@ -37,6 +47,8 @@ from charrnn.errors import UnavailableError, UserError, cli
 
 ROOT = Path(__file__).resolve().parent.parent
 WHEELS = ROOT / "build" / "wheels"
+# serve.backend's third-party sources, staged for serve/Dockerfile.slim's builder stage (stage_backend_sources)
+BACKEND_SOURCES = ROOT / "build" / "backend-sources"
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 DEBIAN_MIRROR = "http://deb.debian.org/debian"
 PROFILES = ("slim", "perf-slim", "scale")  # the compose profiles of the images below
@@ -57,6 +69,10 @@ class Image:
     debs: tuple[str, ...]
     packages: tuple[str, ...]  # installed with their dependencies
     packages_no_deps: tuple[str, ...] = ()  # only the wheel itself
+    # the base of the Dockerfile's builder stage (its own variable, official base and mmdebstrap packages)
+    builder: Image | None = None
+    backend_sources: bool = False  # stage serve.backend's sources into build/backend-sources/
+    tag_suffix: str = ""  # of the mmdebstrap equivalent's tag (the builder's: "-build")
 
     @property
     def wheelhouse(self) -> Path:
@@ -65,8 +81,10 @@ class Image:
     @property
     def debian_base(self) -> str:
         """The mmdebstrap equivalent's tag: named after its Python, or (no Python) its first package."""
-        return f"charrnn-base:{self.suite}-" + (
-            f"python{self.python}" if self.python else self.debs[0]
+        return (
+            f"charrnn-base:{self.suite}-"
+            + (f"python{self.python}" if self.python else self.debs[0])
+            + self.tag_suffix
         )
 
 
@@ -83,6 +101,21 @@ IMAGES = {
         ("python3", "python3-venv", "libpython3.11", "passwd", "ca-certificates"),
         packages=("numpy", "onnxruntime"),
         packages_no_deps=("nvidia-pytriton",),
+        # The builder stage: Python 3.11 (it installs the same wheelhouse and runs `python -m serve.backend`)
+        # and Debian's C/C++ toolchain, cmake (3.25) and patchelf. The official base has no compiler: the
+        # Dockerfile apt-gets them there (a container that reaches Debian's mirror); the mmdebstrap one has them.
+        builder=Image(
+            "triton-slim builder",
+            "SLIM_BUILDER_BASE_IMAGE",
+            "python:3.11-slim-bookworm",
+            "bookworm",
+            "3.11",
+            (2, 36),
+            ("python3", "python3-venv", "build-essential", "cmake", "patchelf"),
+            packages=(),
+            tag_suffix="-build",
+        ),
+        backend_sources=True,
     ),
     # The perf-analyzer wheel (manylinux_2_38) needs glibc >= 2.38: Debian 13.
     "perf-slim": Image(
@@ -317,6 +350,8 @@ def debian_base(image: Image) -> str:
 def base_image(image: Image) -> str:
     """The BASE_IMAGE build argument: the caller's, the official image, or the Debian-archive equivalent."""
     chosen = os.environ.get(image.base_variable)
+    if chosen and chosen == image.debian_base:
+        return debian_base(image)  # asked for the mmdebstrap equivalent by its tag: made if missing
     if chosen:
         if not (docker_has(chosen) or docker_pull(chosen)):
             raise UserError(
@@ -330,6 +365,59 @@ def base_image(image: Image) -> str:
         log(f"[{image.service}] base: {image.official_base}")
         return image.official_base
     return debian_base(image)
+
+
+def stage_backend_sources(image: Image) -> Path:
+    """build/backend-sources/: exactly the files serve.backend builds from, for the image's builder stage.
+
+    serve.backend finds and verifies them (its fetch_sources: a vendored file against its recorded sha256, a
+    download against its recorded content checksum); they are copied here under the names it looks for inside
+    the image: vendored files at the top (its --sources), downloaded archives in downloads/ (its --scratch's
+    downloads/). Files of an earlier staging that are no longer wanted are removed."""
+    from serve import backend
+
+    sources_dir, chosen = backend.sources_dir_from(None)
+    if chosen and not sources_dir.is_dir():
+        raise UserError(
+            str(sources_dir), "no such directory", f"fix ${backend.SOURCES_ENV}, or unset it"
+        )
+    t0 = time.monotonic()
+    found = backend.fetch_sources(
+        backend.SCRATCH,
+        sources_dir if sources_dir.is_dir() else None,
+        os.environ.get(backend.DOWNLOAD_ENV, backend.DEFAULT_DOWNLOAD_BASE),
+        os.environ.get(backend.RAW_ENV, backend.DEFAULT_RAW_BASE),
+    )
+    wanted = {}
+    for path, origin in found.values():
+        wanted[Path(path.name) if origin == "vendored" else Path("downloads", path.name)] = path
+    copied = 0
+    for rel, path in wanted.items():
+        dest = BACKEND_SOURCES / rel
+        digest = backend.file_sha256(path)
+        if dest.is_file() and backend.file_sha256(dest) == digest:
+            continue
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(f".{dest.name}.tmp")
+        shutil.copyfile(path, tmp)
+        if backend.file_sha256(tmp) != digest:
+            tmp.unlink()
+            raise UnavailableError(str(dest), "the copy differs from its source", "check the disk")
+        tmp.replace(dest)
+        copied += 1
+    for old in sorted(BACKEND_SOURCES.rglob("*"), reverse=True):  # files first, then empty folders
+        rel = old.relative_to(BACKEND_SOURCES)
+        if old.is_file() and rel not in wanted:
+            old.unlink()
+        elif old.is_dir() and not any(old.iterdir()):
+            old.rmdir()
+    vendored = sum(origin == "vendored" for _, origin in found.values())
+    log(
+        f"[{image.service}] backend sources: {len(found)} verified by serve.backend ({vendored} vendored "
+        f"from {sources_dir}, {len(found) - vendored} downloaded), {copied} copied into "
+        f"{BACKEND_SOURCES.relative_to(ROOT)}/ ({time.monotonic() - t0:.1f} s)"
+    )
+    return BACKEND_SOURCES
 
 
 def compose_env(bases: dict[str, str]) -> dict[str, str]:
@@ -364,7 +452,11 @@ def build(services: list[str]) -> dict[str, str]:
     bases = {}
     for image in images:
         make_wheelhouse(image)
+        if image.backend_sources:
+            stage_backend_sources(image)
         bases[image.base_variable] = base_image(image)
+        if image.builder:
+            bases[image.builder.base_variable] = base_image(image.builder)
     t0 = time.monotonic()
     log(f"docker compose build {' '.join(services)} ...")
     run(

@@ -22,7 +22,7 @@ from charrnn.repository import (
     DECOUPLED_MODELS,
     GEN_TRT,
     GPU_ONLY_MODELS,
-    PYTHON_MODELS,
+    LOCAL_MODELS,
     SERVED_MODELS,
     SHARED_PYTHON_MODELS,
     STEP_MODELS,
@@ -348,11 +348,12 @@ def test_ngc_servers_mount_their_models_read_only_decoupled_apart(services, name
     "name, decoupled",
     [("triton-slim", False), ("triton-slim-stream", True), ("triton-replica", False)],
 )
-def test_slim_servers_mount_the_python_models_read_only_decoupled_apart(services, name, decoupled):
-    """The decoupled model has a server of its own (Triton 2.51 crashes when both kinds stream on one)."""
+def test_slim_servers_mount_the_local_models_read_only_decoupled_apart(services, name, decoupled):
+    """The models that need no GPU (python and ONNX Runtime backends, the image has both); the decoupled model
+    has a server of its own (Triton 2.51 crashes when both kinds stream on one)."""
     mounts = bind_mounts(services[name])
     assert all(m["read_only"] for m in mounts)
-    want = [m for m in PYTHON_MODELS if (m in DECOUPLED_MODELS) == decoupled]
+    want = [m for m in LOCAL_MODELS if (m in DECOUPLED_MODELS) == decoupled]
     assert sorted(Path(m["source"]).parts[-1] for m in mounts) == sorted(want)
     assert all(m["target"] == f"/models/{Path(m['source']).name}" for m in mounts)
 

@@ -1,6 +1,8 @@
-"""The slim compose stack for real: images built, `docker compose --profile slim up --wait` healthy, generation
-through the container equal to TensorFlow, a server crash mid-generation, perf_analyzer, security from outside,
-and `docker compose down` leaving nothing behind.
+"""The slim compose stack for real: images built (Triton's ONNX Runtime backend compiled in the image's builder
+stage), `docker compose --profile slim up --wait` healthy, generation through the container equal to TensorFlow
+on the ONNX Runtime backend (charrnn_onnx, charrnn_gen_onnx: Triton keeps the state) and on the python backend,
+a server crash and a `docker compose kill` mid-generation, perf_analyzer, security from outside, and
+`docker compose down` leaving nothing behind.
 
 Needs a Docker engine and Compose v2 (and root for the crash test, which kills the server process from the
 host). Without them the tests skip and say why; CHARRNN_REQUIRE_DOCKER=1 (set by .ci/run) turns the skip into a
@@ -16,6 +18,7 @@ import os
 import secrets
 import signal
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,9 +26,21 @@ from typing import ClassVar
 
 import pytest
 
+from charrnn.contract import STATE_IN, STATE_OUT
 from charrnn.local_triton import free_port
-from charrnn.repository import DECOUPLED_MODELS, GEN_PYTHON, GEN_STREAM, PYTHON, PYTHON_MODELS
-from charrnn.repository import SHARED_PYTHON_MODELS as SHARED_MODELS
+from charrnn.repository import (
+    CPU_CONFIG_NAME,
+    DECOUPLED_MODELS,
+    GEN_ONNX,
+    GEN_PYTHON,
+    GEN_STREAM,
+    LOCAL_MODELS,
+    ONNX,
+    ORT_MODELS,
+    PYTHON,
+    SHARED_PYTHON_MODELS,
+)
+from charrnn.repository import SHARED_CPU_MODELS as SHARED_MODELS
 from charrnn.sampling import SamplingParams
 from tests.conftest import (
     ROOT,
@@ -55,7 +70,7 @@ class Stack(ComposeStack):
         return f"127.0.0.1:{self.stream_grpc_port}"
 
     def container(self, service: str = SERVICE) -> str:
-        out = self.compose("ps", "-q", service).stdout.split()
+        out = self.compose("ps", "-a", "-q", service).stdout.split()  # -a: a stopped one too
         assert len(out) == 1, f"expected one {service} container, got {out}"
         return out[0]
 
@@ -152,6 +167,36 @@ def inference_count(stack: Stack, model: str = PYTHON) -> int:
         c.close()
 
 
+# --- the builder stage's sources (no Docker needed) ----------------------------------------------------------
+def test_backend_sources_are_staged_as_serve_backend_verifies_them(tmp_path, monkeypatch):
+    """`python -m serve.images` stages exactly serve.backend's sources, checked by serve.backend's own checksums:
+    a stale file goes, and a vendored file that differs from its recorded sha256 stops the build (exit 1).
+    """
+    from charrnn.errors import CheckFailed
+    from serve import backend, images
+
+    if not backend.DEFAULT_SOURCES.is_dir():
+        pytest.skip(f"no vendored sources in {backend.DEFAULT_SOURCES}")
+    vendored = tmp_path / "third_party"
+    vendored.mkdir()
+    for src in backend.SOURCES:
+        (vendored / src.file).write_bytes((backend.DEFAULT_SOURCES / src.file).read_bytes())
+    staged = tmp_path / "backend-sources"
+    (staged / "downloads").mkdir(parents=True)
+    (staged / "downloads" / "stale.tar.gz").write_bytes(b"old")
+    monkeypatch.setattr(images, "BACKEND_SOURCES", staged)
+    monkeypatch.setattr(images, "ROOT", tmp_path)
+    monkeypatch.setenv(backend.SOURCES_ENV, str(vendored))
+    assert images.stage_backend_sources(images.IMAGES[SERVICE]) == staged
+    assert sorted(p.name for p in staged.rglob("*")) == sorted(s.file for s in backend.SOURCES)
+    for src in backend.SOURCES:
+        assert backend.file_sha256(staged / src.file) == src.sha256
+    assert images.IMAGES[SERVICE].backend_sources and images.IMAGES[SERVICE].builder
+    (vendored / backend.SOURCES[0].file).write_bytes(b"not the upstream archive")
+    with pytest.raises(CheckFailed, match="do not match the recorded checksum"):
+        images.stage_backend_sources(images.IMAGES[SERVICE])
+
+
 # --- it builds, comes up and serves ------------------------------------------------------------------------
 def test_compose_itself_accepts_every_service_of_every_profile(stack):
     """Docker Compose's own validation of the whole file, the NGC services included (they cannot run here)."""
@@ -174,9 +219,10 @@ def test_compose_itself_accepts_every_service_of_every_profile(stack):
     }
 
 
-def test_stack_is_healthy_and_serves_exactly_the_python_models(stack):
-    """triton-slim serves the non-decoupled python models; triton-slim-stream the decoupled one (mixing them
-    on one server crashes Triton 2.51, charrnn/repository.py)."""
+def test_stack_is_healthy_and_serves_exactly_the_local_models(stack):
+    """triton-slim serves the non-decoupled models that need no GPU (ONNX Runtime and python backends);
+    triton-slim-stream the decoupled one (mixing them on one server crashes Triton 2.51, charrnn/repository.py).
+    """
     state = stack.inspect()["State"]
     assert state["Status"] == "running" and state["Health"]["Status"] == "healthy", state
     import tritonclient.http as th
@@ -194,7 +240,7 @@ def test_stack_is_healthy_and_serves_exactly_the_python_models(stack):
 
     g = tg.InferenceServerClient(stack.stream_url)
     try:
-        assert [m for m in PYTHON_MODELS if g.is_model_ready(m)] == list(DECOUPLED_MODELS)
+        assert [m for m in LOCAL_MODELS if g.is_model_ready(m)] == list(DECOUPLED_MODELS)
     finally:
         g.close()
     # The image's tag says which Triton it holds (the NGC 24.10 release's server).
@@ -205,23 +251,64 @@ def test_stack_is_healthy_and_serves_exactly_the_python_models(stack):
     )
 
 
-def test_greedy_through_the_container_equals_tensorflow(stack, shipped):
+@pytest.mark.parametrize("model", ORT_MODELS)
+def test_onnx_models_run_on_the_onnxruntime_backend_with_their_cpu_config(stack, model):
+    """Triton's own ONNX Runtime backend (built in the image) with implicit state, loaded from configs/cpu.pbtxt
+    (KIND_CPU): the image's tritonserver adds --model-config-name=cpu; compose's command does not say it.
+    """
+    import tritonclient.grpc as tg
+
+    c = tg.InferenceServerClient(stack.grpc_url)
+    try:
+        assert c.is_model_ready(model)
+        config = c.get_model_config(model, as_json=True)["config"]
+    finally:
+        c.close()
+    assert config["backend"] == "onnxruntime" and config["platform"] == "onnxruntime_onnx"
+    (state,) = config["sequence_batching"]["state"]
+    assert (state["input_name"], state["output_name"]) == (STATE_IN, STATE_OUT)
+    assert [int(d) for d in state["dims"]] == [2, 2, 512]
+    assert [g["kind"] for g in config["instance_group"]] == ["KIND_CPU"]
+    log = stack.compose("logs", "--no-color", SERVICE).stdout
+    assert "TRITONBACKEND_Initialize: onnxruntime" in log
+    assert "/opt/tritonserver/backends/onnxruntime/libtriton_onnxruntime.so" in log
+    assert f"successfully loaded '{model}'" in log
+    assert f"--model-config-name={CPU_CONFIG_NAME}" not in stack.inspect()["Config"]["Cmd"]
+
+
+@pytest.mark.parametrize("model", [ONNX, PYTHON])
+def test_greedy_through_the_container_equals_tensorflow(stack, shipped, model):
     greedy = SamplingParams(greedy=True)
     want = [tf_text(shipped, p, 300, greedy) for p in PROMPTS]
-    assert served(stack, PROMPTS, 300, [greedy] * len(PROMPTS)) == want
+    assert served(stack, PROMPTS, 300, [greedy] * len(PROMPTS), model=model) == want
 
 
-def test_8_concurrent_seeded_sequences_equal_their_solo_runs(stack):
+@pytest.mark.parametrize("model, flags", [(ONNX, []), (GEN_ONNX, ["--chunk", "32"])])
+def test_the_client_picks_the_onnx_runtime_models_first(stack, model, flags):
+    """The model table's preference order: without --model the client takes the ONNX Runtime models."""
+    r = subprocess.run(
+        [sys.executable, "-m", "client", "--url", stack.grpc_url, "--length", "5", *flags],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 0, r.stderr
+    assert f"[{model} via grpc://{stack.grpc_url}: 1 x 5 characters" in r.stderr
+
+
+@pytest.mark.parametrize("model", [ONNX, PYTHON])
+def test_8_concurrent_seeded_sequences_equal_their_solo_runs(stack, model):
     params = [SamplingParams(temperature=0.9, top_k=20, seed=100 + i) for i in range(8)]
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(8)]
-    together = served(stack, prompts, 200, params)
-    solo = [served(stack, [p], 200, [q])[0] for p, q in zip(prompts, params)]
+    together = served(stack, prompts, 200, params, model=model)
+    solo = [served(stack, [p], 200, [q], model=model)[0] for p, q in zip(prompts, params)]
     assert together == solo
     assert len(set(together)) == 8, "different seeds should give different texts"
 
 
-@pytest.mark.parametrize("model", [GEN_PYTHON, GEN_STREAM])
-def test_generation_models_answer_through_the_container(stack, shipped, model):
+@pytest.mark.parametrize("model, chunk", [(GEN_ONNX, 32), (GEN_PYTHON, 16), (GEN_STREAM, 16)])
+def test_generation_models_answer_through_the_container(stack, shipped, model, chunk):
     want = tf_text(shipped, "ROMEO:", 120, SamplingParams(greedy=True))
     url = stack.stream_url if model in DECOUPLED_MODELS else stack.grpc_url
     r = run_client_on(
@@ -231,7 +318,7 @@ def test_generation_models_answer_through_the_container(stack, shipped, model):
         "--model",
         model,
         "--chunk",
-        "16",
+        str(chunk),
         "--greedy",
         "--prompt",
         "ROMEO:",
@@ -242,7 +329,7 @@ def test_generation_models_answer_through_the_container(stack, shipped, model):
         timeout=300,
     )
     assert r.returncode == 0, r.stderr
-    assert f"[{model} via grpc://{url}: 1 x 120 characters, 16 per request" in r.stderr
+    assert f"[{model} via grpc://{url}: 1 x 120 characters, {chunk} per request" in r.stderr
 
 
 # --- a real fault ---------------------------------------------------------------------------------------------
@@ -303,6 +390,67 @@ def test_server_crash_mid_generation_is_restarted_and_the_client_loses_nothing(s
     assert info["RestartCount"] == restarts + 1
 
 
+def test_compose_kill_mid_generation_then_start_and_the_client_loses_nothing(stack):
+    """`docker compose kill` of triton-slim in the middle of 4 sequences through charrnn_onnx (Triton keeps their
+    state: it dies with the server): Docker does not restart a killed container (a manual stop), so
+    `docker compose start` brings it back, and the client reconnects and re-primes to an uninterrupted run's text.
+    Needs no root (the crash test above does)."""
+    flags = [
+        "--model",
+        ONNX,
+        "--num-sequences",
+        "4",
+        "--seed",
+        "7",
+        "--temperature",
+        "0.9",
+        "--length",
+        "1500",
+        "--quiet",
+        "--retries",
+        "10",
+        "--retry-delay",
+        "0.5",
+    ]
+    want = run_client_on(stack, *flags, timeout=300)
+    assert want.returncode == 0, want.stderr
+    restarts = stack.inspect()["RestartCount"]
+    before = inference_count(stack, ONNX)
+    proc = subprocess.Popen(
+        client_cmd(stack, *flags),
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_for(
+            lambda: inference_count(stack, ONNX) >= before + 4 * 300 or proc.poll() is not None,
+            120,
+            "the client to be mid-generation",
+        )
+        assert proc.poll() is None, "the client finished before the kill"
+        killed = stack.compose("kill", SERVICE)
+        assert killed.returncode == 0, killed.stderr
+        info = stack.inspect()  # a manual stop: no restart (`docker start` resets RestartCount)
+        assert info["State"]["Status"] == "exited" and info["RestartCount"] == restarts, info[
+            "State"
+        ]
+        started = stack.compose("start", SERVICE)
+        assert started.returncode == 0, started.stderr
+        out, err = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    assert out == want.stdout, "the text after the kill differs from the uninterrupted run"
+    assert "reconnected" in err, err
+    wait_for(
+        lambda: stack.inspect()["State"].get("Health", {}).get("Status") == "healthy",
+        120,
+        "the started container to be healthy",
+    )
+
+
 # --- perf_analyzer in its container -------------------------------------------------------------------------
 def test_perf_slim_runs_perf_analyzer_and_writes_its_csv(stack, corpus):
     from bench.perf_input import main as perf_input
@@ -313,7 +461,7 @@ def test_perf_slim_runs_perf_analyzer_and_writes_its_csv(stack, corpus):
     assert (
         perf_input(["--out", str(results / "perf_input_gen.json"), "--chunk", "16", *common]) == 0
     )
-    models = SHARED_MODELS
+    models = SHARED_PYTHON_MODELS  # perf-slim's default (PERF_MODELS)
     r = stack.compose(
         "run",
         "--rm",
@@ -398,6 +546,36 @@ def test_perf_slim_runs_perf_analyzer_and_writes_its_csv(stack, corpus):
 
 # --- security, seen from outside (both servers) -------------------------------------------------------------
 SERVERS = {SERVICE: SHARED_MODELS, STREAM_SERVICE: DECOUPLED_MODELS}
+
+
+@pytest.mark.parametrize("service", SERVERS)
+def test_the_images_tritonserver_adds_the_cpu_config_name_and_onnx_runtime_writes_nothing(
+    stack, service
+):
+    """The image's `tritonserver` (a wrapper, serve/Dockerfile.slim) execs the wheel's binary with
+    --model-config-name=cpu first, for both servers; compose's command is the NGC one. ONNX Runtime, loaded by
+    the backend and the python models' stubs, persists nothing (ORT_DISABLE_TELEMETRY: no device id or event
+    cache under ~/.cache) and the user's HOME does not exist."""
+    pid = stack.server_pid(service)
+    argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")[:-1]
+    assert argv[0].endswith("/pytriton/tritonserver/bin/tritonserver"), argv
+    assert argv[1] == f"--model-config-name={CPU_CONFIG_NAME}", argv
+    assert argv[2:] == stack.inspect(service)["Config"]["Cmd"][1:], argv
+    r = subprocess.run(
+        [
+            "docker",
+            "exec",
+            stack.container(service),
+            "sh",
+            "-c",
+            'echo "$HOME $ORT_DISABLE_TELEMETRY"; '
+            "find / -xdev \\( -name .onnxruntime -o -name deviceid \\) -print 2>/dev/null; true",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert r.stdout.split("\n", 1) == ["/nonexistent 1", ""], r.stdout
 
 
 @pytest.mark.parametrize("service", SERVERS)

@@ -201,3 +201,22 @@ def test_tiny_graph_contract_every_cell(exported, cell):
 def test_gru_export_is_one_onnx_loop_per_layer_as_documented(exported):
     ops = op_counts(exported("gru").proto)
     assert ops.get("Loop") == 2 and "GRU" not in ops, ops
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_every_cell_graph_refuses_bad_ids_with_the_guard_message(exported, cell):
+    """The guard goes in front of the GRU / SimpleRNN graphs' Loops too (tests/test_guards.py: the shipped model)."""
+    from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
+
+    from export.guards import guard_messages
+
+    e = exported(cell)
+    c = e.contract
+    message = guard_messages(c.vocab_size)[INPUT_IDS]
+    for ids in ([[0, -1]], [[c.vocab_size]], np.zeros((1, 0)), np.zeros((1, MAX_T + 1))):
+        with pytest.raises(InvalidArgument, match="running Gather node") as err:
+            e.session.run(None, {INPUT_IDS: np.asarray(ids, np.int32), STATE_IN: c.zero_state(1)})
+        assert f"Name:'{message}'" in str(err.value)
+    e.session.run(
+        None, {INPUT_IDS: np.array([[0, c.vocab_size - 1]], np.int32), STATE_IN: c.zero_state(1)}
+    )

@@ -2,8 +2,10 @@
 
 The proxy's image accepts the config (`haproxy -c`); the services are hardened as compose resolves them; with 3
 replicas the proxy finds all of them through Docker's DNS and checks them UP; generation through it over gRPC
-and HTTP equals TensorFlow; one x-sequence-key stays on one replica while different keys spread over all three
-(counted on each replica's own /metrics); an HTTP body over the proxy's bound gets 413 and no replica sees it.
+and HTTP equals TensorFlow, on the python backend and on Triton's ONNX Runtime backend (charrnn_onnx: Triton
+keeps each sequence's state on its replica); one x-sequence-key stays on one replica while different keys
+spread over all three (counted on each replica's own /metrics); an HTTP body over the proxy's bound gets 413
+and no replica sees it.
 
 Needs a Docker engine and Compose v2; without them the tests skip and say why, and CHARRNN_REQUIRE_DOCKER=1 (set
 by .ci/run) turns the skip into a failure. The run is its own compose project on free loopback ports, serving a
@@ -31,7 +33,7 @@ import pytest
 
 from charrnn.contract import INFER_KEY_HEADER, ROUTING_HEADER
 from charrnn.local_triton import free_port
-from charrnn.repository import PYTHON, SHARED_PYTHON_MODELS
+from charrnn.repository import ONNX, PYTHON, SHARED_CPU_MODELS
 from charrnn.sampling import SamplingParams
 from serve.scale import BACKENDS, servers, stats_url, up, wait_for_replicas
 from tests.conftest import ROOT, ComposeStack, docker_or_skip, tf_text
@@ -74,13 +76,13 @@ class Stack(ComposeStack):
         top = sh("docker", "top", container, "-eo", "pid,comm").stdout.splitlines()[1:]
         return [int(line.split()[0]) for line in top if line.split()[1] == comm]
 
-    def requests_served(self) -> dict[str, int]:
-        """{replica container: successful requests of MODEL}, from each replica's own Triton metrics."""
+    def requests_served(self, model: str = MODEL) -> dict[str, int]:
+        """{replica container: successful requests of `model`}, from each replica's own Triton metrics."""
         out = {}
         for c in self.containers(REPLICA):
             text = sh("docker", "exec", c, "python3", "-c", METRICS).stdout
             m = re.search(
-                rf'^nv_inference_request_success{{model="{MODEL}",version="1"}} (\d+)$',
+                rf'^nv_inference_request_success{{model="{model}",version="1"}} (\d+)$',
                 text,
                 re.MULTILINE,
             )
@@ -257,9 +259,7 @@ def test_services_are_hardened_as_compose_resolves_them():
     ):
         assert replica[key] == slim[key], key
     assert replica["user"] == "triton-server"
-    assert sorted(Path(v["target"]).name for v in replica["volumes"]) == sorted(
-        SHARED_PYTHON_MODELS
-    )
+    assert sorted(Path(v["target"]).name for v in replica["volumes"]) == sorted(SHARED_CPU_MODELS)
     assert "--model-control-mode=none" in replica["command"]
     # The proxy takes triton-slim's host ports: the same variables.
     assert [p["published"] for p in proxy["ports"][:2]] == [
@@ -337,7 +337,7 @@ def test_running_containers_are_unprivileged_read_only_and_publish_only_the_prox
 
 # --- serving through the proxy ---------------------------------------------------------------------------------
 def generate_through(
-    stack: Stack, protocol: str, prompts: list[str], length: int, shards: int
+    stack: Stack, protocol: str, prompts: list[str], length: int, shards: int, model: str = MODEL
 ) -> list[str]:
     """Greedy texts of the client library through the proxy, with `shards` routing keys (client --shards)."""
     from client.connection import Connection
@@ -346,7 +346,7 @@ def generate_through(
     url = stack.grpc_url if protocol == "grpc" else stack.http_url
     conn = Connection(url, protocol, infer_key=stack.infer_key, shards=shards)
     try:
-        model = conn.pick_model(MODEL)
+        model = conn.pick_model(model)
         vocab = conn.vocabulary(model)
         seqs = generate(conn, model, vocab, prompts, length, SamplingParams(greedy=True))
     finally:
@@ -371,6 +371,20 @@ def test_generation_through_the_proxy_equals_tensorflow_over_grpc_and_http(stack
     assert generate_through(stack, "http", PROMPTS[:3], 60, shards=2) == want[:3]
     served = {c: n - before[c] for c, n in stack.requests_served().items()}
     assert sum(served.values()) >= 9 * 60, served
+    assert (
+        sum(1 for n in served.values() if n) >= 2
+    ), f"every sequence went to one replica: {served}"
+
+
+def test_charrnn_onnx_through_the_proxy_equals_tensorflow(stack, shipped):
+    """Triton's ONNX Runtime backend on every replica: each sequence's state lives in Triton on the replica its
+    key hashes to (affinity), and the text equals TensorFlow's; the keys spread over the replicas.
+    """
+    want = [tf_text(shipped, p, 60, SamplingParams(greedy=True)) for p in PROMPTS]
+    before = stack.requests_served(ONNX)
+    assert generate_through(stack, "grpc", PROMPTS, 60, shards=2 * REPLICAS, model=ONNX) == want
+    served = {c: n - before[c] for c, n in stack.requests_served(ONNX).items()}
+    assert sum(served.values()) >= 6 * 60, served
     assert (
         sum(1 for n in served.values() if n) >= 2
     ), f"every sequence went to one replica: {served}"
