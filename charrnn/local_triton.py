@@ -7,13 +7,18 @@ demo, the benchmarks and the tests.
 
 Safe defaults: loopback addresses, model control mode none, restricted admin APIs (admin_key), HTTP inference
 only with the inference key (infer_key; charrnn.contract INFER_KEY_HEADER), logs to a file in the run directory.
-A decoupled model never shares a server with a non-decoupled one (charrnn.repository DECOUPLED_MODELS).
+A decoupled model never shares a server with a non-decoupled one: the guard (LocalTriton.check) reads the configs of
+the model folders the server will load (model_transaction_policy.decoupled), whatever the names' spelling.
+The run directory and everything the launcher and the server write in it are private (0700 / 0600), and the keys
+never reach the log. Triton 2.51 takes the restricted-API keys only on its command line (no config file, no
+environment variable), so they are in /proc/<pid>/cmdline: docs/production.md says what protects them.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -23,17 +28,11 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from charrnn.contract import INFER_KEY_HEADER
 from charrnn.errors import UnavailableError, UserError
-from charrnn.repository import (
-    CPU_CONFIG_NAME,
-    DECOUPLED_MODELS,
-    ONNX,
-    ORT_MODELS,
-    mixed_decoupled,
-)
+from charrnn.repository import CONFIG, CPU_CONFIG_NAME, ONNX, ORT_MODELS, load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_RUN_DIR = ROOT / "logs" / "serve"
@@ -45,6 +44,151 @@ ORT_BACKEND_DIR = ROOT / "build" / "backends" / "onnxruntime"
 DEFAULT_MODELS = (ONNX,)
 RESTRICTED = "model-repository,shared-memory,logging,trace"  # admin APIs: need the admin key header
 ADMIN_HEADER = "admin-key"
+# `<header>=<key>` in a restricted-API flag: what the logged command line shows as `<header>=<redacted>`.
+SECRET_SETTING = re.compile(rf"((?:{ADMIN_HEADER}|{INFER_KEY_HEADER})=)[^,\s]+")
+SECRET_BYTES = re.compile(rf"(?:^|[,:=\s])({ADMIN_HEADER}|{INFER_KEY_HEADER})=([^,\s]+)".encode())
+# What the launcher and the server create in the run directory: 0600 files, 0700 directories.
+PRIVATE_UMASK = 0o077
+
+
+def redact(text: str) -> str:
+    """`text` with every admin and inference key replaced: the command line as the log shows it."""
+    return SECRET_SETTING.sub(r"\1<redacted>", text)
+
+
+# What LocalTriton writes in a run directory (serve.local adds its PID file, lock and key file, created 0600).
+RUN_DIR_ENTRIES = ("triton.log", "backends", "repository")
+
+
+def private_run_dir(run_dir: Path) -> Path:
+    """Create `run_dir` (0700) or make an existing one 0700. Refuses a directory that is not the user's own or
+    that others share (world-writable, like /tmp): the run directory holds keys and gets chmod 0700.
+    """
+    run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    st = run_dir.stat()
+    if st.st_uid != os.getuid() or st.st_mode & 0o1002:
+        raise UserError(
+            f"run directory {run_dir}",
+            "belongs to another user or is shared (world-writable); it would hold the server's keys "
+            "and be made private (0700)",
+            "pass a directory of your own, e.g. a new one under it",
+        )
+    if st.st_mode & 0o077:
+        run_dir.chmod(st.st_mode & 0o7700)
+    return run_dir
+
+
+def make_private(run_dir: Path, entries: tuple[str, ...] = RUN_DIR_ENTRIES) -> None:
+    """The run directory 0700, and the group and other bits off `entries` in it and everything under them;
+    nothing else of the directory is touched, and symlinks are skipped, never followed (the repository view's
+    links point at the model folders)."""
+    private_run_dir(run_dir)
+    for entry in entries:
+        top = run_dir / entry
+        if top.is_symlink() or not top.exists():
+            continue
+        paths = [top]
+        for dirpath, dirnames, filenames in os.walk(
+            top
+        ):  # never descends into a symlinked directory
+            paths += [Path(dirpath, n) for n in dirnames + filenames]
+        for path in paths:
+            try:
+                st = path.lstat()
+                if not path.is_symlink() and st.st_mode & 0o077:
+                    path.chmod(st.st_mode & 0o7700)
+            except FileNotFoundError:  # removed meanwhile (a stub's __pycache__ being rewritten)
+                continue
+
+
+def scrub_log(log: Path) -> list[str]:
+    """Mask the keys in a log written before they were redacted (such a log is readable by others: mode 0644),
+    in place and at the same length, so a server still appending to it loses nothing. Returns what was masked
+    (header=***), for the caller to report."""
+    try:
+        if not log.stat().st_mode & 0o077:
+            return []  # written by this launcher: private, and no key ever went in
+    except FileNotFoundError:
+        return []
+    masked = []
+    with open(log, "r+b") as f:
+        offset = 0
+        for line in f.readlines():
+            for m in SECRET_BYTES.finditer(line):
+                key = m.group(2)
+                if key.strip(b"*") and key != b"<redacted>":
+                    f.seek(offset + m.start(2))
+                    f.write(b"*" * len(key))
+                    masked.append(f"{m.group(1).decode()}***")
+            offset += len(line)
+    return masked
+
+
+# --- which models a server loads ----------------------------------------------------------------------
+def model_name(spelled: str) -> str:
+    """The model folder a name means ("charrnn_python", "charrnn_python/", "./charrnn_python" are one model).
+    A name is a folder directly inside the repository, never a path: anything else is refused."""
+    parts = PurePosixPath(spelled.strip()).parts
+    if not spelled.strip():
+        raise UserError(
+            "models",
+            "an empty model name",
+            "separate model names by single commas, e.g. charrnn_python",
+        )
+    if spelled.strip().startswith("/") or len(parts) != 1 or parts[0] in (".", ".."):
+        raise UserError(
+            f"model {spelled!r}",
+            "not a model name: a model is named by its folder in the model repository, not by a path",
+            "name a folder of the repository (--repo), e.g. charrnn_python",
+        )
+    return parts[0]
+
+
+def repository_models(repo: str | Path) -> tuple[str, ...]:
+    """Every model folder of `repo` (a folder with a config.pbtxt): what a server given the whole repository
+    would load."""
+    repo = Path(repo)
+    if not repo.is_dir():
+        return ()
+    return tuple(sorted(d.name for d in repo.iterdir() if (d / CONFIG).is_file()))
+
+
+def served_config(folder: Path, config_name: str | None) -> Path:
+    """The config file Triton reads for a model folder: configs/<name>.pbtxt under --model-config-name=<name>
+    where it exists, else config.pbtxt."""
+    if config_name:
+        custom = folder / "configs" / f"{config_name}.pbtxt"
+        if custom.is_file():
+            return custom
+    return folder / CONFIG
+
+
+def is_decoupled(folder: Path, config_name: str | None = None) -> bool:
+    """model_transaction_policy.decoupled of the config the server reads for `folder`."""
+    return bool(load_config(served_config(folder, config_name)).model_transaction_policy.decoupled)
+
+
+def resolve_models(
+    repo: str | Path, models: tuple[str, ...], config_name: str | None = None
+) -> dict[str, bool]:
+    """name -> decoupled for the models a server of `repo` is asked to load: each name as its folder (however
+    spelled; duplicates once), checked to be a model of the repository, decoupled as its config says.
+    """
+    repo = Path(repo)
+    resolved: dict[str, bool] = {}
+    names = [(spelled, model_name(spelled)) for spelled in models]  # every name well-formed first
+    for spelled, name in names:
+        folder = repo / name
+        if not (folder / CONFIG).is_file():
+            known = ", ".join(repository_models(repo)) or "none"
+            raise UserError(
+                f"model {spelled!r}",
+                f"no such model in {repo} (its models: {known})",
+                "name one of them, or run `make export`",
+            )
+        if name not in resolved:
+            resolved[name] = is_decoupled(folder, config_name)
+    return resolved
 
 
 def pytriton_dist() -> tuple[Path, Path]:
@@ -107,7 +251,8 @@ def prepare_repository(repo: Path, run_dir: Path, models: tuple[str, ...]) -> Pa
     if view.exists():
         shutil.rmtree(view)
     view.mkdir(parents=True)
-    for name in models:
+    for spelled in models:
+        name = model_name(spelled)  # a folder of the repository, never a path out of it
         src = (repo / name).resolve()
         if not (src / "config.pbtxt").is_file():
             raise UserError(str(src), "model not found in the repository", "run `make export`")
@@ -212,10 +357,23 @@ class LocalTriton:
     def http_url(self) -> str:
         return f"127.0.0.1:{self.http_port}"
 
-    def command(self) -> tuple[list[str], dict[str, str]]:
-        if not self.tritonserver and mixed_decoupled(self.models):
-            decoupled = [m for m in self.models if m in DECOUPLED_MODELS]
-            others = [m for m in self.models if m not in DECOUPLED_MODELS]
+    @property
+    def config_name(self) -> str | None:
+        """The --model-config-name the server runs with (the last one given wins, as in Triton)."""
+        name = None if self.tritonserver else CPU_CONFIG_NAME
+        for arg in self.extra_args:
+            if arg.startswith("--model-config-name="):
+                name = arg.split("=", 1)[1] or None
+        return name
+
+    def check(self) -> dict[str, bool]:
+        """What this server will load, name -> decoupled, read from the configs it will read; refuses a
+        decoupled model next to a non-decoupled one. Sets `models` to the folder names. Starts nothing.
+        """
+        resolved = resolve_models(self.repo, tuple(self.models), self.config_name)
+        decoupled = [m for m, d in resolved.items() if d]
+        others = [m for m, d in resolved.items() if not d]
+        if decoupled and others:
             raise UserError(
                 "models",
                 f"{', '.join(decoupled)} (decoupled) cannot share a server with "
@@ -223,18 +381,26 @@ class LocalTriton:
                 "(charrnn/repository.py)",
                 "serve the decoupled model from a server of its own",
             )
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.models = tuple(resolved)
+        return resolved
+
+    def command(self) -> tuple[list[str], dict[str, str]]:
+        self.check()
+        scrub_log(self.log_path)
+        make_private(self.run_dir)
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
         # ONNX Runtime 1.32 (the backend's library and the python models') otherwise sends telemetry and writes a
         # device id under ~/.cache/Microsoft; the slim image sets the same.
         env.setdefault("ORT_DISABLE_TELEMETRY", "1")
-        if self.tritonserver:  # a real Triton install: its own backends, the whole repository
-            binary, repo_arg, backend_args = self.tritonserver, str(self.repo.resolve()), []
+        # A repository view with the checked models only, for the wheel's server and a real install alike: the
+        # server loads what check() read, and nothing else of --repo.
+        repo_arg = str(prepare_repository(self.repo, self.run_dir, self.models))
+        if self.tritonserver:  # a real Triton install: its own backends
+            binary, backend_args = self.tritonserver, []
         else:
             dist, libs = pytriton_dist()
             binary = str(dist / "bin" / "tritonserver")
-            repo_arg = str(prepare_repository(self.repo, self.run_dir, self.models))
             backend_args = [
                 f"--backend-directory={prepare_backends(self.run_dir, self.models)}",
                 f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
@@ -271,28 +437,42 @@ class LocalTriton:
             f"--grpc-infer-allocation-pool-size={GRPC_ALLOCATION_POOL}",
             *self.extra_args,
         ]
+        make_private(self.run_dir)  # again: the copied backend files and the new repository view
         return args, env
 
-    def start(self) -> "LocalTriton":
+    def spawn(self) -> subprocess.Popen:
+        """Start the server process and return at once (start() waits until it is ready)."""
         args, env = self.command()
         stale = self.clean_stale()
-        log = open(self.log_path, "ab")
-        log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(args)}\n".encode())
-        if stale:
+        # 0600 whether the log is new or an earlier one (which may hold keys from before they were redacted).
+        fd = os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        os.fchmod(fd, 0o600)
+        with open(fd, "ab") as log:
             log.write(
-                f"removed what a crashed server of {self.run_dir} left: {', '.join(stale)}\n".encode()
+                f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {redact(' '.join(args))}\n".encode()
             )
-        log.flush()
-        # Own process group: stop() takes the python backend stubs (children) down with the server.
-        self.process = subprocess.Popen(
-            args,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=env,
-            start_new_session=True,
-            cwd=self.run_dir,
-        )
-        log.close()
+            if stale:
+                log.write(
+                    f"removed what a crashed server of {self.run_dir} left: "
+                    f"{', '.join(stale)}\n".encode()
+                )
+            log.flush()
+            # Own process group: stop() takes the python backend stubs (children) down with the server. The
+            # umask makes what the server and its stubs create private (the stubs' __pycache__ in the run
+            # directory); their /dev/shm regions get 0600 once the server is ready (private_shm).
+            self.process = subprocess.Popen(
+                args,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,
+                cwd=self.run_dir,
+                umask=PRIVATE_UMASK,
+            )
+        return self.process
+
+    def start(self) -> "LocalTriton":
+        self.spawn()
         try:
             self.wait_ready()
         except BaseException:
@@ -319,6 +499,7 @@ class LocalTriton:
                     "see the log",
                 )
             if self.is_ready():
+                self.private_shm()
                 return
             time.sleep(delay)  # polling backoff while waiting on readiness
             delay = min(delay * 1.5, 0.5)
@@ -329,6 +510,18 @@ class LocalTriton:
             "see the log",
         )
 
+    def private_shm(self) -> None:
+        """Mode 0600 for this server's python-backend regions in /dev/shm, which carry the requests' tensors: the
+        backend creates them 0644 (it sets the mode itself, past the umask) when each model's stub starts.
+        """
+        if self.tritonserver:
+            return  # a real install's regions have the backend's default prefix, shared with everyone's
+        for region in Path("/dev/shm").glob(self.shm_prefix + "*"):
+            try:
+                region.chmod(0o600)
+            except OSError:
+                continue
+
     def log_tail(self, lines: int = 30) -> str:
         try:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
@@ -336,11 +529,15 @@ class LocalTriton:
             return "(no log)"
 
     def stop(self, timeout: float = 20.0) -> int | None:
-        """SIGTERM the process group, SIGKILL after `timeout`; returns the server's exit code."""
+        """SIGTERM the process group, SIGKILL after `timeout`; returns the server's exit code. Then removes the
+        /dev/shm regions its python stubs could not (a server that crashed, stubs that had to be killed).
+        """
         p, self.process = self.process, None
         if p is None:
             return None
-        return stop_group(p.pid, lambda: p.poll(), timeout, wait=lambda t: p.wait(t))
+        code = stop_group(p.pid, lambda: p.poll(), timeout, wait=lambda t: p.wait(t))
+        self.clean_stale()
+        return code
 
     def __enter__(self) -> "LocalTriton":
         return self.start()
@@ -349,21 +546,58 @@ class LocalTriton:
         self.stop()
 
 
-def _is_tritonserver(pid: int) -> bool:
+# --- processes, as /proc sees them ---------------------------------------------------------------------
+def proc_stat(pid: int) -> tuple[str, int, int, int] | None:
+    """(state, ppid, process group, start time in clock ticks) of `pid` from /proc/<pid>/stat; None if there is
+    no such process. State Z: a zombie, dead but not yet reaped by its parent."""
     try:
-        return Path(f"/proc/{pid}/comm").read_text().strip() == "tritonserver"
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return fields[0], int(fields[1]), int(fields[2]), int(fields[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def process_state(pid: int, start_time: int | None = None) -> str:
+    """What became of `pid`: running; zombie (dead, its parent has not reaped it); exited (gone); or reused
+    (the pid is another process now: its start time is not `start_time`)."""
+    stat = proc_stat(pid)
+    if stat is None:
+        return "exited"
+    if start_time is not None and stat[3] != start_time:
+        return "reused"
+    return "zombie" if stat[0] == "Z" else "running"
+
+
+def group_members(pgid: int) -> list[int]:
+    """The live (not zombie) processes of process group `pgid`."""
+    members = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            stat = proc_stat(int(entry))
+            if stat is not None and stat[2] == pgid and stat[0] != "Z":
+                members.append(int(entry))
+    return members
+
+
+def _is_tritonserver(pid: int) -> bool:
+    """A live tritonserver (a zombie one is dead: its stubs must not count it as their server)."""
+    try:
+        comm = Path(f"/proc/{pid}/comm").read_text().strip()
     except OSError:
         return False
+    return comm == "tritonserver" and process_state(pid) == "running"
 
 
 def group_alive(pgid: int) -> bool:
+    """Whether a live process is left in process group `pgid`: zombies do not count (a killed server that its
+    parent has not reaped stays in its group as one)."""
     try:
         os.killpg(pgid, 0)
-        return True
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
+    return bool(group_members(pgid))
 
 
 def stop_group(pgid: int, poll, timeout: float, wait=None) -> int | None:
@@ -384,3 +618,19 @@ def stop_group(pgid: int, poll, timeout: float, wait=None) -> int | None:
     if group_alive(pgid):
         os.killpg(pgid, signal.SIGKILL)
     return code if code is not None else poll()
+
+
+def kill_group(pgid: int, timeout: float = 30.0) -> list[int]:
+    """SIGKILL what is left of a dead server's process group (its python stubs) and wait until it is gone.
+    Only for a group whose leader is verified dead (process_state "exited" or "zombie"): a pid that still
+    names a process group cannot be given to another process. Returns the pids killed."""
+    left = group_members(pgid)
+    if left:
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except ProcessLookupError:
+            return []
+        deadline = time.monotonic() + timeout
+        while group_members(pgid) and time.monotonic() < deadline:
+            time.sleep(0.05)  # SIGKILL is delivered asynchronously
+    return left

@@ -78,10 +78,11 @@ def test_client_cli_streams_and_checks_expect(shipped, server):
     assert bad.stderr.splitlines()[-1].startswith("error: --expect: the generated text differs")
 
 
-def test_example_client_passes_and_prints_the_reference_text(shipped, server):
-    """client/example.py, the raw protocol on one page, checks itself: PASS, exit 0, TF's greedy text."""
+def test_example_client_passes_and_prints_the_reference_text(shipped, ort_server):
+    """client/example.py, the raw protocol on one page (charrnn_onnx: Triton keeps the state), checks itself:
+    PASS, exit 0, TF's greedy text."""
     r = subprocess.run(
-        [sys.executable, "-m", "client.example", "--url", server.grpc_url],
+        [sys.executable, "-m", "client.example", "--url", ort_server.grpc_url],
         cwd=ROOT,
         capture_output=True,
         text=True,

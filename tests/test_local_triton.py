@@ -19,7 +19,7 @@ from charrnn import repository
 from charrnn.contract import INFER_KEY_ENV, INFER_KEY_HEADER
 from charrnn.repository import PYTHON
 from charrnn.sampling import SamplingParams
-from tests.conftest import ROOT, RawStream, group_pids, served, start_server
+from tests.conftest import ROOT, RawStream, group_pids, served, start_server, wait_for
 
 
 # --- starting and stopping ------------------------------------------------------------------------------
@@ -115,6 +115,310 @@ def test_a_decoupled_model_never_shares_a_local_server(shipped_repo, tmp_path):
         LocalTriton.on_free_ports(
             repo=shipped_repo, run_dir=tmp_path, models=(PYTHON, repository.GEN_STREAM)
         ).start()
+
+
+# --- serve.local: the guard, private files, one launcher per run directory, dead servers ---------------------
+def serve_local(*args, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`python -m serve.local <args>` in the checkout."""
+    return subprocess.run(
+        [sys.executable, "-m", "serve.local", *map(str, args)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def port_flags() -> list[str]:
+    """Free ports for one server (the tests pass --models: no second server)."""
+    from charrnn.local_triton import free_port
+
+    return [f"--{name}-port={free_port()}" for name in ("http", "grpc", "metrics")]
+
+
+def flag(flags: list[str], name: str) -> int:
+    return int(next(f for f in flags if f.startswith(f"--{name}-port=")).split("=", 1)[1])
+
+
+def live_processes_of(run_dir: Path) -> list[int]:
+    """Processes (zombies aside) whose command line names `run_dir`: its servers and their python stubs."""
+    from charrnn.local_triton import process_state
+
+    pids = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            cmdline = (proc / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if str(run_dir).encode() + b"/" in cmdline and process_state(int(proc.name)) == "running":
+            pids.append(int(proc.name))
+    return pids
+
+
+def recorded_pid(run_dir: Path) -> int:
+    return int((run_dir / "triton.pid").read_text().split()[0])
+
+
+@pytest.mark.parametrize(
+    "models, tritonserver",
+    [
+        (f"{PYTHON},{repository.GEN_STREAM}/", False),
+        (f"{PYTHON},./{repository.GEN_STREAM}", False),
+        (f"{PYTHON},{repository.GEN_STREAM}/./", False),
+        # --tritonserver (the wheel's binary standing in for a real install's): no guard before
+        (f"{PYTHON},{repository.GEN_STREAM}", True),
+    ],
+)
+def test_the_one_kind_per_server_guard_reads_the_model_folders_not_the_spelling(
+    shipped_repo, tmp_path, models, tritonserver
+):
+    """Before: a trailing slash or ./ got past the name comparison, and --tritonserver skipped it, so both kinds
+    loaded on one server (which mixed streaming crashes). The guard now reads each folder's config.
+    """
+    from charrnn.local_triton import pytriton_dist
+
+    run_dir = tmp_path / "serve"
+    extra = ["--tritonserver", pytriton_dist()[0] / "bin" / "tritonserver"] if tritonserver else []
+    r = serve_local(
+        "start",
+        "--repo",
+        shipped_repo,
+        "--run-dir",
+        run_dir,
+        "--models",
+        models,
+        *port_flags(),
+        *extra,
+    )
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert (
+        f"error: models: {repository.GEN_STREAM} (decoupled) cannot share a server with {PYTHON}"
+        in r.stderr
+    ), r.stderr
+    assert not (run_dir / "triton.log").exists(), "a server was started"
+    assert live_processes_of(run_dir) == []
+
+
+def test_the_guard_goes_by_the_config_whatever_the_folder_is_called(shipped_repo, tmp_path):
+    """A decoupled model is one whose config says so (model_transaction_policy), not one of a list of names."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    (repo / PYTHON).symlink_to(shipped_repo / PYTHON)
+    (repo / "renamed").symlink_to(shipped_repo / repository.GEN_STREAM)  # decoupled, by its config
+    r = serve_local(
+        "start", "--repo", repo, "--run-dir", tmp_path / "serve", "--models", f"{PYTHON},renamed"
+    )
+    assert (
+        r.returncode == 2 and "renamed (decoupled) cannot share a server with" in r.stderr
+    ), r.stderr
+    assert not (tmp_path / "serve" / "triton.log").exists()
+
+
+@pytest.mark.parametrize(
+    "models, why",
+    [
+        ("../x", "not a model name"),
+        (f"../{PYTHON}", "not a model name"),
+        ("ABSOLUTE", "not a model name"),
+        ("", "an empty model name"),
+        (f"{PYTHON},", "an empty model name"),
+        ("no_such_model", "no such model in"),
+    ],
+)
+def test_a_model_is_a_folder_of_the_repository_never_a_path(shipped_repo, tmp_path, models, why):
+    models = models.replace("ABSOLUTE", str(shipped_repo / PYTHON))
+    repo = tmp_path / "repo"  # ../charrnn_python would be a real model next to it
+    repo.mkdir()
+    (tmp_path / PYTHON).symlink_to(shipped_repo / PYTHON)
+    r = serve_local(
+        "start", "--repo", repo, "--run-dir", tmp_path / "serve", "--models", models, *port_flags()
+    )
+    assert r.returncode == 2 and why in r.stderr, r.stdout + r.stderr
+    assert not (tmp_path / "serve" / "triton.log").exists()
+
+
+def test_no_key_in_the_run_directory_and_every_file_private(shipped_repo, tmp_path):
+    """Before: triton.log (0644) held both keys (the logged command line) and the run directory was 0755. Now
+    the command line is logged redacted, an earlier log's keys are masked, and nothing under the run directory
+    (nor the server's /dev/shm regions) is readable by group or others; the inference key is in infer-key, 0600.
+    """
+    from charrnn.local_triton import LocalTriton
+
+    run_dir = tmp_path / "serve"
+    run_dir.mkdir()
+    run_dir.chmod(0o755)
+    old_key = "0123456789abcdef" * 2
+    earlier = run_dir / "triton.log"
+    earlier.write_text(f"=== earlier --http-restricted-api=inference:infer-key={old_key}\n")
+    earlier.chmod(0o644)
+    flags = port_flags()
+    r = serve_local(
+        "start", "--repo", shipped_repo, "--run-dir", run_dir, "--models", PYTHON, *flags
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    try:
+        pid = recorded_pid(run_dir)
+        args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        keys = {a.rsplit(b"=", 1)[1] for a in args if b"admin-key=" in a or b"infer-key=" in a}
+        key_file = run_dir / "infer-key"
+        assert len(keys) == 2 and key_file.read_bytes().strip() in keys, keys
+        checked = 0
+        for dirpath, dirnames, filenames in os.walk(run_dir):  # symlinks are not followed
+            for path in [Path(dirpath)] + [Path(dirpath, n) for n in dirnames + filenames]:
+                st = path.lstat()
+                if path.is_symlink():
+                    continue
+                assert st.st_mode & 0o077 == 0, f"{path}: mode {oct(st.st_mode & 0o777)}"
+                if path.is_file() and path != key_file:
+                    data = path.read_bytes()
+                    assert not any(k in data for k in keys), f"a key is in {path}"
+                checked += 1
+        assert checked >= 8 and key_file.stat().st_mode & 0o777 == 0o600
+        log = earlier.read_bytes()
+        assert old_key.encode() not in log and b"infer-key=<redacted>" in log
+        regions = list(Path("/dev/shm").glob(LocalTriton(run_dir=run_dir).shm_prefix + "*"))
+        assert regions and all(r.stat().st_mode & 0o077 == 0 for r in regions), regions
+    finally:
+        assert serve_local("stop", "--run-dir", run_dir).returncode == 0
+
+
+def test_one_start_per_run_directory_and_stop_leaves_no_server(shipped_repo, tmp_path):
+    """Before: no lock, and the PID file written only once every server was ready: two starts with different
+    ports both succeeded and `stop` left the first one's servers running. Now one start wins, the other is
+    refused naming where the winner runs, and stop finds every server the PID file recorded at spawn.
+    """
+    run_dir = tmp_path / "serve"
+    flags = [port_flags(), port_flags()]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "serve.local", "start", "--repo", str(shipped_repo)]
+            + ["--run-dir", str(run_dir), "--models", PYTHON, *f],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for f in flags
+    ]
+    outs = [p.communicate(timeout=300) for p in procs]
+    codes = [p.returncode for p in procs]
+    try:
+        assert sorted(codes) == [0, 2], (codes, outs)
+        won = codes.index(0)
+        error = outs[1 - won][1]
+        assert error.startswith("error: start: a local server of"), error
+        assert f"grpc 127.0.0.1:{flag(flags[won], 'grpc')}" in error, error
+        pid = recorded_pid(run_dir)
+        assert f"pid {pid}" in error or "is starting" in error, error
+        assert live_processes_of(run_dir) and all(
+            p == pid or os.getpgid(p) == pid for p in live_processes_of(run_dir)
+        ), "only the winner's server (and its stubs) runs"
+        status = serve_local("status", "--run-dir", run_dir)
+        assert f"local server pid {pid} (grpc 127.0.0.1:{flag(flags[won], 'grpc')}" in status.stdout
+        assert status.stdout.rstrip().endswith(": running"), status.stdout
+    finally:
+        stopped = serve_local("stop", "--run-dir", run_dir)
+    assert stopped.returncode == 0 and "stopped local server pid" in stopped.stdout, stopped
+    assert live_processes_of(run_dir) == []
+    assert not (run_dir / "triton.pid").exists()
+
+
+# A parent that never reaps, as in a container whose PID 1 does not: `serve.local start`'s server is
+# reparented to it (PR_SET_CHILD_SUBREAPER) and, once killed, stays a zombie until this process's stdin closes.
+NON_REAPING_PARENT = """
+import ctypes, os, subprocess, sys
+if ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0) != 0:  # PR_SET_CHILD_SUBREAPER
+    sys.exit("prctl(PR_SET_CHILD_SUBREAPER) failed")
+print(subprocess.run(sys.argv[1:], stdout=sys.stderr).returncode, flush=True)
+sys.stdin.read()
+while True:
+    try:
+        os.waitpid(-1, 0)
+    except ChildProcessError:
+        break
+"""
+
+
+def test_a_killed_server_is_dead_for_status_and_the_next_start_cleans_up(shipped_repo, tmp_path):
+    """Before: after a SIGKILL of tritonserver whose parent does not reap it, the zombie passed the python
+    stub's parent check, so the stub lived on; `status` (the process group: zombie + stub) said running and
+    `start` refused until a `stop`. Now status reads the server's own state and start removes the leftovers.
+    """
+    from charrnn.local_triton import LocalTriton, process_state
+
+    run_dir = tmp_path / "serve"
+    common = ["--repo", str(shipped_repo), "--run-dir", str(run_dir), "--models", PYTHON]
+    with open(tmp_path / "parent.err", "w") as err:
+        parent = subprocess.Popen(
+            [sys.executable, "-c", NON_REAPING_PARENT, sys.executable, "-m", "serve.local", "start"]
+            + common
+            + port_flags(),
+            cwd=ROOT,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=err,
+            text=True,
+        )
+    stubs: list[int] = []
+    try:
+        assert parent.stdout.readline().strip() == "0", (tmp_path / "parent.err").read_text()
+        pid = recorded_pid(run_dir)
+        stubs = [p for p in group_pids(pid) if p != pid]
+        regions = list(Path("/dev/shm").glob(LocalTriton(run_dir=run_dir).shm_prefix + "*"))
+        assert stubs and regions, "server + python stub (and its shared memory) expected"
+        os.kill(pid, signal.SIGKILL)
+        wait_for(lambda: process_state(pid) == "zombie", 60, "the killed server to be a zombie")
+        assert any(process_state(s) == "running" for s in stubs), "the stub outlives its server"
+        status = serve_local("status", "--run-dir", run_dir)
+        assert status.returncode == 0 and f"local server pid {pid} " in status.stdout, status
+        assert "not running (dead: a zombie" in status.stdout, status.stdout
+        restarted = serve_local("start", *common, *port_flags())
+        assert restarted.returncode == 0, restarted.stdout + restarted.stderr
+        assert "removed what a server that died left" in restarted.stdout
+        assert not [s for s in stubs if process_state(s) == "running"], "the old stub survived"
+        assert not [
+            r for r in regions if r.exists()
+        ], "the old server's shared memory is still there"
+        new = recorded_pid(run_dir)
+        assert new != pid and process_state(new) == "running"
+        assert serve_local("status", "--run-dir", run_dir).stdout.rstrip().endswith(": running")
+    finally:
+        serve_local("stop", "--run-dir", run_dir)
+        parent.stdin.close()
+        parent.wait(timeout=60)
+        for s in stubs:
+            if process_state(s) == "running":
+                os.kill(s, signal.SIGKILL)
+    assert live_processes_of(run_dir) == []
+
+
+def test_run_exits_non_zero_when_a_server_dies(shipped_repo, tmp_path):
+    """`run` under a supervisor: it reaps its server, and when one dies it stops the rest and exits 3, so
+    systemd's Restart=on-failure restarts it (before: it returned 0)."""
+    from charrnn.local_triton import LocalTriton
+
+    run_dir = tmp_path / "serve"
+    run = subprocess.Popen(
+        [sys.executable, "-m", "serve.local", "run", "--repo", str(shipped_repo)]
+        + ["--run-dir", str(run_dir), "--models", PYTHON, *port_flags()],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_for(lambda: (run_dir / "infer-key").exists() or run.poll() is not None, 180, "ready")
+        (pid,) = [p for p in live_processes_of(run_dir) if os.getpgid(p) == p]  # the server
+        os.kill(pid, signal.SIGKILL)
+        out, err = run.communicate(timeout=120)
+    finally:
+        if run.poll() is None:
+            run.kill()
+    assert run.returncode == 3, out + err
+    assert f"tritonserver pid {pid} (grpc" in err and "killed by SIGKILL" in err, err
+    assert not Path(f"/proc/{pid}").exists(), "run reaps its server"
+    assert live_processes_of(run_dir) == [] and not (run_dir / "triton.pid").exists()
+    assert not list(Path("/dev/shm").glob(LocalTriton(run_dir=run_dir).shm_prefix + "*"))
 
 
 # --- what keeps the server up ---------------------------------------------------------------------------
