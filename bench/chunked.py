@@ -37,22 +37,29 @@ def _url(server) -> str:
 def chunked_run(
     server, vocab, prompts: list[str], k: int, length: int, model: str = GEN_PYTHON, seed: int = 0
 ) -> dict:
-    """One timed run of K characters per request: chars/s, requests/s, per-request and first-character latency."""
+    """One timed run of K characters per request: chars/s, requests/s, per-request and first-character latency;
+    with a server we started (a LocalTriton), its CPU time per character too (bench.bench.tree_cpu_seconds).
+    """
+    from bench.bench import server_pid, tree_cpu_seconds
     from charrnn.sampling import SamplingParams
     from client.connection import Connection
     from client.generate import generate
 
+    pid = server_pid(server)
     conn = Connection(_url(server))
     try:
         params = [SamplingParams(temperature=1.0, seed=seed + i) for i in range(len(prompts))]
+        server0 = tree_cpu_seconds(pid) if pid else 0.0
         cpu0, t0 = time.process_time(), time.perf_counter()
         seqs = generate(conn, model, vocab, prompts, length, params, chunk=k)
         wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+        server_cpu = tree_cpu_seconds(pid) - server0 if pid else None
     finally:
         conn.close()
     latencies = [x for s in seqs for x in s.latencies]
     firsts = [x for s in seqs for x in s.first_char]
     chars = sum(len(s.generated) for s in seqs)
+    extra = {} if server_cpu is None else {"server_cpu_us_per_char": 1e6 * server_cpu / chars}
     return {
         "model": model,
         "K": k,
@@ -64,6 +71,7 @@ def chunked_run(
         "p50_request_ms": 1e3 * statistics.median(latencies),
         "p50_first_char_ms": 1e3 * statistics.median(firsts),
         "client_cpu_pct": 100 * cpu / wall,
+        **extra,
     }
 
 

@@ -4,11 +4,16 @@
 # (NVIDIA's SDK image, GPU hosts; `make perf`). `make perf-input` writes the input data first.
 #
 #   MODELS="charrnn_onnx charrnn_python" /bench/perf.sh      # at concurrency 1 2 4 ... 64
+#   PERF_MODELS="charrnn_onnx charrnn_python charrnn_gen_onnx charrnn_gen_python" make perf-slim   # on the host
 #   MODELS="charrnn_python" CONCURRENCY="1 8" MEASUREMENT_INTERVAL_MS=1000 /bench/perf.sh
 #
 # Input (`python -m bench.perf_input`): /results/perf_input.json for the per-character models (the prompt request,
 # then one request per character, teacher-forced from the test split) and /results/perf_input_gen.json for the
 # generation models charrnn_gen_* (K characters per request, with NOISE, TEMPERATURE and TOP_K).
+# Sequence mode for every model: one stream of the data per sequence id (START on its first request, END on its
+# last), so the server's state is right whichever keeps it: the python models' model.py, or Triton's implicit
+# state for the ONNX Runtime backend's charrnn_onnx / charrnn_gen_onnx (STATE_IN/STATE_OUT are not inputs a
+# client sends, so their data is the python models' data).
 # Output: /results/perf_<model>.csv (one row per concurrency; perf_analyzer's -f columns, times in
 # microseconds), and per run /results/perf_<model>_c<N>.csv and .log (perf_analyzer's report, which has the
 # server's inference and execution counts).

@@ -7,7 +7,8 @@ Reads bench/results/perf_<model>.csv (perf_analyzer's -f columns, microseconds) 
 perf_<model>_c<N>.log (the server's inference and execution counts, perf_analyzer's own CPU). Then, unless
 --no-client, drives the same server with the project's client (bench.bench's served sweep: sequences primed with
 64 test-split characters, 256 characters one request per character, seeded sampling) at the concurrencies
-perf_analyzer ran on charrnn_python, reading the server's statistics around each run for the average batch.
+perf_analyzer ran on each per-character model it measured (charrnn_onnx on Triton's ONNX Runtime backend,
+charrnn_python on the python backend), reading the server's statistics around each run for the average batch.
 Writes bench/results/perf.md (the tables docs/benchmarks.md links), perf.json and perf.png.
 Exit codes: 0 ok, 2 bad input (no perf_analyzer results), 3 the server is unreachable.
 """
@@ -23,11 +24,15 @@ from types import SimpleNamespace
 
 from charrnn.cli import parser
 from charrnn.errors import UserError, cli
-from charrnn.repository import PYTHON
+from charrnn.repository import PYTHON, STEP_MODELS
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
-PER_CHAR_MODEL = PYTHON
+PER_CHAR_MODEL = (
+    PYTHON  # the first per-character model of the report (our client's sweep since 2026-11)
+)
+# One request per character (LOGITS back, the client samples): a table each, with our client next to it.
+PER_CHAR_MODELS = STEP_MODELS
 SERVER_TIMES = (
     "Server Queue",
     "Server Compute Input",
@@ -83,36 +88,42 @@ def server_counts(url: str, model: str) -> tuple[int, int]:
 
 
 def client_sweep(
-    url: str, levels: list[int], data: str, prompt_length: int, length: int
+    url: str,
+    levels: list[int],
+    data: str,
+    prompt_length: int,
+    length: int,
+    model: str = PER_CHAR_MODEL,
 ) -> list[dict]:
-    """bench.bench's served sweep (our client) at `levels` against the server at `url`."""
+    """bench.bench's served sweep (our client) on `model` at `levels` against the server at `url`; each row
+    names its model ("Model")."""
     from bench.bench import served_run, sweep_prompts
     from charrnn.data import load_splits
     from client.connection import Connection
 
     conn = Connection(url, "grpc")
     try:
-        vocab = conn.vocabulary(conn.pick_model(PER_CHAR_MODEL))
+        vocab = conn.vocabulary(conn.pick_model(model))
     finally:
         conn.close()
     _, _, _, test = load_splits(data, vocab)
     server = SimpleNamespace(grpc_url=url)
-    served_run(server, [vocab.decode(test[:prompt_length])], 16, 0, model=PER_CHAR_MODEL)  # warm-up
+    served_run(server, [vocab.decode(test[:prompt_length])], 16, 0, model=model)  # warm-up
     rows = []
     for c in levels:
-        inf0, exe0 = server_counts(url, PER_CHAR_MODEL)
+        inf0, exe0 = server_counts(url, model)
         row = served_run(
             server,
             sweep_prompts(vocab, test, c, prompt_length),
             length,
             seed=c,
-            model=PER_CHAR_MODEL,
+            model=model,
         )
-        inf1, exe1 = server_counts(url, PER_CHAR_MODEL)
+        inf1, exe1 = server_counts(url, model)
         row["Avg Batch"] = (inf1 - inf0) / max(1, exe1 - exe0)
         rows.append(row)
         print(
-            f"  our client, {c:>3} sequences: {row['Inferences/Second']:7.0f} infer/s  "
+            f"  our client, {model}, {c:>3} sequences: {row['Inferences/Second']:7.0f} infer/s  "
             f"p50 {row['p50 latency']:6.0f} us  avg batch {row['Avg Batch']:.1f}  "
             f"client CPU {row['Client CPU %']:.0f}%",
             flush=True,
@@ -135,11 +146,10 @@ def markdown(
         "batch = the server's inferences / executions.",
         "",
     ]
-    rows = perf.get(PER_CHAR_MODEL, [])
-    if rows:
-        by_c = {int(r["Concurrency"]): r for r in ours}
+    for model in [m for m in PER_CHAR_MODELS if m in perf]:
+        by_c = {int(r["Concurrency"]): r for r in ours if r.get("Model", PER_CHAR_MODEL) == model}
         lines += [
-            f"**{PER_CHAR_MODEL}, one request per character.** perf_analyzer (teacher-forced streams) | our "
+            f"**{model}, one request per character.** perf_analyzer (teacher-forced streams) | our "
             "client (`python -m client`, sampling):",
             "",
             "| concurrency | perf_analyzer infer/s | p50 / p95 / p99 ms | avg batch | queue / input / infer "
@@ -147,7 +157,7 @@ def markdown(
             "our client CPU |",
             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
-        for r in rows:
+        for r in perf[model]:
             c = int(r["Concurrency"])
             o = by_c.get(c, {})
             lines.append(
@@ -165,7 +175,7 @@ def markdown(
             )
         lines.append("")
     for model, rows in perf.items():
-        if model == PER_CHAR_MODEL:
+        if model in PER_CHAR_MODELS:
             continue
         k = f"K = {chunk}" if chunk else "K characters"
         lines += [
@@ -198,7 +208,7 @@ def plot(
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.2))
     series = []
     for model, rows in perf.items():
-        scale = chunk if model != PER_CHAR_MODEL and chunk else 1
+        scale = chunk if model not in PER_CHAR_MODELS and chunk else 1
         series.append(
             (
                 f"perf_analyzer, {model}" + (f" (K = {chunk})" if scale > 1 else ""),
@@ -207,8 +217,10 @@ def plot(
                 "o-",
             )
         )
-    if ours:
-        series.append((f"our client, {PER_CHAR_MODEL}", ours, 1, "s--"))
+    for model in PER_CHAR_MODELS:
+        rows = [r for r in ours if r.get("Model", PER_CHAR_MODEL) == model]
+        if rows:
+            series.append((f"our client, {model}", rows, 1, "s--"))
     for label, rows, scale, style in series:
         c = [r["Concurrency"] for r in rows]
         a1.plot(c, [r["Inferences/Second"] * scale for r in rows], style, label=label)
@@ -272,11 +284,11 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(
             str(args.results), "no perf_<model>.csv from perf_analyzer", "run `make perf-slim`"
         )
-    ours = []
-    if not args.no_client and PER_CHAR_MODEL in perf:
-        levels = [int(r["Concurrency"]) for r in perf[PER_CHAR_MODEL]]
-        print(f"our client against {args.url} at concurrency {levels}", flush=True)
-        ours = client_sweep(args.url, levels, args.data, args.prompt_length, args.length)
+    ours = []  # our client's rows, every per-character model perf_analyzer measured (row["Model"])
+    for model in [m for m in PER_CHAR_MODELS if m in perf and not args.no_client]:
+        levels = [int(r["Concurrency"]) for r in perf[model]]
+        print(f"our client on {model} against {args.url} at concurrency {levels}", flush=True)
+        ours += client_sweep(args.url, levels, args.data, args.prompt_length, args.length, model)
     m, date, chunk = machine(), time.strftime("%Y-%m-%d"), chunk_of(args.results)
     md = markdown(perf, ours, chunk, m, date)
     (args.results / "perf.md").write_text(md + "\n")

@@ -25,8 +25,12 @@ STREAMS, PROMPT, STEPS = 64, 64, 256  # the defaults `make perf` uses
 
 # --- bench.bench and bench.ab ------------------------------------------------------------------------------
 def test_bench_quick_writes_perf_analyzer_csv_plot_and_table(tmp_path, shipped_repo):
-    """`make bench`'s code path end to end (--quick: counts too small for figures); only --out is written."""
+    """`make bench`'s code path end to end (--quick: counts too small for figures); only --out is written.
+    Both backends are served: charrnn_python and charrnn_onnx per character, server-side generation on each,
+    an empty model on each for the round-trip floor, and the CPU per character. Structure and sanity only: the
+    figures of a quick run on a shared machine mean nothing, so no timing is asserted."""
     import csv
+    import math
 
     from bench.bench import RESULTS, ROOT
 
@@ -46,7 +50,7 @@ def test_bench_quick_writes_perf_analyzer_csv_plot_and_table(tmp_path, shipped_r
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=900,
     )
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert "[5/5]" in r.stdout, "progress is shown while it runs"
@@ -55,19 +59,91 @@ def test_bench_quick_writes_perf_analyzer_csv_plot_and_table(tmp_path, shipped_r
     } == kept, "--out elsewhere: README and bench/results untouched"
     with open(out / "bench.csv") as f:
         rows = list(csv.DictReader(f))
-    assert [int(r["Concurrency"]) for r in rows] == [1, 4]
+    per_char = (repository.PYTHON, repository.ONNX)
+    assert [(r["Model"], int(r["Concurrency"])) for r in rows] == [
+        (m, c) for m in per_char for c in (1, 4)
+    ]
     for r in rows:  # perf_analyzer's column names, microseconds
         assert float(r["Inferences/Second"]) > 0 and float(r["Chars/Second"]) > 0
         assert 0 < float(r["p50 latency"]) <= float(r["p90 latency"]) <= float(r["p99 latency"])
+        # CPU from /proc (10 ms ticks: a quick run may see none on the server) and the client's own clock
+        assert float(r["Server CPU %"]) >= 0 and float(r["Server CPU us/char"]) >= 0
+        assert float(r["Client CPU %"]) > 0 and float(r["Client CPU us/char"]) > 0
     assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = (out / "bench.md").read_text()
-    assert "cores" in md and "| ONNX Runtime, batch 64 |" in md and "time to first char" in md
+    assert "cores" in md and "| ONNX Runtime, batch 64, 1 thread(s) |" in md
+    assert "time to first char" in md and "load average" in md
+    for m in per_char:
+        assert f"| {m} | 1 |" in md and f"| {m} | 4 |" in md, m
+    assert f"| ratio | {repository.PYTHON} | {repository.ONNX} | target |" in md
+    assert "| served 1-stream / that bound |" in md
+    assert "| server CPU per character / in-process ORT batch 64" in md
+    result = json.loads((out / "bench.json").read_text())
+    # the empty models were served and driven, one per backend
+    assert set(result["floor"]) == set(per_char)
+    for floor in result["floor"].values():
+        assert floor["Concurrency"] == 1 and floor["Requests"] > 0 and floor["Chars/Second"] > 0
+    assert result["floor"][repository.ONNX]["Model"] == "charrnn_floor_onnx"
+    assert "| round-trip floor: empty model on the same backend, 1 stream" in md
+    assert result["cpu"]["ort_b64_us_per_char"] > 0 and result["cpu"]["ort_threads"] == 1
+    for m in per_char:
+        x = result["ratios"][m]
+        assert x["bound_1"] > 0 and x["s1_over_bound"] > 0 and x["ttfc_over_prime"] > 0, x
+        assert x["server_cpu_over_ort64"] >= 0 and x["client_cpu_us_per_char"] > 0, x
+        assert math.isclose(x["s1_over_bound"] * x["bound_1"], x["served_1"]), x
+        assert x["bound_1_paused"] > 0 and x["s1_over_bound_paused"] > 0, x
+    assert result["baselines"]["ort_b1_paused"]["step_us"] > 0
+    load = result["machine_load"]  # what else ran meanwhile, from /proc/stat and getrusage
+    assert load["benchmark_cores"] > 0 and load["other_cores"] >= 0, load
+    assert "other processes used" in md
+    # server-side generation on both backends: charrnn_gen_python K = 1, 8 at 1 and 16 sequences;
+    # charrnn_gen_onnx K = 32 at the --concurrency levels (1, 4 in --quick)
+    gen_python, gen_onnx = result["chunked"], result["gen_onnx"]
+    assert gen_python["model"] == repository.GEN_PYTHON and gen_onnx["model"] == repository.GEN_ONNX
+    assert [(x["K"], x["sequences"]) for x in gen_python["rows"]] == [
+        (1, 1),
+        (1, 16),
+        (8, 1),
+        (8, 16),
+    ]
+    assert [(x["K"], x["sequences"]) for x in gen_onnx["rows"]] == [(32, 1), (32, 4)]
+    for x in gen_python["rows"] + gen_onnx["rows"]:
+        assert x["chars_per_s"] > 0 and x["requests"] > 0 and x["server_cpu_us_per_char"] >= 0
     assert "| 8 | 16 |" in md, "server-side generation rows (K = 8, 16 sequences) expected"
-    floor = json.loads((out / "bench.json").read_text())[
-        "floor"
-    ]  # the empty python model was served and driven
-    assert floor["Concurrency"] == 1 and floor["Requests"] > 0 and floor["Chars/Second"] > 0
-    assert "| round-trip floor: empty python-backend model, 1 stream |" in md
+    assert f"{repository.GEN_ONNX} with 2 ORT threads" in md and "| 32 | 4 |" in md
+
+
+def test_floor_onnx_is_charrnn_onnx_without_the_work(tmp_path, shipped_repo):
+    """bench/floor_onnx.py: charrnn_onnx's CPU config renamed (the same batcher, implicit state, KIND_CPU,
+    threads), and a graph with the same I/O that returns zero logits and passes the state through.
+    """
+    import numpy as np
+    import onnx
+
+    from bench.floor_onnx import FLOOR_ONNX_MODEL, write_floor_model
+    from charrnn.contract import INPUT_IDS, LOGITS, STATE_IN, STATE_OUT
+    from charrnn.onnx_runtime import ort_session
+    from charrnn.repository import load_config
+    from export.configs import check_config_against_onnx
+
+    folder = write_floor_model(shipped_repo, tmp_path)
+    assert folder == tmp_path / FLOOR_ONNX_MODEL
+    config = load_config(folder / "configs" / "cpu.pbtxt")
+    assert load_config(folder) == config
+    served = load_config(shipped_repo / repository.ONNX / "configs" / "cpu.pbtxt")
+    assert config.name == FLOOR_ONNX_MODEL
+    config.name = served.name
+    assert config == served, "everything but the name is charrnn_onnx's CPU config"
+    model = onnx.load(folder / "1" / "model.onnx")
+    assert check_config_against_onnx(served, model) == []
+    session = ort_session(folder / "1" / "model.onnx")
+    dims = tuple(served.sequence_batching.state[0].dims)
+    state = np.random.default_rng(0).standard_normal((3, *dims)).astype(np.float32)
+    logits, state_out = session.run(
+        [LOGITS, STATE_OUT], {INPUT_IDS: np.zeros((3, 5), np.int32), STATE_IN: state}
+    )
+    assert logits.shape == (3, served.output[0].dims[0]) and not logits.any()
+    assert np.array_equal(state_out, state)
 
 
 @pytest.mark.parametrize(
