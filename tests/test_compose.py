@@ -24,7 +24,7 @@ from charrnn.repository import (
     GPU_ONLY_MODELS,
     LOCAL_MODELS,
     SERVED_MODELS,
-    SHARED_PYTHON_MODELS,
+    SHARED_CPU_MODELS,
     STEP_MODELS,
     TRT,
 )
@@ -517,7 +517,7 @@ def test_perf_slim_service(services):
     assert command_args(s) == ["bash", "/bench/perf.sh"]
     assert s["environment"]["TRITON_GRPC"] == "triton-slim:8001"
     assert with_defaults(s["environment"]["MODELS"]).split() == list(
-        SHARED_PYTHON_MODELS
+        SHARED_CPU_MODELS
     )  # what triton-slim serves
     assert not s.get(
         "ports"
