@@ -894,25 +894,24 @@ def main(argv: list[str] | None = None) -> int:
     prime = b["ort_prime_256"]["seconds"]
     print("[2/5] the python backend: charrnn_python, charrnn_gen_python", flush=True)
     models = (PYTHON, GEN_PYTHON) if ks else (PYTHON,)
-    with LocalTriton.on_free_ports(repo=repo, models=models) as server:
-        served[PYTHON] = served_sweep(server, PYTHON, vocab, test, levels, args, runs)
-        ttfc[PYTHON] = time_to_first_char(
-            server, vocab.decode(prompt256), 5 if args.quick else 20, PYTHON
+
+    def per_character(server, model: str) -> None:
+        """One model's per-character sweep and its time to first character, into served and ttfc."""
+        served[model] = served_sweep(server, model, vocab, test, levels, args, runs)
+        ttfc[model] = time_to_first_char(
+            server, vocab.decode(prompt256), 5 if args.quick else 20, model
         )
         print(
-            f"  time to first char: {ttfc[PYTHON] * 1e3:.1f} ms ({ttfc[PYTHON] / prime:.2f}x ORT prime)"
+            f"  time to first char: {ttfc[model] * 1e3:.1f} ms ({ttfc[model] / prime:.2f}x ORT prime)"
         )
+
+    with LocalTriton.on_free_ports(repo=repo, models=models) as server:
+        per_character(server, PYTHON)
         result["chunked"] = chunked_section(server, vocab, test, args, ks) if ks else None
     print("[3/5] Triton's ONNX Runtime backend: charrnn_onnx, charrnn_gen_onnx", flush=True)
     models = (ONNX, GEN_ONNX) if gen_onnx_ks else (ONNX,)
     with LocalTriton.on_free_ports(repo=repo, models=models) as server:
-        served[ONNX] = served_sweep(server, ONNX, vocab, test, levels, args, runs)
-        ttfc[ONNX] = time_to_first_char(
-            server, vocab.decode(prompt256), 5 if args.quick else 20, ONNX
-        )
-        print(
-            f"  time to first char: {ttfc[ONNX] * 1e3:.1f} ms ({ttfc[ONNX] / prime:.2f}x ORT prime)"
-        )
+        per_character(server, ONNX)
         chunked = result["chunked"]
         result["gen_onnx"] = (
             chunked_section(

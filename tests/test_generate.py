@@ -404,20 +404,36 @@ def test_generation_survives_a_server_crash_4_sequences_greedy(restartable, prot
         assert seq.restarts >= 1 and seq.sequence_id not in seq.sequence_ids
 
 
-@pytest.mark.parametrize("model", [repository.GEN_PYTHON, repository.GEN_STREAM])
-def test_chunked_generation_survives_a_server_crash_seeded(shipped_repo, tmp_path, model):
-    """--chunk K reconnects and re-primes like the per-character path: SIGKILL mid-generation, restart, and
-    the seeded texts equal an uninterrupted run (the noise stream continues at row len(generated)).
+@pytest.mark.parametrize(
+    "model, chunk",
+    [
+        (repository.GEN_PYTHON, 8),
+        (repository.GEN_STREAM, 8),
+        (
+            repository.ONNX,
+            None,
+        ),  # Triton's implicit state is lost with the server: re-primed the same way
+        (repository.GEN_ONNX, 8),
+    ],
+)
+def test_chunked_generation_survives_a_server_crash_seeded(
+    shipped_repo, tmp_path, request, model, chunk
+):
+    """--chunk K (and, on the ONNX Runtime backend, one character per request) reconnects and re-primes like the
+    per-character path: SIGKILL mid-generation, restart, and the seeded texts equal an uninterrupted run (the
+    noise stream continues at row len(generated)).
     """
     from client.generate import RetryPolicy
 
+    if model in repository.ORT_MODELS:
+        request.getfixturevalue("ort_backend")
     s = start_server(shipped_repo, tmp_path, models=(model,))
     try:
         prompts = ["ROMEO:\n", "JULIET:\n", "KING HENRY VI:\nO"]
         params = [
             SamplingParams(temperature=0.9, top_k=20, seed=11 + i) for i in range(len(prompts))
         ]
-        want = served(s, prompts, 200, params, model=model, chunk=8)
+        want = served(s, prompts, 200, params, model=model, chunk=chunk)
         chars, messages, restart = [0], [], []
 
         def on_text(index, text):
@@ -434,7 +450,7 @@ def test_chunked_generation_survives_a_server_crash_seeded(shipped_repo, tmp_pat
             200,
             params,
             model=model,
-            chunk=8,
+            chunk=chunk,
             sequences=True,
             on_text=on_text,
             on_retry=messages.append,
