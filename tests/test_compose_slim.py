@@ -461,7 +461,9 @@ def test_perf_slim_runs_perf_analyzer_and_writes_its_csv(stack, corpus):
     assert (
         perf_input(["--out", str(results / "perf_input_gen.json"), "--chunk", "16", *common]) == 0
     )
-    models = SHARED_PYTHON_MODELS  # two of perf-slim's default models (PERF_MODELS), to keep it short
+    models = (
+        SHARED_PYTHON_MODELS  # two of perf-slim's default models (PERF_MODELS), to keep it short
+    )
     r = stack.compose(
         "run",
         "--rm",
