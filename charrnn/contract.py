@@ -42,6 +42,19 @@ MAX_SEQUENCE_IDLE_US = 60_000_000
 # gRPC stream's requests in order, every later response on that stream waited behind it (a hang until the idle
 # timeout). Each slot costs the python models one state (2 x 2 x 512 floats = 8 KiB) only while it is in use.
 MAX_SEQUENCES = 1024
+# Admission (docs/failures.md, "Capacity"). A slot is held from a sequence's START until its END or the idle
+# timeout, so sequences started and abandoned hold slots too. A START that finds all MAX_SEQUENCES taken waits in
+# Triton's backlog, which has no bound and no default deadline, and on a gRPC stream every later answer waits
+# behind it. So the client sends every START with this Triton request timeout ("timeout" parameter, microseconds):
+# Triton answers a START still in the backlog then with UNAVAILABLE and CAPACITY_MESSAGE (2.51's text,
+# sequence_batch_scheduler.cc), which the client reports as "at capacity". The timeout applies only in the backlog:
+# the oldest strategy's queue ignores request timeouts (its default queue policy does not allow the override).
+ADMISSION_TIMEOUT_US = 1_000_000
+CAPACITY_MESSAGE = "timeout of the corresponding sequence has been expired"
+# Sequence ids are the only identity a sequence has, and gRPC inference needs no key: a START under an id that is
+# in use would reset its owner's state. The python models refuse it with this message (charrnn.sequence_state);
+# Triton's implicit state (charrnn_onnx) resets it, so clients draw every id at random (client.generate).
+LIVE_ID_MESSAGE = "is in use: a START under a live sequence id is refused"
 
 # HTTP inference needs this header with the server's inference key (Triton's restricted-API check, which runs
 # before the request body is read). Triton 2.51 sizes a JSON input's buffer from its declared "shape" before

@@ -24,6 +24,7 @@ from typing import Callable
 
 import numpy as np
 
+from charrnn.contract import LIVE_ID_MESSAGE
 from charrnn.onnx_runtime import ort_session
 
 START, END = 1, 2  # TRITONSERVER_REQUEST_FLAG_SEQUENCE_START / _END
@@ -57,7 +58,7 @@ METRICS = (
     (
         "charrnn_sequences_started_total",
         "COUNTER",
-        "Requests flagged sequence_start that the model ran (a sequence re-started under a live id counts again)",
+        "Requests flagged sequence_start that the model ran",
         "started",
     ),
     (
@@ -131,7 +132,18 @@ class SequenceStates:
                 f"unknown sequence (never started, ended, or idle longer than {self.idle_s - 1.0:g} s) "
                 "(start it again with sequence_start=True)"
             )
+        if flags & START and corr in self.states and not self._idle(corr):
+            # Another client's id (ids are the only identity), or one never ended: resetting it would silently
+            # change its owner's text. An id idle past Triton's timeout (Triton freed its slot) may start again.
+            return (
+                f"{LIVE_ID_MESSAGE} (draw sequence ids at random; end a sequence with sequence_end "
+                "before starting its id again)"
+            )
         return None
+
+    def _idle(self, corr) -> bool:
+        """Idle longer than the sequence batcher's timeout (Triton has freed its slot; the reaper comes later)."""
+        return time.monotonic() - self.last_used[corr] >= self.idle_s - 1.0
 
     def gather(self, members: list[tuple[object, int]]) -> np.ndarray:
         """States of [(corr, flags), ...] as one (B, S, L, H) batch; zeros for sequence starts."""

@@ -23,7 +23,14 @@ from typing import NamedTuple
 
 import numpy as np
 
-from charrnn.contract import INFER_KEY_ENV, INFER_KEY_HEADER, NOISE, ROUTING_HEADER, TRITON_DTYPE
+from charrnn.contract import (
+    ADMISSION_TIMEOUT_US,
+    INFER_KEY_ENV,
+    INFER_KEY_HEADER,
+    NOISE,
+    ROUTING_HEADER,
+    TRITON_DTYPE,
+)
 from charrnn.errors import UnavailableError, UserError
 from charrnn.repository import GEN, STEP, names, vocab_of
 from charrnn.vocab import Vocab
@@ -205,8 +212,13 @@ class Connection:
             t = self.tc.InferInput(name, list(value.shape), TRITON_DTYPE[value.dtype])
             t.set_data_from_numpy(value)
             tensors.append(t)
+        # A START waits for a free sequence slot at most ADMISSION_TIMEOUT_US, then Triton answers "at capacity".
         kw = dict(
-            request_id=request_id, sequence_id=sequence_id, sequence_start=start, sequence_end=end
+            request_id=request_id,
+            sequence_id=sequence_id,
+            sequence_start=start,
+            sequence_end=end,
+            timeout=ADMISSION_TIMEOUT_US if start else None,
         )
         if self.protocol == "grpc":
             if not self._streaming[shard]:

@@ -30,6 +30,11 @@ backend (one bad request fails its whole batch; the state of ours did not advanc
 continues from its noise stream's position len(generated), so greedy and seeded runs give the same text as an
 uninterrupted run. Giving up raises GenerationFailed, which carries the partial
 text.
+
+Capacity (docs/failures.md): every START carries Triton's request timeout (charrnn.contract ADMISSION_TIMEOUT_US).
+A model with no free sequence slot answers it "at capacity" within that time; the client gives up at once
+(GenerationFailed, exit 3) and ends the sequences it had started. Sequence ids are drawn at random, each one
+(new_sequence_ids): an id is the only identity a sequence has.
 """
 
 from __future__ import annotations
@@ -46,6 +51,8 @@ from typing import Callable
 import numpy as np
 
 from charrnn.contract import (
+    ADMISSION_TIMEOUT_US,
+    CAPACITY_MESSAGE,
     GUARD_PREFIX,
     INPUT_IDS,
     LOGITS,
@@ -177,9 +184,13 @@ def chunk_prompt(ids: np.ndarray, max_t: int = MAX_T) -> list[np.ndarray]:
 
 
 def new_sequence_ids(n: int) -> list[int]:
-    """Random, distinct correlation ids (63-bit, never 0) so several clients can share a server."""
-    base = random.SystemRandom().randrange(1, 2**62)
-    return [base + i for i in range(n)]
+    """n distinct correlation ids, each drawn at random from 1..2^63 - 1 (the OS's CSPRNG). An id is the only
+    identity a sequence has and gRPC inference needs no key, so ids must be unguessable: numbered ids (a random
+    base + 0, 1, 2, ...) let anyone who sees one reach the others."""
+    rng, ids = random.SystemRandom(), set()
+    while len(ids) < n:
+        ids.add(rng.randrange(1, 2**63))
+    return list(ids)
 
 
 def check_chunk(chunk: int | None) -> int:
@@ -213,7 +224,9 @@ def inputs_of(seq: Sequence, req: Request, generation: bool) -> dict[str, np.nda
 # What an error means for the generation: the server went away (reconnect), the server does not know the
 # sequence any more (re-prime it), the graph refused a request batched with ours (re-prime it: see the module
 # docstring), or anything else (give up: retrying would not help).
-OUTAGE, LOST, REFUSED, FATAL = "outage", "lost", "refused", "fatal"
+# The server at capacity (no free sequence slot within ADMISSION_TIMEOUT_US) is none of these: give up at once
+# and say so (retrying at once would only add load; the user decides when to come back).
+OUTAGE, LOST, REFUSED, CAPACITY, FATAL = "outage", "lost", "refused", "capacity", "fatal"
 # HTTP 502/503/504: a proxy in front of the replicas (serve/haproxy.cfg) lost, or has no, replica for the request.
 _OUTAGE_STATUS = ("UNAVAILABLE", "CANCELLED", "DEADLINE_EXCEEDED", "ABORTED", "502", "503", "504")
 _OUTAGE_TEXT = (
@@ -234,6 +247,8 @@ _LOST_TEXT = ("must specify the start flag", "unknown sequence")
 
 def classify(error) -> str:
     text = message(error).lower()
+    if CAPACITY_MESSAGE in text:
+        return CAPACITY
     if any(s in text for s in _LOST_TEXT):
         return LOST
     if GUARD_PREFIX in text:
@@ -521,6 +536,15 @@ def generate(
                 seq = sequence_of(request_id, error)
                 if error is not None:
                     kind = classify(error)
+                    if kind == CAPACITY:
+                        raise give_up(
+                            f"at capacity: model {model} had no free sequence slot within "
+                            f"{ADMISSION_TIMEOUT_US / 1e6:g} s (every slot holds a live sequence, or an "
+                            "abandoned one until the idle timeout frees it)",
+                            "retry later, run fewer sequences at once, or serve more replicas "
+                            "(docs/failures.md, Capacity)",
+                            drop=False,
+                        )
                     if seq is None and request_id is not None and kind != FATAL:
                         continue  # a late answer to a request abandoned by a recovery
                     if kind in (LOST, REFUSED) and seq is not None:

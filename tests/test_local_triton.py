@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -19,7 +20,7 @@ from charrnn import repository
 from charrnn.contract import INFER_KEY_ENV, INFER_KEY_HEADER
 from charrnn.repository import PYTHON
 from charrnn.sampling import SamplingParams
-from tests.conftest import ROOT, RawStream, group_pids, served, start_server, wait_for
+from tests.conftest import ROOT, RawStream, group_pids, served, start_server, tf_text, wait_for
 
 
 # --- starting and stopping ------------------------------------------------------------------------------
@@ -419,6 +420,74 @@ def test_run_exits_non_zero_when_a_server_dies(shipped_repo, tmp_path):
     assert not Path(f"/proc/{pid}").exists(), "run reaps its server"
     assert live_processes_of(run_dir) == [] and not (run_dir / "triton.pid").exists()
     assert not list(Path("/dev/shm").glob(LocalTriton(run_dir=run_dir).shm_prefix + "*"))
+
+
+def test_the_huge_shape_abort_with_the_key_ends_run_and_its_supervisor_brings_it_back(
+    shipped_repo, tmp_path, shipped
+):
+    """Triton 2.51 sizes an HTTP JSON input from its declared shape before reading the data, so a client that
+    HAS the inference key can still abort it with "shape": [1, 2**40] (std::bad_alloc; no setting in 2.51). What
+    the bare local server can do is come back: `run` exits 3, and what a supervisor does next (systemd's
+    Restart=on-failure runs the same command again, docs/production.md) serves again from the same run
+    directory, without a manual `stop`. (The scale profile's proxy refuses such a request: tests/test_scale.py.)
+    """
+    import json
+    import urllib.request
+
+    run_dir = tmp_path / "serve"
+    cmd = [sys.executable, "-m", "serve.local", "run", "--repo", str(shipped_repo)]
+    cmd += ["--run-dir", str(run_dir), "--models", PYTHON, *port_flags()]
+    http_port = flag(cmd, "http")
+
+    def supervised_run() -> subprocess.Popen:
+        run = subprocess.Popen(
+            cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        wait_for(
+            lambda: ready() and (run_dir / "infer-key").exists() or run.poll() is not None,
+            180,
+            "ready",
+        )
+        assert run.poll() is None, run.communicate()
+        return run
+
+    def ready() -> bool:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/v2/health/ready", timeout=5):
+                return True
+        except OSError:
+            return False
+
+    run = supervised_run()
+    try:
+        body = {
+            "parameters": {"sequence_id": 9_100_000_001, "sequence_start": True},
+            "inputs": [
+                {"name": "INPUT_IDS", "datatype": "INT32", "shape": [1, 2**40], "data": [1]}
+            ],
+        }
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{http_port}/v2/models/{PYTHON}/infer",
+            data=json.dumps(body).encode(),
+            headers={INFER_KEY_HEADER: (run_dir / "infer-key").read_text().strip()},
+        )
+        with pytest.raises(OSError):  # the connection dies with the server (no HTTP answer)
+            urllib.request.urlopen(request, timeout=60)
+        out, err = run.communicate(timeout=120)
+        assert run.returncode == 3, out + err
+        assert "killed by SIGABRT" in err, err
+        run = supervised_run()  # the supervisor's restart
+        server = SimpleNamespace(
+            grpc_url=f"127.0.0.1:{flag(cmd, 'grpc')}", http_url=None, infer_key=None
+        )
+        text = served(server, ["ROMEO:\n"], 60, SamplingParams(greedy=True), model=PYTHON)
+        assert text == [tf_text(shipped, "ROMEO:\n", 60, SamplingParams(greedy=True))]
+        run.send_signal(signal.SIGTERM)  # a supervisor's stop: exit 0, so no restart
+        assert run.wait(60) == 0
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.wait()
 
 
 # --- what keeps the server up ---------------------------------------------------------------------------

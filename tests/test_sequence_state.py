@@ -14,6 +14,7 @@ from google.protobuf import json_format
 from charrnn import sequence_state
 from charrnn.contract import (
     INPUT_IDS,
+    LIVE_ID_MESSAGE,
     LOGITS,
     MAX_BATCH_SIZE,
     MAX_SEQUENCE_IDLE_US,
@@ -425,12 +426,17 @@ def test_a_reused_id_after_end_starts_from_zeros(step, states, vocab):
     )  # had the old state leaked in, the logits would be these
 
 
-def test_a_start_on_a_live_id_restarts_it_from_zeros(step, states, vocab):
+def test_a_start_on_a_live_id_is_refused_and_its_state_kept(step, states, vocab):
+    """Ids are the only identity: another client's START under a live id must not reset it (issue: the owner's
+    text diverged silently). Once idle past Triton's timeout (Triton freed the slot), the id may start again.
+    """
     execute(step, states, [(9, START)], vocab.encode("ROMEO:\n")[None])
+    held = states.states[9].copy()
+    assert LIVE_ID_MESSAGE in states.check(9, START)
+    assert states.check(9, 0) is None  # the owner continues
+    np.testing.assert_array_equal(states.states[9], held)
+    states.last_used[9] -= states.idle_s - 1.0  # idle as long as Triton's timeout
     assert states.check(9, START) is None
-    np.testing.assert_array_equal(
-        states.gather([(9, START)]), np.zeros((1, *states.zero.shape), np.float32)
-    )
     got = execute(step, states, [(9, START)], vocab.encode("A")[None])
     np.testing.assert_allclose(got[0], direct(step, vocab.encode("A"))[0], atol=1e-5)
 
