@@ -14,7 +14,8 @@ PYTEST_FLAGS ?=
 
 .PHONY: setup data train evaluate sample export verify plan serve stop demo test test-slow clean help \
         bench soak import perf-input compose-plan compose-up compose-up-cpu compose-down perf \
-        images compose-up-slim perf-slim soak-mixed lint format compose-up-scale bench-scale backend
+        images compose-up-slim perf-slim soak-mixed lint format compose-up-scale bench-scale backend \
+        compose-up-monitoring
 
 help:
 	@grep -E '^[a-z-]+:.*## ' Makefile | sed 's/:.*## /\t/'
@@ -23,7 +24,7 @@ $(VENV)/.installed: pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON): not found (install Python 3.11 or pass PYTHON=...)"; exit 3; }
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -c constraints.txt -e ".[dev]"
 	touch $@
 
 setup: $(VENV)/.installed ## create .venv and install the pinned dependencies
@@ -95,8 +96,16 @@ format: setup ## apply black and ruff's fixes
 test-slow: setup data ## only the slow suites
 	$(PY) -m pytest -m slow $(PYTEST_FLAGS)
 
-clean: ## remove generated artifacts (keeps .venv, data and the shipped model)
-	rm -rf logs export/build $(REPO)/*/1/model.onnx .pytest_cache build/backend-src build/backends
+# Every generated artifact (.gitignore's): server and soak logs, build/ (the backend and its sources, the images'
+# wheelhouses, TLS files), the exported ONNX graphs and TensorRT plans, perf_analyzer's inputs and per-run files,
+# caches, the editable install's egg-info. Kept: .venv, data/, models/ (the shipped model, and a training run's
+# checkpoints/ and logs/ for --resume), .env (the keys of a compose stack that may be up) and the committed results.
+clean: ## remove generated artifacts (keeps .venv, data, .env and models/)
+	rm -rf logs build export/build .pytest_cache .ruff_cache *.egg-info
+	rm -f $(REPO)/*/1/model.onnx $(REPO)/*/1/model.plan
+	rm -f bench/results/*.tmp bench/results/perf_input*.json bench/results/perf_*_c*.csv bench/results/perf_*_c*.log
+	find . \( -path ./$(VENV) -o -path ./data -o -path ./models \) -prune -o \
+	  \( -name __pycache__ -o -name '*.plan' -o -name '*.engine' \) -prune -exec rm -rf {} +
 
 # ---- docker compose. Needs Docker >= 20.10 and Compose v2 (`docker compose`); make installs no system packages.
 # The slim stack (any Docker host, no GPU, no NGC registry): Triton 2.51 from the nvidia-pytriton wheel serving the
@@ -104,6 +113,22 @@ clean: ## remove generated artifacts (keeps .venv, data and the shipped model)
 # `perf`) are for GPU hosts with access to nvcr.io.
 PERF_FLAGS ?= --streams 64 --prompt-length 64 --steps 256 --seed 0
 PERF_K ?= 32
+# bench/perf.sh's settings (docs/flags.md), each passed to the container (`run -e`) when set, so `make perf` and
+# `make perf-slim` both honour them; unset, the compose service's default holds.
+PERF_MODELS ?=
+PERF_CONCURRENCY ?=
+PERF_INTERVAL_MS ?=
+PERF_MAX_TRIALS ?=
+PERF_STABILITY ?=
+PERF_PERCENTILE ?=
+perf_env = $(if $(strip $(1)),-e '$(2)=$(strip $(1))')
+PERF_ENV = $(call perf_env,$(PERF_MODELS),MODELS) $(call perf_env,$(PERF_CONCURRENCY),CONCURRENCY) \
+           $(call perf_env,$(PERF_INTERVAL_MS),MEASUREMENT_INTERVAL_MS) \
+           $(call perf_env,$(PERF_MAX_TRIALS),MAX_TRIALS) $(call perf_env,$(PERF_STABILITY),STABILITY) \
+           $(call perf_env,$(PERF_PERCENTILE),PERCENTILE)
+# Where perf-input writes and perf-slim's container reads and writes (mounted at /results). The NGC `perf`
+# service mounts bench/results whatever this says, so `make perf` keeps bench/results.
+PERF_RESULTS ?= bench/results
 COMPOSE ?= docker compose
 export HOST_UID := $(shell id -u)
 export HOST_GID := $(shell id -g)
@@ -117,8 +142,8 @@ export HOST_GID := $(shell id -g)
 FORCE:
 
 perf-input: data ## perf_analyzer input from the test split -> bench/results/perf_input.json, perf_input_gen.json
-	$(PY) -m bench.perf_input --out bench/results/perf_input.json $(PERF_FLAGS)
-	$(PY) -m bench.perf_input --out bench/results/perf_input_gen.json --chunk $(PERF_K) $(PERF_FLAGS)
+	$(PY) -m bench.perf_input --out $(PERF_RESULTS)/perf_input.json $(PERF_FLAGS)
+	$(PY) -m bench.perf_input --out $(PERF_RESULTS)/perf_input_gen.json --chunk $(PERF_K) $(PERF_FLAGS)
 
 compose-plan: .env ## GPU host: build model.plan in NVIDIA's TensorRT container (after make export)
 	$(COMPOSE) --profile export run --rm export-trt
@@ -130,10 +155,11 @@ compose-up-cpu: .env ## CPU-only host (nvcr.io): the models that need no GPU, th
 	$(COMPOSE) up -d --build --wait triton-cpu triton-stream
 
 compose-down: .env ## stop whatever compose services of the project are up (containers and network removed)
-	$(COMPOSE) --profile cpu --profile export --profile perf --profile slim --profile perf-slim --profile scale down --remove-orphans
+	$(COMPOSE) --profile cpu --profile export --profile perf --profile slim --profile perf-slim --profile scale --profile monitoring down --remove-orphans
 
-perf: perf-input .env ## GPU host: perf_analyzer sweep in the SDK container -> bench/results/perf_<model>.csv
-	$(COMPOSE) --profile perf run --rm perf
+perf: override PERF_RESULTS := bench/results
+perf: $(ONNX) perf-input .env ## GPU host: perf_analyzer sweep in the SDK container -> bench/results/perf_<model>.csv
+	$(COMPOSE) --profile perf run --rm $(PERF_ENV) perf
 
 images: setup ## build the slim stack's images (host-made wheelhouse; base from Debian's archive if Docker Hub is unreachable)
 	$(PY) -m serve.images
@@ -141,6 +167,16 @@ images: setup ## build the slim stack's images (host-made wheelhouse; base from 
 compose-up-slim: $(ONNX) .env ## Triton in Docker, no GPU/NGC: python models on 127.0.0.1:8000-8002, the stream model on 8010-8012
 	$(PY) -m serve.images triton-slim
 	$(COMPOSE) --profile slim up -d --wait triton-slim triton-slim-stream
+
+# gRPC over TLS (docs/production.md): a CA and certificates of our own in build/tls/ (kept while valid), and the
+# slim stack with docker-compose.tls.yml; TRITON_GRPC_TLS_MUTUAL=true adds mutual TLS (client certificates).
+.PHONY: tls-certs compose-up-tls
+tls-certs: setup ## self-signed CA, server and client certificates for gRPC over TLS -> build/tls/ (server.key for uid 1000)
+	$(PY) -m serve.tls
+
+compose-up-tls: $(ONNX) .env tls-certs ## the slim stack with gRPC over TLS (docker-compose.tls.yml): 127.0.0.1:8001 and 8011 take TLS only
+	$(PY) -m serve.images triton-slim
+	$(COMPOSE) -f docker-compose.yml -f docker-compose.tls.yml --profile slim up -d --wait triton-slim triton-slim-stream
 
 # N replicas of triton-slim's server behind HAProxy (docs/scaling.md). The proxy takes triton-slim's host ports:
 # run one of the two. Services are named: `--profile scale up` alone would also start the profile-less NGC ones.
@@ -150,11 +186,17 @@ compose-up-scale: $(ONNX) .env ## N Triton replicas (N=2) behind HAProxy on 127.
 	$(COMPOSE) --profile scale up -d --wait --scale triton-replica=$(N) proxy triton-replica
 	$(PY) -c 'import sys; from serve.scale import wait_for_replicas; sys.exit(wait_for_replicas($(N)))'
 
+# Prometheus next to whatever Triton servers run (after compose-up-slim or compose-up-scale): serve/monitoring/.
+compose-up-monitoring: .env ## Prometheus on 127.0.0.1:9090 scraping every Triton server up, with alerting rules (docs/production.md)
+	$(PY) -m serve.images prometheus
+	$(COMPOSE) --profile monitoring up -d --wait prometheus
+
 bench-scale: $(ONNX) ## chars/s of 64 sequences: one replica direct vs 1, 2, 3 behind the proxy (Docker) -> bench/results/scale.*
 	$(PY) -m serve.images triton-slim proxy
 	$(PY) -m bench.scale $(BENCH_SCALE_FLAGS)
 
-perf-slim: perf-input .env ## perf_analyzer (container) vs our client against the slim stack -> bench/results/perf*
-	$(PY) -m serve.images perf-slim
-	$(COMPOSE) --profile slim --profile perf-slim run --rm perf-slim
-	$(PY) -m bench.perf_report --url 127.0.0.1:$${TRITON_GRPC_PORT:-8001}
+# The slim server it measures needs the exported models and its image: built here, not left to an earlier target.
+perf-slim: $(ONNX) perf-input .env ## perf_analyzer (container) vs our client against the slim stack -> bench/results/perf*
+	$(PY) -m serve.images triton-slim perf-slim
+	PERF_RESULTS=$(abspath $(PERF_RESULTS)) $(COMPOSE) --profile slim --profile perf-slim run --rm $(PERF_ENV) perf-slim
+	$(PY) -m bench.perf_report --results $(PERF_RESULTS) --url 127.0.0.1:$${TRITON_GRPC_PORT:-8001}

@@ -12,7 +12,7 @@ Measures, on this machine:
               per-character model: concurrent sequences 1, 4, 16, 64 on one gRPC stream, each primed with a
               64-character test-split prompt then generating 256 characters one request per character (the
               median of 3 runs by chars/s): characters/s, per-request latency p50/p90/p95/p99, the CPU time of
-              the server (tritonserver and every descendant, e.g. python stubs, from /proc/<pid>/stat) and of
+              the server (tritonserver and every descendant, e.g. python stubs, from psutil) and of
               the client per character; time to first character after a 256-character prompt
   floors      the same single-stream run against an empty model on each backend: bench/floor_model.py
               (charrnn_python's config) and bench/floor_onnx.py (charrnn_onnx's graph I/O, implicit state and
@@ -35,7 +35,6 @@ import csv
 import json
 import os
 import platform
-import re
 import shutil
 import statistics
 import tempfile
@@ -43,6 +42,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 
 from charrnn.cli import parser
 from charrnn.errors import UserError, cli
@@ -61,16 +61,10 @@ def machine() -> dict:
                 break
     except OSError:
         pass
-    mem = ""
-    try:
-        kb = int(re.search(r"MemTotal:\s+(\d+)", Path("/proc/meminfo").read_text()).group(1))
-        mem = f"{kb / 2**20:.0f} GiB"
-    except (OSError, AttributeError):
-        pass
     return {
         "cores": os.cpu_count(),
-        "cpu": cpu,
-        "memory": mem,
+        "cpu": cpu,  # psutil does not name the CPU: /proc/cpuinfo's "model name"
+        "memory": f"{psutil.virtual_memory().total / 2**30:.0f} GiB",  # MemTotal
         "python": platform.python_version(),
         "gpu": "none",
     }
@@ -105,31 +99,27 @@ def timed_cpu(fn, repeat: int, warmup: int = 3, pause: float = 0.0) -> tuple[flo
 
 def tree_cpu_seconds(root: int) -> float:
     """CPU seconds (user + system) that process `root` and all its descendants have used so far, from
-    /proc/<pid>/stat (every thread of a process; clock ticks of 10 ms, so measure over seconds of work).
+    psutil's cpu_times (every thread of a process; clock ticks of 10 ms, so measure over seconds of work).
     A descendant that exited in between is no longer counted: the python stubs live as long as the server.
     """
-    tick = os.sysconf("SC_CLK_TCK")
-    children: dict[int, list[int]] = {}
-    ticks: dict[int, int] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
+    try:
+        proc = psutil.Process(root)
+        tree = [proc, *proc.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return 0.0
+    total = 0.0
+    for p in tree:
         try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
+            times = p.cpu_times()
+        except psutil.NoSuchProcess:
             continue  # gone meanwhile
-        pid = int(stat.parent.name)
-        children.setdefault(int(fields[1]), []).append(pid)
-        ticks[pid] = int(fields[11]) + int(fields[12])  # utime, stime
-    total, todo = 0, [root]
-    while todo:
-        pid = todo.pop()
-        total += ticks.get(pid, 0)
-        todo += children.get(pid, [])
-    return total / tick
+        total += times.user + times.system
+    return total
 
 
 class MachineLoad:
     """How busy the machine was with OTHER work while this benchmark ran: the machine's busy CPU time
-    (/proc/stat) minus this process's and its waited-for descendants' (getrusage: the servers it started and
+    (psutil.cpu_times, /proc/stat) minus this process's and its waited-for descendants' (getrusage: the servers it started and
     stopped, their python stubs), in cores on average. Our own servers still running at the end would count as
     "other": read it after they stopped."""
 
@@ -139,10 +129,8 @@ class MachineLoad:
     @staticmethod
     def machine_busy() -> float:
         """Seconds of CPU the machine spent busy so far (every core; idle and iowait excluded)."""
-        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-        # user nice system idle iowait irq softirq steal guest guest_nice (guest is counted in user)
-        busy = sum(fields[:8]) - fields[3] - fields[4]
-        return busy / os.sysconf("SC_CLK_TCK")
+        t = psutil.cpu_times()  # guest and guest_nice are counted in user and nice already
+        return t.user + t.nice + t.system + t.irq + t.softirq + t.steal
 
     @staticmethod
     def own() -> float:

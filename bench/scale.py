@@ -27,6 +27,8 @@ import subprocess
 import time
 from pathlib import Path
 
+import psutil
+
 from charrnn.cli import parser
 from charrnn.errors import UnavailableError, UserError, cli
 from charrnn.local_triton import free_port
@@ -128,10 +130,9 @@ class Compose:
 
     def cpu_seconds(self) -> dict[str, float]:
         """{service or container id: CPU seconds its processes used so far}: user + system time of every process
-        `docker top` lists (host pids, /proc/<pid>/stat), so it reads the same under cgroup v1 and v2. Per
+        `docker top` lists (host pids, psutil's cpu_times), so it reads the same under cgroup v1 and v2. Per
         service ("triton-slim", "triton-replica", "proxy") and per replica container ("replica:<id>").
         """
-        tick = os.sysconf("SC_CLK_TCK")
         out: dict[str, float] = {}
         for service in ("triton-slim", "triton-replica", "proxy"):
             for container in self.containers(service):
@@ -143,10 +144,10 @@ class Compose:
                 ).stdout.split()[1:]
                 for pid in top:
                     try:
-                        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-                    except OSError:
+                        times = psutil.Process(int(pid)).cpu_times()
+                    except (ValueError, psutil.Error):
                         continue  # gone meanwhile
-                    seconds = (int(fields[11]) + int(fields[12])) / tick
+                    seconds = times.user + times.system
                     out[service] = out.get(service, 0.0) + seconds
                     if service != "proxy":
                         key = f"replica:{container[:12]}"

@@ -22,6 +22,8 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
+
 from charrnn.cli import parser
 from charrnn.errors import CheckFailed, UserError, cli
 from charrnn.repository import PYTHON
@@ -42,19 +44,14 @@ PROMPTS = (
 
 
 def group_rss(pgid: int) -> dict[int, int]:
-    """pid -> resident bytes (VmRSS) of every process in process group `pgid`."""
+    """pid -> resident bytes (RSS, VmRSS) of every process in process group `pgid`."""
     out = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
+    for proc in psutil.process_iter():
         try:
-            if os.getpgid(int(entry)) != pgid:
-                continue
-            for line in Path(f"/proc/{entry}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    out[int(entry)] = int(line.split()[1]) * 1024
-        except (OSError, ValueError):
-            continue  # the process went away meanwhile
+            if os.getpgid(proc.pid) == pgid:
+                out[proc.pid] = proc.memory_info().rss
+        except (OSError, psutil.Error):
+            continue  # the process went away meanwhile (a zombie has no memory to read)
     return out
 
 

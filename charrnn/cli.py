@@ -41,11 +41,28 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
         return text + " (default: %(default)s)"
 
 
+class VersionAction(argparse.Action):
+    """`--version`: prints `<prog> <version>` (pyproject.toml's version, charrnn.version()) and exits 0. The
+    version is read only when asked for."""
+
+    def __init__(
+        self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None
+    ):
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from charrnn import version
+
+        print(f"{parser.prog} {version()}")  # on stdout, like argparse's own version action
+        parser.exit()
+
+
 def parser(prog: str, doc: str | None, **kwargs) -> argparse.ArgumentParser:
     """The ArgumentParser of one command: `prog` as users type it ("python -m client", or the entry point's
     name, e.g. charrnn-client, when run as one); the module docstring's
     first paragraph as the description and the rest (examples, details, exit codes) as the epilog, each once;
-    every option's default shown. kwargs go to argparse.ArgumentParser (usage=, allow_abbrev=, ...).
+    every option's default shown; `--version` prints `<prog> <version>`. kwargs go to argparse.ArgumentParser
+    (usage=, allow_abbrev=, ...).
     """
     summary, _, rest = (doc or "").strip("\n").partition("\n\n")
     invoked = os.path.basename(sys.argv[0] if sys.argv else "")
@@ -54,6 +71,10 @@ def parser(prog: str, doc: str | None, **kwargs) -> argparse.ArgumentParser:
     ):  # run as an installed entry point (pyproject.toml [project.scripts])
         prog = invoked
     kwargs.setdefault("formatter_class", HelpFormatter)
-    return argparse.ArgumentParser(
+    p = argparse.ArgumentParser(
         prog=prog, description=summary or None, epilog=rest.strip("\n") or None, **kwargs
     )
+    # Every command has it, like -h; kept out of --help's usage so that the flag tables of docs/flags.md list
+    # each command's own flags (tests/test_docs.py compares them with the usage line).
+    p.add_argument("--version", action=VersionAction, help=argparse.SUPPRESS)
+    return p

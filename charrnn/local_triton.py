@@ -30,6 +30,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path, PurePosixPath
 
+import psutil
+
 from charrnn.contract import INFER_KEY_HEADER
 from charrnn.errors import UnavailableError, UserError
 from charrnn.repository import CONFIG, CPU_CONFIG_NAME, ONNX, ORT_MODELS, load_config
@@ -319,20 +321,20 @@ class LocalTriton:
         """
         stub = (self.run_dir / "backends" / "python" / "triton_python_backend_stub").resolve()
         removed = []
-        for proc in Path("/proc").glob("[0-9]*"):
-            try:
-                argv0 = (proc / "cmdline").read_bytes().split(b"\0")[0].decode()
-                ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, ValueError, IndexError):
-                continue
-            if argv0 and Path(argv0).resolve() == stub and not _is_tritonserver(ppid):
+        for proc in psutil.process_iter(["cmdline", "ppid"]):
+            argv = proc.info[
+                "cmdline"
+            ]  # None if it could not be read (gone meanwhile, or not ours)
+            if argv and Path(argv[0]).resolve() == stub and not _is_tritonserver(proc.info["ppid"]):
                 try:
-                    os.kill(int(proc.name), signal.SIGKILL)
-                    removed.append(f"stub pid {proc.name}")
+                    os.kill(proc.pid, signal.SIGKILL)
+                    removed.append(f"stub pid {proc.pid}")
                 except ProcessLookupError:
                     pass
         regions = list(Path("/dev/shm").glob(self.shm_prefix + "*"))
         if regions:
+            # /proc/<pid>/maps by hand: psutil's memory_maps() parses smaps (every mapping's sizes), about 20
+            # times slower over all processes, for the paths alone.
             mapped = set()
             for maps in Path("/proc").glob("[0-9]*/maps"):
                 try:
@@ -546,10 +548,12 @@ class LocalTriton:
         self.stop()
 
 
-# --- processes, as /proc sees them ---------------------------------------------------------------------
+# --- processes (psutil; the start time in clock ticks from /proc/<pid>/stat) -------------------------------
 def proc_stat(pid: int) -> tuple[str, int, int, int] | None:
     """(state, ppid, process group, start time in clock ticks) of `pid` from /proc/<pid>/stat; None if there is
-    no such process. State Z: a zombie, dead but not yet reaped by its parent."""
+    no such process. State Z: a zombie, dead but not yet reaped by its parent. Read by hand because the start
+    time in ticks since boot is the exact identity the PID file records (`serve.local`); psutil offers it only
+    as seconds since the epoch (create_time: ticks plus a boot time that moves with the clock)."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         return fields[0], int(fields[1]), int(fields[2]), int(fields[19])
@@ -560,32 +564,38 @@ def proc_stat(pid: int) -> tuple[str, int, int, int] | None:
 def process_state(pid: int, start_time: int | None = None) -> str:
     """What became of `pid`: running; zombie (dead, its parent has not reaped it); exited (gone); or reused
     (the pid is another process now: its start time is not `start_time`)."""
-    stat = proc_stat(pid)
-    if stat is None:
+    try:
+        status = psutil.Process(pid).status()
+    except psutil.NoSuchProcess:
         return "exited"
-    if start_time is not None and stat[3] != start_time:
-        return "reused"
-    return "zombie" if stat[0] == "Z" else "running"
+    if start_time is not None:
+        stat = proc_stat(pid)
+        if stat is None:
+            return "exited"
+        if stat[3] != start_time:
+            return "reused"
+    return "zombie" if status == psutil.STATUS_ZOMBIE else "running"
 
 
 def group_members(pgid: int) -> list[int]:
     """The live (not zombie) processes of process group `pgid`."""
     members = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            stat = proc_stat(int(entry))
-            if stat is not None and stat[2] == pgid and stat[0] != "Z":
-                members.append(int(entry))
+    for proc in psutil.process_iter(["status"]):
+        try:
+            if os.getpgid(proc.pid) == pgid and proc.info["status"] != psutil.STATUS_ZOMBIE:
+                members.append(proc.pid)
+        except OSError:
+            continue  # gone meanwhile
     return members
 
 
 def _is_tritonserver(pid: int) -> bool:
     """A live tritonserver (a zombie one is dead: its stubs must not count it as their server)."""
     try:
-        comm = Path(f"/proc/{pid}/comm").read_text().strip()
-    except OSError:
+        proc = psutil.Process(pid)
+        return proc.name() == "tritonserver" and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:  # gone (or not ours to read)
         return False
-    return comm == "tritonserver" and process_state(pid) == "running"
 
 
 def group_alive(pgid: int) -> bool:

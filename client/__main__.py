@@ -1,7 +1,9 @@
 """Generate text through a Triton server (`python -m client`).
 
     python -m client --prompt "ROMEO:" --length 500                    # local server from `make serve`
-    python -m client --url 127.0.0.1:8001 --model charrnn_trt --greedy
+    python -m client -u 127.0.0.1:8001 -m charrnn_trt --greedy
+    python -m client -u http://127.0.0.1:8000 --seed 1                 # HTTP (needs $TRITON_INFER_KEY)
+    python -m client -u triton.example:8001 --ssl --root-certificates ca.pem -H "x-team:nlp"
     python -m client --num-sequences 8 --seed 1 --temperature 0.8       # 8 sequences on one gRPC stream
     python -m client --chunk 32 --seed 1                               # 32 characters per request (server samples)
 
@@ -15,9 +17,12 @@ Restart-safe: the text generated so far is kept here. If the server goes away or
 client reconnects (up to --retries times, waiting --retry-delay, doubling, at most --retry-max-wait in all),
 re-primes a new sequence with prompt + generated text and continues: with --greedy or a --seed the final
 text equals an uninterrupted run. If it gives up, what was generated so far is printed to stdout first.
-HTTP inference needs the server's inference key in $TRITON_INFER_KEY (gRPC needs none).
-Exit codes: 0 ok, 1 --expect mismatch, 2 bad input, 3 server unreachable / model not ready / server error
-(after the retries), 130 interrupted (the sequences are ended on the server first).
+HTTP inference needs the server's inference key in $TRITON_INFER_KEY or -H infer-key:KEY (gRPC needs none).
+TLS (--ssl and the PEM files) is for gRPC only: for HTTPS, put a TLS-terminating proxy in front.
+Every flag is checked before connecting; --top-k's upper bound (the vocabulary size) right after.
+Exit codes: 0 ok, 1 --expect mismatch, 2 bad input (flags, prompt, a model the server does not have,
+tritonclient not installed), 3 server unreachable / model not ready / server error (after the retries),
+130 interrupted (the sequences are ended on the server first).
 """
 
 from __future__ import annotations
@@ -36,12 +41,54 @@ from charrnn.sampling import add_sampling_flags, sampling_params
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = parser("python -m client", __doc__)
     g = p.add_argument_group("server")
-    g.add_argument("--url", default="127.0.0.1:8001", help="host:port (gRPC 8001, HTTP 8000)")
     g.add_argument(
+        "-u",
+        "--url",
+        default=None,
+        help="host:port, or grpc://host:port / http://host:port (the scheme sets the protocol); "
+        "default 127.0.0.1:8001 (gRPC), 127.0.0.1:8000 with -i http",
+    )
+    g.add_argument(
+        "-i",
         "--protocol",
-        default="grpc",
+        default=None,
         choices=["grpc", "http"],
-        help="grpc: one bidirectional stream for all sequences; http: one request at a time each",
+        help="grpc: one bidirectional stream for all sequences; http: one request at a time each "
+        "(default: the --url scheme's, else grpc)",
+    )
+    g.add_argument(
+        "-H",
+        "--header",
+        action="append",
+        default=[],
+        metavar="NAME:VALUE",
+        help="a header sent with every request (gRPC: on the stream and each call); repeatable",
+    )
+    g.add_argument(
+        "--client-timeout",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="timeout for connecting and for each non-streaming call",
+    )
+    g.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="tritonclient's verbose output and the client's progress, on stderr",
+    )
+    t = p.add_argument_group("TLS (gRPC only; --ssl with HTTP is an error)")
+    t.add_argument("--ssl", action="store_true", help="connect over TLS")
+    t.add_argument(
+        "--root-certificates",
+        metavar="FILE",
+        help="PEM: the CAs to trust (default: the system's)",
+    )
+    t.add_argument("--private-key", metavar="FILE", help="PEM: the client's key (mutual TLS)")
+    t.add_argument(
+        "--certificate-chain",
+        metavar="FILE",
+        help="PEM: the client's certificate chain (mutual TLS)",
     )
     g.add_argument(
         "--shards",
@@ -52,6 +99,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "routed by its own key; with HTTP, any K > 1 routes each sequence by its key",
     )
     g.add_argument(
+        "-m",
         "--model",
         default=None,
         help=f"model to use (default: the first ready of {', '.join(names(graph=STEP))}; with "
@@ -94,7 +142,40 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="exit 1 unless the generated text (of sequence 0) equals this",
     )
     g.add_argument("--quiet", action="store_true", help="print only the final texts")
-    args = p.parse_args(argv)
+    return check_args(p.parse_args(argv))
+
+
+def check_args(args: argparse.Namespace) -> argparse.Namespace:
+    """Every check that needs no server, in one place, before anything connects (exit 2): after connecting
+    only --top-k's upper bound (the vocabulary size) and the model remain. Resolves --url/--protocol.
+    """
+    from .connection import check_tls_files, parse_headers, parse_url
+    from .generate import RetryPolicy, check_plan
+
+    args.url, args.protocol = parse_url(args.url, args.protocol)
+    args.headers = parse_headers(args.header)
+    tls = [args.root_certificates, args.private_key, args.certificate_chain]
+    if (args.ssl or any(f is not None for f in tls)) and args.protocol != "grpc":
+        raise UserError(
+            "--ssl",
+            "TLS is supported over gRPC only",
+            "use -i grpc, or put a TLS-terminating proxy in front of HTTP",
+        )
+    if any(f is not None for f in tls) and not args.ssl:
+        raise UserError(
+            "--ssl", "is needed with --root-certificates / --private-key / --certificate-chain"
+        )
+    check_tls_files(
+        root_certificates=args.root_certificates,
+        private_key=args.private_key,
+        certificate_chain=args.certificate_chain,
+    )
+    if not args.client_timeout > 0:
+        raise UserError("--client-timeout", f"must be > 0 seconds, got {args.client_timeout}")
+    if not 1 <= args.shards <= 64:
+        raise UserError(
+            "--shards", f"must be in 1..64, got {args.shards}", "2 per replica behind the proxy"
+        )
     if args.length < 1:
         raise UserError("--length", f"must be >= 1, got {args.length}")
     if not args.prompt:
@@ -106,15 +187,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             f"instance), got {args.num_sequences}",
             "run several clients one after another",
         )
-    from .generate import RetryPolicy, check_chunk
-
-    check_chunk(args.chunk)
-    if args.chunk is not None and args.protocol != "grpc":
-        raise UserError(
-            "--chunk",
-            "needs gRPC (one stream for every sequence; streaming responses)",
-            "use --protocol grpc and the gRPC port (8001)",
-        )
+    base = sampling_params(args)
+    replace(base, top_k=0).validate(1)  # all but top-k's upper bound (the vocabulary size)
+    if base.top_k < 0:
+        raise UserError("top-k", f"must be >= 0, got {base.top_k}", "0 disables it")
+    check_plan(args.chunk, args.protocol, base)
     args.retry = RetryPolicy(
         retries=args.retries, delay=args.retry_delay, max_wait=args.retry_max_wait
     ).validate()
@@ -122,13 +199,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def print_texts(
-    seqs, vocab, model: str, args, params, stream_one: bool, partial: bool = False
+    seqs, vocab, model: str, args, params, stream_one: bool, partial: bool = False, out=None
 ) -> list[str]:
     """The final texts on stdout (a streamed single sequence is already there: end its line)."""
+    out = out or sys.stdout
     texts = [vocab.decode(s.generated) for s in seqs]
     if stream_one:
-        sys.stdout.write("\n")
-        sys.stdout.flush()
+        out.write("\n")
+        out.flush()
         return texts
     for seq, text in zip(seqs, texts):
         note = (
@@ -137,24 +215,56 @@ def print_texts(
             else ""
         )
         print(
-            f"=== sequence {seq.index} ({model}, seed {params[seq.index].seed}{note}) ===\n{args.prompt}{text}\n"
+            f"=== sequence {seq.index} ({model}, seed {params[seq.index].seed}{note}) ===\n{args.prompt}{text}\n",
+            file=out,
         )
-    sys.stdout.flush()
+    out.flush()
     return texts
 
 
 @cli
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    base = sampling_params(args)
-    replace(base, top_k=0).validate(1)  # all but top-k (it needs the vocabulary) before connecting
+    from .connection import import_tritonclient
+
+    import_tritonclient(args.protocol)  # not installed: exit 2, naming the extra
+    out = sys.stdout  # the text; with --verbose, tritonclient's prints (to stdout) go to stderr
+    if args.verbose:
+        sys.stdout = sys.stderr
+    try:
+        return run(args, out)
+    finally:
+        sys.stdout = out
+
+
+def run(args: argparse.Namespace, out) -> int:
+    """Connect, pick the model, generate; the text goes to `out`."""
     from .connection import Connection
     from .generate import GenerationFailed, generate
 
-    conn = Connection(args.url, args.protocol, shards=args.shards)
+    base = sampling_params(args)
+
+    def note(message: str) -> None:
+        if args.verbose:
+            print(f"client: {message}", file=sys.stderr, flush=True)
+
+    note(f"connecting to {args.protocol}://{args.url}{' (TLS)' if args.ssl else ''}")
+    conn = Connection(
+        args.url,
+        args.protocol,
+        timeout=args.client_timeout,
+        shards=args.shards,
+        ssl=args.ssl,
+        root_certificates=args.root_certificates,
+        private_key=args.private_key,
+        certificate_chain=args.certificate_chain,
+        headers=args.headers,
+        verbose=args.verbose,
+    )
     try:
         model = conn.pick_model(args.model, STEP if args.chunk is None else GEN)
         vocab = conn.vocabulary(model)
+        note(f"model {model}: ready, vocabulary of {len(vocab)} characters")
         params = [base.validate(len(vocab))]
         params += [
             replace(base, seed=None if base.seed is None else base.seed + i)
@@ -162,15 +272,15 @@ def main(argv: list[str] | None = None) -> int:
         ]
         stream_one = args.num_sequences == 1 and not args.quiet
         if stream_one:
-            sys.stdout.write(args.prompt)
-            sys.stdout.flush()
+            out.write(args.prompt)
+            out.flush()
 
         mid_line = [False]  # a streamed line of text is open on stdout
 
         def on_text(index: int, text: str) -> None:
             if stream_one:
-                sys.stdout.write(text)
-                sys.stdout.flush()
+                out.write(text)
+                out.flush()
                 mid_line[0] = True
 
         def on_retry(message: str) -> None:  # on stderr, on a line of its own
@@ -191,11 +301,11 @@ def main(argv: list[str] | None = None) -> int:
                 on_retry=on_retry,
             )
         except GenerationFailed as e:  # nothing lost: print what was generated before giving up
-            print_texts(e.sequences, vocab, model, args, params, stream_one, partial=True)
+            print_texts(e.sequences, vocab, model, args, params, stream_one, True, out)
             raise
     finally:
         conn.close()
-    texts = print_texts(seqs, vocab, model, args, params, stream_one)
+    texts = print_texts(seqs, vocab, model, args, params, stream_one, out=out)
     per = f", {args.chunk} per request, {sum(s.sent for s in seqs)} requests" if args.chunk else ""
     print(
         f"[{model} via {args.protocol}://{conn.url}: {args.num_sequences} x {args.length} characters{per}]",

@@ -11,12 +11,18 @@ Behind a proxy in front of several replicas (`shards` > 1; compose profile `scal
 shard, each with its own routing header (ROUTING_HEADER, hashed by the proxy, so a stream and every sequence on
 it stay on one replica), and a broken stream is reopened alone (`reopen(shard)`); HTTP sends each sequence's
 key in that header on every request.
+
+TLS (gRPC only): ssl=True with root_certificates / private_key / certificate_chain (PEM files), as tritonclient.grpc
+takes them. headers: sent with every request (gRPC: on each stream and each call; HTTP: on each request), under
+our own (the routing header; the inference key from $TRITON_INFER_KEY unless headers carry one). timeout: seconds
+for connecting and for every non-streaming call.
 """
 
 from __future__ import annotations
 
 import os
 import queue
+import re
 import secrets
 import time
 from typing import NamedTuple
@@ -47,31 +53,160 @@ class Answer(NamedTuple):
     )
 
 
+PROTOCOLS = ("grpc", "http")
+DEFAULT_PORTS = {"grpc": 8001, "http": 8000}
+# An HTTP header name (RFC 9110 token); gRPC metadata takes the same names, lower-cased.
+_HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+
+
+def parse_url(url: str | None, protocol: str | None = None) -> tuple[str, str]:
+    """(host:port, protocol) from --url and --protocol: a grpc:// or http:// scheme sets the protocol (one that
+    contradicts an explicit protocol is an error); no url: 127.0.0.1 on the protocol's default port.
+    """
+    if protocol is not None and protocol not in PROTOCOLS:
+        raise UserError("--protocol", f"must be grpc or http, got {protocol!r}")
+    if url is None:
+        protocol = protocol or "grpc"
+        return f"127.0.0.1:{DEFAULT_PORTS[protocol]}", protocol
+    address = url
+    if "://" in url:
+        scheme, address = url.split("://", 1)
+        if scheme.lower() not in PROTOCOLS:
+            raise UserError(
+                "--url",
+                f"unknown scheme {scheme + '://'!r} in {url!r}",
+                "use grpc://host:port or http://host:port; for TLS, --ssl (gRPC only)",
+            )
+        scheme = scheme.lower()
+        if protocol is not None and protocol != scheme:
+            raise UserError(
+                "--url",
+                f"{url!r} says {scheme}, but --protocol says {protocol}",
+                "drop one of them, or make them agree",
+            )
+        protocol = scheme
+    protocol = protocol or "grpc"
+    host, _, port = address.rpartition(":")
+    if not host or "/" in address or not port:
+        raise UserError(
+            "--url",
+            f"expected host:port, got {url!r}",
+            f"e.g. 127.0.0.1:{DEFAULT_PORTS[protocol]} for {protocol}",
+        )
+    if not (port.isdigit() and 1 <= int(port) <= 65535):
+        raise UserError("--url", f"port {port!r} of {url!r} is not a number in 1..65535")
+    return address, protocol
+
+
+def parse_headers(specs: list[str] | None) -> dict[str, str]:
+    """{name: value} from "Name:Value" strings (-H/--header); names lower-cased (gRPC metadata must be)."""
+    out = {}
+    for spec in specs or ():
+        name, sep, value = spec.partition(":")
+        name, value = name.strip().lower(), value.strip()
+        if not sep or not _HEADER_NAME.match(name):
+            raise UserError(
+                "--header", f"expected Name:Value, got {spec!r}", "e.g. -H 'x-request-tag:demo'"
+            )
+        if name.startswith("grpc-"):
+            raise UserError("--header", f"{spec!r}: names starting with grpc- are gRPC's own")
+        if not (value.isprintable() and value.isascii()):
+            raise UserError("--header", f"{spec!r}: the value must be printable ASCII")
+        out[name] = value
+    return out
+
+
+def check_tls_files(**files: str | None) -> None:
+    """Each PEM file named by a TLS flag (keyword: the flag's name with _) exists and is readable."""
+    for flag, path in files.items():
+        if path is None:
+            continue
+        try:
+            with open(path, "rb") as f:
+                f.read(1)
+        except OSError as e:
+            raise UserError(
+                "--" + flag.replace("_", "-"), f"cannot read {path!r} ({e.strerror or e})"
+            ) from e
+
+
+def import_tritonclient(protocol: str):
+    """tritonclient.grpc or tritonclient.http; not installed: a UserError naming the extra to install."""
+    try:
+        if protocol == "grpc":
+            import tritonclient.grpc as tc
+        else:
+            import tritonclient.http as tc
+    except ImportError as e:
+        raise UserError(
+            "tritonclient",
+            f"not installed, or incomplete for {protocol} ({short(e)})",
+            'install the client extra: pip install "charrnn-triton[client]"',
+        ) from e
+    return tc
+
+
 class Connection:
     def __init__(
         self,
         url: str,
-        protocol: str = "grpc",
+        protocol: str | None = None,
         timeout: float = 10.0,
         infer_key: str | None = None,
         shards: int = 1,
+        *,
+        ssl: bool = False,
+        root_certificates: str | None = None,
+        private_key: str | None = None,
+        certificate_chain: str | None = None,
+        headers: dict[str, str] | None = None,
+        verbose: bool = False,
     ) -> None:
-        """infer_key: the server's HTTP inference key (default $TRITON_INFER_KEY); gRPC needs none.
-        shards: gRPC streams, each with its own routing header (> 1 only behind a proxy: at least 2 per replica).
+        """url: host:port, or grpc://host:port / http://host:port (the scheme must agree with `protocol`;
+        protocol None: the scheme's, else gRPC). infer_key: the server's HTTP inference key (default
+        $TRITON_INFER_KEY, or an infer-key in `headers`); gRPC needs none. shards: gRPC streams, each with its
+        own routing header (> 1 only behind a proxy: at least 2 per replica). ssl, root_certificates,
+        private_key, certificate_chain: gRPC over TLS (PEM file paths). headers: {name: value} sent with every
+        request. timeout: seconds, connecting and each non-streaming call. verbose: tritonclient's verbose.
         """
         if not 1 <= shards <= 64:
             raise UserError(
                 "--shards", f"must be in 1..64, got {shards}", "2 per replica behind the proxy"
             )
-        if protocol not in ("grpc", "http"):
-            raise UserError("--protocol", f"must be grpc or http, got {protocol!r}")
-        if not url or "/" in url.split("://")[-1] or ":" not in url.split("://")[-1]:
+        self.url, self.protocol = parse_url(url, protocol)
+        if not timeout > 0:
+            raise UserError("--client-timeout", f"must be > 0 seconds, got {timeout}")
+        self.timeout = timeout
+        tls = any(x is not None for x in (root_certificates, private_key, certificate_chain))
+        if (ssl or tls) and self.protocol != "grpc":
             raise UserError(
-                "--url", f"expected host:port, got {url!r}", "e.g. 127.0.0.1:8001 for gRPC"
+                "--ssl",
+                "TLS is supported over gRPC only",
+                "use --protocol grpc, or put a TLS-terminating proxy in front of HTTP",
             )
-        self.url, self.protocol, self.timeout = url.split("://")[-1], protocol, timeout
+        if tls and not ssl:
+            raise UserError(
+                "--ssl",
+                "is needed with --root-certificates / --private-key / --certificate-chain",
+            )
+        check_tls_files(
+            root_certificates=root_certificates,
+            private_key=private_key,
+            certificate_chain=certificate_chain,
+        )
+        self.ssl = dict(
+            ssl=ssl,
+            root_certificates=root_certificates,
+            private_key=private_key,
+            certificate_chain=certificate_chain,
+        )
+        self.verbose = verbose
+        self.user_headers = {k.lower(): v for k, v in (headers or {}).items()}
         key = infer_key if infer_key is not None else os.environ.get(INFER_KEY_ENV)
-        self.headers = {INFER_KEY_HEADER: key} if key and protocol == "http" else None
+        http_key = {INFER_KEY_HEADER: key} if key and self.protocol == "http" else {}
+        # every request's headers: the inference key (HTTP), then the user's (which may carry the key)
+        self.headers = {**http_key, **self.user_headers} or None
+        protocol = self.protocol
         self.shards = shards if protocol == "grpc" else 1
         self.routed = (
             shards > 1
@@ -92,29 +227,41 @@ class Connection:
         """The client for everything but inference (model readiness, configs)."""
         return self.clients[0]
 
+    def _call(self) -> dict:
+        """Keyword arguments of every non-streaming call: the headers, and (gRPC) the timeout."""
+        kw = {"headers": self.headers}
+        if self.protocol == "grpc":
+            kw["client_timeout"] = self.timeout
+        return kw
+
     def _open(self, shard: int) -> None:
         """Create the shard's tritonclient client and check the server is live (UnavailableError if not)."""
         protocol, timeout = self.protocol, self.timeout
+        tc = import_tritonclient(protocol)  # not installed: a UserError (exit 2), not an outage
         try:
             if protocol == "grpc":
-                import tritonclient.grpc as tc
-
-                client = tc.InferenceServerClient(self.url)
+                client = tc.InferenceServerClient(self.url, verbose=self.verbose, **self.ssl)
             else:
-                import tritonclient.http as tc
-
                 client = tc.InferenceServerClient(
-                    self.url, connection_timeout=timeout, network_timeout=timeout
+                    self.url,
+                    verbose=self.verbose,
+                    connection_timeout=timeout,
+                    network_timeout=timeout,
                 )
             self.tc, self.clients[shard] = tc, client
-            live = client.is_server_live()
+            live = client.is_server_live(**self._call())
         except (
             Exception
         ) as e:  # tritonclient raises InferenceServerException, gRPC/geventhttp errors, ...
+            if "restricted" in str(e):  # a header the server requires is missing or wrong
+                raise UserError(
+                    f"server {self.url}", f"refused the connection ({short(e)})", "pass it with -H"
+                ) from e
             raise UnavailableError(
                 f"server {self.url}",
-                f"unreachable over {protocol} ({short(e)})",
-                "start it with `make serve`, or pass --url/--protocol",
+                f"unreachable over {protocol}{' with TLS' if self.ssl['ssl'] else ''} ({short(e)})",
+                "start it with `make serve`, or pass --url/--protocol"
+                + (" and the right --root-certificates" if self.ssl["ssl"] else ""),
             ) from e
         if not live:
             raise UnavailableError(f"server {self.url}", "not live", "check the server log")
@@ -153,11 +300,46 @@ class Connection:
     # --- model and vocabulary ---------------------------------------------------------------------
     def config(self, model: str) -> dict:
         config = (
-            self.client.get_model_config(model, as_json=True)
+            self.client.get_model_config(model, as_json=True, **self._call())
             if self.protocol == "grpc"
-            else self.client.get_model_config(model)
+            else self.client.get_model_config(model, **self._call())
         )
         return config.get("config", config)
+
+    def exists(self, model: str) -> bool:
+        """Whether the server has `model` in its repository, ready or not. Triton 2.51 answers the metadata of a
+        model it does not have "Request for unknown model: '<name>' is not found", of one that failed to load or
+        is loading "... has no available versions" (gRPC NOT_FOUND / HTTP 404 both times)."""
+        try:
+            self.client.get_model_metadata(model, **self._call())
+            return True
+        except Exception as e:
+            if "is not found" in str(e):
+                return False
+            if "no available versions" in str(e):
+                return True
+            raise
+
+    def served_models(self) -> list[str]:
+        """The ready models of the server: its repository index (an admin API, often restricted: then pass
+        the admin key with -H), else the ready ones of this project's models."""
+        try:
+            index = (
+                self.client.get_model_repository_index(as_json=True, **self._call())
+                if self.protocol == "grpc"
+                else self.client.get_model_repository_index(**self._call())
+            )
+            models = index.get("models", []) if isinstance(index, dict) else index
+            return sorted({m["name"] for m in models if m.get("state", "READY") == "READY"})
+        except Exception:  # restricted, or an older server
+            ready = []
+            for name in names():
+                try:
+                    if self.client.is_model_ready(name, **self._call()):
+                        ready.append(name)
+                except Exception:
+                    pass
+            return ready
 
     def pick_model(self, requested: str | None, graph: str = STEP) -> str:
         """The requested model if ready, else the first ready of the served models of `graph` (STEP: the client
@@ -166,7 +348,7 @@ class Connection:
         candidates = [requested] if requested else list(names(graph=graph))
         for name in candidates:
             try:
-                if not self.client.is_model_ready(name):
+                if not self.client.is_model_ready(name, **self._call()):
                     continue
                 is_gen = NOISE in {i["name"] for i in self.config(name).get("input", [])}
             except Exception:  # a model that does not exist answers with an error
@@ -179,6 +361,26 @@ class Connection:
                 )
             return name
         what = f"model {requested}" if requested else "models " + ", ".join(candidates)
+        try:
+            known = [name for name in candidates if self.exists(name)]
+        except Exception:  # cannot tell: the server is going away, say "not ready" as before
+            known = candidates
+        if not known:  # not an outage: the server does not have it
+            ready = self.served_models()
+            raise UserError(
+                "--model" if requested else what,
+                (
+                    f"{requested} is not served by {self.url}"
+                    if requested
+                    else f"none of them is served by {self.url}"
+                ),
+                (
+                    f"it serves {', '.join(ready)}"
+                    if ready
+                    else "no model of this project is ready there"
+                )
+                + ("; with --chunk, a charrnn_gen_* model" if graph == GEN else ""),
+            )
         raise UnavailableError(
             what, f"not ready on {self.url}", "check `make serve` / the server log, or --model"
         )
@@ -223,12 +425,14 @@ class Connection:
         if self.protocol == "grpc":
             if not self._streaming[shard]:
                 generation = self._generation[shard]
-                headers = {ROUTING_HEADER: self.shard_keys[shard]} if self.routed else None
+                headers = dict(self.headers or {})
+                if self.routed:
+                    headers[ROUTING_HEADER] = self.shard_keys[shard]
                 self.clients[shard].start_stream(
                     callback=lambda result, error: self._stream_callback(
                         shard, generation, result, error
                     ),
-                    headers=headers,
+                    headers=headers or None,
                 )
                 self._streaming[shard] = True
             self.clients[shard].async_stream_infer(model, tensors, **kw)

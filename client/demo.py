@@ -12,10 +12,12 @@ Exit codes: those of `python -m client` (0 ok, 2 bad input, 3 server problems).
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 
 from charrnn.cli import parser
+from charrnn.contract import INFER_KEY_ENV
 from charrnn.errors import UserError, cli
 from charrnn.repository import BY_NAME, DECOUPLED_MODELS, GEN_ONNX, LOCAL_MODELS, ONNX
 
@@ -62,7 +64,10 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         client_argv = argv if flags.model else ["--model", model, *argv]
-        rc = client_main(["--url", server.grpc_url, *client_argv])
+        url = server.http_url if flags.protocol == "http" else server.grpc_url
+        if flags.protocol == "http":  # the local server's inference key, unless -H carries one
+            os.environ.setdefault(INFER_KEY_ENV, server.infer_key)
+        rc = client_main(["--url", url, *client_argv])
     print(
         f"server stopped. {'Generated' if rc == 0 else 'Tried'} through {model} on "
         f"{BACKENDS[BY_NAME[model].backend]}.",

@@ -1,6 +1,7 @@
 """The raw protocol in one page: a stateful sequence on charrnn_onnx (Triton keeps its state) with tritonclient alone.
 
     python -m client.example [--url 127.0.0.1:8001]      # against `make serve`; prints PASS or exits 1
+                                                         # (exit 3: server unreachable or model not ready)
 
 A sequence is a correlation id: the first request carries sequence_start, the last sequence_end, and the server
 keeps the recurrent state in between. Each request sends INPUT_IDS (1, T) and gets LOGITS (1, V) for the next
@@ -15,6 +16,7 @@ import sys
 
 import numpy as np
 import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
 
 from charrnn.repository import (
     ONNX as MODEL,  # the one thing taken from the project: the model's name
@@ -42,9 +44,21 @@ def main() -> int:
     p = argparse.ArgumentParser(
         prog="python -m client.example", description=__doc__.splitlines()[0]
     )
-    p.add_argument("--url", default="127.0.0.1:8001", help="Triton's gRPC address")
+    p.add_argument("-u", "--url", default="127.0.0.1:8001", help="Triton's gRPC address")
     args = p.parse_args()
     client = grpcclient.InferenceServerClient(args.url)
+    try:
+        return check(client)
+    except (
+        InferenceServerException
+    ) as e:  # server down, model not loaded, ...: a message, not a traceback
+        print(
+            f"error: server {args.url}: {e.message()} (start it with `make serve`)", file=sys.stderr
+        )
+        return 3
+
+
+def check(client) -> int:
     config = client.get_model_config(MODEL, as_json=True)["config"]
     chars = json.loads(config["parameters"]["vocab_json"]["string_value"])[
         "chars"

@@ -202,6 +202,26 @@ def check_chunk(chunk: int | None) -> int:
     return chunk
 
 
+def check_plan(chunk: int | None, protocol: str, params: SamplingParams) -> None:
+    """What --chunk allows, checked before connecting: K in 1..MAX_K, gRPC, and no top-p (the server samples
+    with temperature and top-k only)."""
+    check_chunk(chunk)
+    if chunk is None:
+        return
+    if protocol != "grpc":
+        raise UserError(
+            "--chunk",
+            "needs gRPC (one stream for every sequence; streaming responses)",
+            "use --protocol grpc and the gRPC port (8001)",
+        )
+    if not params.greedy and params.top_p < 1.0:
+        raise UserError(
+            "--top-p",
+            "is not available with --chunk (the server samples with temperature and top-k only)",
+            "drop --top-p, or generate per character without --chunk",
+        )
+
+
 def inputs_of(seq: Sequence, req: Request, generation: bool) -> dict[str, np.ndarray]:
     """The request's tensors (batch dim 1). A generation model also gets K noise rows, the temperature and
     top-k; prompt chunks before the last one and greedy sequences use no row of the noise stream."""
@@ -296,22 +316,10 @@ def generate(
     if not prompts or any(not p for p in prompts):
         raise UserError("prompt", "is empty", "give at least one character")
     generation, k = chunk is not None, check_chunk(chunk)
-    if generation and conn.protocol != "grpc":
-        raise UserError(
-            "--chunk",
-            "needs gRPC (one stream for every sequence; streaming responses)",
-            "use --protocol grpc and the gRPC port (8001)",
-        )
     params = [params] * len(prompts) if isinstance(params, SamplingParams) else params
     for p in params:
+        check_plan(chunk, conn.protocol, p)
         p.validate(len(vocab))
-        if generation and not p.greedy and p.top_p < 1.0:
-            raise UserError(
-                "--top-p",
-                "is not available with --chunk (the server samples with temperature and "
-                "top-k only)",
-                "drop --top-p, or generate per character without --chunk",
-            )
     retry = (retry or RetryPolicy()).validate()
     encoded = [
         vocab.encode(p) for p in prompts

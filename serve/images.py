@@ -6,8 +6,9 @@
     SLIM_BASE_IMAGE=my/python:3.11 python -m serve.images    # your own base image
 
 For each image, these steps, each skipped when its product is already there:
-  1. wheelhouse: `pip download` on the host, with the host's pip, of the image's pinned packages (pins from
-     pyproject.toml) for the image's Python and glibc, into build/wheels/<image>/. Containers here cannot reach
+  1. wheelhouse: `pip download -c constraints.txt` on the host, with the host's pip, of the image's pinned
+     packages and their pinned dependencies (constraints.txt: the exact versions of the whole closure; pyproject.toml
+     states ranges) for the image's Python and glibc, into build/wheels/<image>/. Containers here cannot reach
      PyPI; the same path serves hosts behind a proxy or an air gap. (proxy installs no Python package: none.)
   2. base image: the official one (python:3.11-slim-bookworm, python:3.13-slim-trixie, debian:bookworm-slim) if
      Docker has it or can pull it; otherwise an equivalent made from Debian's archive with mmdebstrap (as root)
@@ -31,13 +32,13 @@ compose, mmdebstrap, pip) or a source is missing or unreachable, or a step faile
 
 from __future__ import annotations
 
+import hashlib
 import os
 import platform
 import shutil
 import subprocess
 import sys
 import time
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,12 +47,13 @@ from charrnn.contract import INFER_KEY_ENV
 from charrnn.errors import UnavailableError, UserError, cli
 
 ROOT = Path(__file__).resolve().parent.parent
+CONSTRAINTS = ROOT / "constraints.txt"  # the exact pins (pyproject.toml has ranges)
 WHEELS = ROOT / "build" / "wheels"
 # serve.backend's third-party sources, staged for serve/Dockerfile.slim's builder stage (stage_backend_sources)
 BACKEND_SOURCES = ROOT / "build" / "backend-sources"
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 DEBIAN_MIRROR = "http://deb.debian.org/debian"
-PROFILES = ("slim", "perf-slim", "scale")  # the compose profiles of the images below
+PROFILES = ("slim", "perf-slim", "scale", "monitoring")  # the compose profiles of the images below
 
 
 @dataclass(frozen=True)
@@ -99,7 +101,8 @@ IMAGES = {
         "3.11",
         (2, 36),
         ("python3", "python3-venv", "libpython3.11", "passwd", "ca-certificates"),
-        packages=("numpy", "onnxruntime"),
+        # psutil: the builder stage runs serve.backend, which imports charrnn.local_triton
+        packages=("numpy", "onnxruntime", "psutil"),
         packages_no_deps=("nvidia-pytriton",),
         # The builder stage: Python 3.11 (it installs the same wheelhouse and runs `python -m serve.backend`)
         # and Debian's C/C++ toolchain, cmake (3.25) and patchelf. The official base has no compiler: the
@@ -142,6 +145,18 @@ IMAGES = {
         ("haproxy",),
         packages=(),
     ),
+    # Prometheus for the compose profile `monitoring` (serve/Dockerfile.prometheus, serve/prometheus.yml): Debian
+    # 12's package (2.42, with promtool), built like the proxy's image. No Python, no wheels.
+    "prometheus": Image(
+        "prometheus",
+        "PROMETHEUS_BASE_IMAGE",
+        "debian:bookworm-slim",
+        "bookworm",
+        None,
+        (2, 36),
+        ("prometheus",),
+        packages=(),
+    ),
 }
 
 
@@ -150,13 +165,10 @@ def log(message: str) -> None:
 
 
 def pins() -> dict[str, str]:
-    """Package name -> exact version, from pyproject.toml (dependencies and every extra): one list of pins."""
-    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    specs = list(project["dependencies"])
-    for extra in project.get("optional-dependencies", {}).values():
-        specs += extra
+    """Package name -> exact version, from constraints.txt (every package the project installs, direct or not)."""
     out = {}
-    for spec in specs:
+    for line in CONSTRAINTS.read_text().splitlines():
+        spec = line.split("#", 1)[0].strip()
         if "==" in spec:
             name, version = spec.split("==", 1)
             out[name.split("[")[0].strip().lower()] = version.split(";")[0].strip()
@@ -164,12 +176,12 @@ def pins() -> dict[str, str]:
 
 
 def pinned(names: tuple[str, ...]) -> list[str]:
-    """`name==version` for each name, as pyproject.toml pins it."""
+    """`name==version` for each name, as constraints.txt pins it."""
     table = pins()
     missing = [n for n in names if n not in table]
     if missing:
         raise UserError(
-            "pyproject.toml",
+            "constraints.txt",
             f"no exact pin (name==version) for {', '.join(missing)}",
             "pin every package an image installs",
         )
@@ -205,14 +217,20 @@ def run(args: list[str], what: str, fix: str, env: dict | None = None) -> str:
 
 def make_wheelhouse(image: Image) -> Path | None:
     """build/wheels/<service>/: the wheels to install, for the image's Python and glibc; kept when its
-    requirements file already says the same pins and platform."""
+    requirements file already says the same pins, constraints and platform."""
     requirements = pinned(image.packages) + [
         f"{r}  # --no-deps" for r in pinned(image.packages_no_deps)
     ]
     if not requirements:
         return None  # nothing to install from PyPI (proxy)
     platforms = manylinux_platforms(image.glibc)
-    stamp = "\n".join([f"# python {image.python}, {platforms[0]}", *requirements]) + "\n"
+    constraints = hashlib.sha256(CONSTRAINTS.read_bytes()).hexdigest()[:16]
+    stamp = (
+        "\n".join(
+            [f"# python {image.python}, {platforms[0]}, constraints {constraints}", *requirements]
+        )
+        + "\n"
+    )
     house = image.wheelhouse
     if (house / "requirements.txt").is_file() and (house / "requirements.txt").read_text() == stamp:
         log(f"[{image.service}] wheelhouse {house.relative_to(ROOT)}: up to date")
@@ -242,6 +260,8 @@ def make_wheelhouse(image: Image) -> Path | None:
         *[a for p in platforms for a in ("--platform", p)],
         "--dest",
         str(house),
+        "--constraint",  # dependencies too: nothing floats
+        str(CONSTRAINTS),
     ]
     fix = "check that this host reaches PyPI (or a mirror through PIP_INDEX_URL)"
     log(

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
+import psutil
 import pytest
 
 from charrnn.contract import MAX_T, Contract
@@ -439,13 +440,12 @@ def wait_for(condition, timeout: float, what: str, period: float = 0.05):
 
 def group_pids(pgid: int) -> list[int]:
     pids = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                if os.getpgid(int(entry)) == pgid:
-                    pids.append(int(entry))
-            except OSError:
-                pass
+    for pid in psutil.pids():
+        try:
+            if os.getpgid(pid) == pgid:
+                pids.append(pid)
+        except OSError:
+            pass  # gone meanwhile
     return pids
 
 
@@ -455,10 +455,10 @@ def kill_server(server) -> None:
     regions = []
     for pid in group_pids(pgid):
         try:
-            args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        except OSError:
+            args = psutil.Process(pid).cmdline()
+        except psutil.Error:
             continue
-        regions += [a.decode() for a in args if a.startswith(b"triton_python_backend_shm_region_")]
+        regions += [a for a in args if a.startswith("triton_python_backend_shm_region_")]
     os.killpg(pgid, signal.SIGKILL)
     server.process.wait(timeout=30)
     server.process = None

@@ -57,6 +57,7 @@ PROFILES = {
     "perf-slim": ["perf-slim"],
     "triton-replica": ["scale"],
     "proxy": ["scale"],
+    "prometheus": ["monitoring"],
 }
 DEFAULT_VAR = re.compile(r"\$\{[A-Z_]+:-([^}]*)\}")
 RELEASE_VAR = re.compile(r"\$\{TRITON_RELEASE(?::-([^}]*))?\}")
@@ -260,7 +261,32 @@ def test_healthcheck_shm_and_user(services, name):
     assert s["restart"] == "unless-stopped"
 
 
-@pytest.mark.parametrize("name", [*SERVER_SERVICES, "perf-slim", "proxy"])
+def test_prometheus_service(services):
+    """Prometheus (serve/Dockerfile.prometheus, profile monitoring): unprivileged, read-only root, its
+    configuration mounted read-only, its database on a named volume, its port on loopback only."""
+    s = services["prometheus"]
+    assert s["user"] == "prometheus" and s["read_only"] is True
+    assert s["build"]["dockerfile"] == "serve/Dockerfile.prometheus"
+    assert (
+        s["build"]["args"]["BASE_IMAGE"]
+        == f"${{{IMAGES['prometheus'].base_variable}:-{IMAGES['prometheus'].official_base}}}"
+    )
+    mounts = {m["target"]: m for m in bind_mounts(s)}
+    assert mounts["/etc/prometheus"]["source"] == "./serve/monitoring"
+    assert mounts["/etc/prometheus"]["read_only"] is True
+    assert mounts["/var/lib/prometheus/data"]["type"] == "volume"
+    assert s["ports"] == ["127.0.0.1:${PROMETHEUS_PORT:-9090}:9090"]
+    assert "!serve/Dockerfile.prometheus" in (ROOT / ".dockerignore").read_text().split()
+    assert s["restart"] == "unless-stopped"
+    # Every Triton service of the CPU profiles is a scrape target (found by its DNS name on port 8002).
+    config = yaml.safe_load((ROOT / "serve" / "monitoring" / "prometheus.yml").read_text())
+    (job,) = config["scrape_configs"]
+    (sd,) = job["dns_sd_configs"]
+    assert set(sd["names"]) == {"triton-slim", "triton-slim-stream", "triton-replica"}
+    assert sd["port"] == 8002
+
+
+@pytest.mark.parametrize("name", [*SERVER_SERVICES, "perf-slim", "proxy", "prometheus"])
 def test_no_capabilities_and_no_new_privileges(services, name):
     assert services[name]["cap_drop"] == ["ALL"]
     assert "no-new-privileges:true" in services[name]["security_opt"]
@@ -292,6 +318,7 @@ def test_gpu_reserved(services, name):
         "perf-slim",
         "triton-replica",
         "proxy",
+        "prometheus",
     ],
 )
 def test_no_gpu(services, name):
@@ -304,6 +331,8 @@ def test_no_gpu(services, name):
 def test_every_host_path_exists_or_is_a_served_model_folder(services):
     for name, s in services.items():
         for m in bind_mounts(s):
+            if (name, m["type"], m["source"]) == ("prometheus", "volume", "prometheus-data"):
+                continue  # Prometheus's database: the one named volume
             assert m["type"] == "bind", f"{name}: only bind mounts expected"
             rel = Path(m["source"])
             assert not rel.is_absolute(), f"{name}: {rel} must be relative to the repository"
@@ -556,7 +585,7 @@ def test_unpinned_package_is_a_clear_error():
     from serve.images import pinned
 
     with pytest.raises(
-        UserError, match=r"pyproject.toml: no exact pin \(name==version\) for no-such-package"
+        UserError, match=r"constraints.txt: no exact pin \(name==version\) for no-such-package"
     ):
         pinned(("numpy", "no-such-package"))
 
@@ -583,7 +612,7 @@ def test_images_cli_refuses_an_unknown_service(capsys):
 
     assert main(["no-such-image"]) == 2
     assert (
-        "error: SERVICE: unknown no-such-image (choose from triton-slim, perf-slim, proxy)"
+        "error: SERVICE: unknown no-such-image (choose from triton-slim, perf-slim, proxy, prometheus)"
         in capsys.readouterr().err
     )
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
+import psutil
 import pytest
 
 from charrnn.contract import STATE_IN, STATE_OUT
@@ -559,7 +560,7 @@ def test_the_images_tritonserver_adds_the_cpu_config_name_and_onnx_runtime_write
     the backend and the python models' stubs, persists nothing (ORT_DISABLE_TELEMETRY: no device id or event
     cache under ~/.cache) and the user's HOME does not exist."""
     pid = stack.server_pid(service)
-    argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")[:-1]
+    argv = psutil.Process(pid).cmdline()
     assert argv[0].endswith("/pytriton/tritonserver/bin/tritonserver"), argv
     assert argv[1] == f"--model-config-name={CPU_CONFIG_NAME}", argv
     assert argv[2:] == stack.inspect(service)["Config"]["Cmd"][1:], argv
@@ -582,10 +583,12 @@ def test_the_images_tritonserver_adds_the_cpu_config_name_and_onnx_runtime_write
 
 @pytest.mark.parametrize("service", SERVERS)
 def test_server_runs_unprivileged_with_no_capabilities(stack, service):
-    status = Path(f"/proc/{stack.server_pid(service)}/status").read_text()
+    pid = stack.server_pid(service)
+    uids = psutil.Process(pid).uids()  # real, effective, saved
+    assert all(u == 1000 for u in uids), uids
+    # psutil does not read capabilities or no_new_privs: /proc/<pid>/status
+    status = Path(f"/proc/{pid}/status").read_text()
     fields = dict(line.split(":", 1) for line in status.splitlines())
-    uids = fields["Uid"].split()
-    assert uids and all(u == "1000" for u in uids), fields["Uid"]
     assert int(fields["CapEff"], 16) == 0 and int(fields["CapBnd"], 16) == 0, (
         fields["CapEff"],
         fields["CapBnd"],

@@ -26,7 +26,7 @@ def test_every_installed_package_is_named_charrnn():
 
 def test_the_client_extra_installs_no_tensorflow():
     extras = PROJECT["project"]["optional-dependencies"]
-    assert PROJECT["project"]["dependencies"] == ["numpy==1.26.4"]
+    assert PROJECT["project"]["dependencies"] == ["numpy>=1.26,<3"]
     assert not any(d.startswith(("tensorflow", "tf2onnx", "matplotlib")) for d in extras["client"])
     assert set(extras) >= {"client", "train", "export", "serve", "bench", "all", "dev"}
 

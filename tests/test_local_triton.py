@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import psutil
 import pytest
 
 from charrnn import repository
@@ -75,15 +76,11 @@ def test_launcher_removes_its_own_leftovers_of_a_crash_and_only_its_own(shipped_
         os.kill(s.process.pid, signal.SIGKILL)  # the server alone, as a segfault would
         s.process.wait(timeout=30)
         s.process = None
-        assert all(Path(f"/proc/{pid}").exists() for pid in stubs) and all(
-            r.exists() for r in regions
-        )
+        assert all(psutil.pid_exists(pid) for pid in stubs) and all(r.exists() for r in regions)
         s2 = start_server(shipped_repo, run_dir)
         try:
             assert not any(
-                Path(f"/proc/{pid}").exists()
-                and Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
-                for pid in stubs
+                alive(pid) for pid in stubs
             ), "the crashed server's stubs are still running"
             assert not any(
                 r.exists() for r in regions
@@ -141,19 +138,22 @@ def flag(flags: list[str], name: str) -> int:
     return int(next(f for f in flags if f.startswith(f"--{name}-port=")).split("=", 1)[1])
 
 
+def alive(pid: int) -> bool:
+    """Whether `pid` is a live process: there, and not a zombie (dead, not yet reaped by its parent)."""
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
 def live_processes_of(run_dir: Path) -> list[int]:
     """Processes (zombies aside) whose command line names `run_dir`: its servers and their python stubs."""
-    from charrnn.local_triton import process_state
-
-    pids = []
-    for proc in Path("/proc").glob("[0-9]*"):
-        try:
-            cmdline = (proc / "cmdline").read_bytes()
-        except OSError:
-            continue
-        if str(run_dir).encode() + b"/" in cmdline and process_state(int(proc.name)) == "running":
-            pids.append(int(proc.name))
-    return pids
+    inside = f"{run_dir}/"
+    return [
+        proc.pid
+        for proc in psutil.process_iter(["cmdline"])
+        if any(inside in arg for arg in proc.info["cmdline"] or ()) and alive(proc.pid)
+    ]
 
 
 def recorded_pid(run_dir: Path) -> int:
@@ -259,8 +259,10 @@ def test_no_key_in_the_run_directory_and_every_file_private(shipped_repo, tmp_pa
     assert r.returncode == 0, r.stdout + r.stderr
     try:
         pid = recorded_pid(run_dir)
-        args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        keys = {a.rsplit(b"=", 1)[1] for a in args if b"admin-key=" in a or b"infer-key=" in a}
+        args = psutil.Process(pid).cmdline()
+        keys = {
+            a.rsplit("=", 1)[1].encode() for a in args if "admin-key=" in a or "infer-key=" in a
+        }
         key_file = run_dir / "infer-key"
         assert len(keys) == 2 and key_file.read_bytes().strip() in keys, keys
         checked = 0
@@ -417,7 +419,7 @@ def test_run_exits_non_zero_when_a_server_dies(shipped_repo, tmp_path):
             run.kill()
     assert run.returncode == 3, out + err
     assert f"tritonserver pid {pid} (grpc" in err and "killed by SIGKILL" in err, err
-    assert not Path(f"/proc/{pid}").exists(), "run reaps its server"
+    assert not psutil.pid_exists(pid), "run reaps its server"
     assert live_processes_of(run_dir) == [] and not (run_dir / "triton.pid").exists()
     assert not list(Path("/dev/shm").glob(LocalTriton(run_dir=run_dir).shm_prefix + "*"))
 
@@ -573,48 +575,29 @@ def test_mixed_streaming_traffic_on_split_servers_keeps_both_up(gen_server, stre
 
 
 # --- security defaults ---------------------------------------------------------------------------------
-def listening(port: int) -> list[tuple[str, int]]:
-    """(local address hex, socket inode) of LISTEN sockets on `port`, IPv4 and IPv6."""
-    found = []
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            lines = Path(table).read_text().splitlines()[1:]
-        except OSError:
-            continue
-        for line in lines:
-            fields = line.split()
-            address, state, inode = fields[1], fields[3], int(fields[9])
-            if state == "0A" and int(address.rsplit(":", 1)[1], 16) == port:
-                found.append((address.rsplit(":", 1)[0], inode))
-    return found
+def listening(port: int) -> list[tuple[str, int | None]]:
+    """(local address, pid) of every LISTEN socket on `port`, IPv4 and IPv6, whoever holds it (pid None:
+    a process we may not inspect)."""
+    return [
+        (c.laddr.ip, c.pid)
+        for c in psutil.net_connections(kind="tcp")
+        if c.status == psutil.CONN_LISTEN and c.laddr.port == port
+    ]
 
 
-def socket_inodes(pids: list[int]) -> set[int]:
-    inodes = set()
-    for pid in pids:
-        try:
-            for fd in os.listdir(f"/proc/{pid}/fd"):
-                target = os.readlink(f"/proc/{pid}/fd/{fd}")
-                if target.startswith("socket:["):
-                    inodes.add(int(target[8:-1]))
-        except OSError:
-            pass
-    return inodes
-
-
-# 127.0.0.1 in /proc/net/tcp, and in /proc/net/tcp6 as ::ffff:127.0.0.1 (gRPC's socket) or ::1.
-LOOPBACK = ("0100007F", "0000000000000000FFFF00000100007F", "00000000000000000000000001000000")
+# 127.0.0.1, and on IPv6 sockets ::ffff:127.0.0.1 (gRPC's socket) or ::1.
+LOOPBACK = ("127.0.0.1", "::ffff:127.0.0.1", "::1")
 
 
 def test_server_listens_on_loopback_only(server):
-    mine = socket_inodes(group_pids(server.process.pid))
+    mine = set(group_pids(server.process.pid))
     for port in (server.http_port, server.grpc_port, server.metrics_port):
         sockets = listening(port)
         assert sockets, f"nothing listens on port {port}"
         assert all(
             address in LOOPBACK for address, _ in sockets
         ), f"port {port} not loopback-only: {sockets}"
-        assert all(inode in mine for _, inode in sockets), f"port {port} is not the server's"
+        assert all(pid in mine for _, pid in sockets), f"port {port} is not the server's"
 
 
 def admin_clients(server):
@@ -677,10 +660,7 @@ def test_model_repository_api_needs_the_admin_key_and_control_mode_is_none(serve
     finally:
         g.close()
         h.close()
-    assert (
-        "--model-control-mode=none"
-        in Path(f"/proc/{server.process.pid}/cmdline").read_bytes().decode()
-    )
+    assert "--model-control-mode=none" in psutil.Process(server.process.pid).cmdline()
 
 
 def test_logging_api_needs_the_admin_key(server):

@@ -5,7 +5,9 @@ replicas the proxy finds all of them through Docker's DNS and checks them UP; ge
 and HTTP equals TensorFlow, on the python backend and on Triton's ONNX Runtime backend (charrnn_onnx: Triton
 keeps each sequence's state on its replica); one x-sequence-key stays on one replica while different keys
 spread over all three (counted on each replica's own /metrics); an HTTP body over the proxy's bound gets 413
-and no replica sees it.
+and no replica sees it; the proxy's request checks (docs/failures.md, "At the proxy"): JSON tensor data, shapes
+outside the contract and every caller's mistake that Triton 2.51 answers 500/501 get 400, a live sequence next to
+a refused huge shape goes on, and two misleading gRPC status codes are corrected.
 
 Needs a Docker engine and Compose v2; without them the tests skip and say why, and CHARRNN_REQUIRE_DOCKER=1 (set
 by .ci/run) turns the skip into a failure. The run is its own compose project on free loopback ports, serving a
@@ -480,6 +482,27 @@ def post(port: int, headers: dict[str, str], body: bytes) -> tuple[int, bytes]:
     return int(data.split(b" ", 2)[1]), data
 
 
+BINARY_HEADER = (
+    "Inference-Header-Content-Length"  # the binary tensor data extension (tritonclient.http)
+)
+
+
+def binary_header(
+    shape: str = "[1, 1]",
+    sequence_id: str = "7",
+    size: int = 4,
+    extra_input: str = "",
+    extra_parameters: str = "",
+) -> bytes:
+    """The JSON header of a binary request for INPUT_IDS, written by hand (tritonclient would not send these)."""
+    return (
+        '{"inputs": [{"name": "INPUT_IDS", "shape": %s, "datatype": "INT32", '
+        '"parameters": {"binary_data_size": %d}%s}], '
+        '"parameters": {"sequence_id": %s, "sequence_start": true, "sequence_end": true%s}}'
+        % (shape, size, extra_input, sequence_id, extra_parameters)
+    ).encode()
+
+
 def test_http_body_over_the_bound_gets_413_and_no_replica_sees_it(stack):
     n = BODY_LIMIT // 2 + 1000  # "7," per element: a JSON document just over 16 MiB
     body = (
@@ -512,14 +535,17 @@ def test_http_body_over_the_bound_gets_413_and_no_replica_sees_it(stack):
         b"2\r\n{}\r\n0\r\n\r\n",
     )
     assert status == 411, answer[:500]
-    # Just under the bound is forwarded: Triton answers this one itself, with its JSON error (the data is shorter
-    # than the declared shape; Triton 2.51 says 500), where the proxy's refusals are HTML or text.
-    small = body[: BODY_LIMIT - 100].rsplit(b",", 1)[0] + b"]}]}"
+    # Just under the bound is forwarded: Triton answers this one itself, with its JSON error (the binary data is
+    # longer than the declared shape: 400 "input byte size mismatch"), where the proxy's refusals are HTML or
+    # text. (Binary tensor data: the proxy refuses JSON tensor data for inference, see below.)
+    header = binary_header()
+    small = header + b"\x07" * (BODY_LIMIT - 100 - len(header))
     status, answer = post(
         stack.http_port,
         {
-            "Content-Type": "application/json",
+            "Content-Type": "application/octet-stream",
             "Content-Length": str(len(small)),
+            BINARY_HEADER: str(len(header)),
             INFER_KEY_HEADER: stack.infer_key,
         },
         small,
@@ -535,6 +561,364 @@ def test_http_body_over_the_bound_gets_413_and_no_replica_sees_it(stack):
     )
     assert all(len(a) == REPLICAS for a in up(stack.stats).values())
     step(stack, "http", 7, start=True, end=True, key="after-413")
+
+
+# --- the request checks at the proxy (serve/haproxy.cfg "Inference requests", docs/failures.md) -------------------
+def infer_raw(
+    stack: Stack,
+    body: bytes,
+    header_length: int | None = None,
+    model: str = MODEL,
+    key: str | None = None,
+    path: str | None = None,
+) -> tuple[int, str, bytes]:
+    """One keyed POST to /v2/models/<model>/infer through the proxy: (status, content type, body). With
+    `header_length`, the body is binary tensor data (that header); without, JSON."""
+    import http.client
+
+    headers = {INFER_KEY_HEADER: stack.infer_key, "Content-Type": "application/json"}
+    if header_length is not None:
+        headers[BINARY_HEADER] = str(header_length)
+        headers["Content-Type"] = "application/octet-stream"
+    if key is not None:
+        headers[ROUTING_HEADER] = key
+    c = http.client.HTTPConnection("127.0.0.1", stack.http_port, timeout=60)
+    try:
+        c.request("POST", path or f"/v2/models/{model}/infer", body=body, headers=headers)
+        r = c.getresponse()
+        return r.status, r.getheader("content-type", ""), r.read()
+    finally:
+        c.close()
+
+
+def json_request(data: list, shape: list | None = None, sequence_id=7) -> bytes:
+    return json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "INPUT_IDS",
+                    "shape": shape or [1, len(data)],
+                    "datatype": "INT32",
+                    "data": data,
+                }
+            ],
+            "parameters": {
+                "sequence_id": sequence_id,
+                "sequence_start": True,
+                "sequence_end": True,
+            },
+        }
+    ).encode()
+
+
+JSON_DATA_REFUSED = (
+    "error: HTTP inference with JSON tensor data: refused by this proxy, Triton 2.51 wraps JSON integers to 32 "
+    "bits without an error (send binary tensor data: tritonclient.http's set_data_from_numpy(binary_data=True), "
+    "the default)"
+)
+SHAPE_REFUSED = (
+    "error: HTTP inference shape: refused by this proxy, every input has 1 to 3 dims of 0..256"
+)
+
+
+def proxy_pattern(acl: str) -> str:
+    """The regular expression of `acl <name> var(txn.infer_json) -m reg '<regex>'` in serve/haproxy.cfg."""
+    text = (ROOT / "serve" / "haproxy.cfg").read_text()
+    m = re.search(rf"^\s*acl {acl}\s+var\(txn\.infer_json\) -m reg '([^']+)'$", text, re.MULTILINE)
+    assert m, f"acl {acl} not found in serve/haproxy.cfg"
+    return m.group(1)
+
+
+def test_the_proxys_shape_bound_is_the_contracts(shipped_contract_vocab):
+    """The proxy refuses a header whose "shape" is not 1..R dims of 0..D; R and D must be the contract's: the
+    highest rank of any input and its largest legitimate dim (MAX_T, MAX_K, the vocabulary, batch 1 per
+    sequence request). Fails when charrnn/contract.py's maxima move past the pattern (or it drifts above them).
+    """
+    from charrnn.contract import MAX_K, MAX_T, STATE_IN
+
+    contract, vocab = shipped_contract_vocab
+    # What clients send (STATE_IN is the graphs' own: Triton's implicit state, or the python model's).
+    rank = max(len(shape) for name, (_, shape) in contract.gen_inputs().items() if name != STATE_IN)
+    largest = max(MAX_T, MAX_K, len(vocab), 1)
+    refused = re.compile(proxy_pattern("header_shape"))
+
+    def ok(dims: str) -> bool:
+        return not refused.search(f'{{"shape": [{dims}]}}')
+
+    for r in range(1, rank + 1):
+        for d in (0, 1, 9, 10, 65, 99, 100, 199, largest - 1, largest):
+            assert ok(", ".join([str(d)] * r)), (r, d)
+        assert not ok(", ".join(["1"] * (r - 1) + [str(largest + 1)])), r
+    assert ok(f"1,{largest},{len(vocab)}") and ok(f" 1 , {MAX_T} ")  # NOISE (1, K, V); spaces
+    for bad in (
+        "",
+        ", ".join(["1"] * (rank + 1)),
+        "1, 1099511627776",
+        "-1, 1",
+        "1.0, 1",
+        "1e2",
+        '"1"',
+        "01",
+    ):
+        assert not ok(bad), bad
+    # sequence_id: an integer of at most 19 digits (all of 0..2^63 - 1) or a string; no sign, fraction, exponent
+    seq = re.compile(proxy_pattern("header_seq_bad"))
+    for good in ("7,", str(2**63 - 1) + "}", '"k:1",', str(10**19 - 1) + " ,"):
+        assert not seq.search(f'"sequence_id": {good}'), good
+    for bad in (str(2**64) + ",", "-1,", "1.5,", "true,", "1e3,", "null}", "07,"):
+        assert seq.search(f'"sequence_id": {bad}'), bad
+
+
+def test_http_json_tensor_data_gets_400_not_a_wrapped_answer(stack):
+    """Triton 2.51 answers 2^32 + 30 as id 30 (200, the logits of 30). Through the proxy: 400, the reason in
+    text, for JSON tensor data (any value) and for a binary request whose JSON header still carries "data";
+    no replica answers any of them."""
+    before = stack.requests_served()
+    for value in (2**32 + 30, -(2**32) + 30, 2**40 + 30, 30):
+        status, ctype, body = infer_raw(stack, json_request([value]))
+        assert (status, ctype) == (400, "text/plain"), (value, status, body[:300])
+        assert body.decode() == JSON_DATA_REFUSED
+    # the versioned path too
+    status, _, body = infer_raw(
+        stack, json_request([2**32 + 30]), path=f"/v2/models/{MODEL}/versions/1/infer"
+    )
+    assert status == 400 and body.decode() == JSON_DATA_REFUSED, body[:300]
+    # binary header with a JSON "data" next to binary_data_size, plainly or with the key \u-escaped
+    for extra in (', "data": [4294967326]', ', "d\\u0061ta": [4294967326]'):
+        header = binary_header(extra_input=extra)
+        status, _, body = infer_raw(stack, header + b"\x1e\0\0\0", header_length=len(header))
+        assert status == 400 and body.startswith(b"error: HTTP inference"), body[:300]
+    assert stack.requests_served() == before
+    # the same request as binary tensor data (what tritonclient.http sends) is served
+    header = binary_header()
+    status, _, body = infer_raw(stack, header + b"\x1e\0\0\0", header_length=len(header))
+    assert status == 200 and json.loads(body)["outputs"][0]["shape"] == [1, 65], body[:300]
+
+
+def test_a_huge_declared_shape_gets_400_and_a_live_sequence_next_to_it_continues(stack, shipped):
+    """`"shape": [1, 2^40], "data": [1]` aborted tritonserver 2.51 (std::bad_alloc). Sent with the routing key
+    of a live sequence (so on its replica) between two of its requests: 400 from the proxy, as JSON and as a
+    binary header, with any dim or rank outside the contract; every replica stays up, unrestarted, and the
+    sequence goes on to TensorFlow's text. The largest legitimate request (charrnn_gen_python, 256 ids,
+    NOISE 1 x 256 x 65) still passes."""
+    import tritonclient.http as th
+
+    from charrnn.contract import MAX_K, MAX_T
+
+    model, vocab = shipped
+    prompt, length = "ROMEO:\n", 40
+    want = tf_text(shipped, prompt, length, SamplingParams(greedy=True))
+    restarts = {c: stack.inspect(c)["RestartCount"] for c in stack.containers(REPLICA)}
+    key, sid = f"live-{secrets.token_hex(4)}", int.from_bytes(secrets.token_bytes(6), "big")
+    client = th.InferenceServerClient(stack.http_url)
+    headers = {ROUTING_HEADER: key, INFER_KEY_HEADER: stack.infer_key}
+
+    def feed(ids: list[int], start: bool) -> int:
+        x = th.InferInput("INPUT_IDS", [1, len(ids)], "INT32")
+        x.set_data_from_numpy(np.array([ids], np.int32))
+        r = client.infer(MODEL, [x], sequence_id=sid, sequence_start=start, headers=headers)
+        return int(np.argmax(r.as_numpy("LOGITS")[0]))
+
+    try:
+        generated = [feed([int(i) for i in vocab.encode(prompt)], start=True)]
+        for _ in range(length // 2 - 1):
+            generated.append(feed([generated[-1]], start=False))
+        huge = [
+            json_request([1], shape=[1, 2**40]),  # the reported crash: JSON, refused for its data
+        ]
+        for body in huge:
+            status, _, answer = infer_raw(stack, body, key=key)
+            assert status == 400 and answer.decode() == JSON_DATA_REFUSED, answer[:300]
+        for shape in (
+            "[1, 1099511627776]",
+            f"[1, {MAX_T + 1}]",
+            "[1, 1, 1, 1]",
+            "[-1, 1]",
+            "[1.5, 1]",
+        ):
+            header = binary_header(shape=shape)
+            status, _, answer = infer_raw(stack, header + b"\1\0\0\0", len(header), key=key)
+            assert status == 400 and answer.decode().startswith(SHAPE_REFUSED), (
+                shape,
+                answer[:300],
+            )
+        for _ in range(length - len(generated)):
+            generated.append(feed([generated[-1]], start=False))
+    finally:
+        client.close()
+    assert vocab.decode(generated) == want
+    assert {c: stack.inspect(c)["RestartCount"] for c in stack.containers(REPLICA)} == restarts
+    assert all(len(a) == REPLICAS for a in up(stack.stats).values())
+    # The largest legitimate request: 256 ids, NOISE of K = 256 rows of 65 (binary, 66 KiB), greedy.
+    gen = th.InferenceServerClient(stack.http_url)
+    inputs = []
+    for name, value in (
+        ("INPUT_IDS", np.full((1, MAX_T), 3, np.int32)),
+        ("NOISE", np.full((1, MAX_K, len(vocab)), 0.5, np.float32)),
+        ("TEMPERATURE", np.zeros((1, 1), np.float32)),
+        ("TOP_K", np.zeros((1, 1), np.int32)),
+    ):
+        x = th.InferInput(name, list(value.shape), "INT32" if value.dtype == np.int32 else "FP32")
+        x.set_data_from_numpy(value)
+        inputs.append(x)
+    try:
+        r = gen.infer(
+            "charrnn_gen_python",
+            inputs,
+            sequence_id=sid + 1,
+            sequence_start=True,
+            sequence_end=True,
+            headers={INFER_KEY_HEADER: stack.infer_key},
+        )
+        assert r.as_numpy("OUTPUT_IDS").shape == (1, MAX_K)
+    finally:
+        gen.close()
+
+
+# (name, body, header length or None for JSON, model): each a caller's mistake that Triton 2.51 answers 500/501.
+CALLER_MISTAKES = [
+    *[
+        (f"sequence_id {v}", binary_header(sequence_id=v) + b"\x1e\0\0\0", True, MODEL)
+        for v in (str(2**64), "-1", "1.5")
+    ],
+    *[
+        (f"JSON value {v}", json_request([v], shape=[1, 1]), None, MODEL)
+        for v in (30.7, "30", True, 2**64 - 1)
+    ],
+    ("JSON shape [1, 2] for 1 value", json_request([1], shape=[1, 2]), None, MODEL),
+    (
+        'sequence_start "yes"',
+        binary_header(extra_parameters=', "sequence_start": "yes"').replace(
+            b'"sequence_start": true, ', b""
+        )
+        + b"\x1e\0\0\0",
+        True,
+        MODEL,
+    ),
+    (
+        "sequence_id of 129 characters",
+        binary_header(sequence_id='"%s"' % ("a" * 129)) + b"\x1e\0\0\0",
+        True,
+        MODEL,
+    ),
+    ("header not JSON", b'{"inputs": [1}' + b"\x1e\0\0\0", True, MODEL),
+    ("id 99 to the ONNX Runtime model", binary_header() + b"\x63\0\0\0", True, ONNX),
+]
+
+
+@pytest.mark.parametrize(
+    "name,body,binary,model", CALLER_MISTAKES, ids=[c[0] for c in CALLER_MISTAKES]
+)
+def test_caller_mistakes_get_400_not_500(stack, name, body, binary, model):
+    """Refused at the proxy (text) or Triton's 500/501 answer made a 400 (Triton's JSON error kept)."""
+    header_length = len(body) - 4 if binary else None
+    status, ctype, answer = infer_raw(stack, body, header_length=header_length, model=model)
+    assert status == 400, (name, status, answer[:300])
+    text = answer.decode()
+    assert text.startswith("error: ") or json.loads(text)["error"], text
+
+
+def test_grpc_admin_call_without_key_and_a_long_string_id_get_honest_status_codes(stack):
+    """Triton 2.51 answers a gRPC admin call without the admin key with UNAVAILABLE (which clients take for a
+    server that is down) and a string sequence id over 128 characters with UNIMPLEMENTED. Both are unary
+    trailers-only answers, so the proxy rewrites their status: PERMISSION_DENIED and INVALID_ARGUMENT, the
+    message unchanged. Other errors keep their status (an unknown model: NOT_FOUND)."""
+    import tritonclient.grpc as tg
+    from tritonclient.utils import InferenceServerException
+
+    c = tg.InferenceServerClient(stack.grpc_url)
+    ids = tg.InferInput("INPUT_IDS", [1, 1], "INT32")
+    ids.set_data_from_numpy(np.array([[20]], np.int32))
+    try:
+        for call in (c.get_log_settings, c.get_model_repository_index):
+            with pytest.raises(InferenceServerException) as e:
+                call()
+            assert e.value.status() == "StatusCode.PERMISSION_DENIED", e.value
+            assert e.value.message() == (
+                "This protocol is restricted, expecting header 'triton-grpc-protocol-admin-key'"
+            )
+        with pytest.raises(InferenceServerException) as e:
+            c.infer(MODEL, [ids], sequence_id="a" * 129, sequence_start=True, sequence_end=True)
+        assert e.value.status() == "StatusCode.INVALID_ARGUMENT", e.value
+        assert e.value.message() == "string correlation ID cannot be longer than 128 characters"
+        c.infer(MODEL, [ids], sequence_id="a" * 128, sequence_start=True, sequence_end=True)
+        with pytest.raises(InferenceServerException) as e:
+            c.infer("no_such_model", [ids])
+        assert e.value.status() == "StatusCode.NOT_FOUND", e.value
+    finally:
+        c.close()
+
+
+def test_at_capacity_is_429_over_http_and_resource_exhausted_over_grpc(stack):
+    """A replica whose sequence slots are all held (one careless client's STARTs, routed there by its key): a
+    START sent with Triton's request timeout is answered "at capacity" within about a second, as 429 over HTTP and
+    RESOURCE_EXHAUSTED over unary gRPC (Triton says 503 / UNAVAILABLE, which reads as "server down"). The slots
+    are given back at the end (every held sequence ENDed), so the other tests find the replica as it was.
+    """
+    import queue
+
+    import tritonclient.grpc as tg
+    import tritonclient.http as th
+    from tritonclient.utils import InferenceServerException
+
+    from charrnn.contract import ADMISSION_TIMEOUT_US, CAPACITY_MESSAGE, MAX_SEQUENCES
+
+    key, base, answers = f"full-{secrets.token_hex(4)}", 9_300_000_000, queue.Queue()
+    ids = np.array([[30]], np.int32)
+
+    def grpc_input():
+        t = tg.InferInput("INPUT_IDS", [1, 1], "INT32")
+        t.set_data_from_numpy(ids)
+        return t
+
+    flood = tg.InferenceServerClient(stack.grpc_url)
+    flood.start_stream(
+        callback=lambda result, error: answers.put(error), headers={ROUTING_HEADER: key}
+    )
+    try:
+        for i in range(MAX_SEQUENCES):
+            flood.async_stream_infer(
+                MODEL, [grpc_input()], sequence_id=base + i, sequence_start=True
+            )
+        for _ in range(MAX_SEQUENCES):
+            assert answers.get(timeout=120) is None
+        http = th.InferenceServerClient(stack.http_url, network_timeout=60)
+        t = th.InferInput("INPUT_IDS", [1, 1], "INT32")
+        t.set_data_from_numpy(ids)
+        t0 = time.monotonic()
+        with pytest.raises(InferenceServerException) as e:
+            http.infer(
+                MODEL,
+                [t],
+                sequence_id=base - 1,
+                sequence_start=True,
+                timeout=ADMISSION_TIMEOUT_US,
+                headers={ROUTING_HEADER: key, INFER_KEY_HEADER: stack.infer_key},
+            )
+        assert e.value.status() == "429" and CAPACITY_MESSAGE in e.value.message(), e.value
+        assert time.monotonic() - t0 < 10
+        unary = tg.InferenceServerClient(stack.grpc_url)
+        with pytest.raises(InferenceServerException) as e:
+            unary.infer(
+                MODEL,
+                [grpc_input()],
+                sequence_id=base - 2,
+                sequence_start=True,
+                timeout=ADMISSION_TIMEOUT_US,
+                headers={ROUTING_HEADER: key},
+            )
+        assert e.value.status() == "StatusCode.RESOURCE_EXHAUSTED", e.value
+        assert e.value.message() == CAPACITY_MESSAGE
+    finally:
+        for i in range(MAX_SEQUENCES):  # give the slots back
+            flood.async_stream_infer(MODEL, [grpc_input()], sequence_id=base + i, sequence_end=True)
+        for _ in range(MAX_SEQUENCES):
+            answers.get(timeout=120)
+        flood.stop_stream()
+        flood.close()
+    step(
+        stack, "grpc", base - 3, start=True, end=True, key=key
+    )  # the replica takes sequences again
 
 
 def test_bench_scale_measures_direct_and_proxied_side_by_side(images, shipped_repo, tmp_path):
