@@ -35,6 +35,7 @@ CLIS = (
     "export.verify",
     "serve.local",
     "serve.backend",
+    "serve.tls",
     "serve.images",
     "client",
     "bench.bench",
