@@ -442,11 +442,18 @@ def test_the_huge_shape_abort_with_the_key_ends_run_and_its_supervisor_brings_it
     http_port = flag(cmd, "http")
 
     def supervised_run() -> subprocess.Popen:
+        key_file = run_dir / "infer-key"
+        # A crashed run's key stays behind: wait for this run's own.
+        stale = key_file.read_text() if key_file.exists() else None
         run = subprocess.Popen(
             cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
         )
+        # Ready once this run wrote its own key (after both readiness and the PID file): it then serves.
         wait_for(
-            lambda: ready() and (run_dir / "infer-key").exists() or run.poll() is not None,
+            lambda: ready()
+            and key_file.exists()
+            and key_file.read_text() != stale
+            or run.poll() is not None,
             180,
             "ready",
         )
