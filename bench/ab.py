@@ -7,7 +7,7 @@ Copies `--model` once per value into a scratch repository (`<model>_<value>`, on
 changed), serves all copies from one server and runs the same load on each copy in turn, `--rounds`
 times, so every variant sees the same machine state. Step models (charrnn_python) generate one request
 per character (client.generate); generation models (charrnn_gen_*) take K characters per request
-(bench.chunked). Prints chars/s per round and the median. This is how the rows of bench/results/ab.md
+(bench.chunked). Prints chars/s per round and the median. This is how the rows of bench/notes/ab.md
 (docs/benchmarks.md, "Performance work") were measured; the machine is noisy, so claim only what holds in every
 round.
 Exit codes: 0 ok, 2 bad input, 3 the server did not start.

@@ -92,9 +92,8 @@ def build_gen_input_data(
         stream = []
         for r in range(steps // k):
             ids = window[:prompt_length] if r == 0 else [window[prompt_length + r * k - 1]]
-            noise = rng.uniform(np.finfo(np.float32).tiny, 1.0, (k, vocab_size)).astype(
-                "<f4"
-            )  # (K, V)
+            # (K, V)
+            noise = rng.uniform(np.finfo(np.float32).tiny, 1.0, (k, vocab_size)).astype("<f4")
             stream.append(
                 {
                     INPUT_IDS: {"content": ids, "shape": [len(ids)]},

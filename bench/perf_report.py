@@ -28,9 +28,8 @@ from charrnn.repository import PYTHON, STEP_MODELS
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
-PER_CHAR_MODEL = (
-    PYTHON  # the first per-character model of the report (our client's sweep since 2026-11)
-)
+# the first per-character model of the report (our client's sweep)
+PER_CHAR_MODEL = PYTHON
 # One request per character (LOGITS back, the client samples): a table each, with our client next to it.
 PER_CHAR_MODELS = STEP_MODELS
 SERVER_TIMES = (

@@ -37,10 +37,11 @@ from charrnn.sampling import SamplingParams
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPTS = ["ROMEO:\n", "JULIET:\n", "KING HENRY VI:\nO", "First Citizen:\n"]
+# measured in every configuration; the first one's figures are the row's own
 MODELS = (
     ONNX,
     PYTHON,
-)  # measured in every configuration; the first one's figures are the row's own
+)
 CPUS_ENV = "TRITON_REPLICA_CPUS"  # docker-compose.yml: triton-replica's `cpus`
 GOALS = {2: 1.8, 3: 2.5}  # replicas -> speed-up over one capped replica direct
 
@@ -212,9 +213,8 @@ def measure(c: Compose, url: str, shards: int, sequences: int, length: int, mode
     try:
         vocab = conn.vocabulary(model)
         prompts = [PROMPTS[i % len(PROMPTS)] for i in range(sequences)]
-        generate(
-            conn, model, vocab, prompts[:shards], 20, [SamplingParams(greedy=True)] * shards
-        )  # warm-up
+        # warm-up
+        generate(conn, model, vocab, prompts[:shards], 20, [SamplingParams(greedy=True)] * shards)
         params = [SamplingParams(temperature=1.0, seed=i) for i in range(sequences)]
         service = "triton-replica" if shards > 1 else "triton-slim"
         stats0 = c.model_stats(service, model)  # outside the CPU window: docker exec runs in there

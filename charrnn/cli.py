@@ -66,15 +66,13 @@ def parser(prog: str, doc: str | None, **kwargs) -> argparse.ArgumentParser:
     """
     summary, _, rest = (doc or "").strip("\n").partition("\n\n")
     invoked = os.path.basename(sys.argv[0] if sys.argv else "")
-    if invoked.startswith(
-        "charrnn-"
-    ):  # run as an installed entry point (pyproject.toml [project.scripts])
+    # run as an installed entry point (pyproject.toml [project.scripts])
+    if invoked.startswith("charrnn-"):
         prog = invoked
     kwargs.setdefault("formatter_class", HelpFormatter)
     p = argparse.ArgumentParser(
         prog=prog, description=summary or None, epilog=rest.strip("\n") or None, **kwargs
     )
-    # Every command has it, like -h; kept out of --help's usage so that the flag tables of docs/flags.md list
-    # each command's own flags (tests/test_docs.py compares them with the usage line).
-    p.add_argument("--version", action=VersionAction, help=argparse.SUPPRESS)
+    # Every command has it, like -h; docs/flags.md says so once (tests/test_docs.py leaves both out).
+    p.add_argument("--version", action=VersionAction, help="print the version and exit")
     return p

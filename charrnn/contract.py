@@ -55,6 +55,12 @@ CAPACITY_MESSAGE = "timeout of the corresponding sequence has been expired"
 # in use would reset its owner's state. The python models refuse it with this message (charrnn.sequence_state);
 # Triton's implicit state (charrnn_onnx) resets it, so clients draw every id at random (client.generate).
 LIVE_ID_MESSAGE = "is in use: a START under a live sequence id is refused"
+# A server that restricts an API to a header (tritonserver --grpc-restricted-protocol=inference:<name>=<key>,
+# --http-restricted-api) refuses a request without it, or with a wrong value. Triton 2.51's texts: gRPC
+# "This protocol is restricted, expecting header 'triton-grpc-protocol-<name>'" (status UNAVAILABLE, which reads
+# as "server down"), HTTP 403 "This API is restricted, expecting header '<name>'". Clients match this part
+# (lower-cased) and report a caller mistake naming the header (exit 2), never an outage to retry.
+RESTRICTED_MESSAGE = "is restricted, expecting header"
 
 # HTTP inference needs this header with the server's inference key (Triton's restricted-API check, which runs
 # before the request body is read). Triton 2.51 sizes a JSON input's buffer from its declared "shape" before

@@ -135,9 +135,8 @@ class TritonPythonModel:
                 )
             for group in group_by_shape(valid):
                 k = group[0].noise.shape[1]
-                for j, ids in self.runner.steps(
-                    group
-                ):  # ids (B, 1); states stored before the last one
+                # ids (B, 1); states stored before the last one
+                for j, ids in self.runner.steps(group):
                     if j == k - 1:  # counted before the FINAL responses leave
                         self.metrics({"characters": len(group) * k})
                     for row, r in enumerate(group):

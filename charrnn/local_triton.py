@@ -90,9 +90,8 @@ def make_private(run_dir: Path, entries: tuple[str, ...] = RUN_DIR_ENTRIES) -> N
         if top.is_symlink() or not top.exists():
             continue
         paths = [top]
-        for dirpath, dirnames, filenames in os.walk(
-            top
-        ):  # never descends into a symlinked directory
+        # never descends into a symlinked directory
+        for dirpath, dirnames, filenames in os.walk(top):
             paths += [Path(dirpath, n) for n in dirnames + filenames]
         for path in paths:
             try:
@@ -296,9 +295,8 @@ class LocalTriton:
         self.ready_timeout = ready_timeout
         self.log_path = self.run_dir / "triton.log"
         self.admin_key = secrets.token_hex(16)
-        self.infer_key = infer_key or secrets.token_hex(
-            16
-        )  # HTTP inference (charrnn/contract.py INFER_KEY_HEADER)
+        # HTTP inference (charrnn/contract.py INFER_KEY_HEADER)
+        self.infer_key = infer_key or secrets.token_hex(16)
         self.process: subprocess.Popen | None = None
 
     @classmethod
@@ -322,9 +320,8 @@ class LocalTriton:
         stub = (self.run_dir / "backends" / "python" / "triton_python_backend_stub").resolve()
         removed = []
         for proc in psutil.process_iter(["cmdline", "ppid"]):
-            argv = proc.info[
-                "cmdline"
-            ]  # None if it could not be read (gone meanwhile, or not ours)
+            # None if it could not be read (gone meanwhile, or not ours)
+            argv = proc.info["cmdline"]
             if argv and Path(argv[0]).resolve() == stub and not _is_tritonserver(proc.info["ppid"]):
                 try:
                     os.kill(proc.pid, signal.SIGKILL)
@@ -433,9 +430,7 @@ class LocalTriton:
             f"--http-restricted-api=inference:{INFER_KEY_HEADER}={self.infer_key}",
             "--exit-timeout-secs=5",
             "--log-verbose=0",
-            # With the default pool (8) tritonserver 2.51 segfaults (TRITONBACKEND_RequestInput, in the
-            # python backend's execute) once more than ~32 sequences stream requests at once; measured:
-            # crashes at 40/48/63/64 concurrent sequences within seconds, none with this setting.
+            # the default pool crashes 2.51 past ~32 streaming sequences (docs/failures.md, allocation pool)
             f"--grpc-infer-allocation-pool-size={GRPC_ALLOCATION_POOL}",
             *self.extra_args,
         ]

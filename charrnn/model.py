@@ -67,9 +67,8 @@ class ModelConfig:
 
     def to_json(self) -> str:
         d = asdict(self)
-        if d[
-            "reset_after"
-        ]:  # the default: left out so config.json of every other model stays as it was
+        # written only when not the default (False: a GRU imported from TF1)
+        if d["reset_after"]:
             del d["reset_after"]
         return json.dumps(d, indent=2)
 
@@ -143,9 +142,8 @@ class CharRNN(keras.Model):
         new_layers = []
         for layer_index, rnn in enumerate(self.rnns):
             x = self.drop(x, training=training)
-            initial = [
-                state[:, s, layer_index, :] for s in range(state_slots(self.config.cell))
-            ]  # S x (B, H)
+            # S x (B, H)
+            initial = [state[:, s, layer_index, :] for s in range(state_slots(self.config.cell))]
             x, *final = rnn(x, initial_state=initial, training=training)  # x (B, T, H)
             new_layers.append(tf.stack(final, axis=1))  # (B, S, H)
         x = self.drop(x, training=training)

@@ -95,15 +95,11 @@ STEP_MODELS, GEN_MODELS = names(graph=STEP), names(graph=GEN)
 GPU_ONLY_MODELS, CPU_MODELS = names(gpu_only=True), names(gpu_only=False)
 # The python-backend models (each keeps its sequences' state in model.py).
 PYTHON_MODELS = names(backend=PYTHON_BACKEND)
-ORT_MODELS = names(
-    backend=ONNXRUNTIME
-)  # Triton's ONNX Runtime backend (built from source: make backend)
-# Decoupled models get a tritonserver process of their own. Triton 2.51's gRPC frontend segfaults (in
-# TRITONBACKEND_ResponseSend) when a decoupled and a non-decoupled model stream responses on one server: the
-# stream handlers share one pool of request states, and a non-decoupled stream marks its state complete after
-# handing its write to gRPC, so the state can be released and reused by a decoupled request, which then counts
-# its first response as its last (server src/grpc/stream_infer_handler.cc, r24.10; no upstream fix as of
-# 2026-08). docs/failures.md; `make soak-mixed` runs the split servers.
+# Triton's ONNX Runtime backend (built from source: make backend)
+ORT_MODELS = names(backend=ONNXRUNTIME)
+# Decoupled models get a tritonserver process of their own: Triton 2.51 crashes when decoupled and
+# non-decoupled models stream on one server (docs/failures.md, "Decoupled and non-decoupled models never share
+# a server"; `make soak-mixed` runs the split servers).
 DECOUPLED_MODELS = names(decoupled=True)
 SHARED_PYTHON_MODELS = names(backend=PYTHON_BACKEND, decoupled=False)
 # What our CPU servers run (the wheel's tritonserver 2.51 with the python backend and the ONNX Runtime backend

@@ -158,9 +158,8 @@ class SequenceStates:
         for row, (corr, flags) in enumerate(members):
             started += bool(flags & START)
             if flags & END:
-                ended += (
-                    self.states.pop(corr, None) is not None
-                )  # START|END: one request, never held
+                # START|END: one request, never held
+                ended += self.states.pop(corr, None) is not None
                 self.last_used.pop(corr, None)
             else:
                 self.states[corr] = new_state[row].copy()  # own memory: no view pins the batch
@@ -252,9 +251,8 @@ def create_metrics(pb_utils, model_name: str) -> tuple[list, MetricsSink]:
             )
             families.append(family)
             metrics[key] = family.Metric(labels={"model": model_name})
-    except (
-        Exception
-    ) as e:  # AttributeError: no pb_utils.MetricFamily; the server's "metrics not supported"
+    # AttributeError: no pb_utils.MetricFamily; the server's "metrics not supported"
+    except Exception as e:
         log(
             f"{model_name}: custom metrics unavailable, serving without them ({type(e).__name__}: {e})"
         )

@@ -20,9 +20,9 @@ text equals an uninterrupted run. If it gives up, what was generated so far is p
 HTTP inference needs the server's inference key in $TRITON_INFER_KEY or -H infer-key:KEY (gRPC needs none).
 TLS (--ssl and the PEM files) is for gRPC only: for HTTPS, put a TLS-terminating proxy in front.
 Every flag is checked before connecting; --top-k's upper bound (the vocabulary size) right after.
-Exit codes: 0 ok, 1 --expect mismatch, 2 bad input (flags, prompt, a model the server does not have,
-tritonclient not installed), 3 server unreachable / model not ready / server error (after the retries),
-130 interrupted (the sequences are ended on the server first).
+Exit codes: 0 ok, 1 --expect mismatch, 2 bad input (flags, prompt, a model the server does not have, a
+header the server requires and did not get, tritonclient not installed), 3 server unreachable / model not ready
+/ server error (after the retries), 130 interrupted (the sequences are ended on the server first).
 """
 
 from __future__ import annotations
@@ -32,8 +32,8 @@ import sys
 from dataclasses import replace
 
 from charrnn.cli import parser
-from charrnn.contract import MAX_K, MAX_SEQUENCES
-from charrnn.errors import CheckFailed, UserError, cli
+from charrnn.contract import MAX_K
+from charrnn.errors import CheckFailed, cli
 from charrnn.repository import GEN, STEP, names
 from charrnn.sampling import add_sampling_flags, sampling_params
 
@@ -146,55 +146,35 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def check_args(args: argparse.Namespace) -> argparse.Namespace:
-    """Every check that needs no server, in one place, before anything connects (exit 2): after connecting
-    only --top-k's upper bound (the vocabulary size) and the model remain. Resolves --url/--protocol.
+    """Every flag checked before anything connects (exit 2), by the library's own checks (the ones Connection
+    and generate() run on their arguments): client.connection.check_connection, client.generate.check_plan.
+    After connecting only --top-k's upper bound (the vocabulary size) and the model remain. Resolves --url /
+    --protocol, --header and the retry policy.
     """
-    from .connection import check_tls_files, parse_headers, parse_url
+    from .connection import check_connection
     from .generate import RetryPolicy, check_plan
 
-    args.url, args.protocol = parse_url(args.url, args.protocol)
-    args.headers = parse_headers(args.header)
-    tls = [args.root_certificates, args.private_key, args.certificate_chain]
-    if (args.ssl or any(f is not None for f in tls)) and args.protocol != "grpc":
-        raise UserError(
-            "--ssl",
-            "TLS is supported over gRPC only",
-            "use -i grpc, or put a TLS-terminating proxy in front of HTTP",
-        )
-    if any(f is not None for f in tls) and not args.ssl:
-        raise UserError(
-            "--ssl", "is needed with --root-certificates / --private-key / --certificate-chain"
-        )
-    check_tls_files(
+    args.url, args.protocol, args.headers = check_connection(
+        args.url,
+        args.protocol,
+        timeout=args.client_timeout,
+        shards=args.shards,
+        ssl=args.ssl,
         root_certificates=args.root_certificates,
         private_key=args.private_key,
         certificate_chain=args.certificate_chain,
+        headers=args.header,
     )
-    if not args.client_timeout > 0:
-        raise UserError("--client-timeout", f"must be > 0 seconds, got {args.client_timeout}")
-    if not 1 <= args.shards <= 64:
-        raise UserError(
-            "--shards", f"must be in 1..64, got {args.shards}", "2 per replica behind the proxy"
-        )
-    if args.length < 1:
-        raise UserError("--length", f"must be >= 1, got {args.length}")
-    if not args.prompt:
-        raise UserError("--prompt", "is empty", "give at least one character")
-    if not 1 <= args.num_sequences <= MAX_SEQUENCES:
-        raise UserError(
-            "--num-sequences",
-            f"must be in 1..{MAX_SEQUENCES} (the sequence slots of a model "
-            f"instance), got {args.num_sequences}",
-            "run several clients one after another",
-        )
-    base = sampling_params(args)
-    replace(base, top_k=0).validate(1)  # all but top-k's upper bound (the vocabulary size)
-    if base.top_k < 0:
-        raise UserError("top-k", f"must be >= 0, got {base.top_k}", "0 disables it")
-    check_plan(args.chunk, args.protocol, base)
-    args.retry = RetryPolicy(
-        retries=args.retries, delay=args.retry_delay, max_wait=args.retry_max_wait
-    ).validate()
+    retry = RetryPolicy(retries=args.retries, delay=args.retry_delay, max_wait=args.retry_max_wait)
+    _, args.retry = check_plan(
+        [args.prompt],
+        args.length,
+        sampling_params(args),
+        args.chunk,
+        args.protocol,
+        retry,
+        sequences=args.num_sequences,
+    )
     return args
 
 

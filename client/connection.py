@@ -15,7 +15,9 @@ key in that header on every request.
 TLS (gRPC only): ssl=True with root_certificates / private_key / certificate_chain (PEM files), as tritonclient.grpc
 takes them. headers: sent with every request (gRPC: on each stream and each call; HTTP: on each request), under
 our own (the routing header; the inference key from $TRITON_INFER_KEY unless headers carry one). timeout: seconds
-for connecting and for every non-streaming call.
+for connecting and for every non-streaming call. check_connection holds every check of these arguments
+(`python -m client` runs it on its flags before connecting). A server that requires a header the client does not
+send (charrnn.contract RESTRICTED_MESSAGE) is a caller mistake: HeaderRefused (exit 2) names it.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import os
 import queue
 import re
 import secrets
+import threading
 import time
 from typing import NamedTuple
 
@@ -34,6 +37,7 @@ from charrnn.contract import (
     INFER_KEY_ENV,
     INFER_KEY_HEADER,
     NOISE,
+    RESTRICTED_MESSAGE,
     ROUTING_HEADER,
     TRITON_DTYPE,
 )
@@ -54,6 +58,9 @@ class Answer(NamedTuple):
 
 
 PROTOCOLS = ("grpc", "http")
+# Seconds a send on a broken gRPC stream waits for the stream's error (tritonclient reports it to the callback
+# right after it marks the stream broken).
+STREAM_ERROR_WAIT_S = 1.0
 DEFAULT_PORTS = {"grpc": 8001, "http": 8000}
 # An HTTP header name (RFC 9110 token); gRPC metadata takes the same names, lower-cased.
 _HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
@@ -130,6 +137,51 @@ def check_tls_files(**files: str | None) -> None:
             ) from e
 
 
+def check_connection(
+    url: str | None,
+    protocol: str | None = None,
+    *,
+    timeout: float = 10.0,
+    shards: int = 1,
+    ssl: bool = False,
+    root_certificates: str | None = None,
+    private_key: str | None = None,
+    certificate_chain: str | None = None,
+    headers: list[str] | dict[str, str] | None = None,
+) -> tuple[str, str, dict[str, str]]:
+    """Every check of how to connect (UserError, exit 2), before connecting: `python -m client` runs it on its
+    flags, Connection on its arguments. headers: "Name:Value" strings (-H) or {name: value}. Returns (host:port,
+    protocol, {lower-case name: value})."""
+    url, protocol = parse_url(url, protocol)
+    if isinstance(headers, dict):
+        headers = {k.lower(): v for k, v in headers.items()}
+    else:
+        headers = parse_headers(headers)
+    tls = any(f is not None for f in (root_certificates, private_key, certificate_chain))
+    if (ssl or tls) and protocol != "grpc":
+        raise UserError(
+            "--ssl",
+            "TLS is supported over gRPC only",
+            "use -i grpc, or put a TLS-terminating proxy in front of HTTP",
+        )
+    if tls and not ssl:
+        raise UserError(
+            "--ssl", "is needed with --root-certificates / --private-key / --certificate-chain"
+        )
+    check_tls_files(
+        root_certificates=root_certificates,
+        private_key=private_key,
+        certificate_chain=certificate_chain,
+    )
+    if not timeout > 0:
+        raise UserError("--client-timeout", f"must be > 0 seconds, got {timeout}")
+    if not 1 <= shards <= 64:
+        raise UserError(
+            "--shards", f"must be in 1..64, got {shards}", "2 per replica behind the proxy"
+        )
+    return url, protocol, headers
+
+
 def import_tritonclient(protocol: str):
     """tritonclient.grpc or tritonclient.http; not installed: a UserError naming the extra to install."""
     try:
@@ -169,31 +221,18 @@ class Connection:
         private_key, certificate_chain: gRPC over TLS (PEM file paths). headers: {name: value} sent with every
         request. timeout: seconds, connecting and each non-streaming call. verbose: tritonclient's verbose.
         """
-        if not 1 <= shards <= 64:
-            raise UserError(
-                "--shards", f"must be in 1..64, got {shards}", "2 per replica behind the proxy"
-            )
-        self.url, self.protocol = parse_url(url, protocol)
-        if not timeout > 0:
-            raise UserError("--client-timeout", f"must be > 0 seconds, got {timeout}")
-        self.timeout = timeout
-        tls = any(x is not None for x in (root_certificates, private_key, certificate_chain))
-        if (ssl or tls) and self.protocol != "grpc":
-            raise UserError(
-                "--ssl",
-                "TLS is supported over gRPC only",
-                "use --protocol grpc, or put a TLS-terminating proxy in front of HTTP",
-            )
-        if tls and not ssl:
-            raise UserError(
-                "--ssl",
-                "is needed with --root-certificates / --private-key / --certificate-chain",
-            )
-        check_tls_files(
+        self.url, self.protocol, self.user_headers = check_connection(
+            url,
+            protocol,
+            timeout=timeout,
+            shards=shards,
+            ssl=ssl,
             root_certificates=root_certificates,
             private_key=private_key,
             certificate_chain=certificate_chain,
+            headers=headers or {},
         )
+        self.timeout = timeout
         self.ssl = dict(
             ssl=ssl,
             root_certificates=root_certificates,
@@ -201,24 +240,24 @@ class Connection:
             certificate_chain=certificate_chain,
         )
         self.verbose = verbose
-        self.user_headers = {k.lower(): v for k, v in (headers or {}).items()}
         key = infer_key if infer_key is not None else os.environ.get(INFER_KEY_ENV)
         http_key = {INFER_KEY_HEADER: key} if key and self.protocol == "http" else {}
         # every request's headers: the inference key (HTTP), then the user's (which may carry the key)
         self.headers = {**http_key, **self.user_headers} or None
         protocol = self.protocol
         self.shards = shards if protocol == "grpc" else 1
-        self.routed = (
-            shards > 1
-        )  # behind a proxy: routing headers, and sequence ids that carry an epoch
+        # behind a proxy: routing headers, and sequence ids that carry an epoch
+        self.routed = shards > 1
         tag = secrets.token_hex(4)  # this client's shard keys differ from every other client's
         self.shard_keys = [f"{tag}-{k}" for k in range(self.shards)]
         self.results: queue.Queue = queue.Queue()
         self.clients: list = [None] * self.shards
         self._streaming = [False] * self.shards
-        self._generation = [
-            0
-        ] * self.shards  # bumped on reopen: a closed stream's late callbacks are dropped
+        # bumped on reopen: a closed stream's late callbacks are dropped
+        self._generation = [0] * self.shards
+        # the last error each shard's current stream reported, and whether it reported one (reset on reopen)
+        self._stream_error: list = [None] * self.shards
+        self._stream_erred = [threading.Event() for _ in range(self.shards)]
         for k in range(self.shards):
             self._open(k)
 
@@ -250,13 +289,11 @@ class Connection:
                 )
             self.tc, self.clients[shard] = tc, client
             live = client.is_server_live(**self._call())
-        except (
-            Exception
-        ) as e:  # tritonclient raises InferenceServerException, gRPC/geventhttp errors, ...
-            if "restricted" in str(e):  # a header the server requires is missing or wrong
-                raise UserError(
-                    f"server {self.url}", f"refused the connection ({short(e)})", "pass it with -H"
-                ) from e
+        # tritonclient raises InferenceServerException, gRPC/geventhttp errors, ...
+        except Exception as e:
+            # a header the server requires is missing or wrong
+            if RESTRICTED_MESSAGE in str(e).lower():
+                raise header_refused(self.url, e) from e
             raise UnavailableError(
                 f"server {self.url}",
                 f"unreachable over {protocol}{' with TLS' if self.ssl['ssl'] else ''} ({short(e)})",
@@ -273,6 +310,7 @@ class Connection:
         for k in range(self.shards) if shard is None else [shard]:
             self._close(k, wait=False)
             self._generation[k] += 1
+            self._stream_error[k], self._stream_erred[k] = None, threading.Event()
             self._open(k)
 
     def abort(self) -> None:
@@ -435,7 +473,17 @@ class Connection:
                     headers=headers or None,
                 )
                 self._streaming[shard] = True
-            self.clients[shard].async_stream_infer(model, tensors, **kw)
+            try:
+                self.clients[shard].async_stream_infer(model, tensors, **kw)
+            except Exception as e:
+                # A stream the server refused or broke takes no more requests, and why reaches the callback a
+                # moment later. Refused for a header it requires (at once, often before the first request):
+                # a caller mistake to report, not an outage to reconnect from.
+                self._stream_erred[shard].wait(STREAM_ERROR_WAIT_S)
+                cause = self._stream_error[shard]
+                if cause is not None and RESTRICTED_MESSAGE in str(cause).lower():
+                    raise header_refused(self.url, cause) from e
+                raise
             return
         headers = dict(self.headers or {})
         if self.routed and key is not None:
@@ -446,14 +494,20 @@ class Connection:
                 Answer(request_id, result, None, time.perf_counter(), 0, self._generation[0])
             )
         except Exception as e:  # tritonclient.utils.InferenceServerException, connection errors
-            if "restricted" in str(e):  # no key, or a wrong one: nothing a retry can fix
-                raise infer_key_error(e) from e
+            # no key, or a wrong one: nothing a retry can fix
+            if RESTRICTED_MESSAGE in str(e).lower():
+                if required_header(e) in (INFER_KEY_HEADER, None):
+                    raise infer_key_error(e) from e
+                raise header_refused(self.url, e) from e
             self.results.put(
                 Answer(request_id, None, e, time.perf_counter(), 0, self._generation[0])
             )
 
     def _stream_callback(self, shard: int, generation: int, result, error) -> None:
         request_id = result.get_response().id if result is not None else None
+        if error is not None and generation == self._generation[shard]:
+            self._stream_error[shard] = error
+            self._stream_erred[shard].set()
         self.results.put(Answer(request_id, result, error, time.perf_counter(), shard, generation))
 
     def stale(self, answer: Answer) -> bool:
@@ -461,9 +515,29 @@ class Connection:
         return answer.generation != self._generation[answer.shard]
 
 
-def infer_key_error(e: Exception) -> UserError:
+class HeaderRefused(UserError):
+    """The server requires a header (a restricted API or protocol) that the request lacked or had wrong."""
+
+
+def required_header(e: Exception) -> str | None:
+    """The header a refusal (RESTRICTED_MESSAGE) names: "... expecting header '<name>'"; None if none."""
+    found = re.search(r"expecting header '([^']+)'", str(e))
+    return found.group(1) if found else None
+
+
+def header_refused(url: str, e: Exception) -> HeaderRefused:
+    """A caller mistake (exit 2), never an outage to retry: Triton 2.51 refuses gRPC with UNAVAILABLE."""
+    name = required_header(e)
+    return HeaderRefused(
+        f"server {url}",
+        f"requires the header {name or '(unnamed)'}, which the request lacked or had wrong ({short(e)})",
+        f"pass it with -H {name or 'NAME'}:VALUE",
+    )
+
+
+def infer_key_error(e: Exception) -> HeaderRefused:
     have = "a wrong key" if os.environ.get(INFER_KEY_ENV) else "no key"
-    return UserError(
+    return HeaderRefused(
         "--protocol http",
         f"the server refused HTTP inference with {have} ({short(e)})",
         f"set {INFER_KEY_ENV} to the server's key: `export {INFER_KEY_ENV}=$(cat logs/serve/infer-key)` "

@@ -49,9 +49,8 @@ def main() -> int:
     client = grpcclient.InferenceServerClient(args.url)
     try:
         return check(client)
-    except (
-        InferenceServerException
-    ) as e:  # server down, model not loaded, ...: a message, not a traceback
+    # server down, model not loaded, ...: a message, not a traceback
+    except InferenceServerException as e:
         print(
             f"error: server {args.url}: {e.message()} (start it with `make serve`)", file=sys.stderr
         )
@@ -60,9 +59,8 @@ def main() -> int:
 
 def check(client) -> int:
     config = client.get_model_config(MODEL, as_json=True)["config"]
-    chars = json.loads(config["parameters"]["vocab_json"]["string_value"])[
-        "chars"
-    ]  # the model's vocabulary
+    # the model's vocabulary
+    chars = json.loads(config["parameters"]["vocab_json"]["string_value"])["chars"]
     prompt = [chars.index(c) for c in "ROMEO:\n"]
 
     whole = infer(client, prompt, 1001, start=True)  # sequence 1001: the prompt in one request

@@ -1,40 +1,44 @@
 """Generate text through Triton: prime each sequence with its prompt, then K characters per request.
 
 Two kinds of served model, one request plan (charrnn.repository: the model's graph):
-  - step models (chunk=None, K = 1): the server returns LOGITS for the next character and the client samples it
-    (charrnn.sampling, the TensorFlow reference's sampler);
-  - generation models (chunk=K): the client sends K uniform noise rows from the same seeded stream and the
-    server samples K characters; a decoupled model streams them one response per character.
+  - step models (PerCharacter, K = 1): the server returns LOGITS for the next character and the client samples
+    it (charrnn.sampling, the TensorFlow reference's sampler);
+  - generation models (Chunked, K = chunk): the client sends K uniform noise rows from the same seeded stream and
+    the server samples K characters; a decoupled model streams them one response per character.
 Row j of a sequence's noise stream picks its generated character j either way, so for the same seed (and always
 with greedy) both give the reference's text.
 
-Request plan of one sequence with a prompt of m chunks (<= MAX_T characters each) and `length` new characters:
-prompt chunks 1..m-1 (their answer is discarded), prompt chunk m (-> characters 1..K), then the last character
-received (the server never fed it) -> the next K, ... The first request carries sequence_start, the last one
-sequence_end (so the server frees the state as soon as the last characters are out). Every sequence has one
-request in flight; all sequences share one connection (one gRPC stream), so the server's sequence batcher
-batches them together.
+Request plan of one sequence (Sequence.next_request) with a prompt of m chunks (<= MAX_T characters each) and
+`length` new characters: prompt chunks 1..m-1 (their answer is discarded), prompt chunk m (-> characters 1..K),
+then the last character received (the server never fed it) -> the next K, ... The first request carries
+sequence_start, the last one sequence_end (so the server frees the state as soon as the last characters are
+out). Every sequence has one request in flight; all sequences share one connection (one gRPC stream), so the
+server's sequence batcher batches them together.
 
-Restart-safe (with `retry=RetryPolicy(retries=N)`): the text generated so far lives here, in the client.
-If the server goes away (stream error, UNAVAILABLE, connection refused, no answer) the connection is
-re-created with bounded exponential backoff and every unfinished sequence is re-primed under a NEW
-sequence id with prompt + generated-so-far, then continues. If the server answers that a sequence is
-unknown (idle timeout, restart, or a request that reached another replica: "must specify the START flag" /
-"unknown sequence"), that sequence alone is re-primed. Behind a proxy (a Connection with shards > 1) a broken
-stream re-primes only the sequences of its shard, and sequence ids are "<key>:<epoch>": the routing key stays
-(so the proxy keeps the sequence on one replica) and the epoch grows with every re-prime, so a replica that
-comes back still holding an old state can never continue it: it does not know the new id. A request refused
-by the graph's input guards (charrnn.contract GUARD_PREFIX) is re-primed the same way: this client checks every
-input before sending it, so a refusal means another client's bad request shared our batch on the ONNX Runtime
-backend (one bad request fails its whole batch; the state of ours did not advance). A re-primed sequence
-continues from its noise stream's position len(generated), so greedy and seeded runs give the same text as an
-uninterrupted run. Giving up raises GenerationFailed, which carries the partial
-text.
+A Run (one generate() call) sends the requests, reads the answers and recovers. The text generated so far lives
+in the client, so with `retry=RetryPolicy(retries=N)` it is restart-safe:
+  - the server went away (stream error, UNAVAILABLE, connection refused, no answer): reconnect with bounded
+    exponential backoff (Backoff) and re-prime every unfinished sequence under a NEW sequence id with prompt +
+    generated-so-far (behind a proxy, a Connection with shards > 1, only the sequences of the broken stream);
+  - the server does not know a sequence (idle timeout, restart, or a request that reached another replica:
+    "must specify the START flag" / "unknown sequence"): re-prime that sequence alone;
+  - the graph's input guards refused a request (charrnn.contract GUARD_PREFIX): this client checks every input
+    before sending it, so another client's bad request shared our batch on the ONNX Runtime backend (one bad
+    request fails its whole batch; the state of ours did not advance): re-prime at once, no backoff.
+Behind a proxy sequence ids are "<key>:<epoch>": the routing key stays (the proxy keeps the sequence on one
+replica) and the epoch grows with every re-prime, so a replica that comes back still holding an old state can
+never continue it. A re-primed sequence continues from its noise stream's position len(generated), so greedy
+and seeded runs give the same text as an uninterrupted run. Giving up raises GenerationFailed, which carries the
+partial text.
 
 Capacity (docs/failures.md): every START carries Triton's request timeout (charrnn.contract ADMISSION_TIMEOUT_US).
 A model with no free sequence slot answers it "at capacity" within that time; the client gives up at once
-(GenerationFailed, exit 3) and ends the sequences it had started. Sequence ids are drawn at random, each one
-(new_sequence_ids): an id is the only identity a sequence has.
+(GenerationFailed, exit 3) and ends the sequences it had started. A server that restricts inference to a header
+the client does not send (or sends wrong) is a caller mistake: a UserError naming the header (exit 2), no retry.
+Sequence ids are drawn at random, each one (new_sequence_ids): an id is the only identity a sequence has.
+
+Every check of a plan lives in check_plan: `python -m client` runs it on its flags before connecting, and
+generate() runs it again on its arguments (with the vocabulary).
 """
 
 from __future__ import annotations
@@ -45,7 +49,7 @@ import random
 import secrets
 import time
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import numpy as np
@@ -57,9 +61,11 @@ from charrnn.contract import (
     INPUT_IDS,
     LOGITS,
     MAX_K,
+    MAX_SEQUENCES,
     MAX_T,
     NOISE,
     OUTPUT_IDS,
+    RESTRICTED_MESSAGE,
     TEMPERATURE,
     TOP_K,
 )
@@ -68,7 +74,7 @@ from charrnn.repository import GEN, STEP
 from charrnn.sampling import Sampler, SamplingParams
 from charrnn.vocab import Vocab
 
-from .connection import Connection
+from .connection import Connection, HeaderRefused, header_refused
 
 RESULT_TIMEOUT_S = 60.0
 
@@ -81,6 +87,7 @@ class GenerationFailed(UnavailableError):
         self.sequences = sequences
 
 
+# --- every check of a plan, and the retry policy ---------------------------------------------------------------
 @dataclass(frozen=True)
 class RetryPolicy:
     """Reconnect on server loss: at most `retries` attempts per outage (the count restarts once characters
@@ -108,6 +115,62 @@ class RetryPolicy:
         return min(self.delay * 2 ** (attempt - 1), self.max_delay)
 
 
+def check_plan(
+    prompts: list[str],
+    length: int,
+    params: list[SamplingParams] | SamplingParams,
+    chunk: int | None = None,
+    protocol: str = "grpc",
+    retry: RetryPolicy | None = None,
+    vocab_size: int | None = None,
+    sequences: int | None = None,
+) -> tuple[list[SamplingParams], RetryPolicy]:
+    """Every check of a generation's plan (UserError, exit 2), before anything is sent: `python -m client` runs
+    it on its flags before connecting, generate() on its arguments. vocab_size None (not connected yet): all but
+    top-k's upper bound. sequences: --num-sequences, copies of the one prompt (at most MAX_SEQUENCES, the
+    sequence slots of one model instance). chunk: K in 1..MAX_K, over gRPC, without top-p (the server samples
+    with temperature and top-k only). Returns the sampling parameters per prompt and the retry policy.
+    """
+    if length < 1:
+        raise UserError("--length", f"must be >= 1, got {length}")
+    if not prompts or any(not p for p in prompts):
+        raise UserError("--prompt", "is empty", "give at least one character")
+    if sequences is not None and not 1 <= sequences <= MAX_SEQUENCES:
+        raise UserError(
+            "--num-sequences",
+            f"must be in 1..{MAX_SEQUENCES} (the sequence slots of a model "
+            f"instance), got {sequences}",
+            "run several clients one after another",
+        )
+    params = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
+    for p in params:
+        if vocab_size is not None:
+            p.validate(vocab_size)
+            continue
+        replace(p, top_k=0).validate(1)  # all but top-k's upper bound
+        if p.top_k < 0:
+            raise UserError("top-k", f"must be >= 0, got {p.top_k}", "0 disables it")
+    if chunk is not None:
+        if not 1 <= chunk <= MAX_K:
+            raise UserError(
+                "--chunk", f"must be in 1..{MAX_K} (characters per request), got {chunk}"
+            )
+        if protocol != "grpc":
+            raise UserError(
+                "--chunk",
+                "needs gRPC (one stream for every sequence; streaming responses)",
+                "use --protocol grpc and the gRPC port (8001)",
+            )
+        if any(not p.greedy and p.top_p < 1.0 for p in params):
+            raise UserError(
+                "--top-p",
+                "is not available with --chunk (the server samples with temperature and top-k only)",
+                "drop --top-p, or generate per character without --chunk",
+            )
+    return params, (retry or RetryPolicy()).validate()
+
+
+# --- sequences, their ids and epochs -------------------------------------------------------------------------
 @dataclass
 class Request:
     ids: np.ndarray  # (T,) int32
@@ -125,19 +188,15 @@ class Sequence:
     length: int  # characters to generate
     chunk: int  # K: characters per request (1: a step model, the client samples)
     sampler: Sampler
-    chunks: list[np.ndarray] = field(
-        default_factory=list
-    )  # prompt chunks (1..MAX_T ids) of the current priming
+    # prompt chunks (1..MAX_T ids) of the current priming
+    chunks: list[np.ndarray] = field(default_factory=list)
     generated: list[int] = field(default_factory=list)
     sent: int = 0  # requests sent so far (under the current sequence id)
     received: int = 0  # characters received for the request in flight
     primed: int = 0  # characters of `generated` that were part of the current priming
-    latencies: list[float] = field(
-        default_factory=list
-    )  # seconds per request (send -> last character)
-    first_char: list[float] = field(
-        default_factory=list
-    )  # seconds per request (send -> first answer)
+    # seconds per request: send -> last character, and send -> first answer
+    latencies: list[float] = field(default_factory=list)
+    first_char: list[float] = field(default_factory=list)
     restarts: int = 0  # times re-primed under a new sequence id
     restarts_without_progress: int = 0  # re-primings since this sequence last generated a character
     sequence_ids: list[int | str] = field(default_factory=list)  # earlier sequence ids
@@ -153,6 +212,11 @@ class Sequence:
     def done(self) -> bool:
         return len(self.generated) >= self.length
 
+    @property
+    def open(self) -> bool:
+        """Started on the server and not ended yet: the server holds its state."""
+        return 0 < self.sent < self.total_requests
+
     def next_request(self) -> Request:
         n, m = self.sent, len(self.chunks)
         start, end = n == 0, n == self.total_requests - 1
@@ -160,6 +224,16 @@ class Sequence:
             return Request(self.chunks[n], 1, False, start, end)
         ids = self.chunks[-1] if n == m - 1 else np.array([self.generated[-1]], np.int32)
         return Request(ids, min(self.chunk, self.length - len(self.generated)), True, start, end)
+
+    def end_request(self) -> Request:
+        """A request that only ends the sequence on the server (it uses no row of the noise stream)."""
+        ids = np.array([self.generated[-1]], np.int32) if self.generated else self.chunks[0]
+        return Request(ids, 1, False, False, True)
+
+    def route(self, shards: int) -> None:
+        """Behind a proxy: a random routing key, the id "<key>:0" and the stream hash(key) mod `shards`."""
+        self.key = secrets.token_hex(8)
+        self.sequence_id, self.shard = f"{self.key}:0", zlib.crc32(self.key.encode()) % shards
 
     def reprime(self, sequence_id: int | None = None, max_t: int = MAX_T) -> None:
         """Start over under a new sequence id (routed: the next epoch of the same key), primed with prompt +
@@ -193,60 +267,79 @@ def new_sequence_ids(n: int) -> list[int]:
     return list(ids)
 
 
-def check_chunk(chunk: int | None) -> int:
-    """K: None (a step model) -> 1; else it must be in 1..MAX_K."""
-    if chunk is None:
-        return 1
-    if not 1 <= chunk <= MAX_K:
-        raise UserError("--chunk", f"must be in 1..{MAX_K} (characters per request), got {chunk}")
-    return chunk
+def new_sequences(
+    encoded: list[np.ndarray],
+    length: int,
+    k: int,
+    params: list[SamplingParams],
+    vocab_size: int,
+    max_t: int = MAX_T,
+    sequence_ids: list[int] | None = None,
+    shards: int | None = None,
+) -> list[Sequence]:
+    """One Sequence per encoded prompt, under random ids (or `sequence_ids`); routed over `shards` streams
+    behind a proxy ("<key>:<epoch>" ids)."""
+    ids = sequence_ids or new_sequence_ids(len(encoded))
+    seqs = [
+        Sequence(i, ids[i], e, length, k, Sampler(params[i], vocab_size), chunk_prompt(e, max_t))
+        for i, e in enumerate(encoded)
+    ]
+    if shards:
+        for seq in seqs:
+            seq.route(shards)
+    return seqs
 
 
-def check_plan(chunk: int | None, protocol: str, params: SamplingParams) -> None:
-    """What --chunk allows, checked before connecting: K in 1..MAX_K, gRPC, and no top-p (the server samples
-    with temperature and top-k only)."""
-    check_chunk(chunk)
-    if chunk is None:
-        return
-    if protocol != "grpc":
-        raise UserError(
-            "--chunk",
-            "needs gRPC (one stream for every sequence; streaming responses)",
-            "use --protocol grpc and the gRPC port (8001)",
-        )
-    if not params.greedy and params.top_p < 1.0:
-        raise UserError(
-            "--top-p",
-            "is not available with --chunk (the server samples with temperature and top-k only)",
-            "drop --top-p, or generate per character without --chunk",
-        )
+# --- what a request carries and what its answer gives, per kind of model --------------------------------------
+class PerCharacter:
+    """Step models (K = 1): a request carries INPUT_IDS; the client samples the next character from LOGITS."""
+
+    graph = STEP
+
+    def inputs(self, seq: Sequence, req: Request) -> dict[str, np.ndarray]:
+        """The request's tensors (batch dim 1)."""
+        return {INPUT_IDS: np.asarray(req.ids, np.int32).reshape(1, -1)}  # (1, T)
+
+    def characters(self, seq: Sequence, req: Request, result) -> list[int]:
+        """LOGITS (1, V): sample the next character here, unless the answer is for an early prompt chunk."""
+        return [seq.sampler.next(result.as_numpy(LOGITS)[0])] if req.keep else [0]
 
 
-def inputs_of(seq: Sequence, req: Request, generation: bool) -> dict[str, np.ndarray]:
-    """The request's tensors (batch dim 1). A generation model also gets K noise rows, the temperature and
-    top-k; prompt chunks before the last one and greedy sequences use no row of the noise stream."""
-    ids = np.asarray(req.ids, np.int32).reshape(1, -1)  # (1, T)
-    if not generation:
-        return {INPUT_IDS: ids}
-    p, v = seq.sampler.params, seq.sampler.vocab_size
-    if not req.keep or p.greedy:
-        noise, temperature = np.full((req.k, v), 0.5, np.float32), 0.0
-    else:
-        noise, temperature = seq.sampler.noise(req.k), p.temperature
-    return {
-        INPUT_IDS: ids,
-        NOISE: np.ascontiguousarray(noise, np.float32)[None],  # (1, K, V)
-        TEMPERATURE: np.array([[temperature]], np.float32),
-        TOP_K: np.array([[0 if p.greedy else p.top_k]], np.int32),
-    }
+class Chunked(PerCharacter):
+    """Generation models (K = chunk): a request also carries K noise rows, the temperature and top-k, and the
+    server samples K characters: OUTPUT_IDS (1, K), or (a decoupled model) K responses of (1, 1), streamed.
+    """
+
+    graph = GEN
+
+    def inputs(self, seq: Sequence, req: Request) -> dict[str, np.ndarray]:
+        """Prompt chunks before the last one and greedy sequences use no row of the noise stream."""
+        p, v = seq.sampler.params, seq.sampler.vocab_size
+        if not req.keep or p.greedy:
+            noise, temperature = np.full((req.k, v), 0.5, np.float32), 0.0
+        else:
+            noise, temperature = seq.sampler.noise(req.k), p.temperature
+        return {
+            **super().inputs(seq, req),
+            NOISE: np.ascontiguousarray(noise, np.float32)[None],  # (1, K, V)
+            TEMPERATURE: np.array([[temperature]], np.float32),  # (1, 1)
+            TOP_K: np.array([[0 if p.greedy else p.top_k]], np.int32),  # (1, 1)
+        }
+
+    def characters(self, seq: Sequence, req: Request, result) -> list[int]:
+        return [int(i) for i in result.as_numpy(OUTPUT_IDS).reshape(-1)]
 
 
+# --- errors and the retry policy -------------------------------------------------------------------------------
 # What an error means for the generation: the server went away (reconnect), the server does not know the
 # sequence any more (re-prime it), the graph refused a request batched with ours (re-prime it: see the module
 # docstring), or anything else (give up: retrying would not help).
 # The server at capacity (no free sequence slot within ADMISSION_TIMEOUT_US) is none of these: give up at once
 # and say so (retrying at once would only add load; the user decides when to come back).
 OUTAGE, LOST, REFUSED, CAPACITY, FATAL = "outage", "lost", "refused", "capacity", "fatal"
+# Neither is a server that requires a header for inference the client lacks (2.51 answers gRPC with UNAVAILABLE):
+# a caller mistake, reported naming the header (client.connection.header_refused).
+RESTRICTED = "restricted"
 # HTTP 502/503/504: a proxy in front of the replicas (serve/haproxy.cfg) lost, or has no, replica for the request.
 _OUTAGE_STATUS = ("UNAVAILABLE", "CANCELLED", "DEADLINE_EXCEEDED", "ABORTED", "502", "503", "504")
 _OUTAGE_TEXT = (
@@ -267,6 +360,8 @@ _LOST_TEXT = ("must specify the start flag", "unknown sequence")
 
 def classify(error) -> str:
     text = message(error).lower()
+    if RESTRICTED_MESSAGE in text:
+        return RESTRICTED
     if CAPACITY_MESSAGE in text:
         return CAPACITY
     if any(s in text for s in _LOST_TEXT):
@@ -283,12 +378,356 @@ def classify(error) -> str:
     return FATAL
 
 
+@dataclass
+class Backoff:
+    """The outage being recovered from under a RetryPolicy: attempts and seconds waited so far (both reset once
+    characters flow again)."""
+
+    policy: RetryPolicy
+    attempts: int = 0
+    waited: float = 0.0
+
+    def reset(self) -> None:
+        self.attempts, self.waited = 0, 0.0
+
+    def next_delay(self, refused: bool) -> float:
+        """Count one more attempt; the seconds to wait before it (none after a refused batch: no outage)."""
+        self.attempts += 1
+        return 0.0 if refused else self.policy.backoff(self.attempts)
+
+    def spent(self, why: str, delay: float) -> tuple[str, str] | None:
+        """(why, fix) to give up with when the policy allows no more attempts, or no wait of `delay`; else None."""
+        p = self.policy
+        if self.attempts > p.retries:
+            fix = (
+                "restart the server, then run again with --retries N to reconnect and continue"
+                if not p.retries
+                else "check the server (its log); raise --retries/--retry-max-wait"
+            )
+            return why + (f", gave up after {p.retries} retries" if p.retries else ""), fix
+        if self.waited + delay > p.max_wait:
+            return (
+                f"{why}, gave up after waiting {self.waited:.1f} s (--retry-max-wait {p.max_wait:g})",
+                "check the server (its log); raise --retry-max-wait",
+            )
+        return None
+
+    def wait(self, delay: float) -> None:
+        time.sleep(delay)  # backoff between reconnection attempts
+        self.waited += delay
+
+
 class _Outage(Exception):
     """Internal: the connection (or one shard's stream) is gone or silent; recover by reconnecting."""
 
     def __init__(self, error, shard: int | None = None) -> None:
         super().__init__(message(error))
         self.error, self.shard = error, shard
+
+
+# --- one generation: the loop over answers, and recovery -------------------------------------------------------
+class Run:
+    """One generate() call: sends its sequences' requests on `conn`, reads the answers (PerCharacter or Chunked
+    says what they carry), and recovers from outages, lost sequences and refused batches under `retry`.
+    """
+
+    def __init__(
+        self,
+        conn: Connection,
+        model: str,
+        vocab: Vocab,
+        seqs: list[Sequence],
+        mode: PerCharacter,
+        retry: RetryPolicy,
+        max_t: int = MAX_T,
+        on_text: Callable[[int, str], None] | None = None,
+        on_retry: Callable[[str], None] | None = None,
+    ) -> None:
+        self.conn, self.model, self.vocab, self.seqs, self.mode = conn, model, vocab, seqs, mode
+        self.retry, self.max_t, self.on_text = retry, max_t, on_text
+        self.say = on_retry or (lambda text: None)
+        # request id -> (sequence, request, time sent)
+        self.in_flight: dict[str, tuple[Sequence, Request, float]] = {}
+        self.unfinished = len(seqs)  # sequences not done yet
+        self.backoff = Backoff(retry)  # of the current outage; reset when characters flow again
+        self.dropped = False  # the connection was given up: no END requests to send then
+
+    def run(self) -> list[Sequence]:
+        try:
+            try:
+                for seq in self.seqs:
+                    self.send(seq)
+            except _Outage as e:
+                self.recover(e.error, e.shard)
+            while self.unfinished:
+                try:
+                    self.next_answer()
+                except _Outage as e:
+                    self.recover(e.error, e.shard)
+        except BaseException:
+            if not self.dropped:
+                self.end_open(self.seqs)
+            raise
+        return self.seqs
+
+    # --- requests and answers
+    def send(self, seq: Sequence) -> None:
+        """The sequence's next request."""
+        req = seq.next_request()
+        request_id = f"{seq.sequence_id}:{seq.sent}"
+        self.in_flight[request_id] = (seq, req, time.perf_counter())
+        seq.received = 0
+        try:
+            self.conn.send(
+                request_id,
+                self.model,
+                self.mode.inputs(seq, req),
+                seq.sequence_id,
+                req.start,
+                req.end,
+                shard=seq.shard,
+                key=seq.key,
+            )
+        except UserError:
+            raise
+        except Exception as e:  # e.g. a dead gRPC stream refuses new requests
+            kind = classify(e)
+            if kind == RESTRICTED:
+                raise self.refused(e) from e
+            if kind == FATAL:
+                raise
+            raise _Outage(e, self.shard_of(seq)) from e
+        seq.sent += 1
+
+    def next_answer(self) -> None:
+        """Wait for one answer and act on it."""
+        try:
+            answer = self.conn.results.get(timeout=RESULT_TIMEOUT_S)
+        except queue.Empty:
+            if not self.retry.retries:
+                raise self.give_up(
+                    f"no answer for {RESULT_TIMEOUT_S:.0f} s", "check the server"
+                ) from None
+            raise _Outage(TimeoutError(f"no answer for {RESULT_TIMEOUT_S:.0f} s")) from None
+        if self.conn.stale(answer):
+            return  # from a connection a recovery replaced: its sequences were re-primed
+        request_id, result, error, arrived, shard, _ = answer
+        seq = self.sequence_of(request_id, error)
+        if error is not None:
+            self.on_error(seq, request_id, error, shard)
+        elif seq is not None:  # else a late answer to a request abandoned by a recovery
+            self.on_result(seq, request_id, result, arrived)
+
+    def on_result(self, seq: Sequence, request_id: str, result, arrived: float) -> None:
+        """One result for a request in flight: the characters it carries, then the next request when complete."""
+        _, req, sent_at = self.in_flight[request_id]
+        got = self.mode.characters(seq, req, result)
+        if not seq.received:
+            seq.first_char.append(arrived - sent_at)
+        seq.received += len(got)
+        if seq.received > req.k:
+            raise GenerationFailed(
+                f"{self.model} (sequence {seq.sequence_id})",
+                f"returned {seq.received} ids for a request of {req.k}",
+                "see the server log",
+                self.seqs,
+            )
+        if req.keep:
+            seq.generated.extend(got)
+            seq.restarts_without_progress = 0
+            self.backoff.reset()
+            if self.on_text is not None:
+                self.on_text(seq.index, self.vocab.decode(got))
+        if seq.received < req.k:  # a decoupled model: more characters of this request to come
+            return
+        del self.in_flight[request_id]
+        seq.latencies.append(arrived - sent_at)
+        if seq.done:
+            self.unfinished -= 1
+        else:
+            self.send(seq)
+
+    def on_error(self, seq: Sequence | None, request_id: str | None, error, shard: int) -> None:
+        """An error answer: give up, re-prime its sequence, or recover (raise _Outage), by what it means."""
+        kind = classify(error)
+        if kind == RESTRICTED:
+            raise self.refused(error)
+        if kind == CAPACITY:
+            raise self.give_up(
+                f"at capacity: model {self.model} had no free sequence slot within "
+                f"{ADMISSION_TIMEOUT_US / 1e6:g} s (every slot holds a live sequence, or an "
+                "abandoned one until the idle timeout frees it)",
+                "retry later, run fewer sequences at once, or serve more replicas "
+                "(docs/failures.md, Capacity)",
+                drop=False,
+            )
+        if seq is None and request_id is not None and kind != FATAL:
+            return  # a late answer to a request abandoned by a recovery
+        if kind in (LOST, REFUSED) and seq is not None:
+            self.reprime_lost(seq, error)
+            return
+        if kind in (OUTAGE, LOST, REFUSED):
+            # LOST / REFUSED here: cannot tell which sequence, so re-prime them all
+            raise _Outage(error, shard if self.conn.shards > 1 else None)
+        where = f"sequence {seq.sequence_id}" if seq else "a sequence"
+        raise GenerationFailed(
+            f"{self.model} ({where})", message(error), "see the server log", self.seqs
+        )
+
+    def sequence_of(self, request_id: str | None, error) -> Sequence | None:
+        """The sequence an answer belongs to; gRPC stream errors carry no request id, but the models' errors
+        name their sequence ("sequence <id>: ...") and one sequence in flight can only be that one.
+        """
+        if request_id is not None:
+            entry = self.in_flight.get(request_id)
+            return entry[0] if entry else None
+        in_flight = {id(s): s for s, _, _ in self.in_flight.values()}
+        named = [s for s in in_flight.values() if f"sequence {s.sequence_id}" in message(error)]
+        if len(named) == 1:
+            return named[0]
+        return next(iter(in_flight.values())) if len(in_flight) == 1 else None
+
+    def shard_of(self, seq: Sequence) -> int | None:
+        """The stream to recover when `seq`'s request fails: its own behind a proxy, else all (None)."""
+        return seq.shard if self.conn.shards > 1 else None
+
+    def forget(self, seqs: list[Sequence]) -> None:
+        """Drop the requests in flight of `seqs`: their late answers are then ignored."""
+        mine = {id(s) for s in seqs}
+        for request_id in [r for r, (s, _, _) in self.in_flight.items() if id(s) in mine]:
+            del self.in_flight[request_id]
+
+    def end_open(self, seqs: list[Sequence]) -> None:
+        """Best effort on errors, Ctrl-C and re-primes: tell the server to free unfinished sequences' state."""
+        for seq in seqs:
+            if not seq.open:
+                continue
+            end = seq.end_request()
+            try:
+                self.conn.send(
+                    f"{seq.sequence_id}:end",
+                    self.model,
+                    self.mode.inputs(seq, end),
+                    seq.sequence_id,
+                    start=False,
+                    end=True,
+                    shard=seq.shard,
+                    key=seq.key,
+                )
+            except Exception:
+                pass
+
+    # --- recovery and giving up
+    def kept(self) -> str:
+        total = sum(s.length for s in self.seqs)
+        return f"{sum(len(s.generated) for s in self.seqs)} of {total} characters kept"
+
+    def give_up(self, why: str, fix: str, drop: bool = True) -> GenerationFailed:
+        if drop:
+            self.drop()
+        return GenerationFailed(f"server {self.conn.url}", f"{why}; {self.kept()}", fix, self.seqs)
+
+    def drop(self) -> None:
+        """The connection is dead, hung or refused: close it without waiting (and send no END requests)."""
+        self.conn.abort()
+        self.dropped = True
+
+    def refused(self, error) -> HeaderRefused:
+        """The server requires a header for inference that the client did not send (or sent wrong): it refuses
+        every request, so no retry can help; a caller mistake (exit 2) that names the header."""
+        self.drop()
+        return header_refused(self.conn.url, error)
+
+    def recover(self, error, shard: int | None = None) -> None:
+        """Reconnect with backoff and re-prime every unfinished sequence (of `shard`'s stream, if one is named)
+        under a new id; or give up. The other shards' sequences carry on untouched."""
+        where = "connection" if shard is None else f"stream {shard}"
+        why = f"{where} lost ({brief(message(error))})"
+        refused = classify(error) == REFUSED  # not an outage: re-prime at once, no backoff
+        if refused:
+            why = f"a request batched with ours was refused ({brief(message(error))})"
+        while True:
+            delay = self.backoff.next_delay(refused)
+            spent = self.backoff.spent(why, delay)
+            if spent:
+                raise self.give_up(*spent)
+            self.say(
+                f"warning: server {self.conn.url}: {why}; retry {self.backoff.attempts}/"
+                f"{self.retry.retries} in {delay:.1f} s ({self.kept()})"
+            )
+            self.backoff.wait(delay)
+            try:
+                again = self.reprime_all(shard)
+            except (GenerationFailed, HeaderRefused):
+                raise
+            except _Outage as e:  # went down again while re-priming: next attempt
+                why = f"connection lost again ({brief(message(e.error))})"
+                # another stream broke too: recover them all
+                shard = shard if e.shard == shard else None
+                continue
+            except UserError as e:  # e.g. not reachable yet, model not ready yet: next attempt
+                why = f"still unavailable ({brief(e.why)})"
+                continue
+            except Exception as e:  # tritonclient/gRPC errors while the server comes and goes
+                kind = classify(e)
+                if kind == RESTRICTED:
+                    raise self.refused(e) from e
+                if kind == FATAL:
+                    raise
+                why = f"still unavailable ({brief(message(e))})"
+                continue
+            stream = "" if shard is None else f" (stream {shard})"
+            self.say(
+                f"reconnected to {self.conn.url}{stream}: re-primed {again} sequence(s) under new ids "
+                f"with prompt + generated text ({self.kept()})"
+            )
+            return
+
+    def reprime_all(self, shard: int | None) -> int:
+        """Connect again (one shard's stream, or all) and re-prime its unfinished sequences; how many."""
+        conn = self.conn
+        conn.reopen(shard)
+        conn.pick_model(self.model, self.mode.graph)
+        if conn.vocabulary(self.model) != self.vocab:
+            raise self.give_up(
+                f"model {self.model} came back with another vocabulary", "run again from the start"
+            )
+        again = [s for s in self.seqs if not s.done and shard in (None, s.shard)]
+        self.forget(again)
+        # The server may still hold the old sequences (a stalled stream, not a restart): end them, or they would
+        # hold their slots until the idle timeout. Their answers (or "unknown sequence" errors, after a restart)
+        # match no pending request and are dropped.
+        self.end_open(again)
+        for seq, sid in zip(again, new_sequence_ids(len(again))):
+            seq.reprime(sid, self.max_t)
+            self.send(seq)
+        return len(again)
+
+    def reprime_lost(self, seq: Sequence, error) -> None:
+        """The server lost this one sequence (idle timeout, restart): re-prime it alone, same connection."""
+        retries = self.retry.retries
+        if seq.restarts_without_progress >= retries:
+            raise self.give_up(
+                f"sequence {seq.sequence_id} unknown to the server ({message(error)})"
+                + (f", gave up after {retries} retries" if retries else ""),
+                "check the server's max_sequence_idle_microseconds and log; pass --retries N to "
+                "re-prime lost sequences",
+                drop=False,
+            )
+        seq.restarts_without_progress += 1
+        old = seq.sequence_id
+        self.forget([seq])
+        seq.reprime(new_sequence_ids(1)[0], self.max_t)
+        why = (
+            "refused in a batch with another client's bad request"
+            if classify(error) == REFUSED
+            else "unknown to the server"
+        )
+        self.say(
+            f"warning: server {self.conn.url}: sequence {old} {why}; re-primed it as {seq.sequence_id} "
+            f"with prompt + {len(seq.generated)} generated characters"
+        )
+        self.send(seq)
 
 
 def generate(
@@ -311,294 +750,14 @@ def generate(
     on_text(index, text): called as characters arrive. retry: reconnect/re-prime policy (default: no retries;
     any server error raises GenerationFailed, which carries the sequences with the text so far).
     on_retry(message): told about every retry and recovery."""
-    if length < 1:
-        raise UserError("length", f"must be >= 1, got {length}")
-    if not prompts or any(not p for p in prompts):
-        raise UserError("prompt", "is empty", "give at least one character")
-    generation, k = chunk is not None, check_chunk(chunk)
-    params = [params] * len(prompts) if isinstance(params, SamplingParams) else params
-    for p in params:
-        check_plan(chunk, conn.protocol, p)
-        p.validate(len(vocab))
-    retry = (retry or RetryPolicy()).validate()
-    encoded = [
-        vocab.encode(p) for p in prompts
-    ]  # unknown characters: an error before anything is sent
-    ids = sequence_ids or new_sequence_ids(len(prompts))
-    seqs = [
-        Sequence(i, ids[i], e, length, k, Sampler(params[i], len(vocab)), chunk_prompt(e, max_t))
-        for i, e in enumerate(encoded)
-    ]
-    if conn.routed:  # "<key>:<epoch>" ids; sequence s on shard hash(key) mod K
-        for seq in seqs:
-            seq.key = secrets.token_hex(8)
-            seq.sequence_id, seq.shard = f"{seq.key}:0", zlib.crc32(seq.key.encode()) % conn.shards
-    by_request: dict[str, tuple[Sequence, Request, float]] = {}
-    outage = {
-        "attempts": 0,
-        "waited": 0.0,
-    }  # of the current outage; reset when characters flow again
-    unfinished = [len(seqs)]  # sequences not done yet
-    dropped = []  # set when the connection was given up: no END requests to send then
-    say = on_retry or (lambda text: None)
-
-    def kept() -> str:
-        return f"{sum(len(s.generated) for s in seqs)} of {len(seqs) * length} characters kept"
-
-    def give_up(why: str, fix: str, drop: bool = True) -> GenerationFailed:
-        if drop:  # the connection is dead or hung: close it without waiting
-            conn.abort()
-            dropped.append(True)
-        return GenerationFailed(f"server {conn.url}", f"{why}; {kept()}", fix, seqs)
-
-    def send_next(seq: Sequence) -> None:
-        req = seq.next_request()
-        request_id = f"{seq.sequence_id}:{seq.sent}"
-        by_request[request_id] = (seq, req, time.perf_counter())
-        seq.received = 0
-        try:
-            conn.send(
-                request_id,
-                model,
-                inputs_of(seq, req, generation),
-                seq.sequence_id,
-                req.start,
-                req.end,
-                shard=seq.shard,
-                key=seq.key,
-            )
-        except UserError:
-            raise
-        except Exception as e:  # e.g. a dead gRPC stream refuses new requests
-            if classify(e) == FATAL:
-                raise
-            raise _Outage(e, seq.shard if conn.shards > 1 else None) from e
-        seq.sent += 1
-
-    def sequence_of(request_id, error) -> Sequence | None:
-        """The sequence an answer belongs to; gRPC stream errors carry no request id, but the models' errors
-        name their sequence ("sequence <id>: ...") and one sequence in flight can only be that one.
-        """
-        if request_id is not None:
-            entry = by_request.get(request_id)
-            return entry[0] if entry else None
-        in_flight = {id(s): s for s, _, _ in by_request.values()}
-        named = [s for s in in_flight.values() if f"sequence {s.sequence_id}" in message(error)]
-        if len(named) == 1:
-            return named[0]
-        return next(iter(in_flight.values())) if len(in_flight) == 1 else None
-
-    def recover(error, shard: int | None = None) -> None:
-        """Reconnect with backoff and re-prime every unfinished sequence (of `shard`'s stream, if one is named)
-        under a new id; or give up. The other shards' sequences carry on untouched."""
-        why = (
-            f"connection lost ({brief(message(error))})"
-            if shard is None
-            else f"stream {shard} lost ({brief(message(error))})"
-        )
-        refused = classify(error) == REFUSED  # not an outage: re-prime at once, no backoff
-        if refused:
-            why = f"a request batched with ours was refused ({brief(message(error))})"
-        while True:
-            outage["attempts"] += 1
-            attempt = outage["attempts"]
-            delay = 0.0 if refused else retry.backoff(attempt)
-            if attempt > retry.retries:
-                fix = (
-                    "restart the server, then run again with --retries N to reconnect and continue"
-                    if not retry.retries
-                    else "check the server (its log); raise --retries/--retry-max-wait"
-                )
-                raise give_up(
-                    why + (f", gave up after {retry.retries} retries" if retry.retries else ""), fix
-                )
-            if outage["waited"] + delay > retry.max_wait:
-                raise give_up(
-                    f"{why}, gave up after waiting {outage['waited']:.1f} s (--retry-max-wait "
-                    f"{retry.max_wait:g})",
-                    "check the server (its log); raise --retry-max-wait",
-                )
-            say(
-                f"warning: server {conn.url}: {why}; retry {attempt}/{retry.retries} in {delay:.1f} s ({kept()})"
-            )
-            time.sleep(delay)  # backoff between reconnection attempts
-            outage["waited"] += delay
-            try:
-                conn.reopen(shard)
-                conn.pick_model(model, GEN if generation else STEP)
-                if conn.vocabulary(model) != vocab:
-                    raise give_up(
-                        f"model {model} came back with another vocabulary",
-                        "run again from the start",
-                    )
-                again = [s for s in seqs if not s.done and shard in (None, s.shard)]
-                for request_id in [r for r, (s, _, _) in by_request.items() if s in again]:
-                    del by_request[request_id]
-                # The server may still hold the old sequences (a stalled stream, not a restart): end them, or
-                # they would hold their slots until the idle timeout. Their answers (or "unknown sequence"
-                # errors, after a restart) match no pending request and are dropped below.
-                end_open_sequences(conn, model, again, generation)
-                for seq, sid in zip(again, new_sequence_ids(len(again))):
-                    seq.reprime(sid, max_t)
-                    send_next(seq)
-            except GenerationFailed:
-                raise
-            except _Outage as e:  # went down again while re-priming: next attempt
-                why = f"connection lost again ({brief(message(e.error))})"
-                shard = (
-                    shard if e.shard == shard else None
-                )  # another stream broke too: recover them all
-                continue
-            except UserError as e:  # e.g. not reachable yet, model not ready yet: next attempt
-                why = f"still unavailable ({brief(e.why)})"
-                continue
-            except Exception as e:  # tritonclient/gRPC errors while the server comes and goes
-                if classify(e) == FATAL:
-                    raise
-                why = f"still unavailable ({brief(message(e))})"
-                continue
-            say(
-                f"reconnected to {conn.url}{'' if shard is None else f' (stream {shard})'}: re-primed {len(again)} sequence(s) under new ids with "
-                f"prompt + generated text ({kept()})"
-            )
-            return
-
-    def reprime_lost(seq: Sequence, error) -> None:
-        """The server lost this one sequence (idle timeout, restart): re-prime it alone, same connection."""
-        if seq.restarts_without_progress >= retry.retries:
-            raise give_up(
-                f"sequence {seq.sequence_id} unknown to the server ({message(error)})"
-                + (f", gave up after {retry.retries} retries" if retry.retries else ""),
-                "check the server's max_sequence_idle_microseconds and log; pass --retries N to "
-                "re-prime lost sequences",
-                drop=False,
-            )
-        seq.restarts_without_progress += 1
-        old = seq.sequence_id
-        for request_id in [r for r, (s, _, _) in by_request.items() if s is seq]:
-            del by_request[request_id]
-        seq.reprime(new_sequence_ids(1)[0], max_t)
-        why = (
-            "refused in a batch with another client's bad request"
-            if classify(error) == REFUSED
-            else "unknown to the server"
-        )
-        say(
-            f"warning: server {conn.url}: sequence {old} {why}; re-primed it as {seq.sequence_id} "
-            f"with prompt + {len(seq.generated)} generated characters"
-        )
-        send_next(seq)
-
-    def on_answer(
-        seq: Sequence, req: Request, sent_at: float, request_id: str, result, arrived: float
-    ) -> None:
-        """One result for a request in flight: the characters it carries, then the next request when complete."""
-        if generation:
-            got = [int(i) for i in result.as_numpy(OUTPUT_IDS).reshape(-1)]
-        else:  # LOGITS (1, V): sample the next character here, unless the answer is for an early prompt chunk
-            got = [seq.sampler.next(result.as_numpy(LOGITS)[0])] if req.keep else [0]
-        if not seq.received:
-            seq.first_char.append(arrived - sent_at)
-        seq.received += len(got)
-        if seq.received > req.k:
-            raise GenerationFailed(
-                f"{model} (sequence {seq.sequence_id})",
-                f"returned {seq.received} ids for " f"a request of {req.k}",
-                "see the server log",
-                seqs,
-            )
-        if req.keep:
-            seq.generated.extend(got)
-            seq.restarts_without_progress = 0
-            outage["attempts"], outage["waited"] = 0, 0.0
-            if on_text is not None:
-                on_text(seq.index, vocab.decode(got))
-        if seq.received < req.k:  # a decoupled model: more characters of this request to come
-            return
-        del by_request[request_id]
-        seq.latencies.append(arrived - sent_at)
-        if seq.done:
-            unfinished[0] -= 1
-        else:
-            send_next(seq)
-
-    try:
-        try:
-            for seq in seqs:
-                send_next(seq)
-        except _Outage as e:
-            recover(e.error, e.shard)
-        while unfinished[0]:
-            try:
-                try:
-                    answer = conn.results.get(timeout=RESULT_TIMEOUT_S)
-                except queue.Empty:
-                    if not retry.retries:
-                        raise give_up(
-                            f"no answer for {RESULT_TIMEOUT_S:.0f} s", "check the server"
-                        ) from None
-                    raise _Outage(TimeoutError(f"no answer for {RESULT_TIMEOUT_S:.0f} s")) from None
-                if conn.stale(answer):
-                    continue  # from a connection a recovery replaced: its sequences were re-primed
-                request_id, result, error, arrived, shard, _ = answer
-                seq = sequence_of(request_id, error)
-                if error is not None:
-                    kind = classify(error)
-                    if kind == CAPACITY:
-                        raise give_up(
-                            f"at capacity: model {model} had no free sequence slot within "
-                            f"{ADMISSION_TIMEOUT_US / 1e6:g} s (every slot holds a live sequence, or an "
-                            "abandoned one until the idle timeout frees it)",
-                            "retry later, run fewer sequences at once, or serve more replicas "
-                            "(docs/failures.md, Capacity)",
-                            drop=False,
-                        )
-                    if seq is None and request_id is not None and kind != FATAL:
-                        continue  # a late answer to a request abandoned by a recovery
-                    if kind in (LOST, REFUSED) and seq is not None:
-                        reprime_lost(seq, error)
-                        continue
-                    if kind in (OUTAGE, LOST, REFUSED):
-                        # LOST / REFUSED here: cannot tell which sequence, so re-prime them all
-                        raise _Outage(error, shard if conn.shards > 1 else None)
-                    where = f"sequence {seq.sequence_id}" if seq else "a sequence"
-                    raise GenerationFailed(
-                        f"{model} ({where})", message(error), "see the server log", seqs
-                    )
-                if seq is None:
-                    continue  # a late answer to a request abandoned by a recovery
-                _, req, sent_at = by_request[request_id]
-                on_answer(seq, req, sent_at, request_id, result, arrived)
-            except _Outage as e:
-                recover(e.error, e.shard)
-    except BaseException:
-        if not dropped:
-            end_open_sequences(conn, model, seqs, generation)
-        raise
-    return seqs
-
-
-def end_open_sequences(
-    conn: Connection, model: str, seqs: list[Sequence], generation: bool
-) -> None:
-    """Best effort on errors, Ctrl-C and re-primes: tell the server to free unfinished sequences' state."""
-    for seq in seqs:
-        if 0 < seq.sent < seq.total_requests:
-            ids = np.array([seq.generated[-1]], np.int32) if seq.generated else seq.chunks[0]
-            end = Request(ids, 1, False, False, True)  # uses no row of the noise stream
-            try:
-                conn.send(
-                    f"{seq.sequence_id}:end",
-                    model,
-                    inputs_of(seq, end, generation),
-                    seq.sequence_id,
-                    start=False,
-                    end=True,
-                    shard=seq.shard,
-                    key=seq.key,
-                )
-            except Exception:
-                pass
+    params, retry = check_plan(prompts, length, params, chunk, conn.protocol, retry, len(vocab))
+    # unknown characters: an error before anything is sent
+    encoded = [vocab.encode(p) for p in prompts]
+    k = 1 if chunk is None else chunk
+    shards = conn.shards if conn.routed else None
+    seqs = new_sequences(encoded, length, k, params, len(vocab), max_t, sequence_ids, shards)
+    mode = PerCharacter() if chunk is None else Chunked()
+    return Run(conn, model, vocab, seqs, mode, retry, max_t, on_text, on_retry).run()
 
 
 def message(error) -> str:

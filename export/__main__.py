@@ -34,9 +34,8 @@ from charrnn.repository import (
 )
 
 ROOT = Path(__file__).resolve().parent.parent
-COMMITTED_REPO = (
-    ROOT / "model_repository"
-)  # holds the python models' model.py files (exports elsewhere copy them)
+# holds the python models' model.py files (exports elsewhere copy them)
+COMMITTED_REPO = ROOT / "model_repository"
 
 
 def place(onnx_path: Path, repo: Path, models: tuple[str, ...]) -> None:

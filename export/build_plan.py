@@ -62,9 +62,8 @@ def import_tensorrt():
         raise UnavailableError(
             "tensorrt", f"the TensorRT Python API is not importable ({e})", NO_TENSORRT
         ) from e
-    if not hasattr(
-        trt, "Builder"
-    ):  # the registry's tensorrt stubs install a package without the builder
+    # the registry's tensorrt stubs install a package without the builder
+    if not hasattr(trt, "Builder"):
         raise UnavailableError(
             "tensorrt", "this 'tensorrt' package is a stub without the builder", NO_TENSORRT
         )

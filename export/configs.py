@@ -59,7 +59,7 @@ from charrnn.vocab import Vocab
 MAX_QUEUE_DELAY_US = 100  # wait at most this long to grow a batch
 PYTHON_INSTANCES = 1
 # ONNX Runtime intra-op threads per python-backend instance, measured side by side on our 2-core machine
-# (docs/benchmarks.md, bench/results/ab.md): the per-character model shares the cores with the gRPC front end and the
+# (docs/benchmarks.md, bench/notes/ab.md): the per-character model shares the cores with the gRPC front end and the
 # client, and 2 threads cost 10-15% at 64 sequences; a generation request keeps ORT busy for K steps while
 # the client waits, and 2 threads made K = 128 1.6x faster. On a bigger host, give them the instance's cores.
 # The ONNX Runtime backend's models get the same counts in their CPU config (configs/cpu.pbtxt).

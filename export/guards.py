@@ -1,8 +1,8 @@
 """Guards inside the exported ONNX graphs: the graph itself refuses bad input at run time.
 
 Triton's ONNX Runtime backend runs model.onnx with no Python in front, so whatever the graph accepts a client
-gets as a success: INPUT_IDS [[-1]] used to return the logits of id 64 (the embedding wraps negative ids),
-a huge T allocated (B, T, 512) floats before anything failed, and the generation Loop ran for any K. These
+gets as a success: without guards INPUT_IDS [[-1]] returns the logits of id 64 (the embedding wraps negative
+ids), a huge T allocates (B, T, 512) floats before anything fails, and the generation Loop runs for any K. These
 guards enforce, in the graph, the limits the python models check first (charrnn.sequence_state.check_ids,
 charrnn.gen_serving.check_gen_request), so those models never reach a guard.
 

@@ -27,10 +27,11 @@ OPS_FILE_CANDIDATES = (
     ROOT.parent / "shared" / "tensorrt" / "onnx_ops_supported.txt",
     ROOT / "export" / "onnx_ops_supported.txt",
 )
+# "TensorRT 10.15 supports operators in the inclusive range of opset 9 to opset 24"
 OPSET_RANGE = (
     9,
     24,
-)  # "TensorRT 10.15 supports operators in the inclusive range of opset 9 to opset 24"
+)
 # Graph I/O that may have a dynamic dim 1 (besides batch): T of INPUT_IDS, K of the generation graph.
 DYNAMIC_DIM1 = {INPUT_IDS: "T", NOISE: "K", OUTPUT_IDS: "K"}
 IO_DTYPES = {

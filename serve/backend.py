@@ -473,9 +473,10 @@ class Plan:
         return self.scratch / "rapidjson-install"
 
     @property
+    # the header and an unversioned libonnxruntime.so for CMake's find_library
     def ort_dir(
         self,
-    ) -> Path:  # the header and an unversioned libonnxruntime.so for CMake's find_library
+    ) -> Path:
         return self.scratch / "onnxruntime"
 
     @property
@@ -652,9 +653,8 @@ def install(p: Plan, built: Path, patchelf: str) -> str:
     tmp.chmod(0o755)
     tmp.replace(dest)
     ort_tmp = p.out / f".{ORT_LIB}.tmp"
-    shutil.copyfile(
-        p.ort_lib, ort_tmp
-    )  # a copy, not a link: the directory may be copied into an image
+    # a copy, not a link: the directory may be copied into an image
+    shutil.copyfile(p.ort_lib, ort_tmp)
     ort_tmp.chmod(0o755)
     ort_tmp.replace(p.out / ORT_LIB)
     needed = subprocess.run(

@@ -202,9 +202,8 @@ def manylinux_platforms(glibc: tuple[int, int]) -> list[str]:
 def run(args: list[str], what: str, fix: str, env: dict | None = None) -> str:
     """Run a command; its failure is an UnavailableError naming `what` with the command's last output lines."""
     try:
-        p = subprocess.run(
-            args, cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE
-        )  # stderr: the user sees it
+        # stderr: the user sees it
+        p = subprocess.run(args, cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE)
     except FileNotFoundError as e:
         raise UnavailableError(args[0], "not found", fix) from e
     if p.returncode != 0:
@@ -346,9 +345,8 @@ def debian_base(image: Image) -> str:
         ],
         stdout=subprocess.PIPE,
     )
-    cmd = (
-        ["--change", 'CMD ["python3"]'] if image.python else []
-    )  # the proxy's Dockerfile sets its own
+    # the proxy's Dockerfile sets its own
+    cmd = ["--change", 'CMD ["python3"]'] if image.python else []
     imp = subprocess.run(
         ["docker", "import", *cmd, "--change", "ENV LANG=C.UTF-8", "-", ref],
         stdin=mm.stdout,

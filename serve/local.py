@@ -161,9 +161,8 @@ class Record:
     def state(self) -> str:
         """process_state of the server: running, zombie, exited or reused."""
         state = process_state(self.pid, self.start_time)
-        if (
-            state == "running" and self.start_time is None
-        ):  # an older PID file: no start time to compare
+        # an older PID file: no start time to compare
+        if state == "running" and self.start_time is None:
             try:
                 if Path(f"/proc/{self.pid}/comm").read_text().strip() != "tritonserver":
                     return "reused"

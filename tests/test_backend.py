@@ -33,7 +33,7 @@ import pytest
 from charrnn.errors import CheckFailed, UnavailableError
 from serve import backend
 from serve.backend import SOURCES
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 CHECKSUM_MISMATCH = "sources do not match the recorded checksum"
 

@@ -18,7 +18,7 @@ from charrnn.contract import INPUT_IDS, MAX_T
 from charrnn.data import read_text, split
 from charrnn.errors import EXIT_USAGE
 from charrnn.vocab import Vocab
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 STREAMS, PROMPT, STEPS = 64, 64, 256  # the defaults `make perf` uses
 

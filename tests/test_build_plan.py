@@ -18,7 +18,7 @@ from charrnn.contract import (
     TOP_K,
 )
 from export.build_plan import profile_shapes
-from tests.conftest import committed_text, run
+from tests.helpers import committed_text, run
 
 
 def tensorrt_builder_available() -> bool:
@@ -52,16 +52,18 @@ def test_build_plan_with_a_missing_onnx_exits_2(tmp_path):
 def test_profile_shapes_cover_the_serving_limits(shipped_contract_vocab):
     contract, _ = shipped_contract_vocab
     shapes = profile_shapes(contract.state_dims, MAX_BATCH_SIZE, MAX_T)
+    # every input, STATE_IN included, has a profile entry
     assert set(shapes) == {
         INPUT_IDS,
         STATE_IN,
-    }  # every input, STATE_IN included, has a profile entry
+    }
     assert shapes[INPUT_IDS] == ((1, 1), (64, 1), (64, 256))  # batch 1..64, T 1..256, opt T=1
+    # state dims exact
     assert shapes[STATE_IN] == (
         (1, 2, 2, 512),
         (64, 2, 2, 512),
         (64, 2, 2, 512),
-    )  # state dims exact
+    )
     # Triton: config max_batch_size must be <= the profile's max batch
     config = repository.parse_config(committed_text(repository.TRT))
     assert shapes[INPUT_IDS][2][0] >= config.max_batch_size
@@ -80,7 +82,8 @@ def test_plan_profile_covers_the_generation_inputs():
     shapes = profile_shapes((2, 2, 512), 64, MAX_T, gen_vocab=65)
     assert shapes[NOISE] == ((1, 1, 65), (64, 32, 65), (64, MAX_K, 65))
     assert shapes[TEMPERATURE] == shapes[TOP_K] == ((1, 1), (64, 1), (64, 1))
+    # the step graph: unchanged
     assert set(profile_shapes((2, 2, 512), 64, MAX_T)) == {
         INPUT_IDS,
         STATE_IN,
-    }  # the step graph: unchanged
+    }

@@ -18,7 +18,7 @@ import pytest
 
 from charrnn.contract import LIVE_ID_MESSAGE, MAX_SEQUENCES
 from charrnn.repository import ONNX, PYTHON
-from tests.conftest import GREEDY, ROOT, RawStream, client_cmd, served, start_server, tf_text
+from tests.helpers import GREEDY, ROOT, RawStream, client_cmd, served, start_server, tf_text
 
 BOTH = pytest.mark.parametrize("model", [PYTHON, ONNX])
 # Generous bounds for a loaded 2-core machine; before the admission timeout these waits took 41-57 s (a new

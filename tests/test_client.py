@@ -15,7 +15,7 @@ import pytest
 from charrnn.local_triton import free_port
 from charrnn.repository import PYTHON
 from charrnn.sampling import SamplingParams
-from tests.conftest import (
+from tests.helpers import (
     ROOT,
     client_cmd,
     ensure_up,
@@ -503,9 +503,8 @@ def test_verbose_goes_to_stderr_and_the_text_stays_alone_on_stdout(server):
     assert loud.stdout == quiet.stdout
     assert f"client: connecting to grpc://{server.grpc_url}" in loud.stderr
     assert f"client: model {PYTHON}: ready, vocabulary of 65 characters" in loud.stderr
-    assert (
-        "is_server_live" in loud.stderr and "is_server_live" not in quiet.stderr
-    )  # tritonclient's
+    # tritonclient's
+    assert "is_server_live" in loud.stderr and "is_server_live" not in quiet.stderr
 
 
 def test_ssl_against_a_plaintext_server_is_unreachable(server):
@@ -577,7 +576,18 @@ def test_headers_go_on_the_grpc_stream(odd_server):
     ok = run_client(*flags, "-H", f"triton-grpc-protocol-stream-key:{STREAM_KEY}")
     assert ok.returncode == 0, ok.stderr
     assert len(ok.stdout) == len("ROMEO:\n") + 20 + 1
-    # Without it the stream fails: today classified as a lost connection (exit 3), like an outage.
-    refused = run_client(*flags, "--retries", "0")
-    assert refused.returncode == 3, refused.stderr
-    assert refused.stdout == "ROMEO:\n\n"  # nothing generated
+    # Without it (or with a wrong value) Triton 2.51 refuses the stream with UNAVAILABLE "This protocol is
+    # restricted, expecting header 'triton-grpc-protocol-stream-key'": a caller mistake (exit 2) naming the
+    # header, not an outage to retry (the default --retries 5 would otherwise say "retry 1/5").
+    name = "triton-grpc-protocol-stream-key"
+    for refused in (run_client(*flags), run_client(*flags, "-H", f"{name}:wrong")):
+        assert refused.returncode == 2, refused.stderr
+        last = refused.stderr.strip().splitlines()[-1]
+        assert last.startswith(
+            f"error: server {odd_server.grpc_url}: requires the header {name}, which the request "
+            "lacked or had wrong ("
+        ), last
+        assert f"expecting header '{name}'" in last
+        assert last.endswith(f"(pass it with -H {name}:VALUE)"), last
+        assert "retry" not in refused.stderr
+        assert refused.stdout == "ROMEO:\n"  # nothing generated

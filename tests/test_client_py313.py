@@ -16,7 +16,7 @@ import tomllib
 import pytest
 
 from charrnn.repository import PYTHON
-from tests.conftest import ROOT, docker_or_skip, run_client_on
+from tests.helpers import ROOT, docker_or_skip, run_client_on
 
 IMAGE = "charrnn-base:trixie-python3.13"
 WHEELS = ROOT / "build" / "wheels" / "client-py313"

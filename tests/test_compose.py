@@ -29,7 +29,7 @@ from charrnn.repository import (
     TRT,
 )
 from serve.images import IMAGES, pins
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 DOCKERFILE = ROOT / "serve" / "Dockerfile"
@@ -545,9 +545,8 @@ def test_perf_slim_service(services):
     assert s["depends_on"]["triton-slim"]["condition"] == "service_healthy"
     assert command_args(s) == ["bash", "/bench/perf.sh"]
     assert s["environment"]["TRITON_GRPC"] == "triton-slim:8001"
-    assert with_defaults(s["environment"]["MODELS"]).split() == list(
-        SHARED_CPU_MODELS
-    )  # what triton-slim serves
+    # what triton-slim serves
+    assert with_defaults(s["environment"]["MODELS"]).split() == list(SHARED_CPU_MODELS)
     assert not s.get(
         "ports"
     ), "perf_analyzer reaches the server on the compose network; nothing to publish"

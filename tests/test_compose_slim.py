@@ -43,7 +43,7 @@ from charrnn.repository import (
 )
 from charrnn.repository import SHARED_CPU_MODELS as SHARED_MODELS
 from charrnn.sampling import SamplingParams
-from tests.conftest import (
+from tests.helpers import (
     ROOT,
     ComposeStack,
     client_cmd,

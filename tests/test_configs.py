@@ -28,13 +28,14 @@ from charrnn.contract import (
 from charrnn.repository import STEP_MODELS as STEP
 from charrnn.vocab import Vocab
 from export import configs
-from tests.conftest import COMMITTED_REPO, ROOT, SHIPPED_MODEL, committed_text
+from tests.helpers import COMMITTED_REPO, ROOT, SHIPPED_MODEL, committed_text
 
 COMMITTED_CONFIGS = sorted(p.parent.name for p in COMMITTED_REPO.glob(f"*/{repository.CONFIG}"))
+# implicit state (the python backend keeps state itself)
 STEP_STATEFUL = (
     repository.TRT,
     repository.ONNX,
-)  # implicit state (the python backend keeps state itself)
+)
 
 
 # --- the committed, rendered and freshly exported configs ---------------------------------------------------
@@ -233,18 +234,20 @@ def test_configs_for_one_slot_cells_agree_with_their_graph(cell, exported, tmp_p
 @pytest.mark.parametrize(
     "old, new, tensor, words",
     [
+        # state and initial_state dims
         (
             "dims: [ 2, 2, 512 ]",
             "dims: [ 2, 2, 256 ]",
             "STATE_IN",
             "shape",
-        ),  # state and initial_state dims
+        ),
+        # state only
         (
             "dims: [ 2, 2, 512 ]\n      initial",
             "dims: [ 2, 512 ]\n      initial",
             "STATE_IN",
             "shape",
-        ),  # state only
+        ),
         (
             "data_type: TYPE_FP32\n      dims",
             "data_type: TYPE_FP16\n      dims",

@@ -32,9 +32,8 @@ def test_verify_corpus_rejects_a_modified_file(tmp_path, corpus_text):
     changed = tmp_path / "changed.txt"
     i = 1000
     assert corpus_text[i] != "X"
-    changed.write_text(
-        corpus_text[:i] + "X" + corpus_text[i + 1 :], encoding="utf-8"
-    )  # same length, one char differs
+    # same length, one char differs
+    changed.write_text(corpus_text[:i] + "X" + corpus_text[i + 1 :], encoding="utf-8")
     with pytest.raises(UserError) as info:
         verify_corpus(changed)
     msg = str(info.value)
@@ -75,9 +74,8 @@ def test_corpus_split_concatenates_back_to_the_whole(corpus, corpus_text, corpus
     assert len(train) + len(val) + len(test) == n
     assert abs(len(val) - 0.05 * n) < 2 and abs(len(test) - 0.05 * n) < 2
     assert corpus_vocab.decode(np.concatenate([train, val, test])) == corpus_text
-    assert (
-        corpus_vocab.decode(val[:40]) == corpus_text[len(train) : len(train) + 40]
-    )  # the same text is always in val
+    # the same text is always in val
+    assert corpus_vocab.decode(val[:40]) == corpus_text[len(train) : len(train) + 40]
 
 
 def test_load_splits_with_a_foreign_vocab_names_the_missing_chars(corpus):
@@ -116,9 +114,8 @@ def test_stream_batches_shift_and_continuity_on_the_corpus(corpus):
         assert x.dtype == np.int32
         assert np.array_equal(y[:, :-1], x[:, 1:])  # y is x shifted by one inside a batch
     for (_, y0), (x1, _) in zip(batches, batches[1:]):
-        assert np.array_equal(
-            y0[:, -1], x1[:, 0]
-        )  # last target of batch i is the first input of i+1
+        # last target of batch i is the first input of i+1
+        assert np.array_equal(y0[:, -1], x1[:, 0])
     # Row b of consecutive batches is one contiguous piece of the text.
     per = (len(train) - 1) // B
     rows = np.concatenate([x for x, _ in batches], axis=1)  # (B, 21 * T)

@@ -18,7 +18,7 @@ import sys
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 FLAGS_MD = ROOT / "docs" / "flags.md"
 
@@ -79,7 +79,7 @@ def help_flags(module: str) -> set[str]:
     assert r.returncode == 0, f"python -m {module} --help: exit {r.returncode}\n{r.stderr[-2000:]}"
     usage = r.stdout.split("\n\n", 1)[0]
     assert usage.startswith("usage:"), r.stdout[:500]
-    return set(re.findall(FLAG, usage)) - {"--help"}
+    return set(re.findall(FLAG, usage)) - {"--help", "--version"}
 
 
 def test_flags_md_has_a_section_per_command():

@@ -16,7 +16,7 @@ from charrnn.model import (
     build_model,
     keras,  # TensorFlow's, with its environment set first
 )
-from tests.conftest import read_json
+from tests.helpers import read_json
 from train import evaluate as evaluate_cli
 from train.evaluate import evaluate_loss
 
@@ -50,9 +50,8 @@ def random_model():
 
 def test_evaluate_loss_matches_numpy_cross_entropy_single_stream(random_model):
     ids = np.random.default_rng(1).integers(0, 5, size=40, dtype=np.int32)
-    loss, count = evaluate_loss(
-        random_model, ids, batch_size=1, seq_len=7
-    )  # 6 chunks, state carried
+    # 6 chunks, state carried
+    loss, count = evaluate_loss(random_model, ids, batch_size=1, seq_len=7)
     assert count == 39
     logits, _ = random_model(ids[None, :-1])
     want = _numpy_ce(logits.numpy()[0], ids[1:]).mean()
@@ -104,7 +103,7 @@ def test_shipped_model_beats_samplecharrnn_on_the_test_split(corpus, capsys):
     figure its model card (and the README) states; the card names the flags `make train` runs."""
     import re
 
-    from tests.conftest import ROOT, SHIPPED_MODEL
+    from tests.helpers import ROOT, SHIPPED_MODEL
 
     capsys.readouterr()
     assert evaluate_cli.main(["--model", str(SHIPPED_MODEL), "--data", str(corpus), "--json"]) == 0

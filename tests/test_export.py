@@ -13,7 +13,7 @@ import pytest
 
 from charrnn import repository
 from charrnn.repository import STEP_MODELS as STEP
-from tests.conftest import COMMITTED_REPO
+from tests.helpers import COMMITTED_REPO
 
 
 def test_export_writes_the_whole_repository(shipped_repo, shipped_proto):

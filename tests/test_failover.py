@@ -12,15 +12,14 @@ Needs Docker (see tests/test_scale.py). Its own compose project, 3 replicas.
 from __future__ import annotations
 
 import threading
-import time
 from types import SimpleNamespace
 
 import pytest
 
 from charrnn.repository import PYTHON
 from charrnn.sampling import SamplingParams
-from serve.scale import servers, wait_for_replicas
-from tests.conftest import served, wait_for
+from serve.scale import servers, up, wait_for_replicas
+from tests.helpers import served, wait_for
 from tests.test_scale import (
     PROXY,
     REPLICA,
@@ -58,18 +57,31 @@ def stack(images, shipped_repo):  # noqa: F811 (images: the fixture imported abo
 
 
 def scale(s: Stack, n: int, env: dict | None = None) -> None:
-    """`up --scale` to n replicas (also starts or recreates the proxy), then wait until the proxy sees n UP."""
+    """`up --scale` to n replicas (also starts or recreates the proxy), then wait until the proxy sees exactly n
+    UP in every backend (after a scale-down the removed replica stays UP until its health checks fail).
+    """
     if env:
         s.env.update(env)
     r = s.compose("up", "-d", "--wait", "--scale", f"{REPLICA}={n}", PROXY, REPLICA)
     assert r.returncode == 0, r.stderr
     assert wait_for_replicas(n, s.stats, timeout=90) == 0
+    wait_for(
+        lambda: all(len(addresses) == n for addresses in up(s.stats).values()),
+        60,
+        f"the proxy to see exactly {n} replicas UP in every backend (HAProxy's stats)",
+        period=0.5,
+    )
 
 
 def up_addresses(s: Stack) -> set[str]:
     return {
         row["addr"] for row in servers(s.stats)["triton_http"].values() if row["status"] == "UP"
     }
+
+
+def open_grpc_streams(s: Stack) -> int:
+    """gRPC streams the proxy holds open to the replicas now (HAProxy's stats: scur of triton_grpc's servers)."""
+    return sum(int(row["scur"] or 0) for row in servers(s.stats)["triton_grpc"].values())
 
 
 def address(s: Stack, container: str) -> str:
@@ -227,8 +239,9 @@ def test_stale_state_of_a_paused_replica_is_never_continued(stack, reference, mo
 
 def test_scale_up_and_down_under_load_loses_nothing(stack, reference):
     """2 -> 3 -> 2 replicas while 12 sequences run: the new replica takes some keys, the removed one's streams
-    break and their sequences are re-primed; every text equals the single-server one. While a change is under
-    way the client is slowed (50 characters/s), so the generation outlasts both changes."""
+    break and their sequences are re-primed; every text equals the single-server one. The client runs at full
+    speed while a change is under way, but holds at a third of the text until the first change is done, and at
+    two thirds until the second one is: both changes finish while the sequences still run."""
     scale(stack, 2)
     steps, errors = [], []
 
@@ -246,8 +259,15 @@ def test_scale_up_and_down_under_load_loses_nothing(stack, reference):
         elif len(steps) == 1 and not steps[0].is_alive():
             steps.append(threading.Thread(target=change, args=(2,)))
             steps[-1].start()
-        if steps and steps[-1].is_alive():
-            time.sleep(0.02)  # slow the client while the replicas change
+        for change_thread, n, hold_at in zip(steps, (3, 2), (12 * 100, 12 * 200)):
+            if chars[0] >= hold_at and change_thread.is_alive():
+                wait_for(
+                    lambda: not change_thread.is_alive(),
+                    300,
+                    f"the change to {n} replicas (compose up --scale, then the proxy seeing them UP) to "
+                    f"finish while the client held at {chars[0]} of {12 * 300} characters",
+                    period=0.2,
+                )
 
     chars = [0]
     texts, seqs = run(stack, 12, 300, "grpc", shards=6, on_text=on_text)
@@ -268,12 +288,21 @@ def test_a_stream_idle_past_the_proxys_timeout_is_reprimed_not_continued(stack, 
         def on_text(index, text):
             progress[0] += len(text)
             if not stalled and progress[0] >= 4 * 60:
-                stalled.append(True)
-                # the client idles longer than the proxy's timeout (2 s): it cuts the streams
-                time.sleep(4)
+                stalled.append(open_grpc_streams(stack))
+                # the client idles (sends nothing) until the proxy's timeout (2 s) has cut its streams
+                wait_for(
+                    lambda: open_grpc_streams(stack) == 0,
+                    30,
+                    "the proxy to cut the idle client's gRPC streams (HAPROXY_IDLE_TIMEOUT=2s): HAProxy's "
+                    "stats still count streams open to the replicas",
+                    period=0.2,
+                )
 
         texts, seqs = run(stack, 4, 150, "grpc", shards=2, on_text=on_text, messages=messages)
         assert texts == reference(4, 150)
-        assert stalled and any(q.restarts for q in seqs), messages
+        assert (
+            stalled and stalled[0] > 0
+        ), f"no stream open through the proxy when the client idled: {stalled}"
+        assert any(q.restarts for q in seqs), messages
     finally:
         scale(stack, REPLICAS, env={"HAPROXY_IDLE_TIMEOUT": "1h"})

@@ -20,7 +20,7 @@ from charrnn.contract import (
     TOP_K,
 )
 from charrnn.sampling import Sampler, SamplingParams
-from tests.conftest import GEN_LENGTH, GEN_PROMPTS, GREEDY, SEEDED, first_difference
+from tests.helpers import GEN_LENGTH, GEN_PROMPTS, GREEDY, SEEDED, first_difference
 
 
 @pytest.fixture(scope="module")

@@ -27,6 +27,7 @@ from charrnn.repository import GEN_PYTHON, ONNX, load_config, vocab_of
 from charrnn.sampling import SamplingParams, choose, noise_stream, uniform_noise
 from charrnn.sequence_state import END, START, SequenceStates, load_stateful_model
 
+# gen_model.load
 GEN_TENSORS = {
     INPUT_IDS: "tensor(int32)",
     STATE_IN: "tensor(float)",
@@ -34,7 +35,7 @@ GEN_TENSORS = {
     TEMPERATURE: "tensor(float)",
     TOP_K: "tensor(int32)",
     OUTPUT_IDS: "tensor(int32)",
-}  # gen_model.load
+}
 V = 65  # the shipped vocabulary
 
 
@@ -180,11 +181,12 @@ TEMP = "TEMPERATURE: must be 0 (greedy) or >= 0.001 (smaller values overflow), g
         ("temperature", f32([0.8]), "TEMPERATURE: must be FP32 [1, 1], got float32 [1]"),
         ("temperature", f32([[1e-4]]), TEMP.format("9.999999747378752e-05")),
         ("temperature", f32([[1e-45]]), TEMP.format("1.401298464324817e-45")),
+        # the float32 just below the floor
         (
             "temperature",
             f32([[np.nextafter(np.float32(MIN_TEMPERATURE), np.float32(0))]]),
             TEMP.format("0.0009999999310821295"),
-        ),  # the float32 just below the floor
+        ),
         ("temperature", f32([[-1.0]]), TEMP.format("-1.0")),
         ("temperature", f32([[np.inf]]), TEMP.format("inf")),
         ("temperature", f32([[np.nan]]), TEMP.format("nan")),
@@ -335,9 +337,8 @@ def test_the_min_temperature_floor_is_accepted_and_samples_like_the_reference(
 def test_two_requests_of_k_continue_one_sequence_like_one_request_of_2k(runner, other, vocab):
     prompt, noise = vocab.encode("HAMLET:\n"), noise_of(9, 24)  # (2K, V)
     first = run(runner, [req(1, START, prompt, noise[:12], 0.9, 10)])  # (1, K)
-    second = run(
-        runner, [req(1, 0, first[0, -1:], noise[12:], 0.9, 10)]
-    )  # id_K is sent back, not fed before
+    # id_K is sent back, not fed before
+    second = run(runner, [req(1, 0, first[0, -1:], noise[12:], 0.9, 10)])
     whole = run(other, [req(1, START, prompt, noise, 0.9, 10)])  # (1, 2K)
     assert first[0].tolist() + second[0].tolist() == whole[0].tolist()
     np.testing.assert_allclose(runner.states.states[1], other.states.states[1], atol=1e-5)
@@ -378,9 +379,8 @@ def test_a_batch_gives_each_sequence_what_it_gets_alone(runner, gen, vocab):
         finally:
             alone.states.close()
     assert sorted(runner.states.states) == [1, 3, 4]  # 2 ended
-    assert (
-        ids[0].tolist() != ids[2].tolist()
-    )  # same prompt and input as 3: only the sampling differs
+    # same prompt and input as 3: only the sampling differs
+    assert ids[0].tolist() != ids[2].tolist()
 
 
 def test_steps_give_the_same_ids_and_state_as_run(runner, other, vocab):

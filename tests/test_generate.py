@@ -17,7 +17,7 @@ from charrnn.contract import MAX_K
 from charrnn.errors import UserError
 from charrnn.repository import PYTHON
 from charrnn.sampling import SamplingParams
-from tests.conftest import (
+from tests.helpers import (
     GEN_LENGTH,
     GEN_PROMPTS,
     GREEDY,
@@ -211,9 +211,8 @@ def test_streaming_first_character_arrives_before_the_last_is_generated(stream_s
                 chunk=MAX_K,
                 on_text=lambda i, t: arrivals.append(time.perf_counter() - t0),
             )
-            assert (
-                len(seq.latencies) == 1 and len(arrivals) == MAX_K
-            )  # one request, MAX_K responses
+            # one request, MAX_K responses
+            assert len(seq.latencies) == 1 and len(arrivals) == MAX_K
             runs.append(arrivals)
             # spread over the generation, not delivered in one burst at the end
             if arrivals[0] < 0.5 * arrivals[-1] and len({round(a * 1e3) for a in arrivals}) > 40:
@@ -289,9 +288,8 @@ def test_client_reprimes_sequences_the_server_forgot(short_idle_server):
 
     def on_char(index, char):
         chars[0] += 1
-        if (
-            chars[0] == 60
-        ):  # stall (no request in flight) until the model has evicted both sequences
+        # stall (no request in flight) until the model has evicted both sequences
+        if chars[0] == 60:
             wait_for(
                 lambda: sum(k for k, _ in evictions(s, offset)) >= 2,
                 30,
@@ -337,6 +335,14 @@ def test_client_reprimes_sequences_the_server_forgot(short_idle_server):
             "'INT32'",
             "fatal",
         ),
+        # 2.51's refusal of gRPC inference without the header --grpc-restricted-protocol asks for: a caller
+        # mistake, although its status (UNAVAILABLE) reads as an outage
+        (
+            "[StatusCode.UNAVAILABLE] This protocol is restricted, expecting header "
+            "'triton-grpc-protocol-stream-key'",
+            "restricted",
+        ),
+        ("This API is restricted, expecting header 'infer-key'", "restricted"),
     ],
     ids=[
         "triton-wants-start",
@@ -345,6 +351,8 @@ def test_client_reprimes_sequences_the_server_forgot(short_idle_server):
         "dead-stream",
         "bad-ids",
         "bad-dtype",
+        "grpc-header-required",
+        "http-header-required",
     ],
 )
 def test_client_classifies_server_errors(message, kind):
@@ -377,9 +385,8 @@ def test_generation_survives_a_server_crash_4_sequences_greedy(restartable, prot
 
     def on_char(index, char):
         chars[0] += 1
-        if chars[0] == 40 * len(
-            prompts
-        ):  # mid-generation: crash the server, bring it back in a thread
+        # mid-generation: crash the server, bring it back in a thread
+        if chars[0] == 40 * len(prompts):
             kill_server(s)
             restart.append(restart_later(s))
 
@@ -409,10 +416,11 @@ def test_generation_survives_a_server_crash_4_sequences_greedy(restartable, prot
     [
         (repository.GEN_PYTHON, 8),
         (repository.GEN_STREAM, 8),
+        # Triton's implicit state is lost with the server: re-primed the same way
         (
             repository.ONNX,
             None,
-        ),  # Triton's implicit state is lost with the server: re-primed the same way
+        ),
         (repository.GEN_ONNX, 8),
     ],
 )
@@ -438,9 +446,8 @@ def test_chunked_generation_survives_a_server_crash_seeded(
 
         def on_text(index, text):
             chars[0] += len(text)
-            if not restart and chars[0] >= 60 * len(
-                prompts
-            ):  # mid-generation: crash, bring it back in a thread
+            # mid-generation: crash, bring it back in a thread
+            if not restart and chars[0] >= 60 * len(prompts):
                 kill_server(s)
                 restart.append(restart_later(s))
 

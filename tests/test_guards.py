@@ -106,9 +106,8 @@ def test_messages_are_the_contracts_with_the_models_limits():
     assert f">= {MIN_TEMPERATURE}" in MESSAGES[TEMPERATURE]
     assert f"0..{V}" in MESSAGES[TOP_K]
     for message in MESSAGES.values():
-        assert (
-            message.startswith(GUARD_PREFIX) and "'" not in message
-        )  # ORT quotes the name in '...'
+        # ORT quotes the name in '...'
+        assert message.startswith(GUARD_PREFIX) and "'" not in message
         assert message.isascii()
 
 

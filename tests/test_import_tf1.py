@@ -19,7 +19,7 @@ tf = pytest.importorskip("tensorflow")
 
 from charrnn.model import load_model_dir  # noqa: E402
 from charrnn.repository import ONNX  # noqa: E402
-from tests.conftest import ROOT  # noqa: E402
+from tests.helpers import ROOT  # noqa: E402
 from train.import_tf1.__main__ import main  # noqa: E402
 from train.import_tf1.sources import WtsStore, write_wts  # noqa: E402
 from train.import_tf1.vocab import SAMPLECHARRNN_CHARS  # noqa: E402
@@ -65,9 +65,8 @@ def tf1_weights(
             w[f"{p}/bias"] = rng.normal(0, 0.5, g * H)
     w[f"{sm}softmax_w"] = rng.normal(0, 1.0, (H, V))
     w[f"{sm}softmax_b"] = rng.normal(0, 0.5, V)
-    if (
-        extras
-    ):  # what a training checkpoint also holds: optimizer slots and counters (must be ignored)
+    # what a training checkpoint also holds: optimizer slots and counters (must be ignored)
+    if extras:
         for name in list(w):
             w[f"{name}/Adam"] = rng.normal(0, 0.01, w[name].shape)
             w[f"{name}/Adam_1"] = np.abs(rng.normal(0, 0.01, w[name].shape))
@@ -117,9 +116,8 @@ def tf1_reference(
         {k.split("/cell_")[1].split("/")[0] for k in w if k.startswith(multi + "/cell_")}, key=int
     )
     H = w[f"{sm}softmax_w"].shape[0]
-    state = [
-        (np.zeros((B, H)), np.zeros((B, H))) for _ in layers
-    ]  # LSTMStateTuple(c, h); h only otherwise
+    # LSTMStateTuple(c, h); h only otherwise
+    state = [(np.zeros((B, H)), np.zeros((B, H))) for _ in layers]
     out = np.zeros((B, T, V))
     for t in range(T):
         x = emb[ids[:, t]]
@@ -159,9 +157,8 @@ def keras_logits(model_dir: Path, ids: np.ndarray) -> np.ndarray:
 
 
 def seqs(V: int, seed: int = 0) -> np.ndarray:
-    return (
-        np.random.default_rng(seed).integers(0, V, (3, 20)).astype(np.int32)
-    )  # 3 sequences x 20 steps
+    # 3 sequences x 20 steps
+    return np.random.default_rng(seed).integers(0, V, (3, 20)).astype(np.int32)
 
 
 def run(argv: list[str], capsys) -> tuple[int, str, str]:
@@ -176,11 +173,12 @@ def run(argv: list[str], capsys) -> tuple[int, str, str]:
 @pytest.mark.parametrize(
     "naming,flag,expected_fb",
     [
+        # crazydonkey hard-codes forget_bias=0.0: the default follows it
         (
             "crazydonkey",
             None,
             0.0,
-        ),  # crazydonkey hard-codes forget_bias=0.0: the default follows it
+        ),
         ("crazydonkey", 1.0, 1.0),
         ("sherjilozair", None, 1.0),  # TF's default BasicLSTMCell(forget_bias=1.0)
         ("sherjilozair", 0.0, 0.0),
@@ -191,9 +189,8 @@ def test_lstm_checkpoint_matches_tf1_math(tmp_path, capsys, naming, flag, expect
     w = tf1_weights(naming, "lstm", V, H, E, layers=2, seed=1)
     run_dir = tmp_path / "run"
     prefix = save_tf1_checkpoint(run_dir / "best_model" / "model", w)
-    if (
-        naming == "crazydonkey"
-    ):  # crazydonkey's train.py writes vocab.json {char: id} next to best_model/
+    # crazydonkey's train.py writes vocab.json {char: id} next to best_model/
+    if naming == "crazydonkey":
         (run_dir / "vocab.json").write_text(json.dumps({c: i for i, c in enumerate(CHARS)}))
         argv = ["--checkpoint", prefix]  # vocabulary found automatically
     else:  # sherjilozair's save/chars_vocab.pkl = pickle((chars, {char: id}))
@@ -626,9 +623,8 @@ def test_error_cell_flag_contradicts_file(tmp_path, capsys, small_ckpt):
 def test_error_wrong_shape(tmp_path, capsys, small_ckpt):
     _, w, vocab = small_ckpt
     bad = dict(w)
-    bad["rnn/multi_rnn_cell/cell_0/basic_lstm_cell/kernel"] = np.zeros(
-        (5, 24), np.float32
-    )  # not (4+6, 24)
+    # not (4+6, 24)
+    bad["rnn/multi_rnn_cell/cell_0/basic_lstm_cell/kernel"] = np.zeros((5, 24), np.float32)
     prefix = save_tf1_checkpoint(tmp_path / "bad" / "model", bad)
     rc, _, err = run(["--checkpoint", prefix, "--vocab", vocab, "--out", tmp_path / "x"], capsys)
     assert rc == 2 and "has shape (5, 24), expected (10, 24)" in err

@@ -10,7 +10,7 @@ import tomllib
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 SETUPTOOLS = PROJECT["tool"]["setuptools"]
@@ -34,9 +34,8 @@ def test_the_client_extra_installs_no_tensorflow():
 @pytest.mark.parametrize("name, target", sorted(PROJECT["project"]["scripts"].items()))
 def test_entry_points_resolve_to_a_main(name, target):
     module, func = target.split(":")
-    assert callable(
-        getattr(importlib.import_module(module), func)
-    )  # the editable install of `make setup`
+    # the editable install of `make setup`
+    assert callable(getattr(importlib.import_module(module), func))
 
 
 def test_client_modules_import_without_tensorflow():

@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 from charrnn.repository import MODELS
-from tests.conftest import ROOT, all_strings
+from tests.helpers import ROOT, all_strings
 
 K8S = ROOT / "serve" / "k8s"
 GPU = K8S / "gpu"

@@ -21,7 +21,7 @@ from charrnn import repository
 from charrnn.contract import INFER_KEY_ENV, INFER_KEY_HEADER
 from charrnn.repository import PYTHON
 from charrnn.sampling import SamplingParams
-from tests.conftest import ROOT, RawStream, group_pids, served, start_server, tf_text, wait_for
+from tests.helpers import ROOT, RawStream, group_pids, served, start_server, tf_text, wait_for
 
 
 # --- starting and stopping ------------------------------------------------------------------------------
@@ -726,9 +726,8 @@ def test_http_inference_needs_the_key_so_a_huge_declared_shape_cannot_abort_the_
             assert code == 403 and f"expecting header '{INFER_KEY_HEADER}'" in text, (code, text)
         assert server.is_ready()
         assert post(body([1, 1], 8_500_000_003), {INFER_KEY_HEADER: server.infer_key})[0] == 200
-        canary.send(
-            "c/1", [[2]], 8_500_000_001, end=True
-        )  # the sequence kept its state through all of it
+        # the sequence kept its state through all of it
+        canary.send("c/1", [[2]], 8_500_000_001, end=True)
         canary.logits("c")
     finally:
         canary.close()

@@ -12,7 +12,7 @@ import subprocess
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 # A fake of every kind of file the project generates (.gitignore's patterns): what `make clean` must remove.
 GENERATED = (

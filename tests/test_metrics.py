@@ -27,7 +27,7 @@ from charrnn.contract import INPUT_IDS, NOISE, TEMPERATURE, TOP_K
 from charrnn.repository import GEN_PYTHON, GEN_STREAM, PYTHON, SHARED_PYTHON_MODELS
 from charrnn.sampling import SamplingParams
 from charrnn.sequence_state import END, METRICS, START, MetricsSink, SequenceStates
-from tests.conftest import ROOT, wait_for
+from tests.helpers import ROOT, wait_for
 
 LIVE, STARTED, EVICTED, CHARS = (m[0] for m in METRICS)
 NAMES = {LIVE, STARTED, EVICTED, CHARS}
@@ -76,9 +76,8 @@ def test_a_new_store_counts_nothing(reported):
 def test_start_continue_and_end_are_counted_and_reported_as_deltas(reported):
     reported.scatter([(1, START), (2, START), (3, START)], one(1.0, 3))
     assert reported.deltas == [{"live": 3, "started": 3}]
-    reported.scatter(
-        [(1, 0), (2, 0)], one(2.0, 2)
-    )  # continuing: nothing changes, nothing is reported
+    # continuing: nothing changes, nothing is reported
+    reported.scatter([(1, 0), (2, 0)], one(2.0, 2))
     assert reported.deltas == [{"live": 3, "started": 3}]
     reported.scatter([(1, END), (3, 0)], one(3.0, 2))
     assert reported.deltas[-1] == {"live": -1, "ended": 1}
@@ -87,9 +86,8 @@ def test_start_continue_and_end_are_counted_and_reported_as_deltas(reported):
 
 def test_a_restart_under_a_live_id_and_a_one_request_sequence(reported):
     reported.scatter([(1, START)], one(1.0))
-    reported.scatter(
-        [(1, START)], one(2.0)
-    )  # the client started id 1 again: started, still one live
+    # the client started id 1 again: started, still one live
+    reported.scatter([(1, START)], one(2.0))
     assert reported.deltas[-1] == {"started": 1}
     reported.scatter([(2, START | END)], one(3.0))  # one request: started, never held, not "ended"
     assert reported.deltas[-1] == {"started": 1}
@@ -169,8 +167,21 @@ def test_a_failing_metric_is_logged_once_and_then_skipped():
     assert good.value == 4 and len(logged) == 1 and "'live' disabled: RuntimeError" in logged[0]
 
 
-def test_a_sink_without_metrics_does_nothing():
-    MetricsSink()({"live": 1, "characters": 5})
+def test_a_sink_without_metrics_or_after_close_takes_reports_silently():
+    """A model serving without metrics (no metrics API) reports every change as usual, and a report that arrives
+    after finalize() closed the sink must not touch the Metric objects it dropped: each such report is accepted,
+    nothing is incremented, nothing is logged."""
+    logged = []
+    empty = MetricsSink(log=logged.append)
+    empty({"live": 1, "started": 1, "characters": 5})
+    empty({"live": -1, "ended": 1, "evicted": 1})
+    metric = FakeMetric()
+    closed = MetricsSink({"characters": metric, "live": metric}, log=logged.append)
+    closed({"characters": 2})
+    closed.close()
+    closed({"live": -1, "evicted": 1, "characters": 5})
+    assert (metric.value, metric.calls) == (2, 1), "a closed sink still incremented a metric"
+    assert empty.metrics == closed.metrics == {} and logged == []
 
 
 def test_concurrent_reports_add_up():

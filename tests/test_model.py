@@ -242,10 +242,11 @@ def test_model_config_accepts_edges():
     assert ModelConfig(vocab_size=2, dropout=0.0).dropout == 0.0
     assert ModelConfig(vocab_size=2, dropout=0.999).dropout == 0.999
     cfg = ModelConfig(vocab_size=65)
+    # sampleCharRNN
     assert (cfg.cell, cfg.layers, cfg.hidden, cfg.embedding) == (
         "lstm",
         2,
         512,
         512,
-    )  # sampleCharRNN
+    )
     assert ModelConfig.from_dict(json.loads(cfg.to_json())) == cfg

@@ -20,7 +20,7 @@ import pytest
 
 from charrnn.local_triton import free_port
 from charrnn.repository import PYTHON
-from tests.conftest import GREEDY, ROOT, docker_or_skip, served, tf_text, wait_for
+from tests.helpers import GREEDY, ROOT, docker_or_skip, served, tf_text, wait_for
 from tests.test_scale import images, scale_stack  # noqa: F401 (images: a fixture used below)
 
 IMAGE = "charrnn-prometheus:2.42-bookworm"  # docker-compose.yml, service prometheus

@@ -23,7 +23,7 @@ from charrnn.contract import (
     STATE_OUT,
     Contract,
 )
-from tests.conftest import SHIPPED_MODEL, Exported, op_counts
+from tests.helpers import SHIPPED_MODEL, Exported, op_counts
 
 TOL = 1e-4  # max |Δ| allowed between ONNX Runtime and TensorFlow (logits and state)
 

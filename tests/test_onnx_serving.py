@@ -14,7 +14,7 @@ import pytest
 from charrnn.contract import STATE_IN, STATE_OUT
 from charrnn.repository import CPU_CONFIG_NAME, GEN_ONNX, ONNX, ORT_MODELS
 from charrnn.sampling import SamplingParams
-from tests.conftest import (
+from tests.helpers import (
     GEN_PROMPTS,
     GREEDY,
     LONG_PROMPT,
@@ -134,9 +134,8 @@ def test_idle_sequence_is_freed_and_the_client_reprimes(ort_backend, shipped_rep
 
         def on_char(index, char):
             chars[0] += 1
-            if (
-                chars[0] == 50
-            ):  # stall, nothing in flight, until the reaper has freed both sequences
+            # stall, nothing in flight, until the reaper has freed both sequences
+            if chars[0] == 50:
                 wait_for(
                     lambda: log_text(s, offset).count("Reaper: force-ending CORRID") >= 2,
                     30,
@@ -346,12 +345,13 @@ def test_demo_generates_through_charrnn_onnx_and_says_so(ort_backend, shipped):
     import sys
 
     from charrnn.repository import BY_NAME
-    from tests.conftest import COMMITTED_REPO, ROOT, SHIPPED_MODEL
+    from tests.helpers import COMMITTED_REPO, ROOT, SHIPPED_MODEL
 
     if not all((COMMITTED_REPO / m / "1" / BY_NAME[m].artifact).is_file() for m in ORT_MODELS):
+        # what `make demo` runs first on a fresh clone
         from export.__main__ import (
             main as export_main,
-        )  # what `make demo` runs first on a fresh clone
+        )
 
         assert export_main(["--model", str(SHIPPED_MODEL), "--repo", str(COMMITTED_REPO)]) == 0
 

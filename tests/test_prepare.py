@@ -12,7 +12,7 @@ import pytest
 
 from charrnn.data import CORPUS_MD5, md5_of
 from charrnn.local_triton import free_port
-from tests.conftest import PY, ROOT
+from tests.helpers import PY, ROOT
 from train.prepare import main as prepare
 
 

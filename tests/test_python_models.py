@@ -23,7 +23,7 @@ from charrnn import repository
 from charrnn.contract import INFER_KEY_HEADER, INPUT_IDS, MAX_K
 from charrnn.repository import PYTHON
 from charrnn.sampling import SamplingParams
-from tests.conftest import (
+from tests.helpers import (
     GREEDY,
     ROOT,
     SHORT_IDLE_US,

@@ -8,27 +8,30 @@ import pytest
 
 from charrnn import repository
 from charrnn.errors import CheckFailed
-from tests.conftest import committed_text
+from tests.helpers import committed_text
 
+# implicit state (the python backend keeps state itself)
 STEP_STATEFUL = (
     repository.TRT,
     repository.ONNX,
-)  # implicit state (the python backend keeps state itself)
+)
 
 
 @pytest.mark.parametrize(
     "mutate, pattern",
     [
+        # typo in a field name
         (
             lambda t: t.replace("max_batch_size:", "max_batch_sise:"),
             "max_batch_sise",
-        ),  # typo in a field name
+        ),
         (lambda t: t + "\nno_such_field: 1\n", "no_such_field"),  # unknown field
         (lambda t: t.replace("oldest {", "olders {"), "olders"),  # typo in a strategy
+        # bad enum
         (
             lambda t: t.replace("KIND_GPU", "KIND_GPUU").replace("KIND_AUTO", "KIND_GPUU"),
             "KIND_GPUU",
-        ),  # bad enum
+        ),
         (lambda t: t.replace("TYPE_INT32", "TYPE_INT23"), "TYPE_INT23"),
         (lambda t: t.replace("zero_data: true", "zero_data: yes please"), ""),  # ill-typed value
         (lambda t: t.replace('name: "zeros" }', 'name: "zeros" '), ""),  # unbalanced braces

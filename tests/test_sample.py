@@ -9,7 +9,7 @@ import subprocess
 
 import pytest
 
-from tests.conftest import PY, ROOT, tiny_text
+from tests.helpers import PY, ROOT, tiny_text
 
 CLI_SEEDED = [
     "--prompt",

@@ -8,7 +8,7 @@ import pytest
 
 from charrnn.errors import UserError
 from charrnn.sampling import Sampler, SamplingParams, choose, filter_logits, generate
-from tests.conftest import tiny_text
+from tests.helpers import tiny_text
 
 V = 10
 LOGITS = np.random.default_rng(123).normal(0, 2, size=V).astype(np.float32)
@@ -40,9 +40,8 @@ def test_greedy_is_argmax_and_deterministic():
     for _ in range(50):
         logits = rng.normal(size=V).astype(np.float32)
         s1 = Sampler(SamplingParams(greedy=True), V)
-        s2 = Sampler(
-            SamplingParams(greedy=True, seed=5, temperature=0.0), V
-        )  # greedy ignores temperature
+        # greedy ignores temperature
+        s2 = Sampler(SamplingParams(greedy=True, seed=5, temperature=0.0), V)
         assert s1.next(logits) == s2.next(logits) == int(np.argmax(logits))
     assert choose(
         np.array([[0.1, 3.0, 2.0], [5.0, 0.0, 1.0]]), SamplingParams(greedy=True), None

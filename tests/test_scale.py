@@ -38,7 +38,7 @@ from charrnn.local_triton import free_port
 from charrnn.repository import ONNX, PYTHON, SHARED_CPU_MODELS
 from charrnn.sampling import SamplingParams
 from serve.scale import BACKENDS, servers, stats_url, up, wait_for_replicas
-from tests.conftest import ROOT, ComposeStack, docker_or_skip, tf_text
+from tests.helpers import ROOT, ComposeStack, docker_or_skip, tf_text
 
 PROXY, REPLICA = "proxy", "triton-replica"
 REPLICAS = 3
@@ -287,9 +287,8 @@ def test_proxy_finds_every_replica_through_dockers_dns_and_checks_them_up(stack)
         ), rows
         assert sorted(r["status"] for r in rows.values() if r["status"] != "UP") == [
             "MAINT (resolution)"
-        ] * (
-            SLOTS - REPLICAS
-        )  # the empty template slots
+            # the empty template slots
+        ] * (SLOTS - REPLICAS)
         assert {r["check_status"] for r in rows.values() if r["status"] == "UP"} == {"L7OK"}
     # The nameserver is Docker's embedded DNS (parse-resolv-conf), and it answered.
     r = sh(
@@ -521,9 +520,8 @@ def test_http_body_over_the_bound_gets_413_and_no_replica_sees_it(stack):
         },
         body,
     )
-    assert status == 413, answer[
-        :500
-    ]  # from the proxy: Triton 2.51 has no size limit and never says 413
+    # from the proxy: Triton 2.51 has no size limit and never says 413
+    assert status == 413, answer[:500]
     # A body of unknown length cannot be bounded before it is forwarded: 411.
     status, answer = post(
         stack.http_port,
@@ -852,8 +850,11 @@ def test_grpc_admin_call_without_key_and_a_long_string_id_get_honest_status_code
 def test_at_capacity_is_429_over_http_and_resource_exhausted_over_grpc(stack):
     """A replica whose sequence slots are all held (one careless client's STARTs, routed there by its key): a
     START sent with Triton's request timeout is answered "at capacity" within about a second, as 429 over HTTP and
-    RESOURCE_EXHAUSTED over unary gRPC (Triton says 503 / UNAVAILABLE, which reads as "server down"). The slots
-    are given back at the end (every held sequence ENDed), so the other tests find the replica as it was.
+    RESOURCE_EXHAUSTED over unary gRPC (Triton says 503 / UNAVAILABLE, which reads as "server down"). The HTTP and
+    gRPC backends each fill their server-template slots from DNS in their own order, so one key may reach
+    different replicas over the two protocols: the HTTP side holds its own slots, over HTTP, until the answer
+    is 429. The slots are given back at the end (every held sequence ENDed), so the other tests find the
+    replicas as they were.
     """
     import queue
 
@@ -871,6 +872,21 @@ def test_at_capacity_is_429_over_http_and_resource_exhausted_over_grpc(stack):
         t.set_data_from_numpy(ids)
         return t
 
+    http, http_started = th.InferenceServerClient(stack.http_url, network_timeout=60), []
+
+    def http_step(sequence_id, start=False, end=False):
+        t = th.InferInput("INPUT_IDS", [1, 1], "INT32")
+        t.set_data_from_numpy(ids)
+        http.infer(
+            MODEL,
+            [t],
+            sequence_id=sequence_id,
+            sequence_start=start,
+            sequence_end=end,
+            timeout=ADMISSION_TIMEOUT_US if start else None,
+            headers={ROUTING_HEADER: key, INFER_KEY_HEADER: stack.infer_key},
+        )
+
     flood = tg.InferenceServerClient(stack.grpc_url)
     flood.start_stream(
         callback=lambda result, error: answers.put(error), headers={ROUTING_HEADER: key}
@@ -882,21 +898,6 @@ def test_at_capacity_is_429_over_http_and_resource_exhausted_over_grpc(stack):
             )
         for _ in range(MAX_SEQUENCES):
             assert answers.get(timeout=120) is None
-        http = th.InferenceServerClient(stack.http_url, network_timeout=60)
-        t = th.InferInput("INPUT_IDS", [1, 1], "INT32")
-        t.set_data_from_numpy(ids)
-        t0 = time.monotonic()
-        with pytest.raises(InferenceServerException) as e:
-            http.infer(
-                MODEL,
-                [t],
-                sequence_id=base - 1,
-                sequence_start=True,
-                timeout=ADMISSION_TIMEOUT_US,
-                headers={ROUTING_HEADER: key, INFER_KEY_HEADER: stack.infer_key},
-            )
-        assert e.value.status() == "429" and CAPACITY_MESSAGE in e.value.message(), e.value
-        assert time.monotonic() - t0 < 10
         unary = tg.InferenceServerClient(stack.grpc_url)
         with pytest.raises(InferenceServerException) as e:
             unary.infer(
@@ -909,16 +910,30 @@ def test_at_capacity_is_429_over_http_and_resource_exhausted_over_grpc(stack):
             )
         assert e.value.status() == "StatusCode.RESOURCE_EXHAUSTED", e.value
         assert e.value.message() == CAPACITY_MESSAGE
+
+        http_base = base + MAX_SEQUENCES
+        for i in range(MAX_SEQUENCES + 1):  # 429 at once if the key's HTTP replica is the full one
+            t0 = time.monotonic()
+            try:
+                http_step(http_base + i, start=True)
+            except InferenceServerException as error:
+                assert error.status() == "429" and CAPACITY_MESSAGE in error.message(), error
+                assert time.monotonic() - t0 < 10
+                break
+            http_started.append(http_base + i)
+        else:
+            pytest.fail(f"{MAX_SEQUENCES + 1} HTTP STARTs under one key, none answered 429")
     finally:
+        for sequence_id in http_started:
+            http_step(sequence_id, end=True)
         for i in range(MAX_SEQUENCES):  # give the slots back
             flood.async_stream_infer(MODEL, [grpc_input()], sequence_id=base + i, sequence_end=True)
         for _ in range(MAX_SEQUENCES):
             answers.get(timeout=120)
         flood.stop_stream()
         flood.close()
-    step(
-        stack, "grpc", base - 3, start=True, end=True, key=key
-    )  # the replica takes sequences again
+    # the replica takes sequences again
+    step(stack, "grpc", base - 3, start=True, end=True, key=key)
 
 
 def test_bench_scale_measures_direct_and_proxied_side_by_side(images, shipped_repo, tmp_path):

@@ -8,7 +8,7 @@ from __future__ import annotations
 import re
 import subprocess
 
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 UNSAFE = re.compile(
     r"\bpickle\s*\.\s*loads?\s*\(|(?<![\w.])eval\s*\(|(?<![\w.])exec\s*\(|\bmarshal\s*\.\s*loads?\s*\("
@@ -26,9 +26,8 @@ def test_no_pickle_eval_exec_anywhere():
     hits = []
     for name in files:
         path = ROOT / name
-        if (
-            not path.is_file() or name == "tests/test_security.py"
-        ):  # this file spells the patterns out
+        # this file spells the patterns out
+        if not path.is_file() or name == "tests/test_security.py":
             continue
         for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
             code = line.split("#", 1)[0]

@@ -26,14 +26,15 @@ from charrnn.contract import (
 )
 from charrnn.repository import GEN_PYTHON, PYTHON, load_config, vocab_of
 from charrnn.sequence_state import END, START, SequenceStates, check_ids, load_stateful_model
-from tests.conftest import SHIPPED_MODEL
+from tests.helpers import SHIPPED_MODEL
 
+# what charrnn_python's initialize() asks for
 STEP_TENSORS = {
     INPUT_IDS: "tensor(int32)",
     STATE_IN: "tensor(float)",
     LOGITS: "tensor(float)",
     STATE_OUT: "tensor(float)",
-}  # what charrnn_python's initialize() asks for
+}
 V = 65  # the shipped vocabulary
 
 
@@ -116,11 +117,12 @@ def test_the_exported_step_model_loads_with_its_config_values(step, python_dir):
     assert step.idle_seconds == MAX_SEQUENCE_IDLE_US / 1e6 == 60.0
     assert step.threads == int(load_config(python_dir).parameters["intra_op_threads"].string_value)
     slots = 2 if model_config["cell"] == "lstm" else 1
+    # (S, L, H)
     assert tuple(step.io[STATE_IN].shape[1:]) == (
         slots,
         model_config["layers"],
         model_config["hidden"],
-    )  # (S, L, H)
+    )
     assert step.io[LOGITS].shape[1] == model_config["vocab_size"] == V
     assert {n: step.io[n].type for n in STEP_TENSORS} == STEP_TENSORS
 
@@ -377,14 +379,12 @@ def test_start_continue_end_match_onnx_runtime_with_explicit_state(step, states,
 
     got1 = execute(step, states, [(corr, START)], prompt[None])
     np.testing.assert_allclose(got1[0], want1, atol=1e-5)
-    np.testing.assert_allclose(
-        states.states[corr], s1, atol=1e-5
-    )  # (S, L, H) stored for the next request
+    # (S, L, H) stored for the next request
+    np.testing.assert_allclose(states.states[corr], s1, atol=1e-5)
     got2 = execute(step, states, [(corr, 0)], more[None])
     np.testing.assert_allclose(got2[0], want2, atol=1e-5)
-    assert not np.allclose(
-        got2[0], direct(step, more)[0], atol=1e-3
-    )  # it did use the state: not a fresh start
+    # it did use the state: not a fresh start
+    assert not np.allclose(got2[0], direct(step, more)[0], atol=1e-3)
     got3 = execute(step, states, [(corr, END)], more[None])
     np.testing.assert_allclose(got3[0], want3, atol=1e-5)
     assert len(states) == 0 and corr not in states.last_used  # END freed it
@@ -421,9 +421,8 @@ def test_a_reused_id_after_end_starts_from_zeros(step, states, vocab):
     np.testing.assert_allclose(got[0], fresh, atol=1e-5)
     np.testing.assert_allclose(states.states[5], fresh_state, atol=1e-5)
     stale = direct(step, second, direct(step, vocab.encode("\n"), direct(step, first)[1])[1])[0]
-    assert not np.allclose(
-        got[0], stale, atol=1e-3
-    )  # had the old state leaked in, the logits would be these
+    # had the old state leaked in, the logits would be these
+    assert not np.allclose(got[0], stale, atol=1e-3)
 
 
 def test_a_start_on_a_live_id_is_refused_and_its_state_kept(step, states, vocab):
@@ -476,18 +475,16 @@ def test_a_request_without_a_sequence_id_is_refused(states, corr, flags):
 
 
 def test_a_stored_state_is_its_own_8_kib_copy_not_a_view_of_the_batch(states):
-    batch = (
-        np.random.default_rng(0).standard_normal((3, *states.zero.shape)).astype(np.float32)
-    )  # (B, S, L, H)
+    # (B, S, L, H)
+    batch = np.random.default_rng(0).standard_normal((3, *states.zero.shape)).astype(np.float32)
     want = batch.copy()
     states.scatter([(1, START), (2, 0), (3, START)], batch)
     batch[:] = 0  # the next ORT call's buffer, reused
     for row, corr in enumerate((1, 2, 3)):
         np.testing.assert_array_equal(states.states[corr], want[row])
         assert states.states[corr].base is None  # nothing pins the (B, S, L, H) batch
-        assert (
-            states.states[corr].nbytes == states.zero.size * 4
-        )  # one (S, L, H): 8 KiB for 2x512 (contract.py)
+        # one (S, L, H): 8 KiB for 2x512 (contract.py)
+        assert states.states[corr].nbytes == states.zero.size * 4
     np.testing.assert_array_equal(
         states.gather([(3, 0), (1, 0), (2, START)]),
         np.stack([want[2], want[0], np.zeros_like(want[0])]),
@@ -497,9 +494,8 @@ def test_a_stored_state_is_its_own_8_kib_copy_not_a_view_of_the_batch(states):
 def test_the_store_holds_as_many_sequences_as_triton_has_slots(states, python_dir):
     assert load_config(python_dir).sequence_batching.oldest.max_candidate_sequences == MAX_SEQUENCES
     shape = states.zero.shape
-    for first in range(
-        0, MAX_SEQUENCES, MAX_BATCH_SIZE
-    ):  # MAX_SEQUENCES sequences, MAX_BATCH_SIZE per call
+    # MAX_SEQUENCES sequences, MAX_BATCH_SIZE per call
+    for first in range(0, MAX_SEQUENCES, MAX_BATCH_SIZE):
         members = [(corr, START) for corr in range(first + 1, first + MAX_BATCH_SIZE + 1)]
         batch = np.stack([np.full(shape, corr, np.float32) for corr, _ in members])
         states.scatter(members, batch)
@@ -574,9 +570,8 @@ def one(value: float) -> np.ndarray:
 def test_an_idle_sequence_is_evicted_after_the_timeout_plus_a_second(clock, idle_states):
     idle_states.scatter([(1, START)], one(1.0))  # at t = 1000
     idle_states.scatter([(2, START)], one(2.0))
-    clock.set(
-        1000 + IDLE + 0.5
-    )  # Triton has freed the slot, but the store keeps it a second longer
+    # Triton has freed the slot, but the store keeps it a second longer
+    clock.set(1000 + IDLE + 0.5)
     clock.full_pass()
     assert sorted(idle_states.states) == [1, 2] and idle_states.messages == []
     clock.set(1000 + IDLE + 1.0 + 0.01)
@@ -589,9 +584,8 @@ def test_an_idle_sequence_is_evicted_after_the_timeout_plus_a_second(clock, idle
 
 
 def test_a_sequence_in_use_survives_while_an_idle_one_is_evicted(clock, idle_states):
-    idle_states.scatter(
-        [(1, START), (2, START)], np.concatenate([one(1.0), one(2.0)])
-    )  # at t = 1000
+    # at t = 1000
+    idle_states.scatter([(1, START), (2, START)], np.concatenate([one(1.0), one(2.0)]))
     clock.set(1000 + IDLE + 0.9)
     idle_states.scatter([(1, 0)], one(1.5))  # sequence 1 continues: its idle time starts again
     clock.set(1000 + IDLE + 1.1)

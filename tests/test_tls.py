@@ -28,7 +28,7 @@ from charrnn.local_triton import free_port
 from charrnn.repository import GEN_ONNX, ONNX
 from charrnn.sampling import SamplingParams
 from serve import tls
-from tests.conftest import ROOT, ComposeStack, docker_or_skip, tf_text
+from tests.helpers import ROOT, ComposeStack, docker_or_skip, tf_text
 
 OVERRIDE = ROOT / "docker-compose.tls.yml"
 COMPOSE_FILES = ("-f", "docker-compose.yml", "-f", "docker-compose.tls.yml")
@@ -310,12 +310,13 @@ def test_mutual_tls_requires_a_client_certificate_from_the_ca(stack, certs, othe
     ca = str(certs / "ca.crt")
     for kw in (
         dict(ssl=True, root_certificates=ca),  # no client certificate
+        # a client certificate of another CA
         dict(
             ssl=True,
             root_certificates=ca,
             private_key=str(other_certs / "client.key"),
             certificate_chain=str(other_certs / "client.crt"),
-        ),  # a client certificate of another CA
+        ),
     ):
         error = grpc_call(stack, **kw)
         assert not isinstance(error, bool) and "UNAVAILABLE" in str(error), (kw, error)

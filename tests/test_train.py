@@ -11,7 +11,7 @@ import pytest
 from charrnn.data import CORPUS_CHARS, CORPUS_MD5, md5_of
 from charrnn.model import load_model_dir
 from charrnn.vocab import Vocab
-from tests.conftest import TINY_FLAGS, read_json
+from tests.helpers import TINY_FLAGS, read_json
 from train.train import main as train_main
 
 LN65 = math.log(65)
@@ -179,9 +179,8 @@ def test_resume_with_different_model_flags_is_a_user_error(
     err = capsys.readouterr().err
     assert err.startswith("error: --resume: checkpoint was trained with")
     assert "'hidden': 16" in err
-    assert (
-        read_json(out / "checkpoints" / "train_state.json")["step"] == 6
-    )  # nothing was overwritten
+    # nothing was overwritten
+    assert read_json(out / "checkpoints" / "train_state.json")["step"] == 6
 
 
 def test_resume_without_checkpoint_is_a_user_error(small_corpus, tmp_path, capsys):

@@ -14,7 +14,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from charrnn.contract import CELLS, INPUT_IDS, LOGITS, STATE_IN, STATE_OUT
 from export.trt_check import OPS_FILE_CANDIDATES, check_model, supported_ops
-from tests.conftest import ROOT, op_counts, run
+from tests.helpers import ROOT, op_counts, run
 
 SHARED_OPS = ROOT.parent / "shared" / "tensorrt" / "onnx_ops_supported.txt"
 REPO_OPS = ROOT / "export" / "onnx_ops_supported.txt"

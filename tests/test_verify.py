@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from tests.conftest import SHIPPED_MODEL
+from tests.helpers import SHIPPED_MODEL
 
 
 def test_verify_passes_on_the_shipped_export(shipped_onnx, capsys):

@@ -16,9 +16,8 @@ from charrnn.vocab import Vocab
 def test_vocab_is_sorted_set_of_corpus_chars(corpus_text, corpus_vocab):
     assert len(corpus_vocab) == 65
     assert corpus_vocab.chars == sorted(set(corpus_text))
-    assert (
-        corpus_vocab.chars[0] == "\n" and corpus_vocab.chars[1] == " "
-    )  # sorted by code point, as char-rnn does
+    # sorted by code point, as char-rnn does
+    assert corpus_vocab.chars[0] == "\n" and corpus_vocab.chars[1] == " "
     assert [corpus_vocab.index[c] for c in corpus_vocab.chars] == list(range(65))
 
 

@@ -230,6 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     from tqdm import tqdm
 
     step = int(step_var.numpy())
+    # a log file gets a line a minute
     bar = tqdm(
         total=max_steps,
         initial=step,
@@ -238,16 +239,15 @@ def main(argv: list[str] | None = None) -> int:
         dynamic_ncols=True,
         file=sys.stdout,
         mininterval=2 if sys.stdout.isatty() else 60,
-    )  # a log file gets a line a minute
+    )
     t_start = time.time()
     chars_per_step = args.batch_size * args.seq_length
     from charrnn.data import stream_batches
 
     while step < max_steps:
         epoch, offset = divmod(step, steps_per_epoch)
-        state = model.zero_state(
-            args.batch_size
-        )  # each epoch (and a resume) starts from a zero state
+        # each epoch (and a resume) starts from a zero state
+        state = model.zero_state(args.batch_size)
         batches = stream_batches(train_ids, args.batch_size, args.seq_length, what=args.data)
         for i, (x, y) in enumerate(batches):
             if i < offset:

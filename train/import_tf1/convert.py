@@ -140,9 +140,8 @@ def convert(
             kind = {"BasicLSTMCell": "lstm", "LSTMCell": "lstm", "BasicRNNCell": "rnn"}.get(
                 layer.cell_class
             )
-            if (
-                kind is None
-            ):  # a --map'ped scope: the bias width tells LSTM (4H) from a basic RNN (H)
+            # a --map'ped scope: the bias width tells LSTM (4H) from a basic RNN (H)
+            if kind is None:
                 kind = {4 * H: "lstm", H: "rnn"}.get(n)
                 if kind is None:
                     raise UserError(

@@ -113,9 +113,8 @@ class Plan:
     scheme: Scheme
     cell: str
     layers: list[Layer]
-    names: dict[str, str] = field(
-        default_factory=dict
-    )  # our name -> store name (softmax_w, softmax_b)
+    # our name -> store name (softmax_w, softmax_b)
+    names: dict[str, str] = field(default_factory=dict)
     embedding: str = ""  # may be absent (one-hot input)
 
 
@@ -134,9 +133,8 @@ class Resolver:
     def layer(self, i: int, cell: str | None) -> Layer | None:
         """Layer i's variables, or None when the layer does not exist."""
         key = f"cell_{i}"
-        if (
-            key in self.maps
-        ):  # a mapped scope ending in a known cell scope (.../basic_lstm_cell) says its class
+        # a mapped scope ending in a known cell scope (.../basic_lstm_cell) says its class
+        if key in self.maps:
             scope = self.maps[key].rstrip("/")
             last = scope.rsplit("/", 1)[-1]
             scopes = [(scope, last if last in CELL_SCOPES else None)]

@@ -98,9 +98,8 @@ def resolve_checkpoint(path: str) -> str:
         return latest
     m = re.match(r"^(.*)\.(index|meta|data-\d+-of-\d+)$", str(p))
     prefix = m.group(1) if m else str(p)
-    if not (
-        Path(prefix + ".index").exists() or Path(prefix).is_file()
-    ):  # V2 checkpoint, or a V1 single file
+    # V2 checkpoint, or a V1 single file
+    if not (Path(prefix + ".index").exists() or Path(prefix).is_file()):
         raise UserError(
             path,
             "checkpoint not found",
@@ -180,9 +179,8 @@ class WtsStore(Store):
                 )
             dtype = WTS_DTYPES[int(type_tok)]
             skip_ws()
-            if pos < n and data[pos] == ord(
-                "("
-            ):  # v2: (d0, d1, ...) then one space, the bytes, '\n'
+            # v2: (d0, d1, ...) then one space, the bytes, '\n'
+            if pos < n and data[pos] == ord("("):
                 end = data.find(b")", pos)
                 if end < 0:
                     raise self._bad(f"buffer {name!r}: unterminated shape")

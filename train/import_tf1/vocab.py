@@ -30,9 +30,8 @@ def _looks_pickled(path: Path) -> bool:
 
 def _vocab_from_obj(obj, what: str) -> Vocab:
     """chars in id order from: {"chars": [...]}, {char: id}, [chars], "chars", or (chars, {char: id})."""
-    if (
-        isinstance(obj, tuple) and len(obj) == 2 and isinstance(obj[1], dict)
-    ):  # sherjilozair (chars, vocab)
+    # sherjilozair (chars, vocab)
+    if isinstance(obj, tuple) and len(obj) == 2 and isinstance(obj[1], dict):
         chars, index = list(obj[0]), obj[1]
         if any(index.get(c) != i for i, c in enumerate(chars)):
             raise UserError(what, "the (chars, vocab) pair disagrees with itself", "check the file")
@@ -87,9 +86,8 @@ def load_vocab(path: str, trust_pickle: bool) -> Vocab:
             )
         try:
             with p.open("rb") as f:
-                obj = _DataOnlyUnpickler(
-                    f, encoding="latin1"
-                ).load()  # Python 2 pickles (str chars) load too
+                # Python 2 pickles (str chars) load too
+                obj = _DataOnlyUnpickler(f, encoding="latin1").load()
         except Exception as e:
             raise UserError(
                 path, f"cannot unpickle ({type(e).__name__}: {e})", "check the file"

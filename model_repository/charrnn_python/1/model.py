@@ -76,9 +76,8 @@ class TritonPythonModel:
                     if ids is None
                     else check_ids(ids, self.vocab_size, MAX_T) or self.states.check(corr, flags)
                 )
-                if (
-                    error
-                ):  # named by sequence: gRPC stream errors reach clients without a request id
+                # named by sequence: gRPC stream errors reach clients without a request id
+                if error:
                     responses[i] = pb_utils.InferenceResponse(
                         output_tensors=[],
                         error=pb_utils.TritonError(
@@ -89,12 +88,14 @@ class TritonPythonModel:
                     groups.setdefault(ids.shape[1], []).append((i, corr, flags, ids))
             for members in groups.values():
                 keys = [(corr, flags) for _, corr, flags, _ in members]
+                # (B, T)
                 ids = (
                     members[0][3] if len(members) == 1 else np.concatenate([m[3] for m in members])
-                )  # (B, T)
+                )
+                # (B, V), (B, S, L, H)
                 logits, new_state = self.session.run(
                     [LOGITS, STATE_OUT], {INPUT_IDS: ids, STATE_IN: self.states.gather(keys)}
-                )  # (B, V), (B, S, L, H)
+                )
                 self.states.scatter(keys, new_state)
                 for row, (i, *_) in enumerate(members):
                     responses[i] = pb_utils.InferenceResponse(
