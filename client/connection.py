@@ -292,7 +292,7 @@ class Connection:
         # tritonclient raises InferenceServerException, gRPC/geventhttp errors, ...
         except Exception as e:
             # a header the server requires is missing or wrong
-            if RESTRICTED_MESSAGE in str(e).lower():
+            if is_restricted(e):
                 raise header_refused(self.url, e) from e
             raise UnavailableError(
                 f"server {self.url}",
@@ -481,7 +481,7 @@ class Connection:
                 # a caller mistake to report, not an outage to reconnect from.
                 self._stream_erred[shard].wait(STREAM_ERROR_WAIT_S)
                 cause = self._stream_error[shard]
-                if cause is not None and RESTRICTED_MESSAGE in str(cause).lower():
+                if cause is not None and is_restricted(cause):
                     raise header_refused(self.url, cause) from e
                 raise
             return
@@ -495,7 +495,7 @@ class Connection:
             )
         except Exception as e:  # tritonclient.utils.InferenceServerException, connection errors
             # no key, or a wrong one: nothing a retry can fix
-            if RESTRICTED_MESSAGE in str(e).lower():
+            if is_restricted(e):
                 if required_header(e) in (INFER_KEY_HEADER, None):
                     raise infer_key_error(e) from e
                 raise header_refused(self.url, e) from e
@@ -517,6 +517,11 @@ class Connection:
 
 class HeaderRefused(UserError):
     """The server requires a header (a restricted API or protocol) that the request lacked or had wrong."""
+
+
+def is_restricted(e) -> bool:
+    """Whether the server refused for a header it requires (RESTRICTED_MESSAGE), missing or wrong."""
+    return RESTRICTED_MESSAGE in str(e).lower()
 
 
 def required_header(e: Exception) -> str | None:

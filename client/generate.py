@@ -65,7 +65,6 @@ from charrnn.contract import (
     MAX_T,
     NOISE,
     OUTPUT_IDS,
-    RESTRICTED_MESSAGE,
     TEMPERATURE,
     TOP_K,
 )
@@ -74,7 +73,7 @@ from charrnn.repository import GEN, STEP
 from charrnn.sampling import Sampler, SamplingParams
 from charrnn.vocab import Vocab
 
-from .connection import Connection, HeaderRefused, header_refused
+from .connection import Connection, HeaderRefused, header_refused, is_restricted
 
 RESULT_TIMEOUT_S = 60.0
 
@@ -360,7 +359,7 @@ _LOST_TEXT = ("must specify the start flag", "unknown sequence")
 
 def classify(error) -> str:
     text = message(error).lower()
-    if RESTRICTED_MESSAGE in text:
+    if is_restricted(text):
         return RESTRICTED
     if CAPACITY_MESSAGE in text:
         return CAPACITY

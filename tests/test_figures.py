@@ -150,10 +150,6 @@ def figures(text: str, cells: bool = True) -> list[str]:
     return found
 
 
-def numbers_of(path: Path) -> set[Decimal]:
-    return numbers_in(path.read_text())
-
-
 def number(figure: str) -> Decimal:
     return Decimal(re.match(NUM, figure).group().replace(",", ""))
 
@@ -175,6 +171,7 @@ def in_file(figure: str, numbers: set[Decimal]) -> bool:
 
 def findings() -> list[str]:
     names = results_files()
+    file_numbers = {path: numbers_in(path.read_text()) for path in set(names.values())}
     problems = []
     for doc in DOCS:
         previous = ""
@@ -183,7 +180,7 @@ def findings() -> list[str]:
             caption = previous if text.lstrip().startswith("|") else ""
             files = named_files(caption + text, names)
             previous = text
-            numbers = set().union(*(numbers_of(p) for p in files)) if files else set()
+            numbers = set().union(*(file_numbers[p] for p in files))
             for figure in figures(text, cells=bool(files)):
                 if files and not in_file(figure, numbers):
                     problems.append(
