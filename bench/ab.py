@@ -62,13 +62,13 @@ def make_variants(repo: Path, model: str, param: str, values: list[str], out: Pa
 def per_char_rate(url: str, model: str, vocab, prompts: list[str], length: int) -> float:
     from charrnn.sampling import SamplingParams
     from client.connection import Connection
-    from client.generate import generate
+    from client.generate import complete
 
     conn = Connection(url, "grpc")
     try:
         params = [SamplingParams(temperature=1.0, seed=i) for i in range(len(prompts))]
         t0 = time.perf_counter()
-        seqs = generate(conn, model, vocab, prompts, length, params)
+        seqs = complete(conn, model, vocab, prompts, length, params)
         return sum(len(s.generated) for s in seqs) / (time.perf_counter() - t0)
     finally:
         conn.close()
@@ -106,8 +106,8 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError("--sequences/--k/--rounds/--length", "need positive integers")
 
     from bench.chunked import bench_chunked
-    from charrnn.local_triton import LocalTriton
     from charrnn.repository import GEN_MODELS, PYTHON_MODELS, load_config, vocab_of
+    from serve.local_triton import LocalTriton
 
     if args.model not in PYTHON_MODELS:
         raise UserError(

@@ -252,7 +252,7 @@ def served_run(
     LocalTriton), also the server's CPU time (tritonserver and its descendants) over the run."""
     from charrnn.sampling import SamplingParams
     from client.connection import Connection
-    from client.generate import generate
+    from client.generate import complete
 
     pid = server_pid(server)
     conn = Connection(server.grpc_url, "grpc")
@@ -262,7 +262,7 @@ def served_run(
         params = [SamplingParams(temperature=1.0, seed=seed + i) for i in range(len(prompts))]
         server0 = tree_cpu_seconds(pid) if pid else 0.0
         cpu0, t0 = time.process_time(), time.perf_counter()
-        seqs = generate(conn, model, vocab, prompts, length, params)
+        seqs = complete(conn, model, vocab, prompts, length, params)
         wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
         server_cpu = tree_cpu_seconds(pid) - server0 if pid else None
     finally:
@@ -322,8 +322,8 @@ def floor_run(repo: Path, prompt: str, length: int, runs: int = 1) -> dict:
     """
     from google.protobuf import text_format
 
-    from charrnn.local_triton import LocalTriton
     from charrnn.repository import load_config
+    from serve.local_triton import LocalTriton
 
     config = load_config(repo / PYTHON)  # Triton's ModelConfig proto
     config.name = FLOOR_MODEL
@@ -346,8 +346,8 @@ def floor_onnx_run(repo: Path, prompt: str, length: int, runs: int = 1) -> dict:
     """The same single stream against bench/floor_onnx.py's empty graph on Triton's ONNX Runtime backend
     (charrnn_onnx's I/O, implicit state and CPU config), served by its own local server."""
     from bench.floor_onnx import FLOOR_ONNX_MODEL, write_floor_model
-    from charrnn.local_triton import LocalTriton, prepare_backends
     from charrnn.repository import ORT_MODELS
+    from serve.local_triton import LocalTriton, prepare_backends
 
     with tempfile.TemporaryDirectory(prefix="charrnn-floor-onnx-") as tmp:
         write_floor_model(repo, Path(tmp) / "repository")
@@ -368,7 +368,7 @@ def time_to_first_char(server, prompt: str, repeat: int, model: str | None = Non
     """Median seconds from sending a prompt (one request) to having the first generated character."""
     from charrnn.sampling import SamplingParams
     from client.connection import Connection
-    from client.generate import generate
+    from client.generate import complete
 
     conn = Connection(server.grpc_url, "grpc")
     try:
@@ -377,7 +377,7 @@ def time_to_first_char(server, prompt: str, repeat: int, model: str | None = Non
         times = []
         for i in range(repeat + 2):
             t0 = time.perf_counter()
-            generate(conn, model, vocab, [prompt], 1, [SamplingParams(greedy=True)])
+            complete(conn, model, vocab, [prompt], 1, [SamplingParams(greedy=True)])
             if i >= 2:  # 2 warm-up runs
                 times.append(time.perf_counter() - t0)
     finally:
@@ -836,9 +836,9 @@ def main(argv: list[str] | None = None) -> int:
     runs = 1 if args.quick else 3  # served runs per level (the median is kept) and floor runs
 
     from charrnn.data import load_splits
-    from charrnn.local_triton import LocalTriton
     from charrnn.model import load_model_dir  # noqa: F401  (fail early on a bad model dir)
     from charrnn.vocab import Vocab
+    from serve.local_triton import LocalTriton
 
     vocab = Vocab.load(Path(args.model) / "vocab.json")
     _, _, _, test = load_splits(args.data, vocab)

@@ -43,7 +43,7 @@ def chunked_run(
     from bench.bench import server_pid, tree_cpu_seconds
     from charrnn.sampling import SamplingParams
     from client.connection import Connection
-    from client.generate import generate
+    from client.generate import complete
 
     pid = server_pid(server)
     conn = Connection(_url(server))
@@ -51,7 +51,7 @@ def chunked_run(
         params = [SamplingParams(temperature=1.0, seed=seed + i) for i in range(len(prompts))]
         server0 = tree_cpu_seconds(pid) if pid else 0.0
         cpu0, t0 = time.process_time(), time.perf_counter()
-        seqs = generate(conn, model, vocab, prompts, length, params, chunk=k)
+        seqs = complete(conn, model, vocab, prompts, length, params, chunk=k)
         wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
         server_cpu = tree_cpu_seconds(pid) - server0 if pid else None
     finally:
@@ -87,7 +87,7 @@ def bench_chunked(
 ) -> list[dict]:
     """chars/s of server-side generation for each K in `K`, single-stream and 16 sequences.
 
-    server: a charrnn.local_triton.LocalTriton (or a gRPC host:port) serving `model`; prompts: at least one prompt
+    server: a serve.local_triton.LocalTriton (or a gRPC host:port) serving `model`; prompts: at least one prompt
     (cycled to 16). Returns one dict per (K, sequences) with chars_per_s (plus requests/s, latencies, ...).
     """
     ks = [K] if isinstance(K, int) else list(K)
@@ -149,8 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     import tempfile
 
-    from charrnn.local_triton import LocalTriton
     from charrnn.repository import DECOUPLED_MODELS, SHARED_PYTHON_MODELS, load_config, vocab_of
+    from serve.local_triton import LocalTriton
 
     repo = Path(args.repo)
     vocab = vocab_of(load_config(repo / args.model / "config.pbtxt"))

@@ -196,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
             "--minutes/--length", f"must be positive, got {args.minutes} / {args.length}"
         )
 
-    from charrnn.local_triton import LocalTriton
+    from serve.local_triton import LocalTriton
 
     run = Path(tempfile.mkdtemp(prefix="charrnn-mixed-soak-"))
     main_server = LocalTriton.on_free_ports(

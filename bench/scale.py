@@ -31,9 +31,9 @@ import psutil
 
 from charrnn.cli import parser
 from charrnn.errors import UnavailableError, UserError, cli
-from charrnn.local_triton import free_port
 from charrnn.repository import ONNX, PYTHON, STEP_MODELS
 from charrnn.sampling import SamplingParams
+from serve.local_triton import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPTS = ["ROMEO:\n", "JULIET:\n", "KING HENRY VI:\nO", "First Citizen:\n"]
@@ -207,19 +207,19 @@ def stats_delta(before: dict[str, dict], after: dict[str, dict]) -> list[dict]:
 
 def measure(c: Compose, url: str, shards: int, sequences: int, length: int, model: str) -> dict:
     from client.connection import Connection
-    from client.generate import generate
+    from client.generate import complete
 
     conn = Connection(url, "grpc", shards=shards)
     try:
         vocab = conn.vocabulary(model)
         prompts = [PROMPTS[i % len(PROMPTS)] for i in range(sequences)]
         # warm-up
-        generate(conn, model, vocab, prompts[:shards], 20, [SamplingParams(greedy=True)] * shards)
+        complete(conn, model, vocab, prompts[:shards], 20, [SamplingParams(greedy=True)] * shards)
         params = [SamplingParams(temperature=1.0, seed=i) for i in range(sequences)]
         service = "triton-replica" if shards > 1 else "triton-slim"
         stats0 = c.model_stats(service, model)  # outside the CPU window: docker exec runs in there
         cpu0, own0, t0 = c.cpu_seconds(), time.process_time(), time.perf_counter()
-        seqs = generate(conn, model, vocab, prompts, length, params)
+        seqs = complete(conn, model, vocab, prompts, length, params)
         wall, own = time.perf_counter() - t0, time.process_time() - own0
         cpu1 = c.cpu_seconds()
         stats1 = c.model_stats(service, model)

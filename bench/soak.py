@@ -70,7 +70,7 @@ def failure_count(server) -> int:
 def run_round(server, sequences: int, length: int, seed: int) -> dict:
     from charrnn.sampling import SamplingParams
     from client.connection import Connection
-    from client.generate import generate
+    from client.generate import complete
 
     conn = Connection(server.grpc_url, "grpc")
     try:
@@ -78,7 +78,7 @@ def run_round(server, sequences: int, length: int, seed: int) -> dict:
         prompts = [PROMPTS[i % len(PROMPTS)] for i in range(sequences)]
         params = [SamplingParams(temperature=1.0, seed=seed + i) for i in range(sequences)]
         t0 = time.perf_counter()
-        seqs = generate(conn, MODEL, vocab, prompts, length, params)
+        seqs = complete(conn, MODEL, vocab, prompts, length, params)
         seconds = time.perf_counter() - t0
     finally:
         conn.close()
@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.rss_bound_mib > 0:
         raise UserError("--rss-bound-mib", f"must be > 0, got {args.rss_bound_mib}")
 
-    from charrnn.local_triton import LocalTriton
+    from serve.local_triton import LocalTriton
 
     server = LocalTriton.on_free_ports(
         repo=args.repo, run_dir=args.run_dir, models=(MODEL,), extra_args=tuple(args.server_arg)

@@ -1,8 +1,9 @@
 """The library every stage imports: vocabulary, tensor contract, model and its generate, sampling, the table of
-served models, the python models' state store and generation code, the local Triton launcher, errors and CLI help.
+served models, the one way to open an ONNX model, errors and CLI help.
 
 Only `charrnn.model` imports TensorFlow; everything else needs NumPy (and ONNX Runtime or tritonclient where it
-says so), so the python-backend models and the client stay light.
+says so), so the python-backend models and the client stay light. The serving code (the python models' runtime,
+the local Triton launcher) is the serve stage's: serve/runtime/, serve/local_triton.py.
 """
 
 from __future__ import annotations

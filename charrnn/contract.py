@@ -52,7 +52,7 @@ MAX_SEQUENCES = 1024
 ADMISSION_TIMEOUT_US = 1_000_000
 CAPACITY_MESSAGE = "timeout of the corresponding sequence has been expired"
 # Sequence ids are the only identity a sequence has, and gRPC inference needs no key: a START under an id that is
-# in use would reset its owner's state. The python models refuse it with this message (charrnn.sequence_state);
+# in use would reset its owner's state. The python models refuse it with this message (serve.runtime.sequence_state);
 # Triton's implicit state (charrnn_onnx) resets it, so clients draw every id at random (client.generate).
 LIVE_ID_MESSAGE = "is in use: a START under a live sequence id is refused"
 # A server that restricts an API to a header (tritonserver --grpc-restricted-protocol=inference:<name>=<key>,
@@ -162,7 +162,7 @@ MIN_TEMPERATURE = 1e-3
 #   [ONNXRuntimeError] : 2 : INVALID_ARGUMENT : Non-zero status code returned while running Gather node.
 #   Name:'refused: INPUT_IDS: every id must be in 0..64 and ...' Status Message: indices element out of data bounds
 #
-# The limits are the python models' (charrnn.sequence_state.check_ids, charrnn.gen_serving.check_gen_request).
+# The limits are the python models' (serve.runtime.sequence_state.check_ids, serve.runtime.gen_serving.check_gen_request).
 # The checks are per execution: Triton batches several sequences' requests into one, and one bad request fails
 # every request of that batch. Clients recognise a refusal by GUARD_PREFIX (+ the input's name). The messages are
 # str.format templates, filled with .format(vocab_size=V, last_id=V - 1) (export.guards.guard_messages); they

@@ -25,7 +25,7 @@ import tensorflow as tf  # noqa: E402
 
 from charrnn.contract import CELLS, Contract, state_slots  # noqa: E402
 from charrnn.errors import UserError  # noqa: E402
-from charrnn.sampling import Sampler, generate  # noqa: E402
+from charrnn.sampling import Sampler, sample_steps  # noqa: E402
 from charrnn.vocab import Vocab  # noqa: E402
 
 CONFIG_FILE = "config.json"
@@ -173,7 +173,7 @@ class CharRNN(keras.Model):
         """Prime with prime_ids (T,), then sample `length` ids, one step per character (the reference sampler:
         every served path must give the same text for the same sampler). on_id(id) is called as each is chosen.
         """
-        return generate(self.step_fn(), prime_ids, length, sampler, on_id=on_id)
+        return sample_steps(self.step_fn(), prime_ids, length, sampler, on_id=on_id)
 
 
 def use_cpu_only() -> None:

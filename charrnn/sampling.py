@@ -174,7 +174,7 @@ class Sampler:
         return int(_choose_gumbel(logits, self.params, g))
 
 
-def generate(
+def sample_steps(
     step, prime_ids: np.ndarray, length: int, sampler: Sampler, state=None, on_id=None
 ) -> list[int]:
     """Prime with `prime_ids` then generate `length` ids, one `step` call per character.

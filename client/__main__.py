@@ -147,7 +147,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def check_args(args: argparse.Namespace) -> argparse.Namespace:
     """Every flag checked before anything connects (exit 2), by the library's own checks (the ones Connection
-    and generate() run on their arguments): client.connection.check_connection, client.generate.check_plan.
+    and complete() run on their arguments): client.connection.check_connection, client.generate.check_plan.
     After connecting only --top-k's upper bound (the vocabulary size) and the model remain. Resolves --url /
     --protocol, --header and the retry policy.
     """
@@ -220,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
 def run(args: argparse.Namespace, out) -> int:
     """Connect, pick the model, generate; the text goes to `out`."""
     from .connection import Connection
-    from .generate import GenerationFailed, generate
+    from .generate import GenerationFailed, complete
 
     base = sampling_params(args)
 
@@ -268,7 +268,7 @@ def run(args: argparse.Namespace, out) -> int:
             mid_line[0] = False
 
         try:
-            seqs = generate(
+            seqs = complete(
                 conn,
                 model,
                 vocab,

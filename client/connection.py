@@ -52,9 +52,8 @@ class Answer(NamedTuple):
     error: object
     arrived: float  # time.perf_counter()
     shard: int  # the gRPC stream it came on (0 over HTTP)
-    generation: (
-        int  # of that shard's connection: answers of a connection closed by reopen() are stale
-    )
+    # the shard's connection epoch (reopen() counts it up): answers of an older connection are stale
+    stream_epoch: int
 
 
 PROTOCOLS = ("grpc", "http")
@@ -254,7 +253,7 @@ class Connection:
         self.clients: list = [None] * self.shards
         self._streaming = [False] * self.shards
         # bumped on reopen: a closed stream's late callbacks are dropped
-        self._generation = [0] * self.shards
+        self._stream_epoch = [0] * self.shards
         # the last error each shard's current stream reported, and whether it reported one (reset on reopen)
         self._stream_error: list = [None] * self.shards
         self._stream_erred = [threading.Event() for _ in range(self.shards)]
@@ -309,7 +308,7 @@ class Connection:
         UnavailableError while the server is not reachable."""
         for k in range(self.shards) if shard is None else [shard]:
             self._close(k, wait=False)
-            self._generation[k] += 1
+            self._stream_epoch[k] += 1
             self._stream_error[k], self._stream_erred[k] = None, threading.Event()
             self._open(k)
 
@@ -462,13 +461,13 @@ class Connection:
         )
         if self.protocol == "grpc":
             if not self._streaming[shard]:
-                generation = self._generation[shard]
+                stream_epoch = self._stream_epoch[shard]
                 headers = dict(self.headers or {})
                 if self.routed:
                     headers[ROUTING_HEADER] = self.shard_keys[shard]
                 self.clients[shard].start_stream(
                     callback=lambda result, error: self._stream_callback(
-                        shard, generation, result, error
+                        shard, stream_epoch, result, error
                     ),
                     headers=headers or None,
                 )
@@ -491,7 +490,7 @@ class Connection:
         try:
             result = self.client.infer(model, tensors, headers=headers or None, **kw)
             self.results.put(
-                Answer(request_id, result, None, time.perf_counter(), 0, self._generation[0])
+                Answer(request_id, result, None, time.perf_counter(), 0, self._stream_epoch[0])
             )
         except Exception as e:  # tritonclient.utils.InferenceServerException, connection errors
             # no key, or a wrong one: nothing a retry can fix
@@ -500,19 +499,21 @@ class Connection:
                     raise infer_key_error(e) from e
                 raise header_refused(self.url, e) from e
             self.results.put(
-                Answer(request_id, None, e, time.perf_counter(), 0, self._generation[0])
+                Answer(request_id, None, e, time.perf_counter(), 0, self._stream_epoch[0])
             )
 
-    def _stream_callback(self, shard: int, generation: int, result, error) -> None:
+    def _stream_callback(self, shard: int, stream_epoch: int, result, error) -> None:
         request_id = result.get_response().id if result is not None else None
-        if error is not None and generation == self._generation[shard]:
+        if error is not None and stream_epoch == self._stream_epoch[shard]:
             self._stream_error[shard] = error
             self._stream_erred[shard].set()
-        self.results.put(Answer(request_id, result, error, time.perf_counter(), shard, generation))
+        self.results.put(
+            Answer(request_id, result, error, time.perf_counter(), shard, stream_epoch)
+        )
 
     def stale(self, answer: Answer) -> bool:
         """True for an answer of a stream or client that reopen() has replaced since (e.g. its cancellations)."""
-        return answer.generation != self._generation[answer.shard]
+        return answer.stream_epoch != self._stream_epoch[answer.shard]
 
 
 class HeaderRefused(UserError):

@@ -7,11 +7,14 @@ charrnn_onnx, the project's main path (one character per request; Triton keeps e
 implicit state), and charrnn_gen_onnx (`--chunk K`: K characters per request, sampled in the graph). With
 `--model NAME` it serves and uses that model instead (a charrnn_*_python model keeps the state in Python).
 Ports are picked free on 127.0.0.1, so the demo never collides with a running `make serve`.
+The server is started by the serving stage's launcher (serve/local_triton.py, LocalTriton): the demo is the
+one module of client/ that needs the serve extra (nvidia-pytriton, psutil), and imports nothing else of serve/.
 Exit codes: those of `python -m client` (0 ok, 2 bad input, 3 server problems).
 """
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 import time
@@ -25,6 +28,13 @@ BACKENDS = {
     "onnxruntime": "Triton's ONNX Runtime backend, built from source; Triton kept the state (implicit state)",
     "python": "Triton's python backend; model.py kept the state",
 }
+
+
+def serving_stage(module: str):
+    """A module of the serving stage: serve.<module> in a checkout, charrnn_serve.<module> installed (where this
+    module is charrnn_client.demo; the stage folders install as charrnn_<stage>)."""
+    stage = "charrnn_serve" if __package__ == "charrnn_client" else "serve"
+    return importlib.import_module(f"{stage}.{module}")
 
 
 @cli
@@ -48,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{model!r} is not served by the local server",
             f"choose one of {', '.join(LOCAL_MODELS)}",
         )
-    from charrnn.local_triton import LocalTriton
+    launcher = serving_stage("local_triton")
 
     from .__main__ import main as client_main
 
@@ -56,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     served = (
         (model,) if model in DECOUPLED_MODELS else tuple(dict.fromkeys((ONNX, GEN_ONNX, model)))
     )
-    server = LocalTriton.on_free_ports(models=served)
+    server = launcher.LocalTriton.on_free_ports(models=served)
     print(f"starting the local Triton server (log {server.log_path}) ...", file=sys.stderr)
     with server:
         print(

@@ -15,7 +15,7 @@ sequence_start, the last one sequence_end (so the server frees the state as soon
 out). Every sequence has one request in flight; all sequences share one connection (one gRPC stream), so the
 server's sequence batcher batches them together.
 
-A Run (one generate() call) sends the requests, reads the answers and recovers. The text generated so far lives
+A Run (one complete() call) sends the requests, reads the answers and recovers. The text generated so far lives
 in the client, so with `retry=RetryPolicy(retries=N)` it is restart-safe:
   - the server went away (stream error, UNAVAILABLE, connection refused, no answer): reconnect with bounded
     exponential backoff (Backoff) and re-prime every unfinished sequence under a NEW sequence id with prompt +
@@ -38,7 +38,7 @@ the client does not send (or sends wrong) is a caller mistake: a UserError namin
 Sequence ids are drawn at random, each one (new_sequence_ids): an id is the only identity a sequence has.
 
 Every check of a plan lives in check_plan: `python -m client` runs it on its flags before connecting, and
-generate() runs it again on its arguments (with the vocabulary).
+complete() runs it again on its arguments (with the vocabulary).
 """
 
 from __future__ import annotations
@@ -125,7 +125,7 @@ def check_plan(
     sequences: int | None = None,
 ) -> tuple[list[SamplingParams], RetryPolicy]:
     """Every check of a generation's plan (UserError, exit 2), before anything is sent: `python -m client` runs
-    it on its flags before connecting, generate() on its arguments. vocab_size None (not connected yet): all but
+    it on its flags before connecting, complete() on its arguments. vocab_size None (not connected yet): all but
     top-k's upper bound. sequences: --num-sequences, copies of the one prompt (at most MAX_SEQUENCES, the
     sequence slots of one model instance). chunk: K in 1..MAX_K, over gRPC, without top-p (the server samples
     with temperature and top-k only). Returns the sampling parameters per prompt and the retry policy.
@@ -426,7 +426,7 @@ class _Outage(Exception):
 
 # --- one generation: the loop over answers, and recovery -------------------------------------------------------
 class Run:
-    """One generate() call: sends its sequences' requests on `conn`, reads the answers (PerCharacter or Chunked
+    """One complete() call: sends its sequences' requests on `conn`, reads the answers (PerCharacter or Chunked
     says what they carry), and recovers from outages, lost sequences and refused batches under `retry`.
     """
 
@@ -729,7 +729,7 @@ class Run:
         self.send(seq)
 
 
-def generate(
+def complete(
     conn: Connection,
     model: str,
     vocab: Vocab,

@@ -4,7 +4,7 @@ hand-synced), and checked against the ONNX graph.
 The step models show clients INPUT_IDS in, LOGITS out; the generation models (the graph of
 export/gen_export.py) INPUT_IDS, NOISE, TEMPERATURE, TOP_K in, OUTPUT_IDS out; all take sequence id/start/end.
 TensorRT and ONNX Runtime models get Triton's implicit state; the python-backend models keep each sequence's
-state in model.py (model_repository/charrnn_python/1/model.py, charrnn/gen_model.py).
+state in model.py (model_repository/charrnn_python/1/model.py, serve/runtime/gen_model.py).
 
     python -m export.configs charrnn_onnx     # print one config for a quick look
 """

@@ -100,7 +100,7 @@ def generation_function(model):
         return model.head(x), tf.stack(new_layers, axis=2)
 
     @tf.function(input_signature=spec)
-    def generate(input_ids, state_in, noise, temperature, top_k):
+    def sample_k(input_ids, state_in, noise, temperature, top_k):
         batch, k_total = tf.shape(noise)[0], tf.shape(noise)[1]
         # k-th largest index per row; 0 keeps every character. Anything outside 0..V is refused by the guard
         # under ONNX Runtime, so the `> vocab` / `< 0` part only matters on a TensorRT plan, where the guard does
@@ -126,7 +126,7 @@ def generation_function(model):
         )
         return {OUTPUT_IDS: out, STATE_OUT: state}
 
-    return generate, spec
+    return sample_k, spec
 
 
 def hoist_loop_invariants(graph: onnx.GraphProto) -> int:
@@ -178,8 +178,8 @@ def export_gen_onnx(
     import tf2onnx
 
     contract = model.config.contract
-    generate, spec = generation_function(model)
-    proto, _ = tf2onnx.convert.from_function(generate, input_signature=spec, opset=opset)
+    sample_k, spec = generation_function(model)
+    proto, _ = tf2onnx.convert.from_function(sample_k, input_signature=spec, opset=opset)
     graph = proto.graph
     hoist_loop_invariants(graph)
     for vi in list(graph.input):

@@ -3,8 +3,8 @@
 Triton's ONNX Runtime backend runs model.onnx with no Python in front, so whatever the graph accepts a client
 gets as a success: without guards INPUT_IDS [[-1]] returns the logits of id 64 (the embedding wraps negative
 ids), a huge T allocates (B, T, 512) floats before anything fails, and the generation Loop runs for any K. These
-guards enforce, in the graph, the limits the python models check first (charrnn.sequence_state.check_ids,
-charrnn.gen_serving.check_gen_request), so those models never reach a guard.
+guards enforce, in the graph, the limits the python models check first (serve.runtime.sequence_state.check_ids,
+serve.runtime.gen_serving.check_gen_request), so those models never reach a guard.
 
 ONNX has no assert op. A guard is built from an op that fails at run time on a bad value: for an input X,
 

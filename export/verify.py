@@ -37,7 +37,7 @@ def ort_session(path: str | Path):
 
 
 def ort_step(session):
-    """A charrnn.sampling.generate step function over the explicit-state ONNX model."""
+    """A charrnn.sampling.sample_steps step function over the explicit-state ONNX model."""
 
     def step(ids, state):
         if state is None:
@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     from charrnn.model import load_model_dir, use_cpu_only
-    from charrnn.sampling import Sampler, SamplingParams, generate
+    from charrnn.sampling import Sampler, SamplingParams, sample_steps
 
     use_cpu_only()
     model, vocab, _ = load_model_dir(args.model)
@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         prime = vocab.encode(prompt)
         expect = vocab.decode(model.generate(prime, args.length, Sampler(greedy, len(vocab))))
         received = vocab.decode(
-            generate(ort_step(session), prime, args.length, Sampler(greedy, len(vocab)))
+            sample_steps(ort_step(session), prime, args.length, Sampler(greedy, len(vocab)))
         )
         same = expect == received
         first_diff = next((i for i, (a, b) in enumerate(zip(expect, received)) if a != b), None)

@@ -9,7 +9,7 @@ The product is a backend directory for `--backend-directory`: libtriton_onnxrunt
 onnxruntime_backend r24.10, CPU only) and libonnxruntime.so.1, a copy of the onnxruntime wheel's library, so the
 directory also works when copied into an image. The backend's NEEDED libtritonserver.so is rewritten to the
 nvidia-pytriton wheel's hashed file name (patchelf) and its RUNPATH is $ORIGIN; load it with the wheel's
-nvidia_pytriton.libs on LD_LIBRARY_PATH (as charrnn/local_triton.py does).
+nvidia_pytriton.libs on LD_LIBRARY_PATH (as serve/local_triton.py does).
 
 Steps (progress on stderr, one line each):
   1. sources: each file of SOURCES from the vendored directory (--sources, $CHARRNN_THIRD_PARTY, else
@@ -53,7 +53,8 @@ from pathlib import Path
 
 from charrnn.cli import parser
 from charrnn.errors import CheckFailed, UnavailableError, UserError, cli
-from charrnn.local_triton import ORT_BACKEND_DIR, ROOT
+
+from .local_triton import ORT_BACKEND_DIR, ROOT
 
 BUILD_VERSION = 1  # bump when the recipe below changes in a way the other inputs do not show
 SCRATCH = ROOT / "build" / "backend-src"
@@ -344,7 +345,7 @@ def package_dir(name: str, fix: str) -> Path:
 
 def wheel_libraries() -> tuple[Path, Path]:
     """(the nvidia-pytriton wheel's libtritonserver-<hash>.so, the onnxruntime wheel's libonnxruntime.so.1.*):
-    the layout charrnn.local_triton.pytriton_dist() reads."""
+    the layout serve.local_triton.pytriton_dist() reads."""
     libs = package_dir("pytriton", "run `make setup`").parent / "nvidia_pytriton.libs"
     servers = sorted(libs.glob("libtritonserver-*.so"))
     if len(servers) != 1:

@@ -101,7 +101,7 @@ IMAGES = {
         "3.11",
         (2, 36),
         ("python3", "python3-venv", "libpython3.11", "passwd", "ca-certificates"),
-        # psutil: the builder stage runs serve.backend, which imports charrnn.local_triton
+        # psutil: the builder stage runs serve.backend, which imports serve.local_triton
         packages=("numpy", "onnxruntime", "psutil"),
         packages_no_deps=("nvidia-pytriton",),
         # The builder stage: Python 3.11 (it installs the same wheelhouse and runs `python -m serve.backend`)

@@ -1,4 +1,4 @@
-"""`make serve` / `make stop`: a real Triton server without Docker (charrnn/local_triton.py).
+"""`make serve` / `make stop`: a real Triton server without Docker (serve/local_triton.py).
 
     python -m serve.local start [--grpc-port 8001 --http-port 8000 --metrics-port 8002]   # `make serve`
     python -m serve.local stop                                                           # `make stop`
@@ -48,7 +48,9 @@ from pathlib import Path
 from charrnn.cli import parser
 from charrnn.contract import INFER_KEY_ENV, INFER_KEY_HEADER
 from charrnn.errors import UnavailableError, UserError, cli
-from charrnn.local_triton import (
+from charrnn.repository import DECOUPLED_MODELS, SHARED_CPU_MODELS
+
+from .local_triton import (
     DEFAULT_RUN_DIR,
     PRIVATE_UMASK,
     ROOT,
@@ -62,7 +64,6 @@ from charrnn.local_triton import (
     resolve_models,
     stop_group,
 )
-from charrnn.repository import DECOUPLED_MODELS, SHARED_CPU_MODELS
 
 # --- CLI: make serve / make stop --------------------------------------------------------------------
 PID_NAME, LOCK_NAME, KEY_NAME = "triton.pid", "serve.lock", "infer-key"

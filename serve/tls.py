@@ -170,7 +170,7 @@ def key_owner(server_uid: int) -> int | None:
     )
 
 
-def generate(out: Path, sans: list[str], days: int, server_uid: int) -> None:
+def make_certificates(out: Path, sans: list[str], days: int, server_uid: int) -> None:
     """A CA, a server and a client certificate in `out` (written next to the old files, then moved in)."""
     owner = key_owner(server_uid)
     out.mkdir(parents=True, exist_ok=True)
@@ -301,7 +301,9 @@ def main(argv: list[str] | None = None) -> int:
     sans = san_entries([*DEFAULT_HOSTS, *args.host])
     out = args.out.resolve()
     if not args.force and up_to_date(out, sans):
-        owner = key_owner(args.server_uid)  # the modes and the key's owner, as generate() sets them
+        owner = key_owner(
+            args.server_uid
+        )  # the modes and the key's owner, as make_certificates() sets them
         os.chmod(out, 0o700)
         for name in KEYS + CERTS:
             os.chmod(out / name, 0o600 if name in KEYS else 0o644)
@@ -310,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
             log(f"tls: server.key given to uid {owner}")
         log(f"tls: {out}: up to date (valid for a day at least; --force makes new ones)")
     else:
-        generate(out, sans, args.days, args.server_uid)
+        make_certificates(out, sans, args.days, args.server_uid)
     print(out)
     return 0
 

@@ -3,7 +3,7 @@
 
 - the corpus, a tiny model trained for real by the project's trainer, the shipped model (TensorFlow) and its
   export (`python -m export`, once per session), tiny exports of every cell;
-- local Triton servers (the python backend, charrnn.local_triton): `server` (charrnn_python), `gen_server`
+- local Triton servers (the python backend, serve.local_triton): `server` (charrnn_python), `gen_server`
   (the non-decoupled python models), `stream_server` (the decoupled one, on a server of its own) for the
   whole session; `short_idle_server` and `restartable` per test module (the second one is killed and
   restarted by its tests, so no other module shares it).

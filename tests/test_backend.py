@@ -271,7 +271,7 @@ def built(upstream) -> Path:
 
 
 def test_build_produces_the_backend_directory(built):
-    from charrnn.local_triton import ORT_BACKEND_DIR, pytriton_dist
+    from serve.local_triton import ORT_BACKEND_DIR, pytriton_dist
 
     assert built == ORT_BACKEND_DIR.resolve()
     lib, ort = built / "libtriton_onnxruntime.so", built / "libonnxruntime.so.1"

@@ -12,9 +12,9 @@ import time
 
 import pytest
 
-from charrnn.local_triton import free_port
 from charrnn.repository import PYTHON
 from charrnn.sampling import SamplingParams
+from serve.local_triton import free_port
 from tests.helpers import (
     ROOT,
     client_cmd,
@@ -524,8 +524,8 @@ def odd_server(shipped_repo, tmp_path_factory):
     gRPC inference restricted to the header triton-grpc-protocol-stream-key: s3cret."""
     import shutil
 
-    from charrnn.local_triton import LocalTriton
     from charrnn.repository import GEN_PYTHON
+    from serve.local_triton import LocalTriton
 
     repo = tmp_path_factory.mktemp("odd-repo")
     for name in (PYTHON, GEN_PYTHON):

@@ -28,7 +28,6 @@ import psutil
 import pytest
 
 from charrnn.contract import STATE_IN, STATE_OUT
-from charrnn.local_triton import free_port
 from charrnn.repository import (
     CPU_CONFIG_NAME,
     DECOUPLED_MODELS,
@@ -43,6 +42,7 @@ from charrnn.repository import (
 )
 from charrnn.repository import SHARED_CPU_MODELS as SHARED_MODELS
 from charrnn.sampling import SamplingParams
+from serve.local_triton import free_port
 from tests.helpers import (
     ROOT,
     ComposeStack,

@@ -92,13 +92,13 @@ def address(s: Stack, container: str) -> str:
 def run(s: Stack, n: int, length: int, protocol: str, shards: int, on_text=None, messages=None):
     """(texts, sequences) of n seeded sequences through the proxy, with retries."""
     from client.connection import Connection
-    from client.generate import RetryPolicy, generate
+    from client.generate import RetryPolicy, complete
 
     url = s.grpc_url if protocol == "grpc" else s.http_url
     conn = Connection(url, protocol, infer_key=s.infer_key, shards=shards)
     try:
         vocab = conn.vocabulary(PYTHON)
-        seqs = generate(
+        seqs = complete(
             conn,
             PYTHON,
             vocab,

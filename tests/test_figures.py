@@ -73,7 +73,7 @@ SETTINGS: list[tuple[str, str, str]] = [
     # docs/production.md
     ("30 s after a client died", "docker-compose.yml", "--exit-timeout-secs=30"),
     ("1 s timeout", "charrnn/contract.py", "ADMISSION_TIMEOUT_US = 1_000_000"),
-    ("1 s with no END", "charrnn/sequence_state.py", "idle_seconds + 1.0"),
+    ("1 s with no END", "serve/runtime/sequence_state.py", "idle_seconds + 1.0"),
     ("30 s without an answer", "serve/monitoring/rules.yml", "for: 30s"),
     ("2 minutes in which", "serve/monitoring/rules.yml", "for: 2m"),
     ("10 minutes, 5 minutes on end", "serve/monitoring/rules.yml", "[10m]"),

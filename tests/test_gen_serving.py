@@ -1,4 +1,4 @@
-"""charrnn.gen_serving without Triton: request checks, batching and K-character generation on the exported graph."""
+"""serve.runtime.gen_serving without Triton: request checks, batching and K-character generation on the exported graph."""
 
 from __future__ import annotations
 
@@ -21,11 +21,11 @@ from charrnn.contract import (
     TEMPERATURE,
     TOP_K,
 )
-from charrnn.gen_serving import GenRequest, GenRunner, check_gen_request, group_by_shape
 from charrnn.onnx_runtime import ort_session
 from charrnn.repository import GEN_PYTHON, ONNX, load_config, vocab_of
 from charrnn.sampling import SamplingParams, choose, noise_stream, uniform_noise
-from charrnn.sequence_state import END, START, SequenceStates, load_stateful_model
+from serve.runtime.gen_serving import GenRequest, GenRunner, check_gen_request, group_by_shape
+from serve.runtime.sequence_state import END, START, SequenceStates, load_stateful_model
 
 # gen_model.load
 GEN_TENSORS = {
@@ -109,7 +109,7 @@ def req(corr, flags, ids, noise, temperature=0.0, top_k=0, index=0) -> GenReques
 
 
 def run(runner, group) -> np.ndarray:
-    with runner.states.lock:  # as gen_model.execute holds it
+    with runner.states.lock:  # as the generation models' execute() holds it
         return runner.run(group)
 
 

@@ -32,11 +32,11 @@ from charrnn.contract import (
     TEMPERATURE,
     TOP_K,
 )
-from charrnn.gen_serving import check_gen_request
 from charrnn.onnx_runtime import ort_session
-from charrnn.sequence_state import check_ids
 from export.guards import CHECKED, guard_messages, guard_nodes
 from export.trt_check import _nodes, check_model
+from serve.runtime.gen_serving import check_gen_request
+from serve.runtime.sequence_state import check_ids
 
 V = 65  # the shipped vocabulary
 MESSAGES = guard_messages(V)

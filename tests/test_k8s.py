@@ -309,7 +309,7 @@ def test_every_arg_variable_comes_from_the_secret(triton):
 def test_triton_flags_exist_in_tritonserver_2_51(triton):
     """The server of both images (2.51) knows every flag (the nvidia-pytriton wheel's binary, --help)."""
     from charrnn.errors import UnavailableError
-    from charrnn.local_triton import pytriton_dist
+    from serve.local_triton import pytriton_dist
 
     try:
         dist, libs = pytriton_dist()

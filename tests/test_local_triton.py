@@ -1,4 +1,4 @@
-"""The local launcher (charrnn.local_triton, `python -m serve.local`) with the real tritonserver of the
+"""The local launcher (serve.local_triton, `python -m serve.local`) with the real tritonserver of the
 nvidia-pytriton wheel: starting and stopping, what a crashed server leaves behind, the security defaults
 (loopback only, model control mode none, the restricted admin APIs, the HTTP inference key), and the server
 configuration that keeps it up (gRPC allocation pool, decoupled models on a server of their own).
@@ -104,7 +104,7 @@ def test_a_decoupled_model_never_shares_a_local_server(shipped_repo, tmp_path):
     """Triton 2.51 segfaulted under mixed traffic (5 of 5 runs within 8 rounds) when charrnn_gen_stream and a
     non-decoupled model streamed on one server: the launcher refuses that mix."""
     from charrnn.errors import UserError
-    from charrnn.local_triton import LocalTriton
+    from serve.local_triton import LocalTriton
 
     with pytest.raises(
         UserError,
@@ -129,7 +129,7 @@ def serve_local(*args, timeout: float = 300) -> subprocess.CompletedProcess:
 
 def port_flags() -> list[str]:
     """Free ports for one server (the tests pass --models: no second server)."""
-    from charrnn.local_triton import free_port
+    from serve.local_triton import free_port
 
     return [f"--{name}-port={free_port()}" for name in ("http", "grpc", "metrics")]
 
@@ -176,7 +176,7 @@ def test_the_one_kind_per_server_guard_reads_the_model_folders_not_the_spelling(
     """Before: a trailing slash or ./ got past the name comparison, and --tritonserver skipped it, so both kinds
     loaded on one server (which mixed streaming crashes). The guard now reads each folder's config.
     """
-    from charrnn.local_triton import pytriton_dist
+    from serve.local_triton import pytriton_dist
 
     run_dir = tmp_path / "serve"
     extra = ["--tritonserver", pytriton_dist()[0] / "bin" / "tritonserver"] if tritonserver else []
@@ -243,7 +243,7 @@ def test_no_key_in_the_run_directory_and_every_file_private(shipped_repo, tmp_pa
     the command line is logged redacted, an earlier log's keys are masked, and nothing under the run directory
     (nor the server's /dev/shm regions) is readable by group or others; the inference key is in infer-key, 0600.
     """
-    from charrnn.local_triton import LocalTriton
+    from serve.local_triton import LocalTriton
 
     run_dir = tmp_path / "serve"
     run_dir.mkdir()
@@ -347,7 +347,7 @@ def test_a_killed_server_is_dead_for_status_and_the_next_start_cleans_up(shipped
     stub's parent check, so the stub lived on; `status` (the process group: zombie + stub) said running and
     `start` refused until a `stop`. Now status reads the server's own state and start removes the leftovers.
     """
-    from charrnn.local_triton import LocalTriton, process_state
+    from serve.local_triton import LocalTriton, process_state
 
     run_dir = tmp_path / "serve"
     common = ["--repo", str(shipped_repo), "--run-dir", str(run_dir), "--models", PYTHON]
@@ -398,7 +398,7 @@ def test_a_killed_server_is_dead_for_status_and_the_next_start_cleans_up(shipped
 def test_run_exits_non_zero_when_a_server_dies(shipped_repo, tmp_path):
     """`run` under a supervisor: it reaps its server, and when one dies it stops the rest and exits 3, so
     systemd's Restart=on-failure restarts it (before: it returned 0)."""
-    from charrnn.local_triton import LocalTriton
+    from serve.local_triton import LocalTriton
 
     run_dir = tmp_path / "serve"
     run = subprocess.Popen(
@@ -611,7 +611,7 @@ def admin_clients(server):
     import tritonclient.grpc as tg
     import tritonclient.http as th
 
-    from charrnn.local_triton import ADMIN_HEADER
+    from serve.local_triton import ADMIN_HEADER
 
     return (
         tg.InferenceServerClient(server.grpc_url),

@@ -1,7 +1,7 @@
 """The python models' custom metrics (docs/production.md, "Metrics").
 
 Without Triton: SequenceStates' counters and on_change deltas, MetricsSink, and the model files' guard when the
-python backend has no metrics API. With real local servers (charrnn.local_triton) and the client library: the
+python backend has no metrics API. With real local servers (serve.local_triton) and the client library: the
 values on /metrics, exactly: live sequences while sequences are open and after END, sequences started,
 characters generated against what the client received, and abandoned sequences counted as evicted after a
 short idle timeout. Waits are deadline-bounded polls, never fixed sleeps.
@@ -9,6 +9,7 @@ short idle timeout. Waits are deadline-bounded polls, never fixed sleeps.
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import re
 import shutil
@@ -22,11 +23,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from charrnn import sequence_state
 from charrnn.contract import INPUT_IDS, NOISE, TEMPERATURE, TOP_K
 from charrnn.repository import GEN_PYTHON, GEN_STREAM, PYTHON, SHARED_PYTHON_MODELS
 from charrnn.sampling import SamplingParams
-from charrnn.sequence_state import END, METRICS, START, MetricsSink, SequenceStates
+from serve.runtime import sequence_state
+from serve.runtime.sequence_state import END, METRICS, START, MetricsSink, SequenceStates
 from tests.helpers import ROOT, wait_for
 
 LIVE, STARTED, EVICTED, CHARS = (m[0] for m in METRICS)
@@ -40,7 +41,7 @@ def one(value: float, b: int = 1) -> np.ndarray:
 
 
 class Clock:
-    """Stands in for charrnn.sequence_state's time.monotonic."""
+    """Stands in for serve.runtime.sequence_state's time.monotonic."""
 
     def __init__(self, now: float = 1000.0) -> None:
         self.now = now
@@ -257,16 +258,22 @@ def load_model_file(path: Path, pb) -> types.ModuleType:
             sys.modules["triton_python_backend_utils"] = saved
 
 
-MODEL_FILES = [
-    ROOT / "model_repository" / PYTHON / "1" / "model.py",
-    ROOT / "charrnn" / "gen_model.py",
-]
+# Where the python models get create_metrics: charrnn_python's model.py imports it; the generation models'
+# model.py files build a serve.runtime.gen_model.GenModel, which calls it from there.
+MODEL_FILES = ["model.py", "gen_model.py"]
 
 
-@pytest.mark.parametrize("path", MODEL_FILES, ids=["model.py", "gen_model.py"])
-def test_create_metrics_makes_one_labelled_metric_per_family(path):
+def create_metrics_of(name: str, pb):
+    if name == "model.py":
+        path = ROOT / "model_repository" / PYTHON / "1" / "model.py"
+        return load_model_file(path, pb).create_metrics
+    return importlib.import_module("serve.runtime.gen_model").create_metrics
+
+
+@pytest.mark.parametrize("name", MODEL_FILES)
+def test_create_metrics_makes_one_labelled_metric_per_family(name):
     pb = fake_pb_utils(with_metrics=True)
-    families, sink = load_model_file(path, pb).create_metrics(pb, "charrnn_x")
+    families, sink = create_metrics_of(name, pb)(pb, "charrnn_x")
     assert [(f.name, f.kind) for f in families] == [
         (LIVE, "gauge"),
         (STARTED, "counter"),
@@ -282,11 +289,11 @@ def test_create_metrics_makes_one_labelled_metric_per_family(path):
     assert pb.logged == []
 
 
-@pytest.mark.parametrize("path", MODEL_FILES, ids=["model.py", "gen_model.py"])
+@pytest.mark.parametrize("name", MODEL_FILES)
 @pytest.mark.parametrize("fail", [False, True], ids=["no-metrics-api", "metrics-not-supported"])
-def test_without_metrics_the_model_serves_without_them_and_says_so(path, fail):
+def test_without_metrics_the_model_serves_without_them_and_says_so(name, fail):
     pb = fake_pb_utils(with_metrics=fail, fail=fail)
-    families, sink = load_model_file(path, pb).create_metrics(pb, "charrnn_x")
+    families, sink = create_metrics_of(name, pb)(pb, "charrnn_x")
     assert families == [] and sink.metrics == {}
     sink({"live": 1, "characters": 3})  # a no-op
     assert len(pb.logged) == 1 and pb.logged[0].startswith(
@@ -337,7 +344,7 @@ def copy_repo(
 
 
 def start(repo: Path, run_dir: Path, models: tuple[str, ...]):
-    from charrnn.local_triton import LocalTriton
+    from serve.local_triton import LocalTriton
 
     server = LocalTriton.on_free_ports(repo=repo, run_dir=run_dir, models=models).start()
     server.initial = {model: scrape(server, model) for model in models}  # before any request
@@ -487,7 +494,7 @@ def test_live_sequences_rise_while_open_and_return_to_zero_after_end(served):
 
 @pytest.mark.parametrize("length", [1, 37])
 def test_characters_generated_equal_what_the_client_received(served, length):
-    from client.generate import generate
+    from client.generate import complete
 
     server, model = served
     chunk = None if model == PYTHON else 8  # K = 8: the last request of 37 asks for 5
@@ -499,7 +506,7 @@ def test_characters_generated_equal_what_the_client_received(served, length):
     before = scrape(server, model)
     conn = connect(server)
     try:
-        seqs = generate(
+        seqs = complete(
             conn,
             model,
             conn.vocabulary(model),
@@ -519,7 +526,7 @@ def test_characters_generated_equal_what_the_client_received(served, length):
 
 
 def test_abandoned_sequences_are_counted_as_evicted_after_the_idle_timeout(short_idle):
-    from client.generate import generate
+    from client.generate import complete
 
     before = {model: scrape(short_idle, model) for model in SHARED_PYTHON_MODELS}
     conn = connect(short_idle)
@@ -529,7 +536,7 @@ def test_abandoned_sequences_are_counted_as_evicted_after_the_idle_timeout(short
             for model, n in zip(SHARED_PYTHON_MODELS, (3, 2))
         }
         # A sequence run to its END meanwhile is not evicted.
-        seqs = generate(
+        seqs = complete(
             conn,
             GEN_PYTHON,
             conn.vocabulary(GEN_PYTHON),

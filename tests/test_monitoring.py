@@ -18,8 +18,8 @@ import urllib.request
 
 import pytest
 
-from charrnn.local_triton import free_port
 from charrnn.repository import PYTHON
+from serve.local_triton import free_port
 from tests.helpers import GREEDY, ROOT, docker_or_skip, served, tf_text, wait_for
 from tests.test_scale import images, scale_stack  # noqa: F401 (images: a fixture used below)
 

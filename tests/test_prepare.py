@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from charrnn.data import CORPUS_MD5, md5_of
-from charrnn.local_triton import free_port
+from serve.local_triton import free_port
 from tests.helpers import PY, ROOT
 from train.prepare import main as prepare
 

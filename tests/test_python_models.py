@@ -1,5 +1,5 @@
-"""The served python models (model_repository/charrnn_python, charrnn_gen_python: charrnn.sequence_state,
-charrnn.gen_serving inside Triton's python backend) at their boundary, through a real local Triton server:
+"""The served python models (model_repository/charrnn_python, charrnn_gen_python: serve.runtime.sequence_state,
+serve.runtime.gen_serving inside Triton's python backend) at their boundary, through a real local Triton server:
 
   - bad input: an error for that request only (the caller's status: INVALID_ARGUMENT / HTTP 400), in a busy
     batch, naming the sequence, and the sequence's state untouched;

@@ -1,4 +1,4 @@
-"""Sampling (charrnn.sampling): determinism, filtering, frequencies, parameter checks, and generate() on a
+"""Sampling (charrnn.sampling): determinism, filtering, frequencies, parameter checks, and sample_steps() on a
 really trained tiny model. Its CLI, train.sample: tests/test_sample.py."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from charrnn.errors import UserError
-from charrnn.sampling import Sampler, SamplingParams, choose, filter_logits, generate
+from charrnn.sampling import Sampler, SamplingParams, choose, filter_logits, sample_steps
 from tests.helpers import tiny_text
 
 V = 10
@@ -225,6 +225,6 @@ def test_generate_bad_length_or_prompt(tiny):
     sampler = Sampler(SamplingParams(seed=0), len(vocab))
     for length in (0, -3):
         with pytest.raises(UserError, match="^error: length: must be >= 1"):
-            generate(step, vocab.encode("A"), length, sampler)
+            sample_steps(step, vocab.encode("A"), length, sampler)
     with pytest.raises(UserError, match="^error: prompt: is empty"):
-        generate(step, np.array([], np.int32), 5, sampler)
+        sample_steps(step, np.array([], np.int32), 5, sampler)

@@ -34,9 +34,9 @@ import numpy as np
 import pytest
 
 from charrnn.contract import INFER_KEY_HEADER, ROUTING_HEADER
-from charrnn.local_triton import free_port
 from charrnn.repository import ONNX, PYTHON, SHARED_CPU_MODELS
 from charrnn.sampling import SamplingParams
+from serve.local_triton import free_port
 from serve.scale import BACKENDS, servers, stats_url, up, wait_for_replicas
 from tests.helpers import ROOT, ComposeStack, docker_or_skip, tf_text
 
@@ -342,14 +342,14 @@ def generate_through(
 ) -> list[str]:
     """Greedy texts of the client library through the proxy, with `shards` routing keys (client --shards)."""
     from client.connection import Connection
-    from client.generate import generate
+    from client.generate import complete
 
     url = stack.grpc_url if protocol == "grpc" else stack.http_url
     conn = Connection(url, protocol, infer_key=stack.infer_key, shards=shards)
     try:
         model = conn.pick_model(model)
         vocab = conn.vocabulary(model)
-        seqs = generate(conn, model, vocab, prompts, length, SamplingParams(greedy=True))
+        seqs = complete(conn, model, vocab, prompts, length, SamplingParams(greedy=True))
     finally:
         conn.close()
     return [vocab.decode(s.generated) for s in seqs]

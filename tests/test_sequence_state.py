@@ -1,4 +1,4 @@
-"""charrnn.sequence_state without Triton: config/model loading, request checks, the state store and idle eviction."""
+"""serve.runtime.sequence_state without Triton: config/model loading, request checks, the state store and idle eviction."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 from google.protobuf import json_format
 
-from charrnn import sequence_state
 from charrnn.contract import (
     INPUT_IDS,
     LIVE_ID_MESSAGE,
@@ -25,7 +24,8 @@ from charrnn.contract import (
     STATE_OUT,
 )
 from charrnn.repository import GEN_PYTHON, PYTHON, load_config, vocab_of
-from charrnn.sequence_state import END, START, SequenceStates, check_ids, load_stateful_model
+from serve.runtime import sequence_state
+from serve.runtime.sequence_state import END, START, SequenceStates, check_ids, load_stateful_model
 from tests.helpers import SHIPPED_MODEL
 
 # what charrnn_python's initialize() asks for
@@ -268,7 +268,7 @@ def initialize_args(model_dir: Path, config) -> dict:
 
 def test_load_stateful_model_reads_the_config_and_opens_the_graph(shipped_repo):
     from charrnn.repository import load_config
-    from charrnn.sequence_state import load_stateful_model
+    from serve.runtime.sequence_state import load_stateful_model
 
     config = load_config(shipped_repo / PYTHON / "config.pbtxt")
     model = load_stateful_model(initialize_args(shipped_repo / PYTHON, config), STEP_TENSORS)
@@ -314,7 +314,7 @@ def test_load_stateful_model_refuses_what_the_model_cannot_serve(
     shipped_repo, tmp_path, change, message
 ):
     from charrnn.repository import load_config
-    from charrnn.sequence_state import load_stateful_model
+    from serve.runtime.sequence_state import load_stateful_model
 
     repo = tmp_path / "repo"  # a copy: the change must not reach the session's repository
     for name in (PYTHON, GEN_PYTHON):
@@ -518,7 +518,7 @@ IDLE = (
 
 
 class FakeClock:
-    """Stands in for charrnn.sequence_state's time.monotonic; counts the reaper thread's reads (one per pass)."""
+    """Stands in for serve.runtime.sequence_state's time.monotonic; counts the reaper thread's reads (one per pass)."""
 
     def __init__(self, now: float = 1000.0) -> None:
         self.now = now

@@ -24,10 +24,10 @@ from typing import ClassVar
 import pytest
 import yaml
 
-from charrnn.local_triton import free_port
 from charrnn.repository import GEN_ONNX, ONNX
 from charrnn.sampling import SamplingParams
 from serve import tls
+from serve.local_triton import free_port
 from tests.helpers import ROOT, ComposeStack, docker_or_skip, tf_text
 
 OVERRIDE = ROOT / "docker-compose.tls.yml"
@@ -140,7 +140,7 @@ def test_a_user_who_cannot_give_the_key_to_the_server_is_refused(tmp_path, monke
 
     monkeypatch.setattr(tls.os, "geteuid", lambda: 4321)
     with pytest.raises(UserError, match="--server-uid 4321 if the server runs as you"):
-        tls.generate(tmp_path / "tls", tls.san_entries(["localhost"]), 1, tls.SERVER_UID)
+        tls.make_certificates(tmp_path / "tls", tls.san_entries(["localhost"]), 1, tls.SERVER_UID)
     assert tls.key_owner(4321) is None  # the server runs as this user: the key is its own
 
 

@@ -9,7 +9,7 @@ Test files import them from here: `from tests.helpers import ROOT, served, wait_
   parameters (GEN_*, SEEDED, GREEDY), first_difference();
 - waiting: wait_for(), the deadline-bounded wait (no fixed sleeps);
 - servers: local Triton servers (start, kill, restart, their logs and counts);
-- clients: served() (the client library's generate()), chunked(), the client command line, RawStream (raw
+- clients: served() (the client library's complete()), chunked(), the client command line, RawStream (raw
   requests on one gRPC stream);
 - docker: Docker compose projects (docker_or_skip, ComposeStack).
 

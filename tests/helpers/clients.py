@@ -1,4 +1,4 @@
-"""What the server tests drive servers with: served() (the client library's generate()), chunked(), the client
+"""What the server tests drive servers with: served() (the client library's complete()), chunked(), the client
 command line, and RawStream (raw requests on one gRPC stream)."""
 
 from __future__ import annotations
@@ -17,11 +17,11 @@ from tests.helpers.reference import GEN_LENGTH
 
 
 def served(server, prompts, length, params, protocol="grpc", model=None, sequences=False, **kw):
-    """Texts of the client library's generate() through `server` (anything with grpc_url / http_url /
+    """Texts of the client library's complete() through `server` (anything with grpc_url / http_url /
     infer_key). model: None picks the first ready one, as the client does; kw: chunk, sequence_ids, retry,
     on_text, on_retry. sequences=True returns (texts, the client's Sequence objects)."""
     from client.connection import Connection
-    from client.generate import generate
+    from client.generate import complete
 
     conn = Connection(
         server.grpc_url if protocol == "grpc" else server.http_url,
@@ -31,7 +31,7 @@ def served(server, prompts, length, params, protocol="grpc", model=None, sequenc
     try:
         model = conn.pick_model(None) if model is None else model
         vocab = conn.vocabulary(model)
-        seqs = generate(conn, model, vocab, prompts, length, params, **kw)
+        seqs = complete(conn, model, vocab, prompts, length, params, **kw)
     finally:
         conn.close()
     texts = [vocab.decode(s.generated) for s in seqs]
@@ -40,12 +40,12 @@ def served(server, prompts, length, params, protocol="grpc", model=None, sequenc
 
 def chunked(server, model, prompts, params, chunk, length=GEN_LENGTH, on_text=None):
     from client.connection import Connection
-    from client.generate import generate
+    from client.generate import complete
 
     conn = Connection(server.grpc_url)
     try:
         vocab = conn.vocabulary(model)
-        seqs = generate(
+        seqs = complete(
             conn, model, vocab, list(prompts), length, list(params), chunk=chunk, on_text=on_text
         )
     finally:

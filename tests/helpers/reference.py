@@ -7,12 +7,12 @@ from charrnn.sampling import SamplingParams
 
 
 def tiny_text(tiny, prompt="ROMEO:", length=40, **kw) -> str:
-    """`length` characters after `prompt` from the tiny model with charrnn.sampling.generate (kw: SamplingParams)."""
-    from charrnn.sampling import Sampler, generate
+    """`length` characters after `prompt` from the tiny model with charrnn.sampling.sample_steps (kw: SamplingParams)."""
+    from charrnn.sampling import Sampler, sample_steps
 
     model, vocab, step = tiny
     seen = []
-    ids = generate(
+    ids = sample_steps(
         step,
         vocab.encode(prompt),
         length,

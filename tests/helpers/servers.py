@@ -1,4 +1,4 @@
-"""Local Triton servers (the python backend, charrnn.local_triton): starting, killing and restarting them, and
+"""Local Triton servers (the python backend, serve.local_triton): starting, killing and restarting them, and
 reading what they log and count."""
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ SHORT_IDLE_US = 2_000_000  # short_idle_server's max_sequence_idle_microseconds
 
 
 def start_server(repo: Path, run_dir: Path, models: tuple[str, ...] = (PYTHON,), **kw):
-    from charrnn.local_triton import LocalTriton
+    from serve.local_triton import LocalTriton
 
     return LocalTriton.on_free_ports(repo=repo, run_dir=run_dir, models=models, **kw).start()
 

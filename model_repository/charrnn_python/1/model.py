@@ -3,7 +3,7 @@
 Clients see the same interface as charrnn_trt / charrnn_onnx: INPUT_IDS int32 (1, T) per request in,
 LOGITS fp32 (1, V) out, with sequence_id / sequence_start / sequence_end. Those two models get their state
 from Triton's implicit state; the python backend has no implicit state (the state input never arrives),
-so this model keeps each sequence's packed state (S, L, H) itself (charrnn.sequence_state):
+so this model keeps each sequence's packed state (S, L, H) itself (serve/runtime/sequence_state.py):
 
   - sequence_start: the state starts from zeros;   sequence_end: the state is freed after the request;
   - a sequence idle longer than max_sequence_idle_microseconds is evicted by a reaper thread (Triton frees
@@ -23,7 +23,12 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from charrnn.contract import INPUT_IDS, LOGITS, MAX_T, STATE_IN, STATE_OUT
-from charrnn.sequence_state import SequenceStates, check_ids, create_metrics, load_stateful_model
+from charrnn_serve.runtime.sequence_state import (
+    SequenceStates,
+    check_ids,
+    create_metrics,
+    load_stateful_model,
+)
 
 
 class TritonPythonModel:

@@ -8,9 +8,9 @@ initialize() checks and loads: its config (batching, oldest sequence batcher, id
 and its model.onnx, opened with ONNX Runtime and checked against the tensors the model needs.
 `SequenceStates` also counts what happens to sequences (`stats()`) and reports every change to an `on_change`
 hook; `MetricsSink` turns those changes (and the model's character counts) into increments of the custom
-metrics in `METRICS`, which the model.py files create with pb_utils (docs/production.md, "Metrics").
-Free of Triton's pb_utils (errors are ValueError, which model.py turns into TritonModelException), so the
-python backend's model.py files drive it and the tests can call it directly.
+metrics in `METRICS`, which `create_metrics` makes with the model's pb_utils (docs/production.md, "Metrics").
+Free of Triton's pb_utils (errors are ValueError, which the models turn into TritonModelException), so the
+python backend's model.py files (and serve.runtime.gen_model) drive it and the tests can call it directly.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Server-side generation for python-backend models (charrnn_gen_python, charrnn_gen_stream): NumPy only.
 
 Both models run the generation ONNX graph (export/gen_export.py, contract in charrnn.contract) with ONNX
-Runtime and keep each sequence's state in charrnn.sequence_state.SequenceStates. This module holds what they
+Runtime and keep each sequence's state in serve.runtime.sequence_state.SequenceStates. This module holds what they
 share, free of Triton's pb_utils so it can be tested directly:
 
   - `check_gen_request`: one request's INPUT_IDS / NOISE / TEMPERATURE / TOP_K, or the error message;
@@ -31,7 +31,8 @@ from charrnn.contract import (
     TEMPERATURE,
     TOP_K,
 )
-from charrnn.sequence_state import SequenceStates, check_ids
+
+from .sequence_state import SequenceStates, check_ids
 
 
 def check_gen_request(
