@@ -11,14 +11,20 @@ REPO ?= model_repository
 TRAIN_FLAGS ?= --max-steps 2500 --eval-every 250 --checkpoint-every 250
 SAMPLE_FLAGS ?= --prompt "ROMEO:" --length 500 --temperature 0.8 --seed 1
 PYTEST_FLAGS ?=
+# The ports of charrnn/deployment.py (HTTP_PORT, GRPC_PORT, ..., written by `make generate`).
+include serve/deployment.mk
 
 .PHONY: setup data train evaluate sample export verify plan serve stop demo test test-slow clean help \
         bench soak import perf-input compose-plan compose-up compose-up-cpu compose-down perf \
         images compose-up-slim perf-slim soak-mixed lint format compose-up-scale bench-scale backend \
-        compose-up-monitoring
+        compose-up-monitoring generate
 
 help:
 	@grep -E '^[a-z-]+:.*## ' Makefile | sed 's/:.*## /\t/'
+	@echo "ports (127.0.0.1): Triton $(HTTP_PORT) HTTP, $(GRPC_PORT) gRPC, $(METRICS_PORT) metrics; the stream model's server $(STREAM_HTTP_PORT), $(STREAM_GRPC_PORT), $(STREAM_METRICS_PORT); the proxy's stats $(STATS_PORT); Prometheus $(PROMETHEUS_PORT)"
+
+generate: setup ## write the deployment files from charrnn/deployment.py and serve/templates/ (after editing either)
+	$(PY) -m serve.generate
 
 $(VENV)/.installed: pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON): not found (install Python 3.11 or pass PYTHON=...)"; exit 3; }
@@ -58,7 +64,7 @@ plan: compose-plan ## TensorRT plan: needs NVIDIA's TensorRT container on a GPU 
 backend: setup ## build Triton's ONNX Runtime backend from source (../shared/third_party or GitHub) -> build/backends/onnxruntime
 	$(PY) -m serve.backend
 
-serve: $(ONNX) backend ## start the local Triton servers (ONNX Runtime + python backends): 127.0.0.1:8000-8002, the stream model on 8010-8012
+serve: $(ONNX) backend ## start the local Triton servers (ONNX Runtime + python backends) on the main ports, the stream model on the stream ports
 	$(PY) -m serve.local start
 
 stop: setup ## stop the server `make serve` started
@@ -148,10 +154,10 @@ perf-input: data ## perf_analyzer input from the test split -> bench/results/per
 compose-plan: .env ## GPU host: build model.plan in NVIDIA's TensorRT container (after make export)
 	$(COMPOSE) --profile export run --rm export-trt
 
-compose-up: .env ## GPU host: every model on 127.0.0.1:8000-8002, the stream model on 8010-8012 (waits until ready)
+compose-up: .env ## GPU host: every model on the main ports, the stream model on the stream ports (waits until ready)
 	$(COMPOSE) up -d --build --wait triton triton-stream
 
-compose-up-cpu: .env ## CPU-only host (nvcr.io): the models that need no GPU, the stream model on 8010-8012
+compose-up-cpu: .env ## CPU-only host (nvcr.io): the models that need no GPU, the stream model on the stream ports
 	$(COMPOSE) up -d --build --wait triton-cpu triton-stream
 
 compose-down: .env ## stop whatever compose services of the project are up (containers and network removed)
@@ -164,7 +170,7 @@ perf: $(ONNX) perf-input .env ## GPU host: perf_analyzer sweep in the SDK contai
 images: setup ## build the slim stack's images (host-made wheelhouse; base from Debian's archive if Docker Hub is unreachable)
 	$(PY) -m serve.images
 
-compose-up-slim: $(ONNX) .env ## Triton in Docker, no GPU/NGC: python models on 127.0.0.1:8000-8002, the stream model on 8010-8012
+compose-up-slim: $(ONNX) .env ## Triton in Docker, no GPU/NGC: the CPU models on the main ports, the stream model on the stream ports
 	$(PY) -m serve.images triton-slim
 	$(COMPOSE) --profile slim up -d --wait triton-slim triton-slim-stream
 
@@ -174,20 +180,20 @@ compose-up-slim: $(ONNX) .env ## Triton in Docker, no GPU/NGC: python models on 
 tls-certs: setup ## self-signed CA, server and client certificates for gRPC over TLS -> build/tls/ (server.key for uid 1000)
 	$(PY) -m serve.tls
 
-compose-up-tls: $(ONNX) .env tls-certs ## the slim stack with gRPC over TLS (docker-compose.tls.yml): 127.0.0.1:8001 and 8011 take TLS only
+compose-up-tls: $(ONNX) .env tls-certs ## the slim stack with gRPC over TLS (docker-compose.tls.yml): both gRPC ports take TLS only
 	$(PY) -m serve.images triton-slim
 	$(COMPOSE) -f docker-compose.yml -f docker-compose.tls.yml --profile slim up -d --wait triton-slim triton-slim-stream
 
 # N replicas of triton-slim's server behind HAProxy (docs/scaling.md). The proxy takes triton-slim's host ports:
 # run one of the two. Services are named: `--profile scale up` alone would also start the profile-less NGC ones.
 N ?= 2
-compose-up-scale: $(ONNX) .env ## N Triton replicas (N=2) behind HAProxy on 127.0.0.1:8000 (HTTP), 8001 (gRPC), 8404 (stats); waits until all are UP
+compose-up-scale: $(ONNX) .env ## N Triton replicas (N=2) behind HAProxy on the main HTTP and gRPC ports and the stats port; waits until all are UP
 	$(PY) -m serve.images triton-slim proxy
 	$(COMPOSE) --profile scale up -d --wait --scale triton-replica=$(N) proxy triton-replica
 	$(PY) -c 'import sys; from serve.scale import wait_for_replicas; sys.exit(wait_for_replicas($(N)))'
 
 # Prometheus next to whatever Triton servers run (after compose-up-slim or compose-up-scale): serve/monitoring/.
-compose-up-monitoring: .env ## Prometheus on 127.0.0.1:9090 scraping every Triton server up, with alerting rules (docs/production.md)
+compose-up-monitoring: .env ## Prometheus on its port scraping every Triton server up, with alerting rules (docs/production.md)
 	$(PY) -m serve.images prometheus
 	$(COMPOSE) --profile monitoring up -d --wait prometheus
 
@@ -199,4 +205,4 @@ bench-scale: $(ONNX) ## chars/s of 64 sequences: one replica direct vs 1, 2, 3 b
 perf-slim: $(ONNX) perf-input .env ## perf_analyzer (container) vs our client against the slim stack -> bench/results/perf*
 	$(PY) -m serve.images triton-slim perf-slim
 	PERF_RESULTS=$(abspath $(PERF_RESULTS)) $(COMPOSE) --profile slim --profile perf-slim run --rm $(PERF_ENV) perf-slim
-	$(PY) -m bench.perf_report --results $(PERF_RESULTS) --url 127.0.0.1:$${TRITON_GRPC_PORT:-8001}
+	$(PY) -m bench.perf_report --results $(PERF_RESULTS) --url 127.0.0.1:$${TRITON_GRPC_PORT:-$(GRPC_PORT)}

@@ -107,20 +107,31 @@ def ort_gen_chars_per_s(
     onnx_path: str | Path, K: int = 128, batch: int = 1, repeat: int = 5, threads: int = 1
 ) -> float:
     """In-process ONNX Runtime: characters/s of the generation graph, `batch` rows x K characters per call."""
-    from charrnn.contract import INPUT_IDS, NOISE, STATE_IN, TEMPERATURE, TOP_K
+    from charrnn.contract import (
+        GEN,
+        INPUT_IDS,
+        INPUTS,
+        NOISE,
+        STATE_IN,
+        TEMPERATURE,
+        TOP_K,
+        tensors,
+    )
     from charrnn.onnx_runtime import ort_session
 
     session = ort_session(onnx_path, threads)
     shapes = {i.name: i.shape for i in session.get_inputs()}
     vocab = shapes[NOISE][2]
     rng = np.random.default_rng(0)
-    feeds = {
-        INPUT_IDS: rng.integers(0, vocab, (batch, 1), dtype=np.int32),
-        STATE_IN: np.zeros((batch, *shapes[STATE_IN][1:]), np.float32),
+    values = {
+        INPUT_IDS: rng.integers(0, vocab, (batch, 1)),
+        STATE_IN: np.zeros((batch, *shapes[STATE_IN][1:])),
         NOISE: np.maximum(rng.random((batch, K, vocab), dtype=np.float32), np.float32(1e-7)),
-        TEMPERATURE: np.ones((batch, 1), np.float32),
-        TOP_K: np.zeros((batch, 1), np.int32),
+        TEMPERATURE: np.ones((batch, 1)),
+        TOP_K: np.zeros((batch, 1)),
     }
+    # every input of the generation graph (charrnn.contract's table), in its dtype
+    feeds = {t.name: np.asarray(values[t.name], t.dtype) for t in tensors(GEN, INPUTS)}
     session.run(None, feeds)  # warm-up
     times = []
     for _ in range(repeat):

@@ -33,7 +33,17 @@ import numpy as np
 
 from bench.soak import group_rss, mib
 from charrnn.cli import parser
-from charrnn.contract import INFER_KEY_ENV, INFER_KEY_HEADER, TRITON_DTYPE
+from charrnn.contract import (
+    GEN,
+    INFER_KEY_ENV,
+    INFER_KEY_HEADER,
+    INPUT_IDS,
+    NOISE,
+    NOT_STARTED_MESSAGE,
+    TEMPERATURE,
+    TOP_K,
+    request_inputs,
+)
 from charrnn.errors import CheckFailed, UserError, cli
 from charrnn.repository import (
     DECOUPLED_MODELS,
@@ -148,20 +158,22 @@ def bad_requests(
                 if code not in str(e.status()) + e.message():
                     problems.append(f"{model}: {e.status()} {e.message()[:120]}")
 
-        ids = tg.InferInput("INPUT_IDS", [1, 1], "INT32")
+        ids = tg.InferInput(INPUT_IDS, [1, 1], "INT32")
         ids.set_data_from_numpy(np.array([[-5]], np.int32))
         refused([ids], PYTHON, "INVALID_ARGUMENT", sequence_start=True, sequence_end=True)
         ids.set_data_from_numpy(np.array([[3]], np.int32))
-        refused([ids], PYTHON, "must specify the START flag", sequence_start=False)
-        tensors = {
-            "INPUT_IDS": np.array([[3]], np.int32),
-            "NOISE": np.full((1, 4, 65), 0.5, np.float32),
-            "TEMPERATURE": np.array([[1e-45]], np.float32),
-            "TOP_K": np.array([[0]], np.int32),
+        refused([ids], PYTHON, NOT_STARTED_MESSAGE, sequence_start=False)
+        # A valid request but for a subnormal TEMPERATURE; every input of the table's GEN rows, in its dtype.
+        values = {
+            INPUT_IDS: [[3]],
+            NOISE: np.full((1, 4, 65), 0.5),
+            TEMPERATURE: [[1e-45]],
+            TOP_K: [[0]],
         }
         gen = []
-        for name, value in tensors.items():
-            t = tg.InferInput(name, list(value.shape), TRITON_DTYPE[value.dtype])
+        for row in request_inputs(GEN):
+            value = np.asarray(values[row.name], row.dtype)
+            t = tg.InferInput(row.name, list(value.shape), row.triton_dtype)
             t.set_data_from_numpy(value)
             gen.append(t)
         refused(gen, GEN_PYTHON, "INVALID_ARGUMENT", sequence_start=True, sequence_end=True)

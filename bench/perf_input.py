@@ -35,7 +35,18 @@ from pathlib import Path
 import numpy as np
 
 from charrnn.cli import parser
-from charrnn.contract import INPUT_IDS, MAX_K, MAX_T, NOISE, TEMPERATURE, TOP_K
+from charrnn.contract import (
+    GEN,
+    INPUT_IDS,
+    MAX_K,
+    MAX_T,
+    NOISE,
+    STEP,
+    TEMPERATURE,
+    TOP_K,
+    Tensor,
+    request_inputs,
+)
 from charrnn.errors import UserError, cli
 
 
@@ -59,6 +70,23 @@ def pick_offsets(n_test: int, streams: int, window: int, seed: int) -> list[int]
     return sorted(int(o) for o in rng.choice(n_offsets, size=streams, replace=False))
 
 
+def perf_tensor(t: Tensor, value) -> dict:
+    """One input of one perf_analyzer step: `value` without the batch dim, in the table's dtype; a tensor of more
+    than one dim as "b64" (little-endian), others as "content"."""
+    a = np.asarray(value, t.dtype)
+    if a.ndim > 1:
+        return {
+            "b64": base64.b64encode(a.astype(a.dtype.newbyteorder("<")).tobytes()).decode(),
+            "shape": list(a.shape),
+        }
+    return {"content": a.tolist(), "shape": list(a.shape)}
+
+
+def perf_step(graph: str, values: dict) -> dict:
+    """One request of a stream: every input a client sends to a model of `graph` (charrnn.contract's table)."""
+    return {t.name: perf_tensor(t, values[t.name]) for t in request_inputs(graph)}
+
+
 def build_input_data(
     test_ids: np.ndarray, offsets: list[int], prompt_length: int, steps: int
 ) -> dict:
@@ -67,8 +95,8 @@ def build_input_data(
     for off in offsets:
         window = test_ids[off : off + prompt_length + steps].tolist()
         prompt, rest = window[:prompt_length], window[prompt_length:]
-        stream = [{INPUT_IDS: {"content": prompt, "shape": [prompt_length]}}]
-        stream += [{INPUT_IDS: {"content": [i], "shape": [1]}} for i in rest]
+        stream = [perf_step(STEP, {INPUT_IDS: prompt})]
+        stream += [perf_step(STEP, {INPUT_IDS: [i]}) for i in rest]
         data.append(stream)
     return {"data": data}
 
@@ -92,19 +120,9 @@ def build_gen_input_data(
         stream = []
         for r in range(steps // k):
             ids = window[:prompt_length] if r == 0 else [window[prompt_length + r * k - 1]]
-            # (K, V)
-            noise = rng.uniform(np.finfo(np.float32).tiny, 1.0, (k, vocab_size)).astype("<f4")
-            stream.append(
-                {
-                    INPUT_IDS: {"content": ids, "shape": [len(ids)]},
-                    NOISE: {
-                        "b64": base64.b64encode(noise.tobytes()).decode(),
-                        "shape": [k, vocab_size],
-                    },
-                    TEMPERATURE: {"content": [1.0], "shape": [1]},
-                    TOP_K: {"content": [0], "shape": [1]},
-                }
-            )
+            noise = rng.uniform(np.finfo(np.float32).tiny, 1.0, (k, vocab_size))  # (K, V)
+            values = {INPUT_IDS: ids, NOISE: noise, TEMPERATURE: [1.0], TOP_K: [0]}
+            stream.append(perf_step(GEN, values))
         data.append(stream)
     return {"data": data}
 

@@ -23,6 +23,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from charrnn.cli import parser
+from charrnn.deployment import MAIN
 from charrnn.errors import UserError, cli
 from charrnn.repository import PYTHON, STEP_MODELS
 
@@ -256,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument(
         "--url",
-        default="127.0.0.1:8001",
+        default=f"127.0.0.1:{MAIN.ports.grpc}",
         help="gRPC host:port of the server perf_analyzer measured",
     )
     p.add_argument("--no-client", action="store_true", help="skip our client's sweep")

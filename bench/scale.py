@@ -30,6 +30,7 @@ from pathlib import Path
 import psutil
 
 from charrnn.cli import parser
+from charrnn.deployment import CONTAINER_PORTS
 from charrnn.errors import UnavailableError, UserError, cli
 from charrnn.repository import ONNX, PYTHON, STEP_MODELS
 from charrnn.sampling import SamplingParams
@@ -159,7 +160,8 @@ class Compose:
         """{container id: Triton's statistics of `model` there} for each container of `service`, read inside
         the container (replicas publish no port; statistics is not a restricted API)."""
         code = (
-            "import urllib.request as u; print(u.urlopen('http://127.0.0.1:8000/v2/models/"
+            "import urllib.request as u; print(u.urlopen("
+            f"'http://127.0.0.1:{CONTAINER_PORTS.http}/v2/models/"
             f"{model}/stats', timeout=10).read().decode())"
         )
         out = {}

@@ -1,22 +1,35 @@
 """The tensor contract between the exported model, the Triton configs and the client: defined once, here.
 
-Every served model (TensorRT, ONNX Runtime, python backend) shows clients the same interface:
+`TENSORS` is the table: for each graph (STEP: the per-character model; GEN: server-side generation, K characters
+per request), its inputs and outputs in order, each a `Tensor` row with dtype, symbolic dims, the values it may
+hold and its meaning. `python -m charrnn.contract` prints it (`describe()`). The dims' symbols:
 
-    INPUT_IDS  int32 (B, T)          T >= 1: a prompt chunk, or the one last sampled character
-    LOGITS     fp32  (B, V)          next-character logits after the last input position
+    B  batch (first everywhere, so Triton's implicit state, whose dims exclude the batch, and batching work)
+    T  characters per request, 1..MAX_T (a prompt chunk, or the one last sampled character)
+    K  characters generated per request, 1..MAX_K
+    V  vocabulary size;  S, L, H  the packed state: S = 2 for LSTM (h, c), 1 for GRU / SimpleRNN; L layers;
+       H hidden
 
-The exported ONNX graph / TensorRT plan also carries the recurrent state explicitly, as ONE packed tensor
-(Triton pairs several implicit states by sorted position, not by name: server issue #8586):
+The recurrent state is ONE packed tensor (STATE_IN / STATE_OUT): Triton pairs several implicit states by sorted
+position, not by name (server issue #8586). Clients never send it (Triton's implicit state or the python models
+keep it): `request_inputs(graph)` are the rows a client sends. `Contract` resolves the symbols for one model.
 
-    STATE_IN   fp32  (B, S, L, H)    S = 2 for LSTM (h, c), 1 for GRU / SimpleRNN; L layers; H hidden
-    STATE_OUT  fp32  (B, S, L, H)
+The export (ONNX graphs, Triton configs, TensorRT profile), the python models' input checks and batching,
+perf_analyzer's input data, the benchmarks and the client read the table for names, dtypes and shapes. Adding an
+input is one row here, plus what only that input knows: its value (client.generate's Chunked.values,
+bench.perf_input, export.build_plan's parity feeds), its value check (serve.runtime.gen_serving.VALUE_CHECKS, a
+guard in export/guards.py) and the graph that uses it (export/gen_export.py).
 
-Batch is first everywhere so Triton's implicit state (dims exclude batch) and batching work.
+The project's own server errors (serve/runtime/) carry a stable code (`ErrorCode`): `server_error` writes
+"<CODE>: sequence <id>: <detail>", `error_code` / `error_sequence` read them back; clients classify by code.
+Triton's own texts (CAPACITY_MESSAGE, NOT_STARTED_MESSAGE, RESTRICTED_MESSAGE) stay constants: Triton writes them.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+from enum import Enum
 
 import numpy as np
 
@@ -52,7 +65,8 @@ MAX_SEQUENCES = 1024
 ADMISSION_TIMEOUT_US = 1_000_000
 CAPACITY_MESSAGE = "timeout of the corresponding sequence has been expired"
 # Sequence ids are the only identity a sequence has, and gRPC inference needs no key: a START under an id that is
-# in use would reset its owner's state. The python models refuse it with this message (serve.runtime.sequence_state);
+# in use would reset its owner's state. The python models refuse it with this message and the code
+# ErrorCode.SEQUENCE_ID_IN_USE (serve.runtime.sequence_state);
 # Triton's implicit state (charrnn_onnx) resets it, so clients draw every id at random (client.generate).
 LIVE_ID_MESSAGE = "is in use: a START under a live sequence id is refused"
 # A server that restricts an API to a header (tritonserver --grpc-restricted-protocol=inference:<name>=<key>,
@@ -87,9 +101,169 @@ def state_slots(cell: str) -> int:
     return 2 if cell == "lstm" else 1
 
 
+# --- The table -------------------------------------------------------------------------------------------------
+STEP, GEN = "step", "gen"  # the two graphs (charrnn.repository's served models each run one)
+GRAPHS = (STEP, GEN)
+INPUTS, OUTPUTS = "inputs", "outputs"
+
+# The generation graph (export/gen_export.py; models charrnn_gen_*) takes the step graph's INPUT_IDS and STATE_IN
+# plus the sampling inputs and returns K sampled ids instead of LOGITS: id_1 follows the last INPUT_IDS; id_K is
+# NOT fed back (the next request sends it as its INPUT_IDS, like the per-character client).
+NOISE = "NOISE"
+TEMPERATURE = "TEMPERATURE"
+TOP_K = "TOP_K"
+OUTPUT_IDS = "OUTPUT_IDS"
+MAX_K = 256  # characters generated per request (also the TensorRT optimization profile)
+# Sampling temperature: 0 means greedy (argmax); otherwise at least this. Below it logits / T can overflow fp32
+# (1e-45 gave inf - inf = NaN and degenerate text) and sampling is greedy in all but name anyway.
+MIN_TEMPERATURE = 1e-3
+
+# The dynamic dims (-1 in a graph or config): symbol -> (min, max). Every other symbol is fixed per model.
+DYNAMIC_DIMS = {"B": (1, MAX_BATCH_SIZE), "T": (1, MAX_T), "K": (1, MAX_K)}
+# ONNX Runtime's spelling of the dtypes (the python models check their model.onnx with it).
+ORT_TYPE = {np.dtype(np.int32): "tensor(int32)", np.dtype(np.float32): "tensor(float)"}
+
+
+@dataclass(frozen=True)
+class Tensor:
+    """One row of the contract: a graph input or output."""
+
+    name: str
+    dtype: np.dtype
+    dims: tuple[
+        str, ...
+    ]  # symbolic, batch first: "B", "T", "K", "V", "S", "L", "H", or a fixed int
+    values: str  # what a valid value is (the python models and the graph guards refuse the rest)
+    meaning: str
+    state: bool = (
+        False  # the recurrent state: kept by the server (implicit state or model.py), never sent
+    )
+
+    @property
+    def triton_dtype(self) -> str:
+        """Triton's spelling ("INT32", "FP32"); a config says TYPE_<this>."""
+        return TRITON_DTYPE[self.dtype]
+
+    @property
+    def ort_type(self) -> str:
+        return ORT_TYPE[self.dtype]
+
+
+_IDS, _FLOAT = np.dtype(IDS_DTYPE), np.dtype(FLOAT_DTYPE)
+_STATE_IN = Tensor(
+    STATE_IN,
+    _FLOAT,
+    ("B", "S", "L", "H"),
+    "any",
+    "the packed recurrent state before this request (zeros at a sequence start)",
+    state=True,
+)
+_STATE_OUT = Tensor(
+    STATE_OUT, _FLOAT, ("B", "S", "L", "H"), "", "the state after this request", state=True
+)
+_INPUT_IDS = Tensor(
+    INPUT_IDS,
+    _IDS,
+    ("B", "T"),
+    "0..V-1",
+    "a prompt chunk, or the one last sampled character (never fed yet)",
+)
+TENSORS: dict[str, dict[str, tuple[Tensor, ...]]] = {
+    STEP: {
+        INPUTS: (_INPUT_IDS, _STATE_IN),
+        OUTPUTS: (
+            Tensor(LOGITS, _FLOAT, ("B", "V"), "", "next-character logits after the last input"),
+            _STATE_OUT,
+        ),
+    },
+    GEN: {
+        INPUTS: (
+            _INPUT_IDS,
+            _STATE_IN,
+            Tensor(
+                NOISE,
+                _FLOAT,
+                ("B", "K", "V"),
+                "uniforms in the open interval (0, 1)",
+                "one row per character to generate (Gumbel-max sampling); K = its dim 1",
+            ),
+            Tensor(
+                TEMPERATURE,
+                _FLOAT,
+                ("B", 1),
+                f"0, or finite and >= {MIN_TEMPERATURE}",
+                "> 0 samples; 0 = greedy (argmax of the raw logits)",
+            ),
+            Tensor(TOP_K, _IDS, ("B", 1), "0..V", "keep the k most likely characters (0 = all)"),
+        ),
+        OUTPUTS: (
+            Tensor(
+                OUTPUT_IDS,
+                _IDS,
+                ("B", "K"),
+                "0..V-1",
+                "id_1..id_K; id_1 follows the last INPUT_IDS; id_K is NOT fed back",
+            ),
+            Tensor(
+                STATE_OUT,
+                _FLOAT,
+                ("B", "S", "L", "H"),
+                "",
+                "the state after INPUT_IDS and id_1..id_{K-1}",
+                state=True,
+            ),
+        ),
+    },
+}
+
+
+def tensors(graph: str, kind: str = INPUTS) -> tuple[Tensor, ...]:
+    """The rows of one graph's inputs or outputs, in order."""
+    if graph not in TENSORS or kind not in (INPUTS, OUTPUTS):
+        raise ValueError(
+            f"no tensors {graph!r}/{kind!r}: graphs {GRAPHS}, kinds {INPUTS!r}, {OUTPUTS!r}"
+        )
+    return TENSORS[graph][kind]
+
+
+def request_inputs(graph: str) -> tuple[Tensor, ...]:
+    """What a client sends to a model of `graph`: its inputs without the state (the server keeps it)."""
+    return tuple(t for t in tensors(graph, INPUTS) if not t.state)
+
+
+def response_outputs(graph: str) -> tuple[Tensor, ...]:
+    """What a model of `graph` answers: its outputs without the state."""
+    return tuple(t for t in tensors(graph, OUTPUTS) if not t.state)
+
+
+def row(graph: str, name: str) -> Tensor:
+    """The row of one input or output of `graph`."""
+    for t in tensors(graph, INPUTS) + tensors(graph, OUTPUTS):
+        if t.name == name:
+            return t
+    raise KeyError(f"{graph} graph has no tensor {name!r}")
+
+
+def describe(graph: str | None = None) -> str:
+    """The table as text (one block per graph): what `python -m charrnn.contract` prints."""
+    lines = []
+    for g in (graph,) if graph else GRAPHS:
+        lines.append(f"{g} graph:")
+        for kind in (INPUTS, OUTPUTS):
+            for t in tensors(g, kind):
+                dims = "(" + ", ".join(str(d) for d in t.dims) + ")"
+                where = "in " if kind == INPUTS else "out"
+                values = f" [{t.values}]" if t.values else ""
+                state = " (state: kept by the server)" if t.state else ""
+                lines.append(
+                    f"  {where} {t.name:<12} {t.triton_dtype:<5} {dims:<14} {t.meaning}{values}{state}"
+                )
+    return "\n".join(lines)
+
+
 @dataclass(frozen=True)
 class Contract:
-    """Shapes of the four tensors for one model; -1 marks a dynamic dim (batch, T)."""
+    """The table resolved for one model: full shapes with batch, -1 marking a dynamic dim (B, T, K)."""
 
     cell: str
     layers: int
@@ -101,57 +275,44 @@ class Contract:
         """State dims without the batch dim (what Triton's `state { dims }` wants)."""
         return (state_slots(self.cell), self.layers, self.hidden)
 
+    def dim(self, symbol: str | int) -> int:
+        """One symbolic dim's size for this model; -1 for a dynamic one (B, T, K)."""
+        if isinstance(symbol, int):
+            return symbol
+        if symbol in DYNAMIC_DIMS:
+            return -1
+        fixed = {"V": self.vocab_size, **dict(zip("SLH", self.state_dims))}
+        if symbol not in fixed:
+            raise ValueError(f"unknown dim symbol {symbol!r}")
+        return fixed[symbol]
+
+    def shape(self, t: Tensor) -> tuple[int, ...]:
+        """A row's full shape, batch first, -1 for the dynamic dims."""
+        return tuple(self.dim(d) for d in t.dims)
+
+    def tensors(
+        self, graph: str, kind: str = INPUTS
+    ) -> dict[str, tuple[np.dtype, tuple[int, ...]]]:
+        """name -> (dtype, full shape with batch, -1 = dynamic) of one graph's inputs or outputs, in order."""
+        return {t.name: (t.dtype, self.shape(t)) for t in tensors(graph, kind)}
+
     def inputs(self) -> dict[str, tuple[np.dtype, tuple[int, ...]]]:
-        """name -> (dtype, full shape with batch) of the exported graph's inputs."""
-        return {
-            INPUT_IDS: (np.dtype(IDS_DTYPE), (-1, -1)),
-            STATE_IN: (np.dtype(FLOAT_DTYPE), (-1, *self.state_dims)),
-        }
+        """The step graph's inputs."""
+        return self.tensors(STEP, INPUTS)
 
     def outputs(self) -> dict[str, tuple[np.dtype, tuple[int, ...]]]:
-        return {
-            LOGITS: (np.dtype(FLOAT_DTYPE), (-1, self.vocab_size)),
-            STATE_OUT: (np.dtype(FLOAT_DTYPE), (-1, *self.state_dims)),
-        }
+        return self.tensors(STEP, OUTPUTS)
 
     def gen_inputs(self) -> dict[str, tuple[np.dtype, tuple[int, ...]]]:
-        """name -> (dtype, full shape, -1 = dynamic) of the generation graph's inputs (see below)."""
-        return {
-            **self.inputs(),
-            NOISE: (np.dtype(FLOAT_DTYPE), (-1, -1, self.vocab_size)),  # (B, K, V)
-            TEMPERATURE: (np.dtype(FLOAT_DTYPE), (-1, 1)),
-            TOP_K: (np.dtype(IDS_DTYPE), (-1, 1)),
-        }
+        """The generation graph's inputs."""
+        return self.tensors(GEN, INPUTS)
 
     def gen_outputs(self) -> dict[str, tuple[np.dtype, tuple[int, ...]]]:
-        return {
-            OUTPUT_IDS: (np.dtype(IDS_DTYPE), (-1, -1)),  # (B, K)
-            STATE_OUT: (np.dtype(FLOAT_DTYPE), (-1, *self.state_dims)),
-        }
+        return self.tensors(GEN, OUTPUTS)
 
     def zero_state(self, batch: int) -> np.ndarray:
         return np.zeros((batch, *self.state_dims), dtype=FLOAT_DTYPE)
 
-
-# --- Server-side generation: K characters per request, sampled inside the graph -----------------
-#
-# The generation graph (export/gen_export.py; models charrnn_gen_*) takes the step contract's INPUT_IDS and
-# STATE_IN plus the sampling inputs, and returns K sampled ids instead of LOGITS:
-#
-#     NOISE        fp32  (B, K, V)   uniforms in (0, 1), one row per generated character (K = NOISE dim 1)
-#     TEMPERATURE  fp32  (B, 1)      > 0 samples; 0 = greedy (argmax of the raw logits)
-#     TOP_K        int32 (B, 1)      keep the k most likely characters (0 = all)
-#     OUTPUT_IDS   int32 (B, K)      id_1..id_K; id_1 follows the last INPUT_IDS; id_K is NOT fed back
-#                                    (the next request sends it as its INPUT_IDS, like the per-character client)
-#     STATE_OUT    fp32  (B, S, L, H) state after INPUT_IDS and id_1..id_{K-1}
-NOISE = "NOISE"
-TEMPERATURE = "TEMPERATURE"
-TOP_K = "TOP_K"
-OUTPUT_IDS = "OUTPUT_IDS"
-MAX_K = 256  # characters generated per request (also the TensorRT optimization profile)
-# Sampling temperature: 0 means greedy (argmax); otherwise at least this. Below it logits / T can overflow fp32
-# (1e-45 gave inf - inf = NaN and degenerate text) and sampling is greedy in all but name anyway.
-MIN_TEMPERATURE = 1e-3
 
 # --- Guards inside the exported graphs (export/guards.py) --------------------------------------------------
 #
@@ -188,3 +349,58 @@ GUARD_MESSAGES = {
         f"{GUARD_BATCH_NOTE})"
     ),
 }
+
+
+# --- Error codes of the project's own server errors (serve/runtime/) ---------------------------------------------
+#
+# The python models answer a refused request with "<CODE>: sequence <id>: <detail>" (server_error): the code is
+# stable, for programs (the client classifies by it: error_code); the detail is for people and may change. The
+# sequence is named because gRPC stream errors reach clients without a request id (error_sequence reads it back).
+# Triton's own texts have no code and are matched as constants: CAPACITY_MESSAGE (at capacity),
+# NOT_STARTED_MESSAGE (an implicit-state model does not know the sequence), RESTRICTED_MESSAGE (a header needed).
+class ErrorCode(str, Enum):
+    UNKNOWN_SEQUENCE = (
+        "CHARRNN_UNKNOWN_SEQUENCE"  # never started, ended, or evicted idle: re-prime it
+    )
+    SEQUENCE_ID_IN_USE = "CHARRNN_SEQUENCE_ID_IN_USE"  # a START under a live id (LIVE_ID_MESSAGE)
+    SEQUENCE_ID_MISSING = "CHARRNN_SEQUENCE_ID_MISSING"  # no sequence id: the model is stateful
+    INVALID_INPUT = (
+        "CHARRNN_INVALID_INPUT"  # a tensor outside the contract (its name, dtype, shape or values)
+    )
+
+    def __str__(self) -> str:
+        return self.value
+
+
+# Triton 2.51's answer (its sequence batcher, for every model) to a request without START of a sequence it does
+# not hold.
+NOT_STARTED_MESSAGE = "must specify the START flag"
+_ERROR_RE = re.compile(r"\b(CHARRNN_[A-Z_]+): (?:sequence (\S+?): )?")
+
+
+def server_error(code: ErrorCode, detail: str, sequence=None) -> str:
+    """The text of one of our server errors: "<CODE>: sequence <id>: <detail>" (without a sequence:
+    "<CODE>: <detail>")."""
+    named = f"sequence {sequence}: " if sequence is not None else ""
+    return f"{ErrorCode(code).value}: {named}{detail}"
+
+
+def error_code(text: str) -> ErrorCode | None:
+    """The code of one of our server errors anywhere in `text` (a client library may wrap it); None if none."""
+    m = _ERROR_RE.search(text)
+    if m is None:
+        return None
+    try:
+        return ErrorCode(m.group(1))
+    except ValueError:  # a code of a newer server: treat it as none
+        return None
+
+
+def error_sequence(text: str) -> str | None:
+    """The sequence id one of our server errors names (as text), or None."""
+    m = _ERROR_RE.search(text)
+    return m.group(2) if m else None
+
+
+if __name__ == "__main__":
+    print(describe())

@@ -1,16 +1,18 @@
 """The served models of model_repository/ (one table: every model name is written here and nowhere else), and
 the reader of their config.pbtxt and vocabulary.
 
-Export writes one folder per row (export/configs.py); the local launcher, the client's model choice, the
-benchmarks and perf.sh read the table; tests/test_compose.py checks docker-compose.yml against it.
+Export writes one folder per row (export/configs.py: its config.pbtxt from the row and the graph's tensors); the
+deployment spec (charrnn/deployment.py: which server loads which models, `make generate`), the local launcher, the
+client's model choice and the benchmarks read the table.
 
-    graph  "step": INPUT_IDS -> LOGITS, the client samples (one character per request, or a prompt chunk)
-           "gen":  INPUT_IDS, NOISE, TEMPERATURE, TOP_K -> OUTPUT_IDS, the server samples K characters
+    graph  "step": the client samples (one character per request, or a prompt chunk); "gen": the server samples
+           K characters per request. Each graph's tensors: charrnn.contract's table (python -m charrnn.contract)
     backend        tensorrt: a plan, GPU only; onnxruntime: Triton's ONNX Runtime backend, CPU or GPU, with
                    implicit state (Triton keeps each sequence's state); python: ONNX Runtime inside the python
                    backend (no implicit state: model.py keeps each sequence's state)
     decoupled      one response per generated character (gRPC streaming only); such a model gets a server of
                    its own (see DECOUPLED_MODELS)
+    threads        ONNX Runtime's intra-op threads per instance
 """
 
 from __future__ import annotations
@@ -18,11 +20,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from charrnn.contract import VOCAB_PARAMETER
+from charrnn.contract import GEN, STEP, VOCAB_PARAMETER
 from charrnn.errors import CheckFailed
 from charrnn.vocab import Vocab
 
-STEP, GEN = "step", "gen"
+# STEP, GEN: the two graphs of charrnn.contract's table (re-exported here).
 TENSORRT, ONNXRUNTIME, PYTHON_BACKEND = "tensorrt", "onnxruntime", "python"
 CONFIG = "config.pbtxt"
 # Triton's custom model configuration (`--model-config-name=cpu` loads <model>/configs/cpu.pbtxt where it exists,
@@ -31,12 +33,42 @@ CONFIG = "config.pbtxt"
 CPU_CONFIG_NAME = "cpu"
 
 
+# What each backend's config.pbtxt says: the platform (or backend) line and the instance kind.
+PLATFORM = {
+    TENSORRT: (
+        'platform: "tensorrt_plan"',
+        "KIND_GPU",
+    ),  # a plan runs only on the GPU it was built for
+    ONNXRUNTIME: ('platform: "onnxruntime_onnx"', "KIND_AUTO"),  # GPU if present, else CPU
+    PYTHON_BACKEND: ('backend: "python"', "KIND_CPU"),
+}
+
+
 @dataclass(frozen=True)
 class ServedModel:
+    """One row of the table: a folder of model_repository/ and how Triton serves it. Which server runs it
+    follows from `decoupled` (charrnn/deployment.py); its tensors from `graph` (charrnn/contract.py).
+    """
+
     name: str
     graph: str  # STEP or GEN
     backend: str  # TENSORRT, ONNXRUNTIME or PYTHON_BACKEND
+    about: str  # the config's first comment line
     decoupled: bool = False
+    # ONNX Runtime intra-op threads per instance (0: not ONNX Runtime), measured side by side on our 2-core
+    # machine (docs/benchmarks.md, bench/notes/ab.md): the per-character model shares the cores with the gRPC
+    # front end and the client, and 2 threads cost 10-15% at 64 sequences; a generation request keeps ORT busy
+    # for K steps while the client waits, and 2 threads made K = 128 1.6x faster. On a bigger host, give them
+    # the instance's cores. The ONNX Runtime backend's models get the count in their CPU config.
+    threads: int = 0
+
+    @property
+    def platform(self) -> str:
+        return PLATFORM[self.backend][0]
+
+    @property
+    def kind(self) -> str:
+        return PLATFORM[self.backend][1]
 
     @property
     def artifact(self) -> str:
@@ -60,13 +92,59 @@ class ServedModel:
 
 # In order of preference: the client picks the first one that is ready.
 MODELS = (
-    ServedModel("charrnn_trt", STEP, TENSORRT),
-    ServedModel("charrnn_onnx", STEP, ONNXRUNTIME),
-    ServedModel("charrnn_python", STEP, PYTHON_BACKEND),
-    ServedModel("charrnn_gen_trt", GEN, TENSORRT),
-    ServedModel("charrnn_gen_onnx", GEN, ONNXRUNTIME),
-    ServedModel("charrnn_gen_python", GEN, PYTHON_BACKEND),
-    ServedModel("charrnn_gen_stream", GEN, PYTHON_BACKEND, decoupled=True),
+    ServedModel(
+        "charrnn_trt",
+        STEP,
+        TENSORRT,
+        "TensorRT engine built from model.onnx by export.build_plan (NVIDIA's TensorRT container, same "
+        "release as the server)",
+    ),
+    ServedModel(
+        "charrnn_onnx",
+        STEP,
+        ONNXRUNTIME,
+        "ONNX Runtime; KIND_AUTO = GPU if present, else CPU",
+        threads=1,
+    ),
+    ServedModel(
+        "charrnn_python",
+        STEP,
+        PYTHON_BACKEND,
+        "python backend running model.onnx with ONNX Runtime; state kept per correlation id in model.py",
+        threads=1,
+    ),
+    ServedModel(
+        "charrnn_gen_trt",
+        GEN,
+        TENSORRT,
+        "server-side generation, TensorRT engine built from the generation graph "
+        "(charrnn_gen_onnx/1/model.onnx) by export.build_plan",
+    ),
+    ServedModel(
+        "charrnn_gen_onnx",
+        GEN,
+        ONNXRUNTIME,
+        "server-side generation, ONNX Runtime running the generation graph (export/gen_export.py); "
+        "KIND_AUTO = GPU if present, else CPU",
+        threads=2,
+    ),
+    ServedModel(
+        "charrnn_gen_python",
+        GEN,
+        PYTHON_BACKEND,
+        "server-side generation, python backend running the generation graph with ONNX Runtime; state "
+        "kept per correlation id in model.py",
+        threads=2,
+    ),
+    ServedModel(
+        "charrnn_gen_stream",
+        GEN,
+        PYTHON_BACKEND,
+        "server-side generation streamed: decoupled python backend, one response per character as it is "
+        "generated (gRPC streaming only); state kept in model.py",
+        decoupled=True,
+        threads=2,
+    ),
 )
 BY_NAME = {m.name: m for m in MODELS}
 TRT, ONNX, PYTHON, GEN_TRT, GEN_ONNX, GEN_PYTHON, GEN_STREAM = (m.name for m in MODELS)

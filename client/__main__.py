@@ -33,9 +33,22 @@ from dataclasses import replace
 
 from charrnn.cli import parser
 from charrnn.contract import MAX_K
+from charrnn.deployment import MAIN
 from charrnn.errors import CheckFailed, cli
 from charrnn.repository import GEN, STEP, names
 from charrnn.sampling import add_sampling_flags, sampling_params
+
+
+def connection_options(args: argparse.Namespace) -> dict:
+    """The flags both check_connection and Connection take: timeout, shards and TLS."""
+    return {
+        "timeout": args.client_timeout,
+        "shards": args.shards,
+        "ssl": args.ssl,
+        "root_certificates": args.root_certificates,
+        "private_key": args.private_key,
+        "certificate_chain": args.certificate_chain,
+    }
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -46,7 +59,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--url",
         default=None,
         help="host:port, or grpc://host:port / http://host:port (the scheme sets the protocol); "
-        "default 127.0.0.1:8001 (gRPC), 127.0.0.1:8000 with -i http",
+        f"default 127.0.0.1:{MAIN.ports.grpc} (gRPC), 127.0.0.1:{MAIN.ports.http} with -i http",
     )
     g.add_argument(
         "-i",
@@ -155,15 +168,7 @@ def check_args(args: argparse.Namespace) -> argparse.Namespace:
     from .generate import RetryPolicy, check_plan
 
     args.url, args.protocol, args.headers = check_connection(
-        args.url,
-        args.protocol,
-        timeout=args.client_timeout,
-        shards=args.shards,
-        ssl=args.ssl,
-        root_certificates=args.root_certificates,
-        private_key=args.private_key,
-        certificate_chain=args.certificate_chain,
-        headers=args.header,
+        args.url, args.protocol, headers=args.header, **connection_options(args)
     )
     retry = RetryPolicy(retries=args.retries, delay=args.retry_delay, max_wait=args.retry_max_wait)
     _, args.retry = check_plan(
@@ -232,14 +237,9 @@ def run(args: argparse.Namespace, out) -> int:
     conn = Connection(
         args.url,
         args.protocol,
-        timeout=args.client_timeout,
-        shards=args.shards,
-        ssl=args.ssl,
-        root_certificates=args.root_certificates,
-        private_key=args.private_key,
-        certificate_chain=args.certificate_chain,
         headers=args.headers,
         verbose=args.verbose,
+        **connection_options(args),
     )
     try:
         model = conn.pick_model(args.model, STEP if args.chunk is None else GEN)

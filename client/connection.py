@@ -41,6 +41,7 @@ from charrnn.contract import (
     ROUTING_HEADER,
     TRITON_DTYPE,
 )
+from charrnn.deployment import MAIN
 from charrnn.errors import UnavailableError, UserError
 from charrnn.repository import GEN, STEP, names, vocab_of
 from charrnn.vocab import Vocab
@@ -60,7 +61,7 @@ PROTOCOLS = ("grpc", "http")
 # Seconds a send on a broken gRPC stream waits for the stream's error (tritonclient reports it to the callback
 # right after it marks the stream broken).
 STREAM_ERROR_WAIT_S = 1.0
-DEFAULT_PORTS = {"grpc": 8001, "http": 8000}
+DEFAULT_PORTS = {"grpc": MAIN.ports.grpc, "http": MAIN.ports.http}
 # An HTTP header name (RFC 9110 token); gRPC metadata takes the same names, lower-cased.
 _HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 

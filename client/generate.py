@@ -21,7 +21,8 @@ in the client, so with `retry=RetryPolicy(retries=N)` it is restart-safe:
     exponential backoff (Backoff) and re-prime every unfinished sequence under a NEW sequence id with prompt +
     generated-so-far (behind a proxy, a Connection with shards > 1, only the sequences of the broken stream);
   - the server does not know a sequence (idle timeout, restart, or a request that reached another replica:
-    "must specify the START flag" / "unknown sequence"): re-prime that sequence alone;
+    Triton's "must specify the START flag", or our models' error code UNKNOWN_SEQUENCE): re-prime that sequence
+    alone;
   - the graph's input guards refused a request (charrnn.contract GUARD_PREFIX): this client checks every input
     before sending it, so another client's bad request shared our batch on the ONNX Runtime backend (one bad
     request fails its whole batch; the state of ours did not advance): re-prime at once, no backoff.
@@ -64,10 +65,16 @@ from charrnn.contract import (
     MAX_SEQUENCES,
     MAX_T,
     NOISE,
+    NOT_STARTED_MESSAGE,
     OUTPUT_IDS,
     TEMPERATURE,
     TOP_K,
+    ErrorCode,
+    error_code,
+    error_sequence,
+    request_inputs,
 )
+from charrnn.deployment import MAIN
 from charrnn.errors import UnavailableError, UserError
 from charrnn.repository import GEN, STEP
 from charrnn.sampling import Sampler, SamplingParams
@@ -158,7 +165,7 @@ def check_plan(
             raise UserError(
                 "--chunk",
                 "needs gRPC (one stream for every sequence; streaming responses)",
-                "use --protocol grpc and the gRPC port (8001)",
+                f"use --protocol grpc and the gRPC port ({MAIN.ports.grpc})",
             )
         if any(not p.greedy and p.top_p < 1.0 for p in params):
             raise UserError(
@@ -290,14 +297,27 @@ def new_sequences(
 
 
 # --- what a request carries and what its answer gives, per kind of model --------------------------------------
+def request_tensors(graph: str, values: dict) -> dict[str, np.ndarray]:
+    """A request's tensors: one per row of charrnn.contract's table (the graph's inputs a client sends), in the
+    table's dtype, from `values` {name: value without the batch dim}; the batch dim 1 is added."""
+    return {
+        t.name: np.ascontiguousarray(np.asarray(values[t.name], t.dtype)[None])
+        for t in request_inputs(graph)
+    }
+
+
 class PerCharacter:
     """Step models (K = 1): a request carries INPUT_IDS; the client samples the next character from LOGITS."""
 
     graph = STEP
 
+    def values(self, seq: Sequence, req: Request) -> dict:
+        """What the request sends, by tensor name, without the batch dim."""
+        return {INPUT_IDS: req.ids}  # (T,)
+
     def inputs(self, seq: Sequence, req: Request) -> dict[str, np.ndarray]:
         """The request's tensors (batch dim 1)."""
-        return {INPUT_IDS: np.asarray(req.ids, np.int32).reshape(1, -1)}  # (1, T)
+        return request_tensors(self.graph, self.values(seq, req))
 
     def characters(self, seq: Sequence, req: Request, result) -> list[int]:
         """LOGITS (1, V): sample the next character here, unless the answer is for an early prompt chunk."""
@@ -311,7 +331,7 @@ class Chunked(PerCharacter):
 
     graph = GEN
 
-    def inputs(self, seq: Sequence, req: Request) -> dict[str, np.ndarray]:
+    def values(self, seq: Sequence, req: Request) -> dict:
         """Prompt chunks before the last one and greedy sequences use no row of the noise stream."""
         p, v = seq.sampler.params, seq.sampler.vocab_size
         if not req.keep or p.greedy:
@@ -319,10 +339,10 @@ class Chunked(PerCharacter):
         else:
             noise, temperature = seq.sampler.noise(req.k), p.temperature
         return {
-            **super().inputs(seq, req),
-            NOISE: np.ascontiguousarray(noise, np.float32)[None],  # (1, K, V)
-            TEMPERATURE: np.array([[temperature]], np.float32),  # (1, 1)
-            TOP_K: np.array([[0 if p.greedy else p.top_k]], np.int32),  # (1, 1)
+            **super().values(seq, req),
+            NOISE: noise,  # (K, V)
+            TEMPERATURE: [temperature],  # (1,)
+            TOP_K: [0 if p.greedy else p.top_k],  # (1,)
         }
 
     def characters(self, seq: Sequence, req: Request, result) -> list[int]:
@@ -354,16 +374,22 @@ _OUTAGE_TEXT = (
     "channel closed",  # gRPC's ValueError once our side of the connection is closed
     "connection closed",  # geventhttpclient (HTTP), when a proxy closes a kept-alive connection
 )
-_LOST_TEXT = ("must specify the start flag", "unknown sequence")
+# Our python models' errors carry a code (charrnn.contract.ErrorCode); Triton's own texts are matched as constants.
+_CODE_KINDS = {ErrorCode.UNKNOWN_SEQUENCE: LOST}
 
 
 def classify(error) -> str:
+    code = error_code(message(error))
+    if (
+        code is not None
+    ):  # SEQUENCE_ID_IN_USE, SEQUENCE_ID_MISSING, INVALID_INPUT: a retry would not help
+        return _CODE_KINDS.get(code, FATAL)
     text = message(error).lower()
     if is_restricted(text):
         return RESTRICTED
     if CAPACITY_MESSAGE in text:
         return CAPACITY
-    if any(s in text for s in _LOST_TEXT):
+    if NOT_STARTED_MESSAGE.lower() in text:  # Triton's sequence batcher
         return LOST
     if GUARD_PREFIX in text:
         return REFUSED
@@ -575,13 +601,19 @@ class Run:
 
     def sequence_of(self, request_id: str | None, error) -> Sequence | None:
         """The sequence an answer belongs to; gRPC stream errors carry no request id, but the models' errors
-        name their sequence ("sequence <id>: ...") and one sequence in flight can only be that one.
+        name their sequence (charrnn.contract.error_sequence; Triton's own errors "sequence <id> to model"), and
+        one sequence in flight can only be that one.
         """
         if request_id is not None:
             entry = self.in_flight.get(request_id)
             return entry[0] if entry else None
         in_flight = {id(s): s for s, _, _ in self.in_flight.values()}
-        named = [s for s in in_flight.values() if f"sequence {s.sequence_id}" in message(error)]
+        text = message(error)
+        named_id = error_sequence(text)
+        if named_id is not None:  # our models' errors (charrnn.contract.server_error)
+            named = [s for s in in_flight.values() if str(s.sequence_id) == named_id]
+        else:  # Triton's own: "inference request for sequence <id> to model ..."
+            named = [s for s in in_flight.values() if f"sequence {s.sequence_id} " in text]
         if len(named) == 1:
             return named[0]
         return next(iter(in_flight.values())) if len(in_flight) == 1 else None

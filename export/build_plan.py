@@ -14,8 +14,9 @@ Equivalent trtexec line (batch 1..64, T 1..256 with opt T=1: generation is one c
       --optShapes=INPUT_IDS:64x1,STATE_IN:64x2x2x512 \
       --maxShapes=INPUT_IDS:64x256,STATE_IN:64x2x2x512   [--fp16]
 
-The generation graph (charrnn_gen_trt; export/gen_export.py) is built the same way; its extra inputs get
-profile entries too (NOISE 1..64 x 1..MAX_K x V, opt K 32; TEMPERATURE and TOP_K 1..64 x 1):
+The generation graph (charrnn_gen_trt; export/gen_export.py) is built the same way; every input of the graph's
+rows in charrnn.contract's table gets a profile entry (its dims' symbols: B 1..64, T 1..256 opt 1, K 1..MAX_K opt
+32; so NOISE 1..64 x 1..MAX_K x V, TEMPERATURE and TOP_K 1..64 x 1):
 
     python -m export.build_plan --onnx model_repository/charrnn_gen_onnx/1/model.onnx \
         --out model_repository/charrnn_gen_trt/1/model.plan
@@ -34,7 +35,9 @@ import numpy as np
 
 from charrnn.cli import parser
 from charrnn.contract import (
+    GEN,
     INPUT_IDS,
+    INPUTS,
     LOGITS,
     MAX_BATCH_SIZE,
     MAX_K,
@@ -43,8 +46,10 @@ from charrnn.contract import (
     OUTPUT_IDS,
     STATE_IN,
     STATE_OUT,
+    STEP,
     TEMPERATURE,
     TOP_K,
+    tensors,
 )
 from charrnn.errors import CheckFailed, UnavailableError, UserError, cli
 
@@ -77,20 +82,21 @@ def profile_shapes(
     gen_vocab: int | None = None,
     max_k: int = MAX_K,
 ) -> dict[str, tuple[tuple, tuple, tuple]]:
-    """name -> (min, opt, max) shapes of the optimization profile (gen_vocab: the generation graph's V)."""
-    shapes = {
-        INPUT_IDS: ((1, 1), (max_batch, 1), (max_batch, max_t)),
-        STATE_IN: ((1, *state_dims), (max_batch, *state_dims), (max_batch, *state_dims)),
+    """name -> (min, opt, max) shapes of the optimization profile: every input of the graph's rows in
+    charrnn.contract's table (gen_vocab: the generation graph's V; None: the step graph). The dynamic dims run
+    B 1..max_batch (opt max_batch), T 1..max_t (opt 1: one character per request), K 1..max_k (opt 32).
+    """
+    graph = STEP if gen_vocab is None else GEN
+    fixed = {"V": gen_vocab, **dict(zip("SLH", state_dims))}
+    bounds = {"B": (1, max_batch, max_batch), "T": (1, 1, max_t), "K": (1, min(32, max_k), max_k)}
+
+    def size(d, which: int) -> int:
+        return bounds[d][which] if d in bounds else fixed[d] if isinstance(d, str) else d
+
+    return {
+        t.name: tuple(tuple(size(d, which) for d in t.dims) for which in range(3))
+        for t in tensors(graph, INPUTS)
     }
-    if gen_vocab is not None:
-        shapes[NOISE] = (
-            (1, 1, gen_vocab),
-            (max_batch, min(32, max_k), gen_vocab),
-            (max_batch, max_k, gen_vocab),
-        )
-        for name in (TEMPERATURE, TOP_K):
-            shapes[name] = ((1, 1), (max_batch, 1), (max_batch, 1))
-    return shapes
 
 
 def build_plan(

@@ -1,8 +1,9 @@
 """Triton model configs, generated from charrnn.contract and charrnn.repository's table of served models (never
 hand-synced), and checked against the ONNX graph.
 
-The step models show clients INPUT_IDS in, LOGITS out; the generation models (the graph of
-export/gen_export.py) INPUT_IDS, NOISE, TEMPERATURE, TOP_K in, OUTPUT_IDS out; all take sequence id/start/end.
+Each model's inputs and outputs are its graph's rows of charrnn.contract's table (charrnn.contract.request_inputs /
+response_outputs: the step models' and the generation models' tensors, without the state); all take sequence
+id/start/end.
 TensorRT and ONNX Runtime models get Triton's implicit state; the python-backend models keep each sequence's
 state in model.py (model_repository/charrnn_python/1/model.py, serve/runtime/gen_model.py).
 
@@ -17,22 +18,20 @@ from google.protobuf.text_encoding import CEscape
 
 from charrnn.cli import parser
 from charrnn.contract import (
-    INPUT_IDS,
-    LOGITS,
+    DYNAMIC_DIMS,
+    GEN,
+    INPUTS,
     MAX_BATCH_SIZE,
-    MAX_K,
     MAX_SEQUENCE_IDLE_US,
     MAX_SEQUENCES,
-    MAX_T,
-    NOISE,
-    OUTPUT_IDS,
-    STATE_IN,
-    STATE_OUT,
-    TEMPERATURE,
-    TOP_K,
+    OUTPUTS,
     TRITON_DTYPE,
     VOCAB_PARAMETER,
     Contract,
+    Tensor,
+    request_inputs,
+    response_outputs,
+    tensors,
 )
 from charrnn.errors import UserError, cli
 from charrnn.repository import (
@@ -40,16 +39,10 @@ from charrnn.repository import (
     CONFIG,
     CPU_CONFIG_NAME,
     GEN_MODELS,
-    GEN_ONNX,
-    GEN_PYTHON,
-    GEN_STREAM,
-    GEN_TRT,
     ONNX,
     ORT_MODELS,
-    PYTHON,
     PYTHON_MODELS,
     SERVED_MODELS,
-    TRT,
     parse_config,
 )
 from charrnn.vocab import Vocab
@@ -58,89 +51,58 @@ from charrnn.vocab import Vocab
 # one request per sequence per batch, only requests of equal T together.
 MAX_QUEUE_DELAY_US = 100  # wait at most this long to grow a batch
 PYTHON_INSTANCES = 1
-# ONNX Runtime intra-op threads per python-backend instance, measured side by side on our 2-core machine
-# (docs/benchmarks.md, bench/notes/ab.md): the per-character model shares the cores with the gRPC front end and the
-# client, and 2 threads cost 10-15% at 64 sequences; a generation request keeps ORT busy for K steps while
-# the client waits, and 2 threads made K = 128 1.6x faster. On a bigger host, give them the instance's cores.
-# The ONNX Runtime backend's models get the same counts in their CPU config (configs/cpu.pbtxt).
-ORT_THREADS = {PYTHON: 1, GEN_PYTHON: 2, GEN_STREAM: 2, ONNX: 1, GEN_ONNX: 2}
 
-_HEADER = {
-    TRT: (
-        'platform: "tensorrt_plan"',
-        "KIND_GPU",
-        "TensorRT engine built from model.onnx by export.build_plan "
-        "(NVIDIA's TensorRT container, same release as the server)",
-    ),
-    ONNX: (
-        'platform: "onnxruntime_onnx"',
-        "KIND_AUTO",
-        "ONNX Runtime; KIND_AUTO = GPU if present, else CPU",
-    ),
-    PYTHON: (
-        'backend: "python"',
-        "KIND_CPU",
-        "python backend running model.onnx with ONNX Runtime; "
-        "state kept per correlation id in model.py",
-    ),
-    GEN_TRT: (
-        'platform: "tensorrt_plan"',
-        "KIND_GPU",
-        "server-side generation, TensorRT engine built from the "
-        "generation graph (charrnn_gen_onnx/1/model.onnx) by export.build_plan",
-    ),
-    GEN_ONNX: (
-        'platform: "onnxruntime_onnx"',
-        "KIND_AUTO",
-        "server-side generation, ONNX Runtime running the "
-        "generation graph (export/gen_export.py); KIND_AUTO = GPU if present, else CPU",
-    ),
-    GEN_PYTHON: (
-        'backend: "python"',
-        "KIND_CPU",
-        "server-side generation, python backend running the generation "
-        "graph with ONNX Runtime; state kept per correlation id in model.py",
-    ),
-    GEN_STREAM: (
-        'backend: "python"',
-        "KIND_CPU",
-        "server-side generation streamed: decoupled python backend, one "
-        "response per character as it is generated (gRPC streaming only); state kept in model.py",
-    ),
-}
+
+def _request_shape(t: Tensor, contract: Contract) -> str:
+    """A row's shape in one request (batch 1), dynamic dims by symbol with their range: "(1, K, 65), 1 <= K <= 256"."""
+    dims = [
+        "1" if d == "B" else str(d) if d in DYNAMIC_DIMS else str(contract.dim(d)) for d in t.dims
+    ]
+    ranges = [
+        f"{DYNAMIC_DIMS[d][0]} <= {d} <= {DYNAMIC_DIMS[d][1]}"
+        for d in t.dims[1:]
+        if d in DYNAMIC_DIMS
+    ]
+    return f"({', '.join(dims)})" + "".join(f", {r}" for r in ranges)
+
+
+def _tensor_list(key: str, rows: tuple[Tensor, ...], contract: Contract) -> str:
+    """`input [ ... ]` / `output [ ... ]` of a config: the table's rows, dims without the batch dim."""
+    items = [
+        f'{{ name: "{t.name}"  data_type: TYPE_{t.triton_dtype}  '
+        f"dims: [ {', '.join(str(d) for d in contract.shape(t)[1:])} ] }}"
+        for t in rows
+    ]
+    if len(items) == 1:
+        return f"{key} [ {items[0]} ]"
+    return f"{key} [\n" + ",\n".join(f"  {i}" for i in items) + "\n]"
 
 
 def _io_text(name: str, contract: Contract) -> str:
-    """The input/output section (and its comment) of a config."""
-    ids_t, logits_t = (
-        TRITON_DTYPE[contract.inputs()[INPUT_IDS][0]],
-        TRITON_DTYPE[contract.outputs()[LOGITS][0]],
-    )
-    if name not in GEN_MODELS:
-        return f"""# Clients send only characters: INPUT_IDS is (1, T) per request, 1 <= T <= {MAX_T}
-# (a prompt chunk, or the one last sampled character); LOGITS are for the character after the last one.
-input [ {{ name: "{INPUT_IDS}"  data_type: TYPE_{ids_t}  dims: [ -1 ] }} ]
-output [ {{ name: "{LOGITS}"  data_type: TYPE_{logits_t}  dims: [ {contract.vocab_size} ] }} ]"""
-    v = contract.vocab_size
+    """The input/output section (and its comment) of a config: charrnn.contract's table for the model's graph,
+    without the state (Triton's implicit state, or model.py, keeps it)."""
+    graph = BY_NAME[name].graph
+    ins, outs = request_inputs(graph), response_outputs(graph)
+    lines = [
+        f"#   {t.name:<11} {t.triton_dtype} {_request_shape(t, contract)}: {t.meaning}"
+        + (f"; {t.values}" if t.values else "")
+        for t in ins + outs
+    ]
+    if graph == GEN:
+        head = "# Server-side generation: clients send characters and the sampling inputs, the server samples K characters"
+    else:
+        head = "# Clients send only characters, one request per character or prompt chunk"
+    head += f" (V = {contract.vocab_size}; charrnn/contract.py's table):"
     if BY_NAME[name].decoupled:
-        out = (
+        lines.append(
             "# Decoupled: K responses per request, each OUTPUT_IDS (1, 1) = the next character, sent as soon as\n"
             "# it is generated; the K-th is flagged final. Needs gRPC streaming (HTTP takes one response)."
         )
-    else:
-        out = "# OUTPUT_IDS (1, K): the K sampled ids, in one response."
-    return f"""# Server-side generation: clients send characters and the sampling inputs, the server samples K characters:
-#   INPUT_IDS   (1, T), 1 <= T <= {MAX_T}: a prompt chunk, or the last id of the previous response (never fed yet)
-#   NOISE       (1, K, {v}), 1 <= K <= {MAX_K}: uniforms in (0, 1), one row per character (Gumbel-max sampling)
-#   TEMPERATURE (1, 1): > 0 samples, 0 = greedy (argmax);   TOP_K (1, 1): keep the k most likely, 0 = all
-{out}
-input [
-  {{ name: "{INPUT_IDS}"  data_type: TYPE_{ids_t}  dims: [ -1 ] }},
-  {{ name: "{NOISE}"  data_type: TYPE_FP32  dims: [ -1, {v} ] }},
-  {{ name: "{TEMPERATURE}"  data_type: TYPE_FP32  dims: [ 1 ] }},
-  {{ name: "{TOP_K}"  data_type: TYPE_{ids_t}  dims: [ 1 ] }}
-]
-output [ {{ name: "{OUTPUT_IDS}"  data_type: TYPE_{ids_t}  dims: [ -1 ] }} ]"""
+    elif graph == GEN:
+        lines.append("# OUTPUT_IDS (1, K): the K sampled ids, in one response.")
+    return "\n".join(
+        [head, *lines, _tensor_list("input", ins, contract), _tensor_list("output", outs, contract)]
+    )
 
 
 def render_config(
@@ -162,7 +124,8 @@ def render_config(
             f"has {len(vocab)} characters, the model {contract.vocab_size}",
             "export with the model's own vocab.json",
         )
-    platform, kind, what = _HEADER[name]
+    model = BY_NAME[name]
+    platform, kind, what = model.platform, model.kind, model.about
     if cpu:
         kind = "KIND_CPU"
         what = what.split(";")[0] + (
@@ -171,8 +134,11 @@ def render_config(
             "launcher, the slim\n# and scale images). KIND_CPU: a CPU-only build of the backend refuses "
             "KIND_GPU, which KIND_AUTO becomes on a GPU host"
         )
-    state_t = TRITON_DTYPE[contract.inputs()[STATE_IN][0]]
-    dims = ", ".join(str(d) for d in contract.state_dims)
+    graph = BY_NAME[name].graph
+    (state_in,) = (t for t in tensors(graph, INPUTS) if t.state)  # the table's state rows
+    (state_out,) = (t for t in tensors(graph, OUTPUTS) if t.state)
+    state_t = state_in.triton_dtype
+    dims = ", ".join(str(d) for d in contract.shape(state_in)[1:])
     state = ""
     if BY_NAME[name].implicit_state:
         state = f"""
@@ -182,8 +148,8 @@ def render_config(
   # Triton pairs several states by sorted position, not name (server issue #8586).
   state [
     {{
-      input_name: "{STATE_IN}"
-      output_name: "{STATE_OUT}"
+      input_name: "{state_in.name}"
+      output_name: "{state_out.name}"
       data_type: TYPE_{state_t}
       dims: [ {dims} ]
       initial_state: {{ data_type: TYPE_{state_t}  dims: [ {dims} ]  zero_data: true  name: "zeros" }}
@@ -191,9 +157,9 @@ def render_config(
   ]"""
     params = {VOCAB_PARAMETER: vocab.to_json()}
     if name in PYTHON_MODELS:
-        params["intra_op_threads"] = str(ORT_THREADS[name])  # ONNX Runtime threads per instance
+        params["intra_op_threads"] = str(model.threads)  # ONNX Runtime threads per instance
     if cpu:  # the ONNX Runtime backend's own parameter
-        params["intra_op_thread_count"] = str(ORT_THREADS[name])
+        params["intra_op_thread_count"] = str(model.threads)
     param_text = "\n".join(
         f'parameters {{ key: "{k}" value: {{ string_value: "{CEscape(v, as_utf8=True)}" }} }}'
         for k, v in params.items()

@@ -2,9 +2,9 @@
 
     python -m export.gen_export --model models/shakespeare-lstm-2x512 --out /tmp/gen.onnx
 
-Inputs:  INPUT_IDS int32 (B, T), STATE_IN fp32 (B, S, L, H), NOISE fp32 (B, K, V) uniforms in (0, 1),
-         TEMPERATURE fp32 (B, 1) (0 = greedy), TOP_K int32 (B, 1) (0 = all)
-Outputs: OUTPUT_IDS int32 (B, K), STATE_OUT fp32 (B, S, L, H)            (see charrnn.contract)
+Inputs and outputs: the GEN rows of charrnn.contract's table (`python -m charrnn.contract`), in order: the
+tf.function's signature is built from them (INPUT_IDS, STATE_IN, NOISE, TEMPERATURE, TOP_K -> OUTPUT_IDS,
+STATE_OUT), and check_gen_io checks the exported graph against them.
 
 Semantics (= the per-character client with charrnn.sampling): consume INPUT_IDS -> logits ->
 id_1 = argmax(topk_filter(logits / T) + gumbel(NOISE[:, 0])) -> feed id_1 -> ... -> id_K, which is NOT fed:
@@ -35,28 +35,17 @@ import onnx
 
 from charrnn.cli import parser
 from charrnn.contract import (
-    INPUT_IDS,
-    NOISE,
+    GEN,
     OUTPUT_IDS,
-    STATE_IN,
     STATE_OUT,
-    TEMPERATURE,
-    TOP_K,
     Contract,
+    describe,
     state_slots,
 )
 from charrnn.errors import CheckFailed, cli
 
 from .guards import guard_gen_inputs
-from .onnx_export import OPSET, name_dims, rename_value
-
-_ARG_NAMES = {
-    "input_ids": INPUT_IDS,
-    "state_in": STATE_IN,
-    "noise": NOISE,
-    "temperature": TEMPERATURE,
-    "top_k": TOP_K,
-}
+from .onnx_export import OPSET, name_table_io, rename_value, table_spec
 
 
 def generation_function(model):
@@ -66,13 +55,7 @@ def generation_function(model):
     config = model.config
     contract = config.contract
     slots, vocab = state_slots(config.cell), config.vocab_size
-    spec = (
-        tf.TensorSpec([None, None], tf.int32, name="input_ids"),
-        tf.TensorSpec([None, *contract.state_dims], tf.float32, name="state_in"),
-        tf.TensorSpec([None, None, vocab], tf.float32, name="noise"),
-        tf.TensorSpec([None, 1], tf.float32, name="temperature"),
-        tf.TensorSpec([None, 1], tf.int32, name="top_k"),
-    )
+    spec = table_spec(GEN, contract)
 
     def choose(logits, u, temperature, kth_index):
         """One character per row: logits (B, V), u (B, V) -> ids (B,) int32 (= charrnn.sampling.choose)."""
@@ -182,21 +165,11 @@ def export_gen_onnx(
     proto, _ = tf2onnx.convert.from_function(sample_k, input_signature=spec, opset=opset)
     graph = proto.graph
     hoist_loop_invariants(graph)
-    for vi in list(graph.input):
-        rename_value(graph, vi.name, _ARG_NAMES.get(vi.name.split(":")[0], vi.name))
-    dims = {
-        INPUT_IDS: {0: "batch", 1: "T"},
-        NOISE: {0: "batch", 1: "K"},
-        OUTPUT_IDS: {0: "batch", 1: "K"},
-    }
-    for vi in list(graph.input) + list(graph.output):
-        name_dims(vi, dims.get(vi.name, {0: "batch"}))
+    name_table_io(graph, GEN)  # the table's names for the inputs, and for every dynamic dim
     if guard:  # refuses bad INPUT_IDS, NOISE, TEMPERATURE, TOP_K at run time (export/guards.py)
         guard_gen_inputs(graph, contract)
     proto.doc_string = (
-        f"charrnn generation: {INPUT_IDS} (batch, T) + {STATE_IN} + {NOISE} (batch, K, "
-        f"{contract.vocab_size}) + {TEMPERATURE} (batch, 1) + {TOP_K} (batch, 1) -> {OUTPUT_IDS} "
-        f"(batch, K) + {STATE_OUT}; cell {contract.cell}"
+        f"charrnn generation (V = {contract.vocab_size}, cell {contract.cell}):\n" + describe(GEN)
     )
     onnx.checker.check_model(proto)
     problems = check_gen_io(proto, contract)

@@ -15,7 +15,18 @@ from pathlib import Path
 
 import onnx
 
-from charrnn.contract import INPUT_IDS, LOGITS, STATE_IN, STATE_OUT
+from charrnn.contract import (
+    DYNAMIC_DIMS,
+    INPUTS,
+    LOGITS,
+    OUTPUTS,
+    STATE_OUT,
+    STEP,
+    Contract,
+    Tensor,
+    describe,
+    tensors,
+)
 
 from .guards import guard_step_inputs
 
@@ -45,6 +56,37 @@ def name_dims(vi: onnx.ValueInfoProto, names: dict[int, str]) -> None:
             dim.dim_param = names[i]
 
 
+def onnx_dim_names(t: Tensor) -> dict[int, str]:
+    """The names of a table row's dynamic dims in the ONNX graph ("batch", "T", "K")."""
+    return {i: "batch" if d == "B" else d for i, d in enumerate(t.dims) if d in DYNAMIC_DIMS}
+
+
+def table_spec(graph: str, contract: Contract):
+    """The tf.function input signature of a graph: its inputs in charrnn.contract's table, in order, each named
+    after the row in lower case (TF lower-cases argument names; export renames the ONNX inputs back).
+    """
+    import tensorflow as tf
+
+    return tuple(
+        tf.TensorSpec(
+            [None if d == -1 else d for d in contract.shape(t)],
+            tf.as_dtype(t.dtype),
+            name=t.name.lower(),
+        )
+        for t in tensors(graph, INPUTS)
+    )
+
+
+def name_table_io(graph: onnx.GraphProto, which: str) -> None:
+    """Give a converted graph's inputs the table's names, and every input's and output's dynamic dims theirs."""
+    for vi in list(graph.input):
+        new = {t.name.lower(): t.name for t in tensors(which, INPUTS)}
+        rename_value(graph, vi.name, new.get(vi.name.split(":")[0], vi.name))
+    dims = {t.name: onnx_dim_names(t) for kind in (INPUTS, OUTPUTS) for t in tensors(which, kind)}
+    for vi in list(graph.input) + list(graph.output):
+        name_dims(vi, dims.get(vi.name, DIM_NAMES))
+
+
 def export_onnx(model, out: str | Path, opset: int = OPSET, guard: bool = True) -> onnx.ModelProto:
     """Convert a charrnn.model.CharRNN to ONNX at `out` with the contract's names; returns the proto.
 
@@ -54,10 +96,7 @@ def export_onnx(model, out: str | Path, opset: int = OPSET, guard: bool = True) 
     import tf2onnx
 
     contract = model.config.contract
-    spec = (
-        tf.TensorSpec([None, None], tf.int32, name="input_ids"),
-        tf.TensorSpec([None, *contract.state_dims], tf.float32, name="state_in"),
-    )
+    spec = table_spec(STEP, contract)
 
     @tf.function(input_signature=spec)
     def step(input_ids, state_in):
@@ -66,19 +105,12 @@ def export_onnx(model, out: str | Path, opset: int = OPSET, guard: bool = True) 
 
     proto, _ = tf2onnx.convert.from_function(step, input_signature=spec, opset=opset)
     graph = proto.graph
-    # TF lower-cases function argument names; give the inputs the contract's names.
-    for vi in list(graph.input):
-        new = {"input_ids": INPUT_IDS, "state_in": STATE_IN}.get(vi.name.split(":")[0], vi.name)
-        rename_value(graph, vi.name, new)
-    for vi in graph.input:
-        name_dims(vi, {0: "batch", 1: "T"} if vi.name == INPUT_IDS else DIM_NAMES)
-    for vi in graph.output:
-        name_dims(vi, DIM_NAMES)
+    name_table_io(graph, STEP)  # TF lower-cases function argument names: the table's names back
     if guard:
         guard_step_inputs(graph, contract)  # refuses bad INPUT_IDS at run time (export/guards.py)
     proto.doc_string = (
-        f"charrnn step: {INPUT_IDS} (batch, T) int32 + {STATE_IN} {('batch', *contract.state_dims)} "
-        f"-> {LOGITS} (batch, {contract.vocab_size}) + {STATE_OUT}; cell {contract.cell}"
+        f"charrnn step (V = {contract.vocab_size}, S, L, H = {contract.state_dims}, cell {contract.cell}):\n"
+        + describe(STEP)
     )
     onnx.checker.check_model(proto)
     out = Path(out)

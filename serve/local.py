@@ -47,6 +47,7 @@ from pathlib import Path
 
 from charrnn.cli import parser
 from charrnn.contract import INFER_KEY_ENV, INFER_KEY_HEADER
+from charrnn.deployment import MAIN, SERVERS, Server
 from charrnn.errors import UnavailableError, UserError, cli
 from charrnn.repository import DECOUPLED_MODELS, SHARED_CPU_MODELS
 
@@ -369,32 +370,29 @@ def model_groups(args) -> list[tuple[str, ...]]:
     return [SHARED_CPU_MODELS, DECOUPLED_MODELS]
 
 
+PORT_LABELS = {
+    "http": "HTTP port (inference needs the key)",
+    "grpc": "gRPC port",
+    "metrics": "Prometheus metrics port",
+}
+
+
+def port_flag(server: Server, what: str) -> str:
+    """The flag of one of a server's ports: --grpc-port for the main server, --stream-grpc-port for the other."""
+    return f"--{'' if server is MAIN else server.name + '-'}{what}-port"
+
+
 def build_servers(args, run_dir: Path, infer_key: str) -> list[LocalTriton]:
     common = {"repo": args.repo, "tritonserver": args.tritonserver, "infer_key": infer_key}
-    groups = model_groups(args)
     servers = []
-    if groups[0]:
-        servers.append(
-            LocalTriton(
-                http_port=args.http_port,
-                grpc_port=args.grpc_port,
-                metrics_port=args.metrics_port,
-                run_dir=run_dir,
-                models=groups[0],
-                **common,
-            )
-        )
-    if len(groups) > 1 and groups[1]:
-        servers.append(
-            LocalTriton(
-                http_port=args.stream_http_port,
-                grpc_port=args.stream_grpc_port,
-                metrics_port=args.stream_metrics_port,
-                run_dir=stream_run_dir(run_dir),
-                models=groups[1],
-                **common,
-            )
-        )
+    run_dirs = (run_dir, stream_run_dir(run_dir))
+    for server, models, server_dir in zip(SERVERS, model_groups(args), run_dirs):
+        if models:
+            ports = {
+                f"{what}_port": getattr(args, port_flag(server, what)[2:].replace("-", "_"))
+                for what in PORT_LABELS
+            }
+            servers.append(LocalTriton(**ports, run_dir=server_dir, models=models, **common))
     for server in servers:  # every name and the kinds of each server checked before anything starts
         server.check()
     return servers
@@ -520,26 +518,20 @@ def main(argv: list[str] | None = None) -> int:
         "action", choices=list(ACTIONS), help="\n".join(f"{k}: {v}" for k, v in ACTIONS.items())
     )
     p.add_argument("--repo", default=str(ROOT / "model_repository"), help="model repository")
-    p.add_argument(
-        "--http-port", type=int, default=8000, help="HTTP port (inference needs the key)"
-    )
-    p.add_argument("--grpc-port", type=int, default=8001, help="gRPC port")
-    p.add_argument("--metrics-port", type=int, default=8002, help="Prometheus metrics port")
+    for server in SERVERS:
+        which = "" if server is MAIN else "the second server's (the decoupled model) "
+        for what, label in PORT_LABELS.items():
+            p.add_argument(
+                port_flag(server, what),
+                type=int,
+                default=getattr(server.ports, what),
+                help=which + label,
+            )
     p.add_argument(
         "--models",
         default=None,
         help="comma-separated models (folders of --repo) for ONE server (default: every local "
         "model, the decoupled one on a second server)",
-    )
-    p.add_argument(
-        "--stream-http-port",
-        type=int,
-        default=8010,
-        help="second server's HTTP port (the decoupled model)",
-    )
-    p.add_argument("--stream-grpc-port", type=int, default=8011, help="second server's gRPC port")
-    p.add_argument(
-        "--stream-metrics-port", type=int, default=8012, help="second server's metrics port"
     )
     p.add_argument(
         "--tritonserver",

@@ -32,7 +32,14 @@ from pathlib import Path, PurePosixPath
 
 import psutil
 
-from charrnn.contract import INFER_KEY_HEADER
+from charrnn.contract import INFER_KEY_ENV, INFER_KEY_HEADER
+from charrnn.deployment import (
+    ADMIN_HEADER,
+    ADMIN_KEY_ENV,
+    ENTRYPOINT_SOURCE,
+    LOCAL_EXIT_TIMEOUT_S,
+    MAIN,
+)
 from charrnn.errors import UnavailableError, UserError
 from charrnn.repository import CONFIG, CPU_CONFIG_NAME, ONNX, ORT_MODELS, load_config
 
@@ -44,18 +51,20 @@ ORT_BACKEND_DIR = ROOT / "build" / "backends" / "onnxruntime"
 # What LocalTriton loads unless told: the exported graph on Triton's ONNX Runtime backend, the project's main path
 # (`make serve` loads every LOCAL_MODELS).
 DEFAULT_MODELS = (ONNX,)
-RESTRICTED = "model-repository,shared-memory,logging,trace"  # admin APIs: need the admin key header
-ADMIN_HEADER = "admin-key"
-# `<header>=<key>` in a restricted-API flag: what the logged command line shows as `<header>=<redacted>`.
-SECRET_SETTING = re.compile(rf"((?:{ADMIN_HEADER}|{INFER_KEY_HEADER})=)[^,\s]+")
+# `<header>=<key>` in a restricted-API flag, as logs written before the keys moved to the environment hold it.
 SECRET_BYTES = re.compile(rf"(?:^|[,:=\s])({ADMIN_HEADER}|{INFER_KEY_HEADER})=([^,\s]+)".encode())
 # What the launcher and the server create in the run directory: 0600 files, 0700 directories.
 PRIVATE_UMASK = 0o077
 
 
-def redact(text: str) -> str:
-    """`text` with every admin and inference key replaced: the command line as the log shows it."""
-    return SECRET_SETTING.sub(r"\1<redacted>", text)
+def shown_env(env: dict[str, str]) -> str:
+    """The entrypoint's settings as the log shows them before its command line: every TRITON* variable but
+    the keys."""
+    return "".join(
+        f"{k}={v} "
+        for k, v in sorted(env.items())
+        if k.startswith("TRITON") and k not in (ADMIN_KEY_ENV, INFER_KEY_ENV)
+    )
 
 
 # What LocalTriton writes in a run directory (serve.local adds its PID file, lock and key file, created 0600).
@@ -270,9 +279,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-GRPC_ALLOCATION_POOL = 1024  # >= the requests in flight at once (see LocalTriton.command)
-
-
 class LocalTriton:
     """Start/stop one tritonserver process; a context manager for tests, the demo and the benchmark."""
 
@@ -280,9 +286,9 @@ class LocalTriton:
         self,
         repo: str | Path = ROOT / "model_repository",
         run_dir: str | Path = DEFAULT_RUN_DIR,
-        http_port: int = 8000,
-        grpc_port: int = 8001,
-        metrics_port: int = 8002,
+        http_port: int = MAIN.ports.http,
+        grpc_port: int = MAIN.ports.grpc,
+        metrics_port: int = MAIN.ports.metrics,
         models: tuple[str, ...] = DEFAULT_MODELS,
         tritonserver: str | None = None,
         extra_args: tuple[str, ...] = (),
@@ -397,41 +403,40 @@ class LocalTriton:
         repo_arg = str(prepare_repository(self.repo, self.run_dir, self.models))
         if self.tritonserver:  # a real Triton install: its own backends
             binary, backend_args = self.tritonserver, []
+            env.pop("TRITON_MODEL_CONFIG_NAME", None)
         else:
             dist, libs = pytriton_dist()
             binary = str(dist / "bin" / "tritonserver")
             backend_args = [
                 f"--backend-directory={prepare_backends(self.run_dir, self.models)}",
                 f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
-                # the ONNX Runtime models' configs/cpu.pbtxt (KIND_CPU; charrnn/repository.py)
-                f"--model-config-name={CPU_CONFIG_NAME}",
             ]
+            # the ONNX Runtime models' configs/cpu.pbtxt (KIND_CPU; charrnn/repository.py)
+            env["TRITON_MODEL_CONFIG_NAME"] = CPU_CONFIG_NAME
             env["LD_LIBRARY_PATH"] = os.pathsep.join(
                 filter(None, [env.get("LD_LIBRARY_PATH"), str(libs)])
             )
             # The stub embeds this Python: put its environment first so it finds numpy/onnxruntime/charrnn.
             env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-        restricted = f"{RESTRICTED}:{ADMIN_HEADER}={self.admin_key}"
+        # The project's entrypoint (every flag of every server, charrnn/deployment.py) with what differs here:
+        # loopback, this launcher's ports, its repository view and keys, a short exit timeout.
+        env.update(
+            {
+                "TRITONSERVER": binary,
+                "TRITON_MODEL_REPOSITORY": repo_arg,
+                "TRITON_ADDRESS": "127.0.0.1",
+                "TRITON_EXIT_TIMEOUT_S": str(LOCAL_EXIT_TIMEOUT_S),
+                ADMIN_KEY_ENV: self.admin_key,
+                INFER_KEY_ENV: self.infer_key,
+            }
+        )
         args = [
-            binary,
-            f"--model-repository={repo_arg}",
+            "/bin/sh",
+            str(ROOT / ENTRYPOINT_SOURCE),
             *backend_args,
-            "--model-control-mode=none",
-            "--strict-readiness=true",
-            "--exit-on-error=true",
-            "--http-address=127.0.0.1",
             f"--http-port={self.http_port}",
-            "--grpc-address=127.0.0.1",
             f"--grpc-port={self.grpc_port}",
-            "--metrics-address=127.0.0.1",
             f"--metrics-port={self.metrics_port}",
-            f"--http-restricted-api={restricted}",
-            f"--grpc-restricted-protocol={restricted}",
-            f"--http-restricted-api=inference:{INFER_KEY_HEADER}={self.infer_key}",
-            "--exit-timeout-secs=5",
-            "--log-verbose=0",
-            # the default pool crashes 2.51 past ~32 streaming sequences (docs/failures.md, allocation pool)
-            f"--grpc-infer-allocation-pool-size={GRPC_ALLOCATION_POOL}",
             *self.extra_args,
         ]
         make_private(self.run_dir)  # again: the copied backend files and the new repository view
@@ -445,9 +450,8 @@ class LocalTriton:
         fd = os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         os.fchmod(fd, 0o600)
         with open(fd, "ab") as log:
-            log.write(
-                f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {redact(' '.join(args))}\n".encode()
-            )
+            started = time.strftime("%Y-%m-%d %H:%M:%S")
+            log.write(f"\n=== {started} {shown_env(env)}{' '.join(args)}\n".encode())
             if stale:
                 log.write(
                     f"removed what a crashed server of {self.run_dir} left: "

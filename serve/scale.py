@@ -12,16 +12,17 @@ import sys
 import time
 import urllib.request
 
+from charrnn.deployment import PROXY_STATS_PORT
+
 # The backends of serve/haproxy.cfg: each lists every replica, as slots replica1..replica8.
 BACKENDS = ("triton_http", "triton_grpc")
-STATS_PORT_ENV = (
-    "HAPROXY_STATS_PORT"  # docker-compose.yml publishes the stats port there (default 8404)
-)
+# docker-compose.yml publishes the stats port there (default PROXY_STATS_PORT)
+STATS_PORT_ENV = "HAPROXY_STATS_PORT"
 
 
 def stats_url(port: int | str | None = None) -> str:
     """The proxy's statistics as CSV (`stats uri /stats` + `;csv`), on the loopback port compose publishes."""
-    port = port or os.environ.get(STATS_PORT_ENV) or 8404
+    port = port or os.environ.get(STATS_PORT_ENV) or PROXY_STATS_PORT
     return f"http://127.0.0.1:{port}/stats;csv"
 
 

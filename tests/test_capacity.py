@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from charrnn.contract import LIVE_ID_MESSAGE, MAX_SEQUENCES
+from charrnn.contract import LIVE_ID_MESSAGE, MAX_SEQUENCES, ErrorCode, error_code
 from charrnn.repository import ONNX, PYTHON
 from tests.helpers import GREEDY, ROOT, RawStream, client_cmd, served, start_server, tf_text
 
@@ -142,6 +142,7 @@ def test_a_start_under_a_live_id_is_refused_and_the_owner_keeps_its_text(fresh_s
     assert hit.is_set()
     refusal = seen[45]
     assert f"sequence {owner_id}: {LIVE_ID_MESSAGE}" in refusal, refusal
+    assert error_code(refusal) == ErrorCode.SEQUENCE_ID_IN_USE, refusal
     assert text == tf_text(shipped, "ROMEO:\n", length, GREEDY)
 
 

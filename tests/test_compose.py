@@ -4,45 +4,49 @@ The NGC services need a GPU and nvcr.io, which our machines do not have, so they
 parsed YAML (PyYAML, anchors and `<<` merges resolved as Compose resolves them) and on the text of the Dockerfiles
 and the perf script, against the rules in the README's "docker compose". The slim services are checked here too
 and run for real in tests/test_compose_slim.py.
+
+Moved to tests/test_generated.py: docker-compose.yml and both Dockerfiles are generated from the deployment spec
+(charrnn/deployment.py, serve/templates/; tritonserver's flags are serve/tritonserver.sh's), so the tests that
+compared their copies (mount lists against charrnn/repository.py, every TRITON_RELEASE default against
+serve/Dockerfile's ARG, the flags of each service, image tags) are gone: test_generated.py checks that every
+generated file is current. What stays here are the properties a user relies on (loopback-only ports, the
+unprivileged hardened servers, keys required, read-only model mounts, what each server serves), read from
+the spec instead of literals.
 """
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
+import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
 
+from charrnn import deployment as spec
 from charrnn.contract import INFER_KEY_ENV, INFER_KEY_HEADER
 from charrnn.repository import (
-    CPU_MODELS,
+    CPU_CONFIG_NAME,
     DECOUPLED_MODELS,
     GEN_TRT,
     GPU_ONLY_MODELS,
-    LOCAL_MODELS,
     SERVED_MODELS,
-    SHARED_CPU_MODELS,
     STEP_MODELS,
     TRT,
+    mixed_decoupled,
 )
 from serve.images import IMAGES, pins
-from tests.helpers import ROOT
+from tests.helpers import ROOT, docker_or_skip
 
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 DOCKERFILE = ROOT / "serve" / "Dockerfile"
 PERF_SH = ROOT / "bench" / "perf.sh"
+ENTRYPOINT = ROOT / spec.ENTRYPOINT_SOURCE
 
-SERVER_SERVICES = (
-    "triton",
-    "triton-cpu",
-    "triton-stream",
-    "triton-slim",
-    "triton-slim-stream",
-    "triton-replica",
-)
+SERVER_SERVICES = tuple(d.service for d in spec.DEPLOYMENTS)
 # Replicas (profile scale) publish nothing: clients reach them through the proxy (tests/test_scale.py).
 PUBLISHING_SERVERS = tuple(s for s in SERVER_SERVICES if s != "triton-replica")
 NGC_SERVICES = ("triton", "triton-cpu", "triton-stream", "export-trt", "perf")
@@ -61,6 +65,7 @@ PROFILES = {
 }
 DEFAULT_VAR = re.compile(r"\$\{[A-Z_]+:-([^}]*)\}")
 RELEASE_VAR = re.compile(r"\$\{TRITON_RELEASE(?::-([^}]*))?\}")
+KEYS = (spec.ADMIN_KEY_ENV, INFER_KEY_ENV)
 # Restricted-API categories Triton knows (src/restricted_features.h) and the ones we lock.
 KNOWN_CATEGORIES = {
     "health",
@@ -132,6 +137,42 @@ def bind_mounts(service: dict) -> list[dict]:
     return out
 
 
+def image_env(dockerfile: Path) -> dict[str, str]:
+    """The image's ENV that the entrypoint reads (TRITON_*, TRITONSERVER), as written in the Dockerfile."""
+    env = {}
+    for block in re.findall(r"^ENV ((?:.*\\\n)*.*)$", dockerfile.read_text(), re.M):
+        for item in shlex.split(block.replace("\\\n", " ")):
+            name, value = item.split("=", 1)
+            if name.startswith("TRITON") and name != "TRITON_DIST":
+                env[name] = value
+    return env
+
+
+def tritonserver_argv(service: dict, tmp_path: Path, image: Path | None = None) -> list[str]:
+    """What tritonserver receives when the service starts: its command run by the real entrypoint
+    (serve/tritonserver.sh) with the service's environment (the keys resolved) and its image's ENV, the binary
+    replaced by a probe that prints its arguments."""
+    probe = tmp_path / "tritonserver"
+    probe.write_text('#!/bin/sh\nfor a in "$@"; do printf \'%s\\n\' "$a"; done\n')
+    probe.chmod(0o755)
+    env = {"PATH": os.environ["PATH"], **(image_env(image) if image else {})}
+    for name, value in service.get("environment", {}).items():
+        env[name] = f"value-of-{name}" if name in KEYS else with_defaults(str(value))
+    env["TRITONSERVER"] = str(probe)
+    command = command_args(service)
+    assert command[0] == spec.ENTRYPOINT
+    r = subprocess.run(
+        ["/bin/sh", str(ENTRYPOINT), *command[1:]], capture_output=True, text=True, env=env
+    )
+    assert r.returncode == 0, r.stderr
+    return r.stdout.splitlines()
+
+
+def dockerfile_of(services: dict, name: str) -> Path:
+    build = services[name]["build"]
+    return (ROOT / build["context"] / build["dockerfile"]).resolve()
+
+
 # ---- services and profiles ----------------------------------------------------------------------------------
 
 
@@ -145,8 +186,11 @@ def test_profiles(services, name):
 
 
 def test_server_services_are_exactly_the_ones_running_tritonserver(services):
-    running = {n for n, s in services.items() if command_args(s)[:1] == ["tritonserver"]}
+    """The spec's deployments, and only they, run the project's entrypoint (which execs tritonserver)."""
+    running = {n for n, s in services.items() if command_args(s) == [spec.ENTRYPOINT]}
     assert running == set(SERVER_SERVICES)
+    others = [n for n in services if n not in running]
+    assert not any("tritonserver" in " ".join(command_args(services[n])) for n in others)
 
 
 # ---- network exposure -----------------------------------------------------------------------------------------
@@ -167,9 +211,18 @@ def test_every_port_binds_loopback_only(services):
 
 
 @pytest.mark.parametrize("name", PUBLISHING_SERVERS)
-def test_server_ports_http_grpc_metrics(services, name):  # container ports; host ports may move
-    published = {p.split(":")[-1] for p in services[name]["ports"]}
-    assert published == {"8000", "8001", "8002"}
+def test_server_ports_http_grpc_metrics(services, name):
+    """Each server's host ports (by default its server's in the spec; the variables move them) onto the ports the
+    entrypoint listens on in the container."""
+    server, inner = spec.BY_SERVICE[name].server, spec.CONTAINER_PORTS
+    published = [with_defaults(p).split(":")[1:] for p in services[name]["ports"]]
+    assert published == [
+        [str(server.ports.http), str(inner.http)],
+        [str(server.ports.grpc), str(inner.grpc)],
+        [str(server.ports.metrics), str(inner.metrics)],
+    ]
+    variables = [re.search(r"\$\{(\w+):-", p).group(1) for p in services[name]["ports"]]
+    assert variables == [f"{server.env}_{kind}_PORT" for kind in ("HTTP", "GRPC", "METRICS")]
 
 
 def test_replicas_publish_nothing_and_the_proxy_takes_the_slim_servers_ports(services):
@@ -177,7 +230,9 @@ def test_replicas_publish_nothing_and_the_proxy_takes_the_slim_servers_ports(ser
     proxy = [p.split(":", 1)[1] for p in services["proxy"]["ports"]]
     slim = [p.split(":", 1)[1] for p in services["triton-slim"]["ports"]]
     assert proxy[:2] == slim[:2]  # HTTP and gRPC: the same variables and container ports
-    assert proxy[2] == "${HAPROXY_STATS_PORT:-8404}:8404"
+    stats = spec.PROXY_STATS_PORT
+    assert proxy[2] == f"${{HAPROXY_STATS_PORT:-{stats}}}:{stats}"
+    assert f"/dev/tcp/127.0.0.1/{stats} " in services["proxy"]["healthcheck"]["test"][-1]
 
 
 def test_proxy_service(services):
@@ -200,12 +255,15 @@ def test_proxy_service(services):
     assert "!serve/Dockerfile.haproxy" in (ROOT / ".dockerignore").read_text().split()
 
 
-# ---- server flags ---------------------------------------------------------------------------------------------
+# ---- server flags and keys --------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("name", SERVER_SERVICES)
-def test_server_hardening_flags(services, name):
-    args = command_args(services[name])
+def test_server_hardening_flags(services, name, tmp_path):
+    """What tritonserver is started with in each service (the entrypoint's flags, as the service's environment
+    leaves them): /models, never changed at run time, ready only when every model is, and Docker waits longer
+    than Triton's exit timeout before SIGKILL."""
+    args = tritonserver_argv(services[name], tmp_path)
     assert flag_values(args, "--model-repository") == ["/models"]
     assert flag_values(args, "--model-control-mode") == ["none"]
     assert flag_values(args, "--strict-readiness") == ["true"]
@@ -213,33 +271,93 @@ def test_server_hardening_flags(services, name):
         a.startswith("--load-model") for a in args
     ), "--load-model only applies to explicit mode"
     (timeout,) = flag_values(args, "--exit-timeout-secs")
+    assert int(timeout) == spec.EXIT_TIMEOUT_S
     grace = services[name]["stop_grace_period"]
     assert grace.endswith("s") and int(grace[:-1]) > int(
         timeout
     ), "Docker would SIGKILL before Triton's timeout"
+    # The ports compose publishes are the ones the server listens on, on every address of the container.
+    ports = spec.CONTAINER_PORTS
+    for kind in ("http", "grpc", "metrics"):
+        assert flag_values(args, f"--{kind}-port") == [str(getattr(ports, kind))]
+        assert flag_values(args, f"--{kind}-address") == ["0.0.0.0"]
 
 
 @pytest.mark.parametrize("name", SERVER_SERVICES)
 @pytest.mark.parametrize("flag", ["--http-restricted-api", "--grpc-restricted-protocol"])
-def test_restricted_apis(services, name, flag):
+def test_restricted_apis(services, name, flag, tmp_path):
     """Admin categories need TRITON_ADMIN_KEY on both protocols; HTTP inference needs TRITON_INFER_KEY (a JSON
     request's declared shape aborts Triton 2.51: charrnn/contract.py INFER_KEY_HEADER); nothing else is locked.
     """
     keyed = {}
-    for value in flag_values(command_args(services[name]), flag):
+    for value in flag_values(tritonserver_argv(services[name], tmp_path), flag):
         # Syntax per the docs (fact sheet 7.2): <categories>:<key>=<value>, with a colon.
         m = re.fullmatch(r"([a-z,-]+):([A-Za-z0-9-]+)=(.+)", value)
         assert m, f"{flag}={value} is not <apis>:<key>=<value>"
         keyed[frozenset(m.group(1).split(","))] = (m.group(2), m.group(3))
-    want = {frozenset(LOCKED): ("admin-key", "TRITON_ADMIN_KEY")}
+    want = {frozenset(LOCKED): (spec.ADMIN_HEADER, spec.ADMIN_KEY_ENV)}
     if flag == "--http-restricted-api":
         want[frozenset({"inference"})] = (INFER_KEY_HEADER, INFER_KEY_ENV)
     assert set(keyed) == set(want)
     for categories, (header, value) in keyed.items():
         assert categories <= KNOWN_CATEGORIES and not categories & MUST_STAY_OPEN[flag]
-        assert header == want[categories][0]
-        # The key comes from the environment and has no default: a default written here would be public.
-        assert re.fullmatch(r"\$\{%s:\?[^}$]+\}" % want[categories][1], value), value
+        assert (header, value) == (want[categories][0], f"value-of-{want[categories][1]}")
+
+
+@pytest.mark.parametrize("name", SERVER_SERVICES)
+def test_keys_come_from_the_environment_and_have_no_default(services, name):
+    """The keys reach the server through its environment, as `${VAR:?message}`: Compose refuses to start
+    without them (a default written here would be public)."""
+    environment = services[name]["environment"]
+    for key in KEYS:
+        assert re.fullmatch(r"\$\{%s:\?[^}$]+\}" % key, environment[key]), environment[key]
+    assert not set(environment) - set(KEYS), "the entrypoint's other settings keep their defaults"
+
+
+def test_compose_refuses_to_start_without_the_keys(tmp_path):
+    """`docker compose config` (no engine needed, nothing started) accepts the file with both keys set and
+    names the missing key otherwise; --env-file keeps a local .env out of it."""
+    if (
+        shutil.which("docker") is None
+        or subprocess.run(["docker", "compose", "version"], capture_output=True).returncode != 0
+    ):
+        docker_or_skip()  # skips (or fails under CHARRNN_REQUIRE_DOCKER=1) and says why
+    empty = tmp_path / "empty.env"
+    empty.write_text("")
+    base = {k: v for k, v in os.environ.items() if k not in KEYS and not k.startswith("COMPOSE_")}
+    profiles = [
+        a
+        for p in ("cpu", "export", "perf", "slim", "perf-slim", "scale", "monitoring")
+        for a in ("--profile", p)
+    ]
+
+    def config(**keys: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [
+                "docker",
+                "compose",
+                "--env-file",
+                str(empty),
+                "-f",
+                str(COMPOSE_FILE),
+                *profiles,
+                "config",
+                "-q",
+            ],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            env={**base, **keys},
+            timeout=60,
+        )
+
+    r = config(**{k: "k" for k in KEYS})
+    assert r.returncode == 0, r.stderr
+    for missing in KEYS:
+        r = config(**{k: "k" for k in KEYS if k != missing})
+        assert (
+            r.returncode != 0 and f"required variable {missing} is missing a value" in r.stderr
+        ), r.stderr
 
 
 @pytest.mark.parametrize("name", SERVER_SERVICES)
@@ -255,7 +373,8 @@ def test_healthcheck_shm_and_user(services, name):
     s = services[name]
     test = s["healthcheck"]["test"]
     assert test[0] == "CMD" and test[1] in ("curl", "python3")
-    assert any(re.search(r"//(localhost|127\.0\.0\.1):8000/v2/health/ready\b", a) for a in test)
+    port = spec.CONTAINER_PORTS.http
+    assert any(re.search(rf"//(localhost|127\.0\.0\.1):{port}/v2/health/ready\b", a) for a in test)
     assert s["shm_size"]
     assert s.get("user") == "triton-server"
     assert s["restart"] == "unless-stopped"
@@ -275,15 +394,17 @@ def test_prometheus_service(services):
     assert mounts["/etc/prometheus"]["source"] == "./serve/monitoring"
     assert mounts["/etc/prometheus"]["read_only"] is True
     assert mounts["/var/lib/prometheus/data"]["type"] == "volume"
-    assert s["ports"] == ["127.0.0.1:${PROMETHEUS_PORT:-9090}:9090"]
+    port = spec.PROMETHEUS_PORT
+    assert s["ports"] == [f"127.0.0.1:${{PROMETHEUS_PORT:-{port}}}:{port}"]
+    assert f"/dev/tcp/127.0.0.1/{port} " in s["healthcheck"]["test"][-1]
     assert "!serve/Dockerfile.prometheus" in (ROOT / ".dockerignore").read_text().split()
     assert s["restart"] == "unless-stopped"
-    # Every Triton service of the CPU profiles is a scrape target (found by its DNS name on port 8002).
+    # Every Triton service of the CPU profiles is a scrape target (found by its DNS name on the metrics port).
     config = yaml.safe_load((ROOT / "serve" / "monitoring" / "prometheus.yml").read_text())
     (job,) = config["scrape_configs"]
     (sd,) = job["dns_sd_configs"]
-    assert set(sd["names"]) == {"triton-slim", "triton-slim-stream", "triton-replica"}
-    assert sd["port"] == 8002
+    assert set(sd["names"]) == {d.service for d in spec.DEPLOYMENTS if d.image == "slim"}
+    assert sd["port"] == spec.CONTAINER_PORTS.metrics
 
 
 @pytest.mark.parametrize("name", [*SERVER_SERVICES, "perf-slim", "proxy", "prometheus"])
@@ -355,36 +476,36 @@ def test_every_model_named_is_served():
     assert named and named <= set(SERVED_MODELS), named - set(SERVED_MODELS)
 
 
-NGC_MOUNTS = {
-    "triton": [m for m in SERVED_MODELS if m not in DECOUPLED_MODELS],
-    "triton-cpu": [m for m in CPU_MODELS if m not in DECOUPLED_MODELS],
-    "triton-stream": list(DECOUPLED_MODELS),
-}
-
-
-@pytest.mark.parametrize("name", NGC_MOUNTS)
-def test_ngc_servers_mount_their_models_read_only_decoupled_apart(services, name):
-    """Each model folder on its own, read-only; the decoupled model in a server of its own (Triton 2.51 crashes
-    when both kinds stream on one server); TensorRT models only where there is a GPU."""
+@pytest.mark.parametrize("name", SERVER_SERVICES)
+def test_servers_mount_their_models_read_only_decoupled_apart(services, name):
+    """Each server mounts exactly its deployment's models, each folder on its own, read-only, from
+    MODEL_REPOSITORY (./model_repository by default); the decoupled model in a server of its own (Triton 2.51
+    crashes when both kinds stream on one server); TensorRT models only where there is a GPU, and never in the
+    slim image (CPU-only)."""
+    deployment = spec.BY_SERVICE[name]
     mounts = bind_mounts(services[name])
     assert all(m["read_only"] for m in mounts)
-    assert sorted(Path(m["source"]).parts[-1] for m in mounts) == sorted(NGC_MOUNTS[name])
+    assert sorted(Path(m["source"]).name for m in mounts) == sorted(deployment.models)
     assert all(m["target"] == f"/models/{Path(m['source']).name}" for m in mounts)
-    assert bool(gpu_devices(services[name])) == any(m in GPU_ONLY_MODELS for m in NGC_MOUNTS[name])
+    assert all(Path(m["source"]).parent == Path("model_repository") for m in mounts)
+    sources = [v["source"] for v in services[name]["volumes"]]
+    assert all(s.startswith("${MODEL_REPOSITORY:-./model_repository}/") for s in sources), sources
+    assert not mixed_decoupled(deployment.models)
+    gpu_only = any(m in GPU_ONLY_MODELS for m in deployment.models)
+    assert bool(gpu_devices(services[name])) == gpu_only
+    assert not (gpu_only and deployment.image == "slim")
 
 
-@pytest.mark.parametrize(
-    "name, decoupled",
-    [("triton-slim", False), ("triton-slim-stream", True), ("triton-replica", False)],
-)
-def test_slim_servers_mount_the_local_models_read_only_decoupled_apart(services, name, decoupled):
-    """The models that need no GPU (python and ONNX Runtime backends, the image has both); the decoupled model
-    has a server of its own (Triton 2.51 crashes when both kinds stream on one)."""
-    mounts = bind_mounts(services[name])
-    assert all(m["read_only"] for m in mounts)
-    want = [m for m in LOCAL_MODELS if (m in DECOUPLED_MODELS) == decoupled]
-    assert sorted(Path(m["source"]).parts[-1] for m in mounts) == sorted(want)
-    assert all(m["target"] == f"/models/{Path(m['source']).name}" for m in mounts)
+def test_the_stream_servers_serve_the_decoupled_models_and_the_others_the_rest():
+    """On a GPU host `triton` + `triton-stream` serve every model; on a CPU host `triton-cpu` (or the slim
+    servers) + their stream server every model that needs no GPU."""
+    models = {d.service: set(d.models) for d in spec.DEPLOYMENTS}
+    cpu_models = set(SERVED_MODELS) - set(GPU_ONLY_MODELS)
+    assert models["triton"] | models["triton-stream"] == set(SERVED_MODELS)
+    assert models["triton-cpu"] | models["triton-stream"] == cpu_models
+    assert models["triton-slim"] | models["triton-slim-stream"] == cpu_models
+    assert models["triton-stream"] == models["triton-slim-stream"] == set(DECOUPLED_MODELS)
+    assert models["triton-replica"] == models["triton-slim"]
 
 
 def test_slim_servers_publish_different_host_ports(services):
@@ -396,29 +517,27 @@ def test_slim_servers_publish_different_host_ports(services):
     assert len(set(host)) == 6, host
 
 
-# ---- one release for every image --------------------------------------------------------------------------------
+# ---- one release for every NGC image -----------------------------------------------------------------------------
 
 
 def test_one_triton_release_everywhere(services):
+    """TRITON_RELEASE moves every NGC image at once (server, SDK, TensorRT: a plan loads only on the TensorRT it
+    was built with); its default is the spec's, and the Dockerfile builds FROM it."""
     text = COMPOSE_FILE.read_text()
-    defaults = {m.group(1) for m in RELEASE_VAR.finditer(text)}
-    assert len(defaults) == 1, f"TRITON_RELEASE defaults disagree: {defaults}"
-    (default,) = defaults
-    assert re.fullmatch(r"\d\d\.\d\d", default)
+    assert {m.group(1) for m in RELEASE_VAR.finditer(text)} == {spec.NGC_RELEASE}
     for name in NGC_SERVICES:
         s = services[name]
         image = s.get("image", "")
         assert RELEASE_VAR.search(image), f"{name}: image {image!r} does not use TRITON_RELEASE"
         if "build" in s:
             assert RELEASE_VAR.fullmatch(str(s["build"]["args"]["TRITON_RELEASE"]))
-            assert (ROOT / s["build"]["context"] / s["build"]["dockerfile"]).resolve() == DOCKERFILE
+            assert dockerfile_of(services, name) == DOCKERFILE
     # No release number written out anywhere else (an image tag that escaped the variable).
     for line in text.splitlines():
         code = line.split("#", 1)[0]
         assert not re.search(r"\d\d\.\d\d-py3", RELEASE_VAR.sub("", code)), line
-    # The Dockerfile's ARG has the same default and is what FROM uses.
     dockerfile = DOCKERFILE.read_text()
-    assert re.search(rf"^ARG TRITON_RELEASE={re.escape(default)}$", dockerfile, re.M)
+    assert re.findall(r"^ARG TRITON_RELEASE=(\S+)$", dockerfile, re.M) == [spec.NGC_RELEASE]
     froms = re.findall(r"^FROM (\S+)", dockerfile, re.M)
     assert froms == ["nvcr.io/nvidia/tritonserver:${TRITON_RELEASE}-py3"]
     assert dockerfile.index("ARG TRITON_RELEASE") < dockerfile.index("FROM ")
@@ -431,7 +550,7 @@ def test_images_are_the_ngc_ones(services):
     assert services["perf"]["image"].endswith("-py3-sdk")
 
 
-# ---- the image --------------------------------------------------------------------------------------------------
+# ---- the images -------------------------------------------------------------------------------------------------
 
 
 def test_dockerfile_adds_what_charrnn_python_needs():
@@ -443,6 +562,42 @@ def test_dockerfile_adds_what_charrnn_python_needs():
     assert re.search(r"^USER triton-server$", text, re.M)
     dockerignore = (ROOT / ".dockerignore").read_text().split()
     assert "*" in dockerignore and "!charrnn/" in dockerignore
+
+
+@pytest.mark.parametrize("name", ["triton", "triton-slim"])
+def test_images_run_the_entrypoint(services, name):
+    """Both images install serve/tritonserver.sh on PATH (root-owned, 755) and run it by default; their
+    healthcheck asks the port it serves HTTP on. Only the slim image (CPU-only) sets the CPU configs, and it
+    points the entrypoint at the wheel's binary."""
+    path = dockerfile_of(services, name)
+    text = path.read_text()
+    target = f"/opt/tritonserver/bin/{spec.ENTRYPOINT}"
+    copy = re.search(rf"^COPY (--chown=root:root )?{spec.ENTRYPOINT_SOURCE} {target}$", text, re.M)
+    chmod = re.search(rf"^RUN chmod 755 {target}\b", text, re.M)
+    # installed as root, before the image switches to its unprivileged user
+    assert copy and chmod and copy.start() < chmod.start() < text.index("\nUSER triton-server\n")
+    assert re.findall(r"^CMD (.*)$", text, re.M) == [f'["{spec.ENTRYPOINT}"]']
+    assert f"!{spec.ENTRYPOINT_SOURCE}" in (ROOT / ".dockerignore").read_text().split()
+    (healthcheck,) = re.findall(r"^HEALTHCHECK .*\n.*$", text, re.M)
+    assert f":{spec.CONTAINER_PORTS.http}/v2/health/ready" in healthcheck
+    want = (
+        {}
+        if name == "triton"
+        else {
+            "TRITON_MODEL_CONFIG_NAME": CPU_CONFIG_NAME,
+            "TRITONSERVER": "$TRITON_DIST/bin/tritonserver",
+        }
+    )
+    assert image_env(path) == want
+
+
+@pytest.mark.parametrize("name, config_name", [("triton", None), ("triton-slim", CPU_CONFIG_NAME)])
+def test_only_the_slim_image_loads_the_cpu_configs(services, name, config_name, tmp_path):
+    """The ONNX Runtime models load configs/cpu.pbtxt (KIND_CPU) in the CPU-only slim image, config.pbtxt
+    (KIND_AUTO) in NVIDIA's: the same compose command, the image's environment decides."""
+    args = tritonserver_argv(services[name], tmp_path, dockerfile_of(services, name))
+    assert flag_values(args, "--model-config-name") == ([config_name] if config_name else [])
+    assert "--model-config-name" not in " ".join(command_args(services[name]))
 
 
 # ---- export and perf services -----------------------------------------------------------------------------------
@@ -467,9 +622,10 @@ def test_perf_service(services):
     targets = {m["target"]: m for m in bind_mounts(s)}
     assert Path(targets["/bench"]["source"]).parts == ("bench",) and targets["/bench"]["read_only"]
     assert Path(targets["/results"]["source"]).parts == ("bench", "results")
-    assert s["environment"]["TRITON_GRPC"] == "triton:8001"
-    # the step models of the table, in its order (perf.sh has no default of its own)
-    assert with_defaults(s["environment"]["MODELS"]).split() == list(STEP_MODELS)
+    assert s["environment"]["TRITON_GRPC"] == f"triton:{spec.CONTAINER_PORTS.grpc}"
+    # the step models of the table, in its order (perf.sh has no default of its own), all served by `triton`
+    models = with_defaults(s["environment"]["MODELS"]).split()
+    assert models == list(STEP_MODELS) and set(models) <= set(spec.BY_SERVICE["triton"].models)
 
 
 def test_perf_script_is_valid_bash_with_the_sequence_flags():
@@ -521,11 +677,14 @@ def test_slim_base_image_is_one_build_argument_with_one_default(services, name):
 
 
 def test_slim_images_are_tagged_with_what_they_hold(services):
-    """perf-slim's tag is pyproject's perf-analyzer pin; triton-slim's is Triton 2.51.0, the nvidia-pytriton
-    0.7.0 server (test_compose_slim checks the running server reports it)."""
+    """perf-slim's tag is pyproject's perf-analyzer pin; triton-slim's is the spec's TRITON_VERSION, the
+    nvidia-pytriton 0.7.0 server, 2.51.0 (test_compose_slim checks the running server reports it).
+    """
     assert services["perf-slim"]["image"] == f"charrnn-perf-analyzer:{pins()['perf-analyzer']}"
-    assert pins()["nvidia-pytriton"] == "0.7.0"
-    assert services["triton-slim"]["image"] == "charrnn-tritonserver-slim:2.51.0"
+    assert pins()["nvidia-pytriton"] == "0.7.0" and spec.TRITON_VERSION == "2.51.0"
+    assert spec.IMAGES["slim"].tag == spec.TRITON_VERSION
+    for name in ("triton-slim", "triton-slim-stream", "triton-replica"):
+        assert services[name]["image"] == str(spec.IMAGES["slim"])
 
 
 def test_slim_server_image_runs_unprivileged_with_the_stub_of_its_python():
@@ -544,9 +703,11 @@ def test_perf_slim_service(services):
     s = services["perf-slim"]
     assert s["depends_on"]["triton-slim"]["condition"] == "service_healthy"
     assert command_args(s) == ["bash", "/bench/perf.sh"]
-    assert s["environment"]["TRITON_GRPC"] == "triton-slim:8001"
+    assert s["environment"]["TRITON_GRPC"] == f"triton-slim:{spec.CONTAINER_PORTS.grpc}"
     # what triton-slim serves
-    assert with_defaults(s["environment"]["MODELS"]).split() == list(SHARED_CPU_MODELS)
+    assert with_defaults(s["environment"]["MODELS"]).split() == list(
+        spec.BY_SERVICE["triton-slim"].models
+    )
     assert not s.get(
         "ports"
     ), "perf_analyzer reaches the server on the compose network; nothing to publish"
@@ -574,9 +735,9 @@ def test_image_pins_come_from_pyproject():
 
     table = pins()
     for image in IMAGES.values():
-        for spec in pinned(image.packages + image.packages_no_deps):
-            name, version = spec.split("==")
-            assert table[name] == version and re.fullmatch(r"\d+(\.\d+)+", version), spec
+        for pin in pinned(image.packages + image.packages_no_deps):
+            name, version = pin.split("==")
+            assert table[name] == version and re.fullmatch(r"\d+(\.\d+)+", version), pin
 
 
 def test_unpinned_package_is_a_clear_error():

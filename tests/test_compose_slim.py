@@ -27,7 +27,8 @@ from typing import ClassVar
 import psutil
 import pytest
 
-from charrnn.contract import STATE_IN, STATE_OUT
+from charrnn.contract import INFER_KEY_ENV, STATE_IN, STATE_OUT
+from charrnn.deployment import ADMIN_KEY_ENV, ENTRYPOINT
 from charrnn.repository import (
     CPU_CONFIG_NAME,
     DECOUPLED_MODELS,
@@ -255,7 +256,8 @@ def test_stack_is_healthy_and_serves_exactly_the_local_models(stack):
 @pytest.mark.parametrize("model", ORT_MODELS)
 def test_onnx_models_run_on_the_onnxruntime_backend_with_their_cpu_config(stack, model):
     """Triton's own ONNX Runtime backend (built in the image) with implicit state, loaded from configs/cpu.pbtxt
-    (KIND_CPU): the image's tritonserver adds --model-config-name=cpu; compose's command does not say it.
+    (KIND_CPU): the image's TRITON_MODEL_CONFIG_NAME makes the entrypoint add --model-config-name=cpu; compose's
+    command does not say it.
     """
     import tritonclient.grpc as tg
 
@@ -552,18 +554,33 @@ SERVERS = {SERVICE: SHARED_MODELS, STREAM_SERVICE: DECOUPLED_MODELS}
 
 
 @pytest.mark.parametrize("service", SERVERS)
-def test_the_images_tritonserver_adds_the_cpu_config_name_and_onnx_runtime_writes_nothing(
-    stack, service
-):
-    """The image's `tritonserver` (a wrapper, serve/Dockerfile.slim) execs the wheel's binary with
-    --model-config-name=cpu first, for both servers; compose's command is the NGC one. ONNX Runtime, loaded by
-    the backend and the python models' stubs, persists nothing (ORT_DISABLE_TELEMETRY: no device id or event
-    cache under ~/.cache) and the user's HOME does not exist."""
-    pid = stack.server_pid(service)
-    argv = psutil.Process(pid).cmdline()
+def test_the_entrypoint_adds_the_cpu_config_name_and_onnx_runtime_writes_nothing(stack, service):
+    """Compose's command is the entrypoint alone (serve/tritonserver.sh, the NGC services' command too); in this
+    image it execs the wheel's binary ($TRITONSERVER) with every flag and, from the image's
+    TRITON_MODEL_CONFIG_NAME, --model-config-name=cpu, for both servers. The keys are on the server's command
+    line only, not in its environment (the python stubs inherit it). ONNX Runtime, loaded by the backend and the
+    python models' stubs, persists nothing (ORT_DISABLE_TELEMETRY: no device id or event cache under ~/.cache)
+    and the user's HOME does not exist."""
+    config = stack.inspect(service)["Config"]
+    assert config["Cmd"] == [ENTRYPOINT], config["Cmd"]
+    assert f"TRITON_MODEL_CONFIG_NAME={CPU_CONFIG_NAME}" in config["Env"]
+    server = psutil.Process(stack.server_pid(service))
+    argv = server.cmdline()
     assert argv[0].endswith("/pytriton/tritonserver/bin/tritonserver"), argv
-    assert argv[1] == f"--model-config-name={CPU_CONFIG_NAME}", argv
-    assert argv[2:] == stack.inspect(service)["Config"]["Cmd"][1:], argv
+    assert f"--model-config-name={CPU_CONFIG_NAME}" in argv, argv
+    assert {
+        "--model-repository=/models",
+        "--model-control-mode=none",
+        "--strict-readiness=true",
+    } <= set(argv)
+    for key in (ADMIN_KEY_ENV, INFER_KEY_ENV):
+        assert any(a.endswith("=" + stack.env[key]) for a in argv), key
+    try:
+        environ = server.environ()
+    except psutil.AccessDenied:  # not root: another uid's environment is not readable
+        environ = None
+    if environ is not None:
+        assert not {ADMIN_KEY_ENV, INFER_KEY_ENV} & set(environ), sorted(environ)
     r = subprocess.run(
         [
             "docker",

@@ -199,7 +199,9 @@ def test_cpu_config_is_config_pbtxt_with_kind_cpu_and_its_thread_count(
     cpu = repository.parse_config(text)
     default = repository.load_config(shipped_repo / name)
     assert [g.kind for g in cpu.instance_group] == [pb.ModelInstanceGroup.KIND_CPU]
-    assert cpu.parameters["intra_op_thread_count"].string_value == str(configs.ORT_THREADS[name])
+    assert cpu.parameters["intra_op_thread_count"].string_value == str(
+        repository.BY_NAME[name].threads
+    )
     del cpu.instance_group[:], default.instance_group[:]
     del cpu.parameters["intra_op_thread_count"]
     assert cpu == default

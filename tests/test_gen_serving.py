@@ -9,33 +9,33 @@ import pytest
 from google.protobuf import json_format
 
 from charrnn.contract import (
+    GEN,
     INPUT_IDS,
     LOGITS,
     MAX_K,
     MAX_T,
     MIN_TEMPERATURE,
     NOISE,
-    OUTPUT_IDS,
     STATE_IN,
     STATE_OUT,
     TEMPERATURE,
     TOP_K,
+    ErrorCode,
 )
 from charrnn.onnx_runtime import ort_session
 from charrnn.repository import GEN_PYTHON, ONNX, load_config, vocab_of
 from charrnn.sampling import SamplingParams, choose, noise_stream, uniform_noise
 from serve.runtime.gen_serving import GenRequest, GenRunner, check_gen_request, group_by_shape
-from serve.runtime.sequence_state import END, START, SequenceStates, load_stateful_model
+from serve.runtime.sequence_state import (
+    END,
+    START,
+    SequenceStates,
+    graph_types,
+    load_stateful_model,
+)
 
-# gen_model.load
-GEN_TENSORS = {
-    INPUT_IDS: "tensor(int32)",
-    STATE_IN: "tensor(float)",
-    NOISE: "tensor(float)",
-    TEMPERATURE: "tensor(float)",
-    TOP_K: "tensor(int32)",
-    OUTPUT_IDS: "tensor(int32)",
-}
+# gen_model.load: the GEN rows of charrnn.contract's table
+GEN_TENSORS = graph_types(GEN)
 V = 65  # the shipped vocabulary
 
 
@@ -101,10 +101,12 @@ def req(corr, flags, ids, noise, temperature=0.0, top_k=0, index=0) -> GenReques
         index,
         corr,
         flags,
-        np.asarray(ids, np.int32).reshape(1, -1),
-        np.asarray(noise, np.float32).reshape(1, -1, V),
-        np.array([[temperature]], np.float32),
-        np.array([[top_k]], np.int32),
+        {
+            INPUT_IDS: np.asarray(ids, np.int32).reshape(1, -1),
+            NOISE: np.asarray(noise, np.float32).reshape(1, -1, V),
+            TEMPERATURE: np.array([[temperature]], np.float32),
+            TOP_K: np.array([[top_k]], np.int32),
+        },
     )
 
 
@@ -144,7 +146,13 @@ def f32(x):
     return np.array(x, np.float32)
 
 
-SHAPE = "NOISE: shape must be [1, K, 65] with 1 <= K <= 256, got {} (one row of uniforms per character to generate)"
+def check(t: dict, **limits) -> str | None:
+    """check_gen_request on good()'s short keys."""
+    names = {"ids": INPUT_IDS, "noise": NOISE, "temperature": TEMPERATURE, "top_k": TOP_K}
+    return check_gen_request({names[k]: v for k, v in t.items()}, V, **limits)
+
+
+SHAPE = "NOISE: shape must be [1, K, 65] with 1 <= K <= 256, got {}"
 UNIFORM = "NOISE: values must be uniforms in the open interval (0, 1)"
 TEMP = "TEMPERATURE: must be 0 (greedy) or >= 0.001 (smaller values overflow), got {}"
 
@@ -176,9 +184,9 @@ TEMP = "TEMPERATURE: must be 0 (greedy) or >= 0.001 (smaller values overflow), g
         (
             "temperature",
             np.array([[0.8]], np.float64),
-            "TEMPERATURE: must be FP32 [1, 1], got float64 [1, 1]",
+            "TEMPERATURE: dtype must be FP32, got float64",
         ),
-        ("temperature", f32([0.8]), "TEMPERATURE: must be FP32 [1, 1], got float32 [1]"),
+        ("temperature", f32([0.8]), "TEMPERATURE: shape must be [1, 1], got [1]"),
         ("temperature", f32([[1e-4]]), TEMP.format("9.999999747378752e-05")),
         ("temperature", f32([[1e-45]]), TEMP.format("1.401298464324817e-45")),
         # the float32 just below the floor
@@ -190,25 +198,21 @@ TEMP = "TEMPERATURE: must be 0 (greedy) or >= 0.001 (smaller values overflow), g
         ("temperature", f32([[-1.0]]), TEMP.format("-1.0")),
         ("temperature", f32([[np.inf]]), TEMP.format("inf")),
         ("temperature", f32([[np.nan]]), TEMP.format("nan")),
-        ("top_k", np.array([[5]], np.int64), "TOP_K: must be INT32 [1, 1], got int64 [1, 1]"),
-        ("top_k", np.array([5], np.int32), "TOP_K: must be INT32 [1, 1], got int32 [1]"),
+        ("top_k", np.array([[5]], np.int64), "TOP_K: dtype must be INT32, got int64"),
+        ("top_k", np.array([5], np.int32), "TOP_K: shape must be [1, 1], got [1]"),
         ("top_k", np.array([[-1]], np.int32), "TOP_K: must be in 0..65 (0 = all), got -1"),
         ("top_k", np.array([[V + 1]], np.int32), "TOP_K: must be in 0..65 (0 = all), got 66"),
     ],
 )
 def test_a_bad_request_tensor_gets_its_message(name, value, message):
     tensors = {**good(), name: value}
-    assert (
-        check_gen_request(
-            tensors["ids"], tensors["noise"], tensors["temperature"], tensors["top_k"], V
-        )
-        == message
-    )
+    assert check(tensors) == message
 
 
 def test_the_first_missing_tensor_is_named_before_other_problems():
     bad_ids = np.array([[99]], np.int64)
-    assert check_gen_request(bad_ids, None, None, np.array([[5]], np.int32), V) == "NOISE: missing"
+    t = {"ids": bad_ids, "noise": None, "temperature": None, "top_k": np.array([[5]], np.int32)}
+    assert check(t) == "NOISE: missing"
 
 
 @pytest.mark.parametrize(
@@ -236,23 +240,15 @@ def test_the_first_missing_tensor_is_named_before_other_problems():
 )
 def test_a_request_at_the_limits_is_accepted(name, value):
     tensors = {**good(), name: value}
-    assert (
-        check_gen_request(
-            tensors["ids"], tensors["noise"], tensors["temperature"], tensors["top_k"], V
-        )
-        is None
-    )
+    assert check(tensors) is None
 
 
 def test_the_limits_are_parameters():
     t = good()
-    assert check_gen_request(
-        t["ids"], t["noise"], t["temperature"], t["top_k"], V, max_t=2
-    ).startswith("INPUT_IDS: shape must be [1, T] with 1 <= T <= 2, got [1, 3]")
-    assert check_gen_request(t["ids"], t["noise"], t["temperature"], t["top_k"], V, max_k=3) == (
-        "NOISE: shape must be [1, K, 65] with 1 <= K <= 3, got [1, 4, 65] (one row of uniforms per character to "
-        "generate)"
+    assert check(t, max_t=2).startswith(
+        "INPUT_IDS: shape must be [1, T] with 1 <= T <= 2, got [1, 3]"
     )
+    assert check(t, max_k=3) == "NOISE: shape must be [1, K, 65] with 1 <= K <= 3, got [1, 4, 65]"
 
 
 # --- group_by_shape ---------------------------------------------------------------------------------------
@@ -323,15 +319,11 @@ def test_the_min_temperature_floor_is_accepted_and_samples_like_the_reference(
     prompt, noise = vocab.encode("ROMEO:\n"), noise_of(8, 40)
     at_floor = run(runner, [req(1, START, prompt, noise, MIN_TEMPERATURE, 0)])[0].tolist()
     assert at_floor == reference(step_session, prompt, noise, MIN_TEMPERATURE, 0)[0]
-    assert (
-        check_gen_request(
-            prompt[None], noise[None], f32([[MIN_TEMPERATURE]]), np.array([[0]], np.int32), V
-        )
-        is None
+    t = {"ids": prompt[None], "noise": noise[None], "top_k": np.array([[0]], np.int32)}
+    assert check({**t, "temperature": f32([[MIN_TEMPERATURE]])}) is None
+    assert check({**t, "temperature": f32([[MIN_TEMPERATURE / 2]])}) == TEMP.format(
+        float(np.float32(MIN_TEMPERATURE / 2))
     )
-    assert check_gen_request(
-        prompt[None], noise[None], f32([[MIN_TEMPERATURE / 2]]), np.array([[0]], np.int32), V
-    ) == TEMP.format(float(np.float32(MIN_TEMPERATURE / 2)))
 
 
 def test_two_requests_of_k_continue_one_sequence_like_one_request_of_2k(runner, other, vocab):
@@ -436,8 +428,9 @@ def test_end_frees_the_sequence_and_a_reused_id_starts_from_zeros(
     run(runner, [req(6, END, ids[0, -1:], noise_of(40, 6), 0.0, 0)])
     assert len(runner.states) == 0
     assert runner.states.check(6, 0) == (
+        ErrorCode.UNKNOWN_SEQUENCE,
         "unknown sequence (never started, ended, or idle longer than 60 s) "
-        "(start it again with sequence_start=True)"
+        "(start it again with sequence_start=True)",
     )
     again = run(runner, [req(6, START, second, noise, 0.8, 0)])[0].tolist()
     assert again == run(other, [req(77, START, second, noise, 0.8, 0)])[0].tolist()

@@ -13,7 +13,7 @@ import time
 import pytest
 
 from charrnn import repository
-from charrnn.contract import MAX_K
+from charrnn.contract import LIVE_ID_MESSAGE, MAX_K, ErrorCode, server_error
 from charrnn.errors import UserError
 from charrnn.repository import PYTHON
 from charrnn.sampling import SamplingParams
@@ -320,8 +320,12 @@ def test_client_reprimes_sequences_the_server_forgot(short_idle_server):
             "lost",
         ),
         (
-            "sequence 5: unknown sequence (never started, ended, or idle longer than 60 s) (start it again with "
-            "sequence_start=True)",
+            server_error(
+                ErrorCode.UNKNOWN_SEQUENCE,
+                "unknown sequence (never started, ended, or idle longer than 60 s) (start it again with "
+                "sequence_start=True)",
+                5,
+            ),
             "lost",
         ),
         ("[StatusCode.UNAVAILABLE] Stream removed (Socket closed)", "outage"),
@@ -329,7 +333,14 @@ def test_client_reprimes_sequences_the_server_forgot(short_idle_server):
             "The stream is no longer in valid state, the error detail is reported through provided callback.",
             "outage",
         ),
-        ("sequence 5: INPUT_IDS: ids must be in 0..64, got -2..3", "fatal"),
+        (
+            server_error(ErrorCode.INVALID_INPUT, "INPUT_IDS: ids must be in 0..64, got -2..3", 5),
+            "fatal",
+        ),
+        (server_error(ErrorCode.SEQUENCE_ID_IN_USE, LIVE_ID_MESSAGE, 5), "fatal"),
+        # the code decides, not the prose: a detail that reads like an outage or a lost sequence
+        (server_error(ErrorCode.INVALID_INPUT, "connection refused: unknown sequence", 5), "fatal"),
+        (server_error(ErrorCode.UNKNOWN_SEQUENCE, "gone", "key7:3"), "lost"),
         (
             f"[request id: 1] inference input 'INPUT_IDS' data-type is 'INT64', but model '{PYTHON}' expects "
             "'INT32'",
@@ -350,6 +361,9 @@ def test_client_reprimes_sequences_the_server_forgot(short_idle_server):
         "stream-removed",
         "dead-stream",
         "bad-ids",
+        "live-id",
+        "code-over-prose",
+        "routed-id",
         "bad-dtype",
         "grpc-header-required",
         "http-header-required",

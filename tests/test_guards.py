@@ -241,9 +241,7 @@ BAD_SAMPLING = {
 
 def python_check(feeds: dict) -> str | None:
     """What the python generation models answer for the same (batch-1) request."""
-    return check_gen_request(
-        feeds[INPUT_IDS], feeds[NOISE], feeds[TEMPERATURE], feeds[TOP_K], V, MAX_T, MAX_K
-    )
+    return check_gen_request(feeds, V, MAX_T, MAX_K)
 
 
 @pytest.mark.parametrize("case", list(BAD_SAMPLING))

@@ -3,9 +3,16 @@
 The kustomization is rendered here as kustomize renders this folder (its resources, its namespace, the ConfigMap
 generator; `kubectl kustomize` must agree where kubectl is installed), and every object is validated against
 Kubernetes' own JSON schemas (kubernetes-validate, strict: an unknown field is an error) for 1.30 and 1.37. Then
-the manifests are checked against what runs under compose: the Triton flags are docker-compose.yml's, the
-HAProxy config is serve/haproxy.cfg byte for byte, the images are compose's, and the hardening, the headless
+the manifests are checked against the deployment spec (charrnn/deployment.py) and what runs under compose: the
+Triton container runs the project's entrypoint, whose command line (run here with a stand-in tritonserver) has
+every flag Triton 2.51 knows; ports, images and the grace period fit the spec; and the hardening, the headless
 Service, the NetworkPolicy and the model repository volume are as docs/kubernetes.md says.
+
+Moved to tests/test_generated.py: the checks that serve/k8s/haproxy.cfg is serve/haproxy.cfg byte for byte and
+that the Triton args, ports and images equal docker-compose.yml's. `make generate` now writes these files from
+templates (serve/templates/haproxy.cfg, serve/templates/k8s/) and charrnn/deployment.py, and both compose and
+k8s run the one entrypoint, so the copies cannot disagree; test_generated.py checks that every generated file
+is current.
 """
 
 from __future__ import annotations
@@ -21,7 +28,10 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from charrnn import deployment as dep
+from charrnn.contract import INFER_KEY_ENV, INFER_KEY_HEADER
 from charrnn.repository import MODELS
+from serve.generate import OUTPUTS
 from tests.helpers import ROOT, all_strings
 
 K8S = ROOT / "serve" / "k8s"
@@ -32,9 +42,8 @@ EXAMPLES = ("secret.example.yaml", "models.example.yaml")
 VERSIONS = ("1.30.0", "1.37.0")
 NAMESPACE = "charrnn"
 CLUSTER_SCOPED = {"Namespace"}
-# The one documented difference from compose's command: Triton's addresses (loopback-only is compose's host
-# port binding; in a pod the proxy and the kubelet reach the pod's address).
-ADDRESS_FLAGS = {"--http-address=0.0.0.0", "--grpc-address=0.0.0.0", "--metrics-address=0.0.0.0"}
+# The Triton container's image (charrnn/deployment.py): compose's triton-replica's, the slim one.
+SLIM_IMAGE = str(dep.IMAGES[dep.BY_SERVICE["triton-replica"].image])
 KUBECTL = shutil.which("kubectl")
 
 
@@ -119,6 +128,39 @@ def proxy(docs) -> dict:
 def container(deployment: dict) -> dict:
     (c,) = deployment["spec"]["template"]["spec"]["containers"]
     return c
+
+
+def server_argv(c: dict, tmp: Path) -> list[str]:
+    """tritonserver's command line in container `c`: its command is the project's entrypoint (on the images'
+    PATH; its source is serve/tritonserver.sh), run here with the container's environment (each Secret key a
+    stand-in value named after it) and a stand-in tritonserver that prints its arguments."""
+    assert c["command"] == [dep.ENTRYPOINT] and "args" not in c, "every flag is the entrypoint's"
+    fake = tmp / "tritonserver"
+    fake.write_text('#!/bin/sh\nprintf "%s\\n" "$@"\n')
+    fake.chmod(0o755)
+    env = {"PATH": os.environ["PATH"], "TRITONSERVER": str(fake)}
+    env.update({e["name"]: e.get("value", f"secret-{e['name']}") for e in c.get("env", [])})
+    r = subprocess.run(
+        ["sh", str(ROOT / dep.ENTRYPOINT_SOURCE)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert r.returncode == 0, r.stderr
+    return r.stdout.splitlines()
+
+
+@pytest.fixture(scope="module")
+def argv(triton, tmp_path_factory) -> list[str]:
+    return server_argv(container(triton), tmp_path_factory.mktemp("tritonserver"))
+
+
+def flag(argv: list[str], name: str) -> str:
+    """The value of the last `name=value` in argv (tritonserver's: a later one wins)."""
+    values = [a.split("=", 1)[1] for a in argv if a.startswith(f"{name}=")]
+    assert values, f"{name} not in {argv}"
+    return values[-1]
 
 
 def pod_labels(deployment: dict) -> dict:
@@ -219,19 +261,20 @@ def test_kubectl_kustomize_renders_the_same(variant, tmp_path):
 # ---- HAProxy ------------------------------------------------------------------------------------------------
 
 
-def test_haproxy_configmap_is_serve_haproxy_cfg_byte_for_byte(docs, proxy):
-    source = (ROOT / "serve" / "haproxy.cfg").read_bytes()
-    stale = "serve/k8s/haproxy.cfg is a stale copy: run serve/k8s/sync-haproxy-cfg.sh"
-    assert (K8S / "haproxy.cfg").read_bytes() == source, stale
+def test_proxy_runs_serve_haproxy_cfg_from_the_configmap(docs, proxy):
+    """kustomize reads only this folder: `make generate` writes the config there as well as where compose
+    mounts it, from one template, and the proxy mounts the ConfigMap generated from it."""
+    assert set(OUTPUTS["haproxy.cfg"]) == {"serve/haproxy.cfg", "serve/k8s/haproxy.cfg"}
     (volume,) = proxy["spec"]["template"]["spec"]["volumes"]
     cm = by_kind(docs, "ConfigMap")[volume["configMap"]["name"]]
-    assert cm["data"]["haproxy.cfg"].encode() == source
+    assert cm["data"] == {"haproxy.cfg": (K8S / "haproxy.cfg").read_text()}
+    assert cm["data"]["haproxy.cfg"] == (ROOT / "serve" / "haproxy.cfg").read_text()
 
 
 def test_proxy_deployment(proxy, compose, docs):
     s = compose["proxy"]
     c = container(proxy)
-    assert c["image"] == s["image"]
+    assert c["image"] == str(dep.IMAGES["proxy"])
     # The image's command reads the file mounted here (serve/Dockerfile.haproxy).
     dockerfile = (ROOT / "serve" / "Dockerfile.haproxy").read_text()
     assert '"-f", "/etc/haproxy/haproxy.cfg"]' in dockerfile and "command" not in c
@@ -242,13 +285,16 @@ def test_proxy_deployment(proxy, compose, docs):
         "subPath": "haproxy.cfg",
         "readOnly": True,
     }
-    assert {p["containerPort"] for p in c["ports"]} == {8000, 8001, 8404}
+    # The ports the config binds: the main server's HTTP and gRPC (what clients use) and the statistics.
+    cfg = (ROOT / "serve" / "haproxy.cfg").read_text()
+    binds = {int(port) for port in re.findall(r"^\s*bind :(\d+)\b", cfg, re.M)}
+    want = {dep.MAIN.ports.http, dep.MAIN.ports.grpc, dep.PROXY_STATS_PORT}
+    assert {p["containerPort"] for p in c["ports"]} == binds == want
     for probe in ("startupProbe", "readinessProbe"):
         get = c[probe]["httpGet"]
-        assert (get["path"], port_number(c, get["port"])) == ("/healthz", 8404)
-    assert port_number(c, c["livenessProbe"]["tcpSocket"]["port"]) == 8404
-    cfg = (ROOT / "serve" / "haproxy.cfg").read_text()
-    assert re.search(r"^\s*monitor-uri /healthz$", cfg, re.M) and re.search(r"bind :8404\b", cfg)
+        assert (get["path"], port_number(c, get["port"])) == ("/healthz", dep.PROXY_STATS_PORT)
+    assert port_number(c, c["livenessProbe"]["tcpSocket"]["port"]) == dep.PROXY_STATS_PORT
+    assert re.search(r"^\s*monitor-uri /healthz$", cfg, re.M)
     # Every variable the config reads without a default is set here; TRITON_REPLICAS_DNS always is.
     env = {e["name"]: e["value"] for e in c["env"]}
     for name, default in re.findall(r"\$\{(\w+)(-[^}]*)?\}", cfg):
@@ -274,39 +320,54 @@ def test_proxy_soft_stop_fits_the_grace_period(proxy):
 # ---- Triton -------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("service", ["triton-slim", "triton-replica"])
-def test_triton_args_are_composes_command(triton, compose, service):
-    """The same flags and values as compose's slim servers (keys as $(VAR) from the pod's env instead of
-    ${VAR:?...} from the shell), plus only the addresses."""
-    command = [str(a) for a in compose[service]["command"]]
-    want = [re.sub(r"\$\{(\w+):\?[^}]*\}", r"$(\1)", a) for a in command[1:]]
-    c = container(triton)
-    assert c["command"] == command[:1] == ["tritonserver"]
-    assert set(c["args"]) - set(want) == ADDRESS_FLAGS
-    assert [a for a in c["args"] if a not in ADDRESS_FLAGS] == want
-    names = {a.split("=", 1)[0] for a in c["args"]}
-    assert names - {a.split("=", 1)[0] for a in want} == {a.split("=")[0] for a in ADDRESS_FLAGS}
+def test_triton_runs_the_entrypoint_with_every_project_flag(triton, argv):
+    """The container runs the project's entrypoint with no argument: tritonserver gets every flag of
+    charrnn/deployment.py (the model repository, model control none, strict readiness, the exit timeout, the
+    gRPC pool, the restricted APIs), on the pod's address 0.0.0.0 (the proxy and the kubelet reach it there;
+    loopback-only is compose's host port binding) at the container ports."""
+    names = {a.split("=", 1)[0] for a in argv}
+    want = {
+        re.search(r"--[a-z-]+", part).group()
+        for f, _ in dep.TRITONSERVER_FLAGS
+        for part in f.split()
+        if not part.startswith(
+            "${"
+        )  # --model-config-name: only with TRITON_MODEL_CONFIG_NAME (the slim image)
+    }
+    assert names == want, names ^ want
+    assert flag(argv, "--model-control-mode") == "none"
+    assert flag(argv, "--strict-readiness") == "true"
+    for what in ("http", "grpc", "metrics"):
+        assert flag(argv, f"--{what}-address") == "0.0.0.0", what
+        assert flag(argv, f"--{what}-port") == str(getattr(dep.CONTAINER_PORTS, what)), what
+    assert "TRITON_ADDRESS" not in {e["name"] for e in container(triton)["env"]}
 
 
-def test_every_arg_variable_comes_from_the_secret(triton):
-    """Kubernetes expands $(VAR) only for variables in the container's env (else the text stays literal)."""
+def test_the_keys_come_from_the_secret(triton, argv, tmp_path):
+    """The entrypoint reads both keys from the container's environment: exactly the Secret's two keys. Without
+    them it refuses to start (no default key)."""
     c = container(triton)
     env = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in c["env"]}
-    used = {v for a in c["args"] for v in re.findall(r"\$\((\w+)\)", a)}
-    assert used == set(env) == {"TRITON_ADMIN_KEY", "TRITON_INFER_KEY"}
+    assert set(env) == {dep.ADMIN_KEY_ENV, INFER_KEY_ENV}
     assert all(ref == {"name": "triton-keys", "key": name} for name, ref in env.items())
-    assert not any("$" in a for a in c["args"] if not re.search(r"\$\(\w+\)", a))
+    # Each key reaches tritonserver's restricted-API flags (the stand-in values are named after the keys).
+    restricted = [a for a in argv if "-restricted-" in a]
+    assert {a.rsplit("=", 1)[1] for a in restricted} == {f"secret-{name}" for name in env}
+    assert any(a.endswith(f"{INFER_KEY_HEADER}=secret-{INFER_KEY_ENV}") for a in restricted)
     (secret,) = load(K8S / "secret.example.yaml")
     assert secret["metadata"] == {
         **secret["metadata"],
         "name": "triton-keys",
         "namespace": NAMESPACE,
     }
-    # Empty on purpose: applied unchanged, Triton refuses to start (no key is written anywhere).
-    assert secret["stringData"] == {"TRITON_ADMIN_KEY": "", "TRITON_INFER_KEY": ""}
+    # Empty on purpose: applied unchanged, the entrypoint refuses to start (no key is written anywhere).
+    assert secret["stringData"] == {name: "" for name in env}
+    unchanged = {**c, "env": [{"name": k, "value": v} for k, v in secret["stringData"].items()]}
+    with pytest.raises(AssertionError, match=f"{dep.ADMIN_KEY_ENV}: not set"):
+        server_argv(unchanged, tmp_path)
 
 
-def test_triton_flags_exist_in_tritonserver_2_51(triton):
+def test_triton_flags_exist_in_tritonserver_2_51(argv):
     """The server of both images (2.51) knows every flag (the nvidia-pytriton wheel's binary, --help)."""
     from charrnn.errors import UnavailableError
     from serve.local_triton import pytriton_dist
@@ -323,23 +384,22 @@ def test_triton_flags_exist_in_tritonserver_2_51(triton):
         timeout=60,
     )
     help_text = usage.stdout + usage.stderr
-    for arg in container(triton)["args"]:
+    for arg in argv:
         assert re.search(rf"^\s+{re.escape(arg.split('=')[0])} <", help_text, re.M), arg
 
 
-def test_triton_image_replicas_and_spread(triton, compose):
-    assert container(triton)["image"] == compose["triton-slim"]["image"]
-    assert compose["triton-replica"]["image"] == compose["triton-slim"]["image"]
+def test_triton_image_replicas_and_spread(triton):
+    assert container(triton)["image"] == SLIM_IMAGE
     assert triton["spec"]["replicas"] == 3
-    # HAProxy has 8 server slots per backend (server-template): more replicas would be ignored.
+    # HAProxy has REPLICA_SLOTS server slots per backend (server-template): more replicas would be ignored.
     cfg = (ROOT / "serve" / "haproxy.cfg").read_text()
     slots = {int(n) for n in re.findall(r"^\s*server-template replica (\d+) ", cfg, re.M)}
-    assert len(slots) == 1 and triton["spec"]["replicas"] <= slots.pop()
+    assert slots == {dep.REPLICA_SLOTS} and triton["spec"]["replicas"] <= dep.REPLICA_SLOTS
     (spread,) = triton["spec"]["template"]["spec"]["topologySpreadConstraints"]
     assert selects(spread["labelSelector"], pod_labels(triton))
 
 
-def test_triton_resources_shm_tmp_and_models(triton, compose):
+def test_triton_resources_shm_tmp_and_models(triton, compose, argv):
     s = compose["triton-slim"]
     spec = triton["spec"]["template"]["spec"]
     c = container(triton)
@@ -353,8 +413,8 @@ def test_triton_resources_shm_tmp_and_models(triton, compose):
     # /tmp writable under a read-only root: the python backend makes its environments' directory there
     # ("Failed to create temporary directory for Python environments" without it, seen in the slim image).
     assert "emptyDir" in volumes[mounts["/tmp"]["name"]]
-    # The model repository: the PVC, read-only, where --model-repository points.
-    (repo,) = [a.split("=", 1)[1] for a in c["args"] if a.startswith("--model-repository=")]
+    # The model repository: the PVC, read-only, where the entrypoint's --model-repository points.
+    repo = flag(argv, "--model-repository")
     assert mounts[repo]["readOnly"] is True
     assert volumes[mounts[repo]["name"]]["persistentVolumeClaim"] == {
         "claimName": "charrnn-models",
@@ -365,7 +425,7 @@ def test_triton_resources_shm_tmp_and_models(triton, compose):
     assert set(mounts) == {repo, "/dev/shm", "/tmp"}
 
 
-def test_triton_probes(triton, compose):
+def test_triton_probes(triton, compose, argv):
     c = container(triton)
     for probe, path in [
         ("readinessProbe", "/v2/health/ready"),
@@ -373,16 +433,18 @@ def test_triton_probes(triton, compose):
         ("startupProbe", "/v2/health/live"),
     ]:
         get = c[probe]["httpGet"]
-        assert (get["path"], port_number(c, get["port"])) == (path, 8000)
+        assert (get["path"], port_number(c, get["port"])) == (path, dep.CONTAINER_PORTS.http)
+    assert flag(argv, "--http-port") == str(dep.CONTAINER_PORTS.http)
     startup = c["startupProbe"]
     start_period = compose["triton-slim"]["healthcheck"]["start_period"]
     assert startup["periodSeconds"] * startup["failureThreshold"] >= int(start_period.rstrip("s"))
-    assert "--strict-readiness=true" in c["args"]
+    assert flag(argv, "--strict-readiness") == "true"
 
 
-def test_triton_grace_period_covers_exit_timeout_and_prestop(triton):
+def test_triton_grace_period_covers_exit_timeout_and_prestop(triton, argv):
     c = container(triton)
-    (timeout,) = [int(a.split("=")[1]) for a in c["args"] if a.startswith("--exit-timeout-secs=")]
+    timeout = int(flag(argv, "--exit-timeout-secs"))
+    assert timeout == dep.EXIT_TIMEOUT_S
     command = c["lifecycle"]["preStop"]["exec"]["command"]
     assert command[0] == "sleep"
     grace = triton["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
@@ -392,7 +454,7 @@ def test_triton_grace_period_covers_exit_timeout_and_prestop(triton):
 def test_no_model_name_is_written_in_the_manifests(docs):
     """The servers load whatever the repository volume holds (model control mode none). The ConfigMap is
     serve/haproxy.cfg, whose comments may name a model; nothing routes by model."""
-    text = "\n".join(s for d in docs if d["kind"] != "ConfigMap" for s in all_strings(d))
+    text = "\n".join(s for o in docs if o["kind"] != "ConfigMap" for s in all_strings(o))
     assert not [m.name for m in MODELS if m.name in text]
     assert "--load-model" not in text
     gpu_text = (GPU / "triton-gpu.yaml").read_text()
@@ -461,10 +523,15 @@ def test_headless_service_gives_the_proxy_one_record_per_ready_triton_pod(docs, 
     assert spec["selector"].items() <= pod_labels(triton).items()
     assert not spec["selector"].items() <= pod_labels(proxy).items()
     c = container(triton)
+    # The ports HAProxy's server-template lines name (serve/haproxy.cfg): the replicas' container ports.
+    ports = (dep.CONTAINER_PORTS.http, dep.CONTAINER_PORTS.grpc)
     assert {(p["port"], port_number(c, p["targetPort"])) for p in spec["ports"]} == {
-        (8000, 8000),
-        (8001, 8001),
+        (port, port) for port in ports
     }
+    cfg = (ROOT / "serve" / "haproxy.cfg").read_text()
+    assert set(re.findall(r"^\s*server-template replica \d+ \S+:(\d+)\"", cfg, re.M)) == set(
+        map(str, ports)
+    )
     env = {e["name"]: e["value"] for e in container(proxy)["env"]}
     name = svc["metadata"]["name"]
     assert env["TRITON_REPLICAS_DNS"] == f"{name}.{NAMESPACE}.svc.cluster.local"
@@ -477,16 +544,17 @@ def test_clients_reach_only_the_proxy_inside_the_cluster(docs, proxy):
     spec = services["charrnn"]["spec"]
     assert spec["selector"].items() <= pod_labels(proxy).items()
     c = container(proxy)
+    # Clients use the main server's ports, as with compose's proxy on the host.
     assert {(p["port"], port_number(c, p["targetPort"])) for p in spec["ports"]} == {
-        (8000, 8000),
-        (8001, 8001),
+        (dep.MAIN.ports.http, dep.MAIN.ports.http),
+        (dep.MAIN.ports.grpc, dep.MAIN.ports.grpc),
     }
     assert spec["sessionAffinity"] == "ClientIP"
 
 
 def test_network_policy_admits_only_the_proxy_to_triton(docs, triton, proxy):
     """Policies add up: every one that selects the Triton pods admits only the proxy's pods (same namespace),
-    on 8000 and 8001 only."""
+    on the container's HTTP and gRPC ports only (not metrics)."""
     policies = [
         p
         for p in by_kind(docs, "NetworkPolicy").values()
@@ -502,21 +570,22 @@ def test_network_policy_admits_only_the_proxy_to_triton(docs, triton, proxy):
                 assert selects(peer["podSelector"], pod_labels(proxy))
                 assert not selects(peer["podSelector"], pod_labels(triton))
             assert {(q["protocol"], q["port"]) for q in rule["ports"]} == {
-                ("TCP", 8000),
-                ("TCP", 8001),
+                ("TCP", dep.CONTAINER_PORTS.http),
+                ("TCP", dep.CONTAINER_PORTS.grpc),
             }
 
 
 # ---- the GPU variant ------------------------------------------------------------------------------------------
 
 
-def test_gpu_variant_is_the_ngc_image_with_one_gpu_and_nothing_else_changed(triton, compose):
+def test_gpu_variant_is_the_ngc_image_with_one_gpu_and_nothing_else_changed(triton):
     gpu = container(by_kind(render_gpu(), "Deployment")["triton"])
     cpu = container(triton)
     assert "nvidia.com/gpu" not in str(render())
-    assert gpu["image"] == compose_default(compose["triton"]["image"])
+    # compose's `triton` image with its default release (${TRITON_RELEASE:-<NGC_RELEASE>})
+    assert gpu["image"] == compose_default(str(dep.IMAGES[dep.BY_SERVICE["triton"].image]))
+    assert gpu["image"].endswith(f":{dep.NGC_RELEASE}")
     assert gpu["resources"]["limits"] == {**cpu["resources"]["limits"], "nvidia.com/gpu": 1}
+    # the same entrypoint, environment, probes and hardening
     same = {k: v for k, v in gpu.items() if k not in ("image", "resources")}
     assert same == {k: v for k, v in cpu.items() if k not in ("image", "resources")}
-    # compose's GPU server runs the same command as the slim one
-    assert compose["triton"]["command"] == compose["triton-slim"]["command"]

@@ -17,13 +17,15 @@ import urllib.parse
 import urllib.request
 
 import pytest
+import yaml
 
+from charrnn import deployment
 from charrnn.repository import PYTHON
 from serve.local_triton import free_port
 from tests.helpers import GREEDY, ROOT, docker_or_skip, served, tf_text, wait_for
 from tests.test_scale import images, scale_stack  # noqa: F401 (images: a fixture used below)
 
-IMAGE = "charrnn-prometheus:2.42-bookworm"  # docker-compose.yml, service prometheus
+IMAGE = str(deployment.IMAGES["prometheus"])  # docker-compose.yml, service prometheus
 
 
 @pytest.fixture(scope="module")
@@ -47,6 +49,18 @@ def promtool(*args: str) -> subprocess.CompletedProcess:
         timeout=120,
         check=False,
     )
+
+
+def test_prometheus_scrapes_every_slim_server_at_its_metrics_port():
+    """Static: the DNS names Prometheus resolves are the compose services that run the slim image (a server
+    added to charrnn/deployment.py without it would go unscraped), at the containers' metrics port.
+    """
+    config = yaml.safe_load((ROOT / "serve" / "monitoring" / "prometheus.yml").read_text())
+    (job,) = config["scrape_configs"]
+    (sd,) = job["dns_sd_configs"]
+    slim = {d.service for d in deployment.DEPLOYMENTS if d.image == "slim"}
+    assert set(sd["names"]) == slim and sd["type"] == "A"
+    assert sd["port"] == deployment.CONTAINER_PORTS.metrics
 
 
 def test_promtool_accepts_the_configuration_and_its_rules(prometheus_image):

@@ -53,7 +53,7 @@ def test_the_model_runs_on_the_onnxruntime_backend_with_implicit_state(ort_serve
     assert [g["kind"] for g in config["instance_group"]] == ["KIND_CPU"]
     log = log_text(ort_server)
     assert "TRITONBACKEND_Initialize: onnxruntime" in log
-    assert f"--model-config-name={CPU_CONFIG_NAME}" in log
+    assert f"TRITON_MODEL_CONFIG_NAME={CPU_CONFIG_NAME} " in log  # the entrypoint adds the flag
     assert f"successfully loaded '{model}'" in log
 
 

@@ -20,7 +20,14 @@ import numpy as np
 import pytest
 
 from charrnn import repository
-from charrnn.contract import INFER_KEY_HEADER, INPUT_IDS, MAX_K
+from charrnn.contract import (
+    INFER_KEY_HEADER,
+    INPUT_IDS,
+    MAX_K,
+    ErrorCode,
+    error_code,
+    error_sequence,
+)
 from charrnn.repository import PYTHON
 from charrnn.sampling import SamplingParams
 from tests.helpers import (
@@ -212,11 +219,16 @@ def test_sequence_whose_start_failed_is_unknown_to_the_model(server):
     seq = 8_200_000_001
     try:
         stream.send("s/0", [[-1]], seq, start=True)
-        assert f"sequence {seq}: INPUT_IDS: ids must be in 0..64" in stream.error()
+        error = stream.error()
+        assert f"sequence {seq}: INPUT_IDS: ids must be in 0..64" in error, error
+        assert error_code(error) == ErrorCode.INVALID_INPUT, error
         stream.send("s/1", [[1]], seq)
         error = stream.error()
+        # the code, for programs (the client re-primes on it), and the sequence it names
+        assert error_code(error) == ErrorCode.UNKNOWN_SEQUENCE, error
+        assert error_sequence(error) == str(seq), error
         assert (
-            error.startswith(f"sequence {seq}: unknown sequence") and "sequence_start=True" in error
+            f"sequence {seq}: unknown sequence" in error and "sequence_start=True" in error
         ), error
         stream.send("s/2", [[1]], seq, start=True)
         stream.logits("s")

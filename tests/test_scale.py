@@ -33,6 +33,7 @@ from typing import ClassVar
 import numpy as np
 import pytest
 
+from charrnn import deployment
 from charrnn.contract import INFER_KEY_HEADER, ROUTING_HEADER
 from charrnn.repository import ONNX, PYTHON, SHARED_CPU_MODELS
 from charrnn.sampling import SamplingParams
@@ -42,13 +43,15 @@ from tests.helpers import ROOT, ComposeStack, docker_or_skip, tf_text
 
 PROXY, REPLICA = "proxy", "triton-replica"
 REPLICAS = 3
-SLOTS = 8  # server-template replica 8 in serve/haproxy.cfg
+SLOTS = deployment.REPLICA_SLOTS  # server-template replica <slots> in serve/haproxy.cfg
+PROXY_IMAGE = str(deployment.IMAGES["proxy"])
 MODEL = PYTHON
 BODY_LIMIT = 16 * 2**20  # serve/haproxy.cfg: deny ... 413 if content-length > 16777216
 # Each replica's Prometheus metrics, read inside it (replicas publish no port).
 METRICS = (
     "import urllib.request as u; "
-    "print(u.urlopen('http://127.0.0.1:8002/metrics', timeout=5).read().decode())"
+    f"print(u.urlopen('http://127.0.0.1:{deployment.CONTAINER_PORTS.metrics}/metrics', timeout=5)"
+    ".read().decode())"
 )
 
 
@@ -200,7 +203,7 @@ def test_haproxy_in_the_image_accepts_the_config(images):
         "no-new-privileges:true",
         "-v",
         f"{ROOT / 'serve' / 'haproxy.cfg'}:/etc/haproxy/haproxy.cfg:ro",
-        "charrnn-haproxy:2.6-bookworm",
+        PROXY_IMAGE,
         "haproxy",
         "-c",
         "-f",
@@ -217,7 +220,7 @@ def test_haproxy_in_the_image_accepts_the_config(images):
         "--rm",
         "--network",
         "none",
-        "charrnn-haproxy:2.6-bookworm",
+        PROXY_IMAGE,
         "haproxy",
         "-v",
     )
@@ -244,7 +247,11 @@ def test_services_are_hardened_as_compose_resolves_them():
         (str(ROOT / "serve" / "haproxy.cfg"), "/etc/haproxy/haproxy.cfg")
     ]
     assert {p["host_ip"] for p in proxy["ports"]} == {"127.0.0.1"}
-    assert sorted(p["target"] for p in proxy["ports"]) == [8000, 8001, 8404]
+    # The ports serve/haproxy.cfg binds: the main server's HTTP and gRPC (the proxy takes its place), and stats.
+    main = deployment.MAIN.ports
+    assert sorted(p["target"] for p in proxy["ports"]) == sorted(
+        [main.http, main.grpc, deployment.PROXY_STATS_PORT]
+    )
     assert sorted(p["published"] for p in proxy["ports"]) == sorted(ports.values())
     assert proxy["environment"]["TRITON_REPLICAS_DNS"] == REPLICA
     # The replicas: triton-slim's server (image, user, flags, models) and no published port at all.
@@ -262,7 +269,8 @@ def test_services_are_hardened_as_compose_resolves_them():
         assert replica[key] == slim[key], key
     assert replica["user"] == "triton-server"
     assert sorted(Path(v["target"]).name for v in replica["volumes"]) == sorted(SHARED_CPU_MODELS)
-    assert "--model-control-mode=none" in replica["command"]
+    # the project's entrypoint: every flag (--model-control-mode=none among them) is in serve/tritonserver.sh
+    assert replica["command"] == [deployment.ENTRYPOINT]
     # The proxy takes triton-slim's host ports: the same variables.
     assert [p["published"] for p in proxy["ports"][:2]] == [
         p["published"] for p in slim["ports"][:2]

@@ -22,6 +22,7 @@ from charrnn.contract import (
     NOISE,
     STATE_IN,
     STATE_OUT,
+    ErrorCode,
 )
 from charrnn.repository import GEN_PYTHON, PYTHON, load_config, vocab_of
 from serve.runtime import sequence_state
@@ -53,8 +54,8 @@ def triton_args(model_dir, config: dict | None = None) -> dict:
     }
 
 
-def unknown(idle: str) -> str:
-    return (
+def unknown(idle: str) -> tuple[ErrorCode, str]:
+    return ErrorCode.UNKNOWN_SEQUENCE, (
         f"unknown sequence (never started, ended, or idle longer than {idle} s) "
         "(start it again with sequence_start=True)"
     )
@@ -431,7 +432,8 @@ def test_a_start_on_a_live_id_is_refused_and_its_state_kept(step, states, vocab)
     """
     execute(step, states, [(9, START)], vocab.encode("ROMEO:\n")[None])
     held = states.states[9].copy()
-    assert LIVE_ID_MESSAGE in states.check(9, START)
+    code, message = states.check(9, START)
+    assert code == ErrorCode.SEQUENCE_ID_IN_USE and LIVE_ID_MESSAGE in message
     assert states.check(9, 0) is None  # the owner continues
     np.testing.assert_array_equal(states.states[9], held)
     states.last_used[9] -= states.idle_s - 1.0  # idle as long as Triton's timeout
@@ -469,8 +471,9 @@ def test_the_unknown_sequence_error_states_the_configured_timeout():
 @pytest.mark.parametrize("flags", [0, START, START | END])
 def test_a_request_without_a_sequence_id_is_refused(states, corr, flags):
     assert states.check(corr, flags) == (
+        ErrorCode.SEQUENCE_ID_MISSING,
         "sequence id: missing (this model is stateful: send sequence_id, "
-        "sequence_start, sequence_end)"
+        "sequence_start, sequence_end)",
     )
 
 
@@ -578,7 +581,7 @@ def test_an_idle_sequence_is_evicted_after_the_timeout_plus_a_second(clock, idle
     clock.full_pass()
     assert len(idle_states) == 0 and not idle_states.last_used
     assert idle_states.messages == ["evicted 2 idle sequence(s); 0 live"]
-    assert idle_states.check(1, 0).startswith(
+    assert idle_states.check(1, 0)[1].startswith(
         "unknown sequence (never started, ended, or idle longer than"
     )
 
@@ -594,7 +597,7 @@ def test_a_sequence_in_use_survives_while_an_idle_one_is_evicted(clock, idle_sta
         "evicted 1 idle sequence(s); 1 live"
     ]
     np.testing.assert_array_equal(idle_states.gather([(1, 0)]), one(1.5))
-    assert idle_states.check(2, 0).startswith(
+    assert idle_states.check(2, 0)[1].startswith(
         "unknown sequence (never started, ended, or idle longer than"
     )
     clock.set(1000 + 2 * (IDLE + 1.0))

@@ -6,10 +6,10 @@ charrnn_gen_stream, decoupled by its config (model_transaction_policy { decouple
 one OUTPUT_IDS (1, 1) per character as soon as it is generated (the graph with K = 1, K times), the last one flagged
 FINAL. Same ids, same state in both modes; each model refuses a config of the other mode.
 
-Runs the generation ONNX graph (export/gen_export.py) with ONNX Runtime. Per request (batch dim 1):
-INPUT_IDS int32 (1, T), NOISE fp32 (1, K, V) uniforms in (0, 1), TEMPERATURE fp32 (1, 1) (0 = greedy),
-TOP_K int32 (1, 1) (0 = all) in; OUTPUT_IDS int32 (1, K) out, with sequence_id / sequence_start / sequence_end.
-id_K is not fed: the next request sends it as INPUT_IDS (see charrnn.contract).
+Runs the generation ONNX graph (export/gen_export.py) with ONNX Runtime. Per request (batch dim 1): the GEN
+graph's inputs of charrnn.contract's table without the state (INPUT_IDS, NOISE, TEMPERATURE, TOP_K) in, OUTPUT_IDS
+(1, K) out, with sequence_id / sequence_start / sequence_end. id_K is not fed: the next request sends it as
+INPUT_IDS. A refused request gets charrnn.contract.server_error's text: "<CODE>: sequence <id>: <detail>".
 
 The python backend has no implicit state, so the model keeps each sequence's packed state itself
 (serve.runtime.sequence_state: zeros on START, freed on END, idle sequences evicted). All requests of one
@@ -28,10 +28,16 @@ from __future__ import annotations
 
 import numpy as np
 
-from charrnn.contract import INPUT_IDS, NOISE, OUTPUT_IDS, STATE_IN, TEMPERATURE, TOP_K
+from charrnn.contract import GEN, NOISE, OUTPUT_IDS, STATE_IN, ErrorCode, server_error
 
-from .gen_serving import GenRequest, GenRunner, check_gen_request, group_by_shape
-from .sequence_state import SequenceStates, create_metrics, load_stateful_model
+from .gen_serving import (
+    GEN_REQUEST_INPUTS,
+    GenRequest,
+    GenRunner,
+    check_gen_request,
+    group_by_shape,
+)
+from .sequence_state import SequenceStates, create_metrics, graph_types, load_stateful_model
 
 
 def load(pb_utils, args: dict, decoupled: bool, on_change=None) -> tuple[GenRunner, int]:
@@ -39,17 +45,7 @@ def load(pb_utils, args: dict, decoupled: bool, on_change=None) -> tuple[GenRunn
     model's MetricsSink). TritonModelException on a config or graph the model cannot serve."""
     name = args["model_name"]
     try:  # the generation graph (export/gen_export.py)
-        model = load_stateful_model(
-            args,
-            {
-                INPUT_IDS: "tensor(int32)",
-                STATE_IN: "tensor(float)",
-                NOISE: "tensor(float)",
-                TEMPERATURE: "tensor(float)",
-                TOP_K: "tensor(int32)",
-                OUTPUT_IDS: "tensor(int32)",
-            },
-        )
+        model = load_stateful_model(args, graph_types(GEN))
     except ValueError as e:
         raise pb_utils.TritonModelException(str(e)) from e
     if pb_utils.using_decoupled_model_transaction_policy(model.config) != decoupled:
@@ -87,15 +83,16 @@ def parse(
     valid, errors = [], {}
     for i, request in enumerate(requests):
         corr, flags = request.correlation_id(), request.flags()
-        arrays = []
-        for name in (INPUT_IDS, NOISE, TEMPERATURE, TOP_K):
-            tensor = pb_utils.get_input_tensor_by_name(request, name)
-            arrays.append(tensor.as_numpy() if tensor is not None else None)
-        error = check_gen_request(*arrays, vocab_size) or states.check(corr, flags)
-        if error:  # named by sequence: gRPC stream errors reach clients without a request id
-            errors[i] = f"sequence {corr}: {error}"
+        arrays = {}
+        for t in GEN_REQUEST_INPUTS:
+            tensor = pb_utils.get_input_tensor_by_name(request, t.name)
+            arrays[t.name] = tensor.as_numpy() if tensor is not None else None
+        bad = check_gen_request(arrays, vocab_size)
+        problem = (ErrorCode.INVALID_INPUT, bad) if bad else states.check(corr, flags)
+        if problem:  # named by sequence: gRPC stream errors reach clients without a request id
+            errors[i] = server_error(*problem, sequence=corr)
         else:
-            valid.append(GenRequest(i, corr, flags, *arrays))
+            valid.append(GenRequest(i, corr, flags, arrays))
     return valid, errors
 
 

@@ -4,7 +4,7 @@ Both models run the generation ONNX graph (export/gen_export.py, contract in cha
 Runtime and keep each sequence's state in serve.runtime.sequence_state.SequenceStates. This module holds what they
 share, free of Triton's pb_utils so it can be tested directly:
 
-  - `check_gen_request`: one request's INPUT_IDS / NOISE / TEMPERATURE / TOP_K, or the error message;
+  - `check_gen_request`: one request's tensors (charrnn.contract's table: GEN_REQUEST_INPUTS), or the error message;
   - `GenRequest` + `group_by_shape`: requests with equal (T, K) run as ONE batched graph call;
   - `GenRunner.run(group)`: all K characters in one call (charrnn_gen_python);
   - `GenRunner.steps(group)`: the same ids one character at a time (the graph with K = 1, repeatedly),
@@ -20,6 +20,7 @@ from typing import Iterator
 import numpy as np
 
 from charrnn.contract import (
+    GEN,
     INPUT_IDS,
     MAX_K,
     MAX_T,
@@ -30,51 +31,85 @@ from charrnn.contract import (
     STATE_OUT,
     TEMPERATURE,
     TOP_K,
+    Tensor,
+    request_inputs,
 )
 
 from .sequence_state import SequenceStates, check_ids
 
+# What a client sends to a generation model, in order: charrnn.contract's table (GEN inputs without the state).
+GEN_REQUEST_INPUTS = request_inputs(GEN)
 
-def check_gen_request(
-    ids, noise, temperature, top_k, vocab_size: int, max_t: int = MAX_T, max_k: int = MAX_K
+
+def check_request_shape(
+    t: Tensor, value: np.ndarray, vocab_size: int, limits: dict[str, tuple[int, int]]
 ) -> str | None:
-    """None if the four request tensors are valid (batch dim 1), else the error message."""
-    for name, value in (
-        (INPUT_IDS, ids),
-        (NOISE, noise),
-        (TEMPERATURE, temperature),
-        (TOP_K, top_k),
-    ):
-        if value is None:
-            return f"{name}: missing"
-    error = check_ids(ids, vocab_size, max_t)
-    if error:
-        return error
-    if noise.dtype != np.float32:
-        return f"{NOISE}: dtype must be FP32, got {noise.dtype}"
-    if (
-        noise.ndim != 3
-        or noise.shape[0] != 1
-        or not 1 <= noise.shape[1] <= max_k
-        or noise.shape[2] != vocab_size
-    ):
-        return (
-            f"{NOISE}: shape must be [1, K, {vocab_size}] with 1 <= K <= {max_k}, got {list(noise.shape)} "
-            "(one row of uniforms per character to generate)"
-        )
+    """None if `value` has the row's dtype and its shape in one request (batch 1, V the vocabulary, each dynamic
+    dim within `limits`), else the error message."""
+    want, dynamic, ok = [], [], value.ndim == len(t.dims)
+    for i, d in enumerate(t.dims):
+        size = value.shape[i] if ok else None
+        if d in limits:
+            lo, hi = limits[d]
+            want.append(d)
+            dynamic.append(f"{lo} <= {d} <= {hi}")
+            ok = ok and lo <= size <= hi
+        else:
+            n = 1 if d == "B" else vocab_size if d == "V" else int(d)
+            want.append(str(n))
+            ok = ok and size == n
+    if value.dtype != t.dtype:
+        return f"{t.name}: dtype must be {t.triton_dtype}, got {value.dtype}"
+    if not ok:
+        with_ = f" with {', '.join(dynamic)}" if dynamic else ""
+        return f"{t.name}: shape must be [{', '.join(want)}]{with_}, got {list(value.shape)}"
+    return None
+
+
+def _noise_values(noise: np.ndarray, vocab_size: int) -> str | None:
     if not ((noise > 0).all() and (noise < 1).all()):  # also rejects NaN
-        return f"{NOISE}: values must be uniforms in the open interval (0, 1)"
-    if temperature.dtype != np.float32 or temperature.shape != (1, 1):
-        return (
-            f"{TEMPERATURE}: must be FP32 [1, 1], got {temperature.dtype} {list(temperature.shape)}"
-        )
+        return "values must be uniforms in the open interval (0, 1)"
+    return None
+
+
+def _temperature_values(temperature: np.ndarray, vocab_size: int) -> str | None:
     t = float(temperature[0, 0])
     if not (np.isfinite(t) and (t == 0 or t >= MIN_TEMPERATURE)):
-        return f"{TEMPERATURE}: must be 0 (greedy) or >= {MIN_TEMPERATURE} (smaller values overflow), got {t}"
-    if top_k.dtype != np.int32 or top_k.shape != (1, 1):
-        return f"{TOP_K}: must be INT32 [1, 1], got {top_k.dtype} {list(top_k.shape)}"
+        return f"must be 0 (greedy) or >= {MIN_TEMPERATURE} (smaller values overflow), got {t}"
+    return None
+
+
+def _top_k_values(top_k: np.ndarray, vocab_size: int) -> str | None:
     if not 0 <= int(top_k[0, 0]) <= vocab_size:
-        return f"{TOP_K}: must be in 0..{vocab_size} (0 = all), got {int(top_k[0, 0])}"
+        return f"must be in 0..{vocab_size} (0 = all), got {int(top_k[0, 0])}"
+    return None
+
+
+# The value checks of the sampling inputs (the table's `values`), after their dtype and shape are checked; an
+# input without one takes any value. INPUT_IDS is checked by check_ids (shared with the step model).
+VALUE_CHECKS = {NOISE: _noise_values, TEMPERATURE: _temperature_values, TOP_K: _top_k_values}
+
+
+def check_gen_request(
+    tensors: dict[str, np.ndarray | None], vocab_size: int, max_t: int = MAX_T, max_k: int = MAX_K
+) -> str | None:
+    """None if one request's tensors (name -> array, batch dim 1; every row of GEN_REQUEST_INPUTS) are valid,
+    else the error message (charrnn.contract.ErrorCode.INVALID_INPUT)."""
+    for t in GEN_REQUEST_INPUTS:
+        if tensors.get(t.name) is None:
+            return f"{t.name}: missing"
+    limits = {"T": (1, max_t), "K": (1, max_k)}
+    for t in GEN_REQUEST_INPUTS:
+        value = tensors[t.name]
+        if t.name == INPUT_IDS:
+            error = check_ids(value, vocab_size, max_t)
+        else:
+            error = check_request_shape(t, value, vocab_size, limits)
+            if error is None and t.name in VALUE_CHECKS:
+                error = VALUE_CHECKS[t.name](value, vocab_size)
+                error = f"{t.name}: {error}" if error else None
+        if error:
+            return error
     return None
 
 
@@ -83,14 +118,17 @@ class GenRequest:
     index: int  # position in execute()'s request list
     corr: object  # correlation id
     flags: int
-    ids: np.ndarray  # (1, T) int32
-    noise: np.ndarray  # (1, K, V) fp32
-    temperature: np.ndarray  # (1, 1) fp32
-    top_k: np.ndarray  # (1, 1) int32
+    tensors: dict[str, np.ndarray]  # every row of GEN_REQUEST_INPUTS, batch dim 1
+
+    @property
+    def k(self) -> int:
+        """K: the characters this request asks for (NOISE rows)."""
+        return self.tensors[NOISE].shape[1]
 
     @property
     def shape_key(self) -> tuple[int, int]:
-        return self.ids.shape[1], self.noise.shape[1]
+        """(T, K): requests batch together only when both are equal."""
+        return self.tensors[INPUT_IDS].shape[1], self.k
 
 
 def group_by_shape(requests: list[GenRequest]) -> list[list[GenRequest]]:
@@ -113,13 +151,8 @@ class GenRunner:
 
     def _feeds(self, group: list[GenRequest]) -> dict[str, np.ndarray]:
         keys = [(r.corr, r.flags) for r in group]
-        return {
-            INPUT_IDS: _cat([r.ids for r in group]),
-            STATE_IN: self.states.gather(keys),
-            NOISE: _cat([r.noise for r in group]),
-            TEMPERATURE: _cat([r.temperature for r in group]),
-            TOP_K: _cat([r.top_k for r in group]),
-        }
+        feeds = {t.name: _cat([r.tensors[t.name] for r in group]) for t in GEN_REQUEST_INPUTS}
+        return {**feeds, STATE_IN: self.states.gather(keys)}
 
     def run(self, group: list[GenRequest]) -> np.ndarray:
         """All K characters of every request in one call; returns OUTPUT_IDS (B, K). Caller holds states.lock."""

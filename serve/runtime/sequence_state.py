@@ -24,7 +24,7 @@ from typing import Callable
 
 import numpy as np
 
-from charrnn.contract import LIVE_ID_MESSAGE
+from charrnn.contract import INPUTS, LIVE_ID_MESSAGE, OUTPUTS, ErrorCode, tensors
 from charrnn.onnx_runtime import ort_session
 
 START, END = 1, 2  # TRITONSERVER_REQUEST_FLAG_SEQUENCE_START / _END
@@ -123,19 +123,23 @@ class SequenceStates:
         if delta and self._on_change is not None:
             self._on_change(delta)
 
-    def check(self, corr, flags: int) -> str | None:
-        """None if a request with this correlation id and flags can run, else the error message."""
+    def check(self, corr, flags: int) -> tuple[ErrorCode, str] | None:
+        """None if a request with this correlation id and flags can run, else (its error code, the message):
+        the model answers charrnn.contract.server_error(code, message, corr)."""
         if corr in (0, ""):
-            return "sequence id: missing (this model is stateful: send sequence_id, sequence_start, sequence_end)"
-        if not flags & START and corr not in self.states:
             return (
+                ErrorCode.SEQUENCE_ID_MISSING,
+                "sequence id: missing (this model is stateful: send sequence_id, sequence_start, sequence_end)",
+            )
+        if not flags & START and corr not in self.states:
+            return ErrorCode.UNKNOWN_SEQUENCE, (
                 f"unknown sequence (never started, ended, or idle longer than {self.idle_s - 1.0:g} s) "
                 "(start it again with sequence_start=True)"
             )
         if flags & START and corr in self.states and not self._idle(corr):
             # Another client's id (ids are the only identity), or one never ended: resetting it would silently
             # change its owner's text. An id idle past Triton's timeout (Triton freed its slot) may start again.
-            return (
+            return ErrorCode.SEQUENCE_ID_IN_USE, (
                 f"{LIVE_ID_MESSAGE} (draw sequence ids at random; end a sequence with sequence_end "
                 "before starting its id again)"
             )
@@ -269,6 +273,12 @@ class StatefulModel:
     io: dict  # tensor name -> onnxruntime NodeArg (inputs and outputs)
     idle_seconds: float  # the sequence batcher's max_sequence_idle_microseconds
     threads: int  # ONNX Runtime intra-op threads (config parameter intra_op_threads)
+
+
+def graph_types(graph: str) -> dict[str, str]:
+    """{name: ONNX Runtime type} of every input and output of `graph` (charrnn.contract's table): what
+    load_stateful_model checks a model.onnx against."""
+    return {t.name: t.ort_type for kind in (INPUTS, OUTPUTS) for t in tensors(graph, kind)}
 
 
 def load_stateful_model(args: dict, tensors: dict[str, str]) -> StatefulModel:

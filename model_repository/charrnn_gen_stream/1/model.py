@@ -24,7 +24,7 @@ class TritonPythonModel:
             for i, message in errors.items():
                 senders[i].send(self.gen.error_response(message), flags=final)
             for group in groups:
-                k = group[0].noise.shape[1]
+                k = group[0].k
                 # ids (B, 1); states stored before the last one
                 for j, ids in self.gen.runner.steps(group):
                     if j == k - 1:  # counted before the FINAL responses leave

@@ -22,11 +22,21 @@ from __future__ import annotations
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from charrnn.contract import INPUT_IDS, LOGITS, MAX_T, STATE_IN, STATE_OUT
+from charrnn.contract import (
+    INPUT_IDS,
+    LOGITS,
+    MAX_T,
+    STATE_IN,
+    STATE_OUT,
+    STEP,
+    ErrorCode,
+    server_error,
+)
 from charrnn_serve.runtime.sequence_state import (
     SequenceStates,
     check_ids,
     create_metrics,
+    graph_types,
     load_stateful_model,
 )
 
@@ -35,15 +45,7 @@ class TritonPythonModel:
     def initialize(self, args: dict) -> None:
         name = args["model_name"]
         try:
-            model = load_stateful_model(
-                args,
-                {
-                    INPUT_IDS: "tensor(int32)",
-                    STATE_IN: "tensor(float)",
-                    LOGITS: "tensor(float)",
-                    STATE_OUT: "tensor(float)",
-                },
-            )
+            model = load_stateful_model(args, graph_types(STEP))
         except ValueError as e:
             raise pb_utils.TritonModelException(str(e)) from e
         self.session = model.session
@@ -76,17 +78,18 @@ class TritonPythonModel:
                 corr, flags = request.correlation_id(), request.flags()
                 tensor = pb_utils.get_input_tensor_by_name(request, INPUT_IDS)
                 ids = tensor.as_numpy() if tensor is not None else None
-                error = (
+                bad = (
                     f"{INPUT_IDS}: missing"
                     if ids is None
-                    else check_ids(ids, self.vocab_size, MAX_T) or self.states.check(corr, flags)
+                    else check_ids(ids, self.vocab_size, MAX_T)
                 )
+                problem = (ErrorCode.INVALID_INPUT, bad) if bad else self.states.check(corr, flags)
                 # named by sequence: gRPC stream errors reach clients without a request id
-                if error:
+                if problem:
                     responses[i] = pb_utils.InferenceResponse(
                         output_tensors=[],
                         error=pb_utils.TritonError(
-                            f"sequence {corr}: {error}", pb_utils.TritonError.INVALID_ARG
+                            server_error(*problem, sequence=corr), pb_utils.TritonError.INVALID_ARG
                         ),
                     )
                 else:
