@@ -42,22 +42,22 @@ train: data ## train the default 2x512 LSTM (about 60-200 min on 2 cores) into $
 	$(PY) -m train.train --out $(MODEL) $(TRAIN_FLAGS)
 
 evaluate: data ## test-split perplexity of $(MODEL)
-	$(PY) -m train.evaluate --model $(MODEL)
+	$(PY) -m train.evaluate --model-dir $(MODEL)
 
 sample: setup ## generate text in-process with TensorFlow (the reference sampler)
-	$(PY) -m train.sample --model $(MODEL) $(SAMPLE_FLAGS)
+	$(PY) -m train.sample --model-dir $(MODEL) $(SAMPLE_FLAGS)
 
 ONNX := $(REPO)/charrnn_onnx/1/model.onnx
 DEMO_FLAGS ?= --prompt "ROMEO:" --length 500 --temperature 0.8 --seed 1
 
 $(ONNX): $(MODEL)/model.weights.h5 $(MODEL)/config.json | setup
-	$(PY) -m export --model $(MODEL) --repo $(REPO)
+	$(PY) -m export --model-dir $(MODEL) --repo $(REPO)
 
 export: setup ## TF model -> ONNX -> TensorRT readiness check -> Triton model repository
-	$(PY) -m export --model $(MODEL) --repo $(REPO)
+	$(PY) -m export --model-dir $(MODEL) --repo $(REPO)
 
 verify: $(ONNX) ## Expect/Received parity: ONNX Runtime vs TensorFlow (logits and 1,000 greedy chars)
-	$(PY) -m export.verify --model $(MODEL) --onnx $(ONNX)
+	$(PY) -m export.verify --model-dir $(MODEL) --onnx $(ONNX)
 
 plan: compose-plan ## TensorRT plan: needs NVIDIA's TensorRT container on a GPU host (docs/model.md)
 

@@ -44,7 +44,7 @@ from pathlib import Path
 import numpy as np
 import psutil
 
-from charrnn.cli import parser
+from charrnn.cli import DEFAULT_MODEL_DIR, add_model_dir, parser
 from charrnn.errors import UserError, cli
 from charrnn.repository import GEN_ONNX, GEN_PYTHON, ONNX, PYTHON
 
@@ -233,9 +233,9 @@ def baselines(
 
     use_cpu_only()
     tf.config.threading.set_intra_op_parallelism_threads(threads)
-    model, _, _ = load_model_dir(model_dir)
-    step = tf.function(model.step, reduce_retracing=True)
-    ids, state = tf.zeros([1, 1], tf.int32), model.zero_state(1)
+    net, _, _ = load_model_dir(model_dir)
+    step = tf.function(net.step, reduce_retracing=True)
+    ids, state = tf.zeros([1, 1], tf.int32), net.zero_state(1)
     s = timed(lambda: [t.numpy() for t in step(ids, state)], max(20, repeat // 4))
     out["tf_b1"] = {"step_us": s * 1e6, "chars_per_s": 1 / s}
     print(
@@ -246,7 +246,7 @@ def baselines(
 
 # --- served ---------------------------------------------------------------------------------------
 def served_run(
-    server, prompts: list[str], length: int, seed: int, model: str | None = None
+    server, prompts: list[str], length: int, seed: int, model_name: str | None = None
 ) -> dict:
     """One timed run of len(prompts) sequences, one request per character. With a server we started (a
     LocalTriton), also the server's CPU time (tritonserver and its descendants) over the run."""
@@ -257,12 +257,12 @@ def served_run(
     pid = server_pid(server)
     conn = Connection(server.grpc_url, "grpc")
     try:
-        model = conn.pick_model(model)
-        vocab = conn.vocabulary(model)
+        model_name = conn.pick_model(model_name)
+        vocab = conn.vocabulary(model_name)
         params = [SamplingParams(temperature=1.0, seed=seed + i) for i in range(len(prompts))]
         server0 = tree_cpu_seconds(pid) if pid else 0.0
         cpu0, t0 = time.process_time(), time.perf_counter()
-        seqs = complete(conn, model, vocab, prompts, length, params)
+        seqs = complete(conn, model_name, vocab, prompts, length, params)
         wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
         server_cpu = tree_cpu_seconds(pid) - server0 if pid else None
     finally:
@@ -270,7 +270,7 @@ def served_run(
     latencies = [x for s in seqs for x in s.latencies]
     chars = sum(len(s.generated) for s in seqs)
     row = {
-        "Model": model,
+        "Model": model_name,
         "Concurrency": len(prompts),
         "Inferences/Second": len(latencies) / wall,
         "Chars/Second": chars / wall,
@@ -293,18 +293,20 @@ def sweep_prompts(vocab, test: np.ndarray, sequences: int, prompt_length: int) -
 
 
 def served_sweep(
-    server, model: str, vocab, test: np.ndarray, levels: list[int], args, runs: int
+    server, model_name: str, vocab, test: np.ndarray, levels: list[int], args, runs: int
 ) -> list[dict]:
     """One row per concurrency level: the median of `runs` runs (by chars/s), each level seeded alike."""
-    served_run(server, [vocab.decode(test[: args.prompt_length])], 16, 0, model)  # warm-up
+    served_run(server, [vocab.decode(test[: args.prompt_length])], 16, 0, model_name)  # warm-up
     rows = []
     for c in levels:
         prompts = sweep_prompts(vocab, test, c, args.prompt_length)
-        row = median_run([served_run(server, prompts, args.length, c, model) for _ in range(runs)])
+        row = median_run(
+            [served_run(server, prompts, args.length, c, model_name) for _ in range(runs)]
+        )
         row["Runs"] = runs
         rows.append(row)
         print(
-            f"  {model} x{c:>3} sequences: {row['Chars/Second']:7.0f} chars/s  "
+            f"  {model_name} x{c:>3} sequences: {row['Chars/Second']:7.0f} chars/s  "
             f"p50 {row['p50 latency']:6.0f} us  p99 {row['p99 latency']:6.0f} us  "
             f"client CPU {row['Client CPU %']:.0f}%  server CPU {row['Server CPU %']:.0f}% "
             f"({row['Server CPU us/char']:.0f} us/char)",
@@ -328,12 +330,12 @@ def floor_run(repo: Path, prompt: str, length: int, runs: int = 1) -> dict:
     config = load_config(repo / PYTHON)  # Triton's ModelConfig proto
     config.name = FLOOR_MODEL
     with tempfile.TemporaryDirectory(prefix="charrnn-floor-") as tmp:
-        model_dir = Path(tmp) / "repository" / FLOOR_MODEL
-        (model_dir / "1").mkdir(parents=True)
-        (model_dir / "config.pbtxt").write_text(text_format.MessageToString(config))
-        shutil.copy(Path(__file__).with_name("floor_model.py"), model_dir / "1" / "model.py")
+        folder = Path(tmp) / "repository" / FLOOR_MODEL  # the served model's folder
+        (folder / "1").mkdir(parents=True)
+        (folder / "config.pbtxt").write_text(text_format.MessageToString(config))
+        shutil.copy(Path(__file__).with_name("floor_model.py"), folder / "1" / "model.py")
         server = LocalTriton.on_free_ports(
-            repo=model_dir.parent, run_dir=Path(tmp) / "run", models=(FLOOR_MODEL,)
+            repo=folder.parent, run_dir=Path(tmp) / "run", models=(FLOOR_MODEL,)
         )
         with server:
             served_run(server, [prompt], 16, 0, FLOOR_MODEL)  # warm-up
@@ -364,7 +366,7 @@ def floor_onnx_run(repo: Path, prompt: str, length: int, runs: int = 1) -> dict:
             )
 
 
-def time_to_first_char(server, prompt: str, repeat: int, model: str | None = None) -> float:
+def time_to_first_char(server, prompt: str, repeat: int, model_name: str | None = None) -> float:
     """Median seconds from sending a prompt (one request) to having the first generated character."""
     from charrnn.sampling import SamplingParams
     from client.connection import Connection
@@ -372,12 +374,12 @@ def time_to_first_char(server, prompt: str, repeat: int, model: str | None = Non
 
     conn = Connection(server.grpc_url, "grpc")
     try:
-        model = conn.pick_model(model)
-        vocab = conn.vocabulary(model)
+        model_name = conn.pick_model(model_name)
+        vocab = conn.vocabulary(model_name)
         times = []
         for i in range(repeat + 2):
             t0 = time.perf_counter()
-            complete(conn, model, vocab, [prompt], 1, [SamplingParams(greedy=True)])
+            complete(conn, model_name, vocab, [prompt], 1, [SamplingParams(greedy=True)])
             if i >= 2:  # 2 warm-up runs
                 times.append(time.perf_counter() - t0)
     finally:
@@ -410,8 +412,8 @@ def write_outputs(result: dict, out_dir: Path) -> None:
     with open(out_dir / "bench.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
         w.writeheader()
-        for model in result["served"]:
-            for r in result["served"][model]:
+        for model_name in result["served"]:
+            for r in result["served"][model_name]:
                 w.writerow(
                     {k: (f"{r[k]:.1f}" if isinstance(r[k], float) else r[k]) for k in CSV_COLUMNS}
                 )
@@ -450,10 +452,10 @@ def markdown(result: dict) -> str:
         "| client CPU % | server CPU % | server CPU us/char | client CPU us/char |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for model, rows in result["served"].items():
+    for model_name, rows in result["served"].items():
         for row in rows:
             lines.append(
-                f"| {model} | {row['Concurrency']} | {row['Inferences/Second']:.0f} | "
+                f"| {model_name} | {row['Concurrency']} | {row['Inferences/Second']:.0f} | "
                 f"{row['Chars/Second']:.0f} | {row['p50 latency']:.0f} | {row['p90 latency']:.0f} | "
                 f"{row['p95 latency']:.0f} | {row['p99 latency']:.0f} | {row['Client CPU %']:.0f} | "
                 f"{row['Server CPU %']:.0f} | {row['Server CPU us/char']:.0f} | "
@@ -557,9 +559,9 @@ def markdown(result: dict) -> str:
         ch = result.get(section)
         if not ch:
             continue
-        model = ch["model"]
+        model_name = ch["model"]
         lines += [
-            f"Server-side generation (`python -m client --chunk K`, {model} with {ch['threads']} ORT "
+            f"Server-side generation (`python -m client --chunk K`, {model_name} with {ch['threads']} ORT "
             f"threads; seeded sampling, temperature 1; {', '.join(map(str, ch['sequences']))} sequences):",
             "",
             "| K (chars/request) | sequences | chars/s | requests/s | p50 request (ms) | p50 first char (ms) "
@@ -603,31 +605,31 @@ def plot(result: dict, path: Path) -> None:
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 6.2))
     levels = sorted({r["Concurrency"] for rows in result["served"].values() for r in rows})
     colors = {PYTHON: "tab:blue", ONNX: "tab:green"}
-    for model, rows in result["served"].items():
+    for model_name, rows in result["served"].items():
         c = [r["Concurrency"] for r in rows]
         a1.plot(
             c,
             [r["Chars/Second"] for r in rows],
             "o-",
-            color=colors.get(model),
-            label=f"{model}, one request per character",
+            color=colors.get(model_name),
+            label=f"{model_name}, one request per character",
         )
         for q, style in (("p50", "o-"), ("p95", "s--")):
             a2.plot(
                 c,
                 [r[f"{q} latency"] / 1000 for r in rows],
                 style,
-                color=colors.get(model),
-                label=f"{model} {q}",
+                color=colors.get(model_name),
+                label=f"{model_name} {q}",
             )
-    for model, row in (result.get("floor") or {}).items():
+    for model_name, row in (result.get("floor") or {}).items():
         a1.plot(
             [1],
             [row["Chars/Second"]],
             "x",
-            color=colors.get(model),
+            color=colors.get(model_name),
             markersize=9,
-            label=f"empty model on {model}'s backend, 1 sequence (round-trip floor)",
+            label=f"empty model on {model_name}'s backend, 1 sequence (round-trip floor)",
         )
     for section, style in (("chunked", "s--"), ("gen_onnx", "d:")):
         ch = result.get(section) or {"rows": []}
@@ -678,18 +680,18 @@ def plot(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def config_threads(repo: Path, model: str) -> int:
+def config_threads(repo: Path, model_name: str) -> int:
     """ONNX Runtime intra-op threads a served model runs with: the python models' intra_op_threads, the ONNX
     Runtime backend's intra_op_thread_count in its CPU config (what our servers load)."""
     from charrnn.repository import BY_NAME, load_config
 
-    cpu_config = BY_NAME[model].cpu_config
-    config = load_config(repo / model / cpu_config if cpu_config else repo / model)
+    cpu_config = BY_NAME[model_name].cpu_config
+    config = load_config(repo / model_name / cpu_config if cpu_config else repo / model_name)
     for key in ("intra_op_threads", "intra_op_thread_count"):
         if key in config.parameters:
             return int(config.parameters[key].string_value)
     raise UserError(
-        str(repo / model), "no ONNX Runtime thread count in its config", "run make export"
+        str(repo / model_name), "no ONNX Runtime thread count in its config", "run make export"
     )
 
 
@@ -699,7 +701,7 @@ def chunked_section(
     test: np.ndarray,
     args,
     ks: list[int],
-    model: str = GEN_PYTHON,
+    model_name: str = GEN_PYTHON,
     sequences: tuple[int, ...] = (1, 16),
     ort: tuple[int, float] | None = None,
 ) -> dict:
@@ -708,8 +710,10 @@ def chunked_section(
     """
     from bench.chunked import bench_chunked, ort_gen_chars_per_s
 
-    threads = config_threads(Path(args.repo), model)
-    print(f"  {model} ({threads} ORT threads), K = {ks}, sequences {list(sequences)}", flush=True)
+    threads = config_threads(Path(args.repo), model_name)
+    print(
+        f"  {model_name} ({threads} ORT threads), K = {ks}, sequences {list(sequences)}", flush=True
+    )
     if ort is None or ort[0] != max(ks):
         gen_onnx = Path(args.repo) / GEN_ONNX / "1" / "model.onnx"
         ort = (max(ks), ort_gen_chars_per_s(gen_onnx, K=max(ks), threads=threads))
@@ -725,10 +729,10 @@ def chunked_section(
         prompts,
         ks,
         args.length,
-        model,
+        model_name,
         sequences=sequences,
         on_row=lambda r: print(
-            f"  {model} K={r['K']:>3} x{r['sequences']:>2} sequences: {r['chars_per_s']:7.0f} chars/s, "
+            f"  {model_name} K={r['K']:>3} x{r['sequences']:>2} sequences: {r['chars_per_s']:7.0f} chars/s, "
             f"{r['requests_per_s']:6.1f} requests/s, p50 request {r['p50_request_ms']:.1f} ms, "
             f"first char {r['p50_first_char_ms']:.1f} ms, server CPU "
             f"{r.get('server_cpu_us_per_char', float('nan')):.0f} us/char",
@@ -736,7 +740,7 @@ def chunked_section(
         ),
     )
     return {
-        "model": model,
+        "model": model_name,
         "rows": rows,
         "sequences": list(sequences),
         "ort_gen_k": ort[0],
@@ -754,12 +758,12 @@ ONNX_CPU_GOAL = (
 )
 
 
-def ratios(result: dict, model: str) -> dict:
+def ratios(result: dict, model_name: str) -> dict:
     """The ratios of one per-character model against the baselines, its floor and the CPU reference."""
-    rows, b = result["served"][model], result["baselines"]
+    rows, b = result["served"][model_name], result["baselines"]
     by_c = {x["Concurrency"]: x for x in rows}
     one, top = by_c.get(1, rows[0]), by_c.get(64, rows[-1])
-    floor = result["floor"][model]
+    floor = result["floor"][model_name]
     s1, s64 = one["Chars/Second"], top["Chars/Second"]
     # seconds per request = 1 / requests/s; one stream cannot beat floor + step
     bound = 1 / (1 / floor["Inferences/Second"] + b["ort_b1"]["step_us"] / 1e6)
@@ -772,8 +776,8 @@ def ratios(result: dict, model: str) -> dict:
         "s64_over_s1": s64 / s1,
         "s1_over_ort1": s1 / b["ort_b1"]["chars_per_s"],
         "s64_over_ort64": s64 / b["ort_b64"]["chars_per_s"],
-        "ttfc_256_s": result["ttfc_256_s"][model],
-        "ttfc_over_prime": result["ttfc_256_s"][model] / b["ort_prime_256"]["seconds"],
+        "ttfc_256_s": result["ttfc_256_s"][model_name],
+        "ttfc_over_prime": result["ttfc_256_s"][model_name] / b["ort_prime_256"]["seconds"],
         "floor_1": floor["Chars/Second"],
         "bound_1": bound,
         "s1_over_bound": s1 / bound,
@@ -788,10 +792,10 @@ def ratios(result: dict, model: str) -> dict:
 @cli
 def main(argv: list[str] | None = None) -> int:
     p = parser("python -m bench.bench", __doc__)
-    p.add_argument(
-        "--model",
-        default=str(ROOT / "models" / "shakespeare-lstm-2x512"),
+    add_model_dir(
+        p,
         help="model directory (the TensorFlow baseline, the vocabulary)",
+        default=str(ROOT / DEFAULT_MODEL_DIR),
     )
     p.add_argument(
         "--repo", default=str(ROOT / "model_repository"), help="exported repository (make export)"
@@ -836,11 +840,11 @@ def main(argv: list[str] | None = None) -> int:
     runs = 1 if args.quick else 3  # served runs per level (the median is kept) and floor runs
 
     from charrnn.data import load_splits
-    from charrnn.model import load_model_dir  # noqa: F401  (fail early on a bad model dir)
+    from charrnn.model import load_model_dir  # noqa: F401  (fail early on a bad model directory)
     from charrnn.vocab import Vocab
     from serve.local_triton import LocalTriton
 
-    vocab = Vocab.load(Path(args.model) / "vocab.json")
+    vocab = Vocab.load(Path(args.model_dir) / "vocab.json")
     _, _, _, test = load_splits(args.data, vocab)
     repo = Path(args.repo)
     onnx_path = repo / ONNX / "1" / "model.onnx"
@@ -850,14 +854,14 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "machine": machine(),
         "date": time.strftime("%Y-%m-%d"),
-        "model": Path(args.model).name,
+        "model": Path(args.model_dir).name,  # the model directory's name
         "load_average": {"start": os.getloadavg()[0]},
     }
     load = MachineLoad()
     print(f"machine: {result['machine']}, load average {os.getloadavg()}")
     print("[1/5] in-process baselines", flush=True)
     b = result["baselines"] = baselines(
-        Path(args.model), onnx_path, prompt256, repeat, args.threads
+        Path(args.model_dir), onnx_path, prompt256, repeat, args.threads
     )
     ort_threads = config_threads(repo, ONNX)
     ort64 = b["ort_b64"]["cpu_us_per_char"]
@@ -883,14 +887,14 @@ def main(argv: list[str] | None = None) -> int:
     print("[2/5] the python backend: charrnn_python, charrnn_gen_python", flush=True)
     models = (PYTHON, GEN_PYTHON) if ks else (PYTHON,)
 
-    def per_character(server, model: str) -> None:
+    def per_character(server, model_name: str) -> None:
         """One model's per-character sweep and its time to first character, into served and ttfc."""
-        served[model] = served_sweep(server, model, vocab, test, levels, args, runs)
-        ttfc[model] = time_to_first_char(
-            server, vocab.decode(prompt256), 5 if args.quick else 20, model
+        served[model_name] = served_sweep(server, model_name, vocab, test, levels, args, runs)
+        ttfc[model_name] = time_to_first_char(
+            server, vocab.decode(prompt256), 5 if args.quick else 20, model_name
         )
         print(
-            f"  time to first char: {ttfc[model] * 1e3:.1f} ms ({ttfc[model] / prime:.2f}x ORT prime)"
+            f"  time to first char: {ttfc[model_name] * 1e3:.1f} ms ({ttfc[model_name] / prime:.2f}x ORT prime)"
         )
 
     with LocalTriton.on_free_ports(repo=repo, models=models) as server:
@@ -921,15 +925,15 @@ def main(argv: list[str] | None = None) -> int:
         PYTHON: floor_run(repo, prompt, args.length, runs),
         ONNX: floor_onnx_run(repo, prompt, args.length, runs),
     }
-    for model, row in floor.items():
+    for model_name, row in floor.items():
         print(
-            f"  empty model on {model}'s backend, 1 sequence: {row['Chars/Second']:7.0f} chars/s  "
+            f"  empty model on {model_name}'s backend, 1 sequence: {row['Chars/Second']:7.0f} chars/s  "
             f"p50 {row['p50 latency']:6.0f} us",
             flush=True,
         )
     result["served"], result["ttfc_256_s"], result["floor"] = served, ttfc, floor
     print("[5/5] ratios and CPU per character", flush=True)
-    result["ratios"] = {model: ratios(result, model) for model in PER_CHAR_MODELS}
+    result["ratios"] = {model_name: ratios(result, model_name) for model_name in PER_CHAR_MODELS}
     result["load_average"]["end"] = os.getloadavg()[0]
     result["machine_load"] = load.summary()  # every server has stopped: the rest is other work
     write_outputs(result, Path(args.out))

@@ -1,7 +1,7 @@
-"""The round-trip floor for `make bench`: charrnn_python's interface and config, and no model work.
+"""The round-trip floor for `make bench`: charrnn_python's interface and config, and no network to run.
 
 `make bench` serves this file as `charrnn_floor/1/model.py` (config.pbtxt = charrnn_python's, renamed) in a
-temporary repository and drives it with the same client as the real model. It reads each request's
+temporary repository and drives it with the same client as the real python model. It reads each request's
 INPUT_IDS and answers zero LOGITS, so what it measures is what one request per character costs before any
 inference: gRPC, Triton's sequence batcher, the python backend's hand-off to its stub process, the client.
 """
@@ -31,7 +31,7 @@ class TritonPythonModel:
         for request in requests:
             pb_utils.get_input_tensor_by_name(
                 request, INPUT_IDS
-            ).as_numpy()  # (1, T), read like the real model
+            ).as_numpy()  # (1, T), read like the real python model
             responses.append(
                 pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(LOGITS, self.logits)])
             )

@@ -1,5 +1,5 @@
 """The round-trip floor on Triton's ONNX Runtime backend for `make bench`: charrnn_onnx's interface, implicit
-state and CPU config, and no model work (the ONNX twin of bench/floor_model.py).
+state and CPU config, and no network to run (the ONNX twin of bench/floor_model.py).
 
     from bench.floor_onnx import write_floor_model
     write_floor_model(Path("model_repository"), Path(tmp) / "repository")   # -> charrnn_floor_onnx/
@@ -73,15 +73,15 @@ def floor_graph(contract: Contract):
         ],
         initializer=consts,
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
-    model.ir_version = IR_VERSION
-    onnx.checker.check_model(model, full_check=True)
-    return model
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    proto.ir_version = IR_VERSION
+    onnx.checker.check_model(proto, full_check=True)
+    return proto
 
 
 def write_floor_model(repo: Path, dest: Path) -> Path:
     """<dest>/charrnn_floor_onnx: 1/model.onnx (the empty graph) and its config, charrnn_onnx's CPU config
-    (configs/cpu.pbtxt, also as config.pbtxt) renamed. Returns the model folder."""
+    (configs/cpu.pbtxt, also as config.pbtxt) renamed. Returns the served model's folder."""
     import onnx
     from google.protobuf import text_format
 
@@ -91,14 +91,14 @@ def write_floor_model(repo: Path, dest: Path) -> Path:
     contract, vocab = served_contract(repo)
     config = parse_config(render_config(ONNX, contract, vocab, cpu=True))
     config.name = FLOOR_ONNX_MODEL
-    model = floor_graph(contract)
-    problems = check_config_against_onnx(config, model)
+    proto = floor_graph(contract)
+    problems = check_config_against_onnx(config, proto)
     if problems:  # the twin must be what charrnn_onnx is, to the tensor
         raise CheckFailed(FLOOR_ONNX_MODEL, "; ".join(problems), "fix bench/floor_onnx.py")
     folder = dest / FLOOR_ONNX_MODEL
     (folder / "1").mkdir(parents=True, exist_ok=True)
     (folder / "configs").mkdir(exist_ok=True)
-    onnx.save(model, folder / "1" / "model.onnx")
+    onnx.save(proto, folder / "1" / "model.onnx")
     text = text_format.MessageToString(config)
     (folder / CONFIG).write_text(text)
     (folder / "configs" / f"{CPU_CONFIG_NAME}.pbtxt").write_text(text)

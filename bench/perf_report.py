@@ -108,7 +108,7 @@ def client_sweep(
         conn.close()
     _, _, _, test = load_splits(data, vocab)
     server = SimpleNamespace(grpc_url=url)
-    served_run(server, [vocab.decode(test[:prompt_length])], 16, 0, model=model)  # warm-up
+    served_run(server, [vocab.decode(test[:prompt_length])], 16, 0, model_name=model)  # warm-up
     rows = []
     for c in levels:
         inf0, exe0 = server_counts(url, model)
@@ -117,7 +117,7 @@ def client_sweep(
             sweep_prompts(vocab, test, c, prompt_length),
             length,
             seed=c,
-            model=model,
+            model_name=model,
         )
         inf1, exe1 = server_counts(url, model)
         row["Avg Batch"] = (inf1 - inf0) / max(1, exe1 - exe0)

@@ -1,5 +1,5 @@
-"""The library every stage imports: vocabulary, tensor contract, model and its generate, sampling, the table of
-served models, the one way to open an ONNX model, errors and CLI help.
+"""The library every stage imports: vocabulary, tensor contract, the network and its model directory
+(charrnn.model), sampling, the table of served models, the one way to open an ONNX model, errors and CLI help.
 
 Only `charrnn.model` imports TensorFlow; everything else needs NumPy (and ONNX Runtime or tritonclient where it
 says so), so the python-backend models and the client stay light. The serving code (the python models' runtime,

@@ -57,6 +57,19 @@ class VersionAction(argparse.Action):
         parser.exit()
 
 
+DEFAULT_MODEL_DIR = "models/shakespeare-lstm-2x512"
+
+
+def add_model_dir(
+    p: argparse.ArgumentParser, help: str = "model directory", default: str = DEFAULT_MODEL_DIR
+) -> argparse.Action:
+    """`--model-dir DIR` -> args.model_dir: a trained model's directory under models/ (`make train`). `--model`,
+    its first spelling, is still accepted (the same option, shown in --help after it)."""
+    return p.add_argument(
+        "--model-dir", "--model", dest="model_dir", metavar="DIR", default=default, help=help
+    )
+
+
 def parser(prog: str, doc: str | None, **kwargs) -> argparse.ArgumentParser:
     """The ArgumentParser of one command: `prog` as users type it ("python -m client", or the entry point's
     name, e.g. charrnn-client, when run as one); the module docstring's

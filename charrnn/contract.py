@@ -130,14 +130,12 @@ class Tensor:
 
     name: str
     dtype: np.dtype
-    dims: tuple[
-        str, ...
-    ]  # symbolic, batch first: "B", "T", "K", "V", "S", "L", "H", or a fixed int
+    # symbolic, batch first: "B", "T", "K", "V", "S", "L", "H", or a fixed int
+    dims: tuple[str | int, ...]
     values: str  # what a valid value is (the python models and the graph guards refuse the rest)
     meaning: str
-    state: bool = (
-        False  # the recurrent state: kept by the server (implicit state or model.py), never sent
-    )
+    # the recurrent state: kept by the server (implicit state or model.py), never sent
+    state: bool = False
 
     @property
     def triton_dtype(self) -> str:

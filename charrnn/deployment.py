@@ -48,6 +48,8 @@ PROXY_STATS_PORT = 8404
 PROMETHEUS_PORT = 9090
 # HAProxy's server-template slots: the most replicas the proxy can route to (`make compose-up-scale N=...`).
 REPLICA_SLOTS = 8
+# The proxy's backends, one per protocol: each lists every replica (serve/scale.py reads their table).
+PROXY_BACKENDS = {"http": "triton_http", "grpc": "triton_grpc"}
 
 
 @dataclass(frozen=True)

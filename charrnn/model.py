@@ -5,6 +5,10 @@ Default = NVIDIA sampleCharRNN: embedding 512 -> 2 x LSTM 512 -> Dense(65). The 
 exported step function (`INPUT_IDS`, `STATE_IN` -> `LOGITS`, `STATE_OUT`; see charrnn.contract).
 
 A model directory describes itself (char-rnn style): config.json, vocab.json, model.weights.h5, model_card.json.
+
+Words: a *model directory* is a trained model's folder under models/ (`model_dir`: save_model_dir, load_model_dir);
+the *network* is the Keras CharRNN it holds (`net`); a *served model* is a folder of model_repository/ (Triton's
+meaning, charrnn.repository); a *python model* is the python backend's model.py.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ CARD_FILE = "model_card.json"
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Architecture; everything needed to rebuild the model before loading weights."""
+    """Architecture; everything needed to rebuild the network before loading weights."""
 
     vocab_size: int
     cell: str = "lstm"
@@ -157,7 +161,7 @@ class CharRNN(keras.Model):
 
     def step_fn(self):
         """`step` as a charrnn.sampling step function: NumPy ids (B, T) in, NumPy logits (B, V) out, the state
-        passed through (None: zeros); compiled once per model (tf.function)."""
+        passed through (None: zeros); compiled once per network (tf.function)."""
         if "_compiled_step" not in self.__dict__:
             compiled = tf.function(self.step, reduce_retracing=True)
 
@@ -186,27 +190,29 @@ def use_cpu_only() -> None:
             raise
 
 
-def build_model(config: ModelConfig) -> CharRNN:
-    model = CharRNN(config)
-    model(tf.zeros([1, 1], tf.int32))  # create the weights
-    return model
+def build_net(config: ModelConfig) -> CharRNN:
+    """A network of this architecture with fresh weights."""
+    net = CharRNN(config)
+    net(tf.zeros([1, 1], tf.int32))  # create the weights
+    return net
 
 
 # --- model directory ----------------------------------------------------------------------------
 
 
-def save_model_dir(out: str | Path, model: CharRNN, vocab: Vocab, card: dict | None = None) -> None:
+def save_model_dir(out: str | Path, net: CharRNN, vocab: Vocab, card: dict | None = None) -> None:
+    """Write the model directory `out`: the network's config and weights, the vocabulary, the model card."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / CONFIG_FILE).write_text(model.config.to_json() + "\n")
+    (out / CONFIG_FILE).write_text(net.config.to_json() + "\n")
     vocab.save(out / VOCAB_FILE)
-    model.save_weights(str(out / WEIGHTS_FILE))
+    net.save_weights(str(out / WEIGHTS_FILE))
     if card is not None:
         (out / CARD_FILE).write_text(json.dumps(card, indent=2) + "\n")
 
 
 def load_model_dir(path: str | Path) -> tuple[CharRNN, Vocab, dict]:
-    """Rebuild the model from a model directory; returns (model, vocab, model card or {})."""
+    """Rebuild the network from a model directory; returns (net, vocab, model card or {})."""
     path = Path(path)
     fix = "pass a directory written by `make train` (config.json, vocab.json, model.weights.h5)"
     if not path.is_dir():
@@ -225,13 +231,13 @@ def load_model_dir(path: str | Path) -> tuple[CharRNN, Vocab, dict]:
             f"vocabulary mismatch: vocab.json has {len(vocab)} characters, the model {config.vocab_size}",
             "use the vocab.json the model was trained with",
         )
-    model = build_model(config)
+    net = build_net(config)
     try:
-        model.load_weights(str(path / WEIGHTS_FILE))
+        net.load_weights(str(path / WEIGHTS_FILE))
     except Exception as e:  # h5py/keras raise many types for a corrupt or mismatched file
         raise UserError(
             str(path / WEIGHTS_FILE), f"cannot load weights ({type(e).__name__}: {e})", fix
         ) from e
     card_path = path / CARD_FILE
     card = json.loads(card_path.read_text()) if card_path.is_file() else {}
-    return model, vocab, card
+    return net, vocab, card

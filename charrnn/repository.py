@@ -90,38 +90,42 @@ class ServedModel:
         return self.backend != PYTHON_BACKEND
 
 
+# The names the code refers to (a row needs no constant of its own).
+TRT, ONNX, PYTHON = "charrnn_trt", "charrnn_onnx", "charrnn_python"
+GEN_TRT, GEN_ONNX, GEN_PYTHON = "charrnn_gen_trt", "charrnn_gen_onnx", "charrnn_gen_python"
+GEN_STREAM = "charrnn_gen_stream"
 # In order of preference: the client picks the first one that is ready.
 MODELS = (
     ServedModel(
-        "charrnn_trt",
+        TRT,
         STEP,
         TENSORRT,
         "TensorRT engine built from model.onnx by export.build_plan (NVIDIA's TensorRT container, same "
         "release as the server)",
     ),
     ServedModel(
-        "charrnn_onnx",
+        ONNX,
         STEP,
         ONNXRUNTIME,
         "ONNX Runtime; KIND_AUTO = GPU if present, else CPU",
         threads=1,
     ),
     ServedModel(
-        "charrnn_python",
+        PYTHON,
         STEP,
         PYTHON_BACKEND,
         "python backend running model.onnx with ONNX Runtime; state kept per correlation id in model.py",
         threads=1,
     ),
     ServedModel(
-        "charrnn_gen_trt",
+        GEN_TRT,
         GEN,
         TENSORRT,
         "server-side generation, TensorRT engine built from the generation graph "
         "(charrnn_gen_onnx/1/model.onnx) by export.build_plan",
     ),
     ServedModel(
-        "charrnn_gen_onnx",
+        GEN_ONNX,
         GEN,
         ONNXRUNTIME,
         "server-side generation, ONNX Runtime running the generation graph (export/gen_export.py); "
@@ -129,7 +133,7 @@ MODELS = (
         threads=2,
     ),
     ServedModel(
-        "charrnn_gen_python",
+        GEN_PYTHON,
         GEN,
         PYTHON_BACKEND,
         "server-side generation, python backend running the generation graph with ONNX Runtime; state "
@@ -137,7 +141,7 @@ MODELS = (
         threads=2,
     ),
     ServedModel(
-        "charrnn_gen_stream",
+        GEN_STREAM,
         GEN,
         PYTHON_BACKEND,
         "server-side generation streamed: decoupled python backend, one response per character as it is "
@@ -147,7 +151,6 @@ MODELS = (
     ),
 )
 BY_NAME = {m.name: m for m in MODELS}
-TRT, ONNX, PYTHON, GEN_TRT, GEN_ONNX, GEN_PYTHON, GEN_STREAM = (m.name for m in MODELS)
 
 
 def names(

@@ -1,9 +1,9 @@
 """`make export`: model directory -> ONNX -> TensorRT readiness check -> Triton model repository.
 
-    python -m export --model models/shakespeare-lstm-2x512 --repo model_repository
+    python -m export --model-dir models/shakespeare-lstm-2x512 --repo model_repository
 
-Writes <repo>/charrnn_onnx/1/model.onnx (also used by charrnn_python), the generation graph
-<repo>/charrnn_gen_onnx/1/model.onnx (also used by charrnn_gen_python and charrnn_gen_stream; see
+Writes <repo>/charrnn_onnx/1/model.onnx (copied into every other step model ONNX Runtime runs), the generation graph
+<repo>/charrnn_gen_onnx/1/model.onnx (copied likewise into the other generation models; see
 export/gen_export.py) and every config.pbtxt. The TensorRT plans (<repo>/charrnn_trt/1/model.plan,
 <repo>/charrnn_gen_trt/1/model.plan) need NVIDIA's TensorRT container: `make plan`.
 Exit codes: 0 ok, 1 the TensorRT readiness check failed, 2 bad model directory.
@@ -15,7 +15,7 @@ import shutil
 import time
 from pathlib import Path
 
-from charrnn.cli import parser
+from charrnn.cli import add_model_dir, parser
 from charrnn.contract import MAX_SEQUENCE_IDLE_US
 from charrnn.errors import CheckFailed, UserError, cli
 from charrnn.repository import (
@@ -24,13 +24,14 @@ from charrnn.repository import (
     GEN_MODELS,
     GEN_ONNX,
     GEN_TRT,
+    MODELS,
     ONNX,
     PYTHON,
     PYTHON_BACKEND,
     STEP,
+    TENSORRT,
     TRT,
     load_config,
-    names,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -38,23 +39,25 @@ ROOT = Path(__file__).resolve().parent.parent
 COMMITTED_REPO = ROOT / "model_repository"
 
 
-def place(onnx_path: Path, repo: Path, models: tuple[str, ...]) -> None:
-    """Copy a graph into the python-backend models that run it, with their committed model.py."""
-    for name in models:
-        folder = repo / name / "1"
+def place(onnx_path: Path, repo: Path, graph: str) -> None:
+    """Copy a graph into every other served model that runs it with ONNX Runtime (the ONNX Runtime backend's
+    and the python backend's rows of its graph), the python models with their committed model.py."""
+    for served in MODELS:
+        folder = repo / served.name / "1"
+        if served.graph != graph or served.backend == TENSORRT:
+            continue
         folder.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(onnx_path, folder / BY_NAME[name].artifact)
-        source = COMMITTED_REPO / name / "1" / "model.py"
-        if (folder / "model.py").resolve() != source.resolve():  # exporting to another repository
-            shutil.copyfile(source, folder / "model.py")
+        if (folder / served.artifact).resolve() != onnx_path.resolve():
+            shutil.copyfile(onnx_path, folder / served.artifact)
+        source = COMMITTED_REPO / served.name / "1" / "model.py"
+        if served.backend == PYTHON_BACKEND and (folder / "model.py").resolve() != source.resolve():
+            shutil.copyfile(source, folder / "model.py")  # exporting to another repository
 
 
 @cli
 def main(argv: list[str] | None = None) -> int:
     p = parser("python -m export", __doc__)
-    p.add_argument(
-        "--model", default="models/shakespeare-lstm-2x512", help="model directory (make train)"
-    )
+    add_model_dir(p, help="model directory (make train)")
     p.add_argument("--repo", default="model_repository", help="Triton model repository to write")
     p.add_argument(
         "--idle-timeout",
@@ -80,17 +83,17 @@ def main(argv: list[str] | None = None) -> int:
 
     t0 = time.time()
     use_cpu_only()  # a visible GPU makes Keras emit CudnnRNNV3, which tf2onnx cannot convert
-    print(f"[1/4] loading {args.model}")
-    model, vocab, _ = load_model_dir(args.model)
+    print(f"[1/4] loading {args.model_dir}")
+    net, vocab, _ = load_model_dir(args.model_dir)
     repo = Path(args.repo)
     onnx_path = repo / ONNX / "1" / BY_NAME[ONNX].artifact
     print(f"[2/4] TF -> ONNX (tf2onnx): {onnx_path}")
-    proto = export_onnx(model, onnx_path)
-    place(onnx_path, repo, names(graph=STEP, backend=PYTHON_BACKEND))
+    proto = export_onnx(net, onnx_path)
+    place(onnx_path, repo, STEP)
     gen_onnx = repo / GEN_ONNX / "1" / BY_NAME[GEN_ONNX].artifact
     print(f"      generation graph (K characters per call): {gen_onnx}")
-    gen_proto = export_gen_onnx(model, gen_onnx)
-    place(gen_onnx, repo, names(graph=GEN, backend=PYTHON_BACKEND))
+    gen_proto = export_gen_onnx(net, gen_onnx)
+    place(gen_onnx, repo, GEN)
 
     print("[3/4] TensorRT readiness (static)")
     report = check_model(proto)
@@ -109,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         )
 
     print(f"[4/4] Triton configs in {repo}/")
-    contract = model.config.contract
+    contract = net.config.contract
     for path in configs.write_repository(repo, contract, vocab, int(args.idle_timeout * 1e6)):
         config = load_config(path)
         if config.name != PYTHON:

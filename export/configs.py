@@ -124,8 +124,8 @@ def render_config(
             f"has {len(vocab)} characters, the model {contract.vocab_size}",
             "export with the model's own vocab.json",
         )
-    model = BY_NAME[name]
-    platform, kind, what = model.platform, model.kind, model.about
+    served = BY_NAME[name]
+    platform, kind, what = served.platform, served.kind, served.about
     if cpu:
         kind = "KIND_CPU"
         what = what.split(";")[0] + (
@@ -157,9 +157,9 @@ def render_config(
   ]"""
     params = {VOCAB_PARAMETER: vocab.to_json()}
     if name in PYTHON_MODELS:
-        params["intra_op_threads"] = str(model.threads)  # ONNX Runtime threads per instance
+        params["intra_op_threads"] = str(served.threads)  # ONNX Runtime threads per instance
     if cpu:  # the ONNX Runtime backend's own parameter
-        params["intra_op_thread_count"] = str(model.threads)
+        params["intra_op_thread_count"] = str(served.threads)
     param_text = "\n".join(
         f'parameters {{ key: "{k}" value: {{ string_value: "{CEscape(v, as_utf8=True)}" }} }}'
         for k, v in params.items()

@@ -1,6 +1,6 @@
 """TF model directory -> ONNX *generation* graph: K characters sampled per call, inside the graph (tf2onnx).
 
-    python -m export.gen_export --model models/shakespeare-lstm-2x512 --out /tmp/gen.onnx
+    python -m export.gen_export --model-dir models/shakespeare-lstm-2x512 --out /tmp/gen.onnx
 
 Inputs and outputs: the GEN rows of charrnn.contract's table (`python -m charrnn.contract`), in order: the
 tf.function's signature is built from them (INPUT_IDS, STATE_IN, NOISE, TEMPERATURE, TOP_K -> OUTPUT_IDS,
@@ -10,9 +10,9 @@ Semantics (= the per-character client with charrnn.sampling): consume INPUT_IDS 
 id_1 = argmax(topk_filter(logits / T) + gumbel(NOISE[:, 0])) -> feed id_1 -> ... -> id_K, which is NOT fed:
 STATE_OUT is the state after INPUT_IDS and id_1..id_{K-1}, and the next call sends id_K as its INPUT_IDS.
 
-Graph: the prompt goes through the model's own `step` (tf2onnx turns each Keras RNN layer into one ONNX
+Graph: the prompt goes through the network's own `step` (tf2onnx turns each Keras RNN layer into one ONNX
 LSTM/GRU/RNN op, like the step export); the K-1 further characters run in a tf.while_loop -> ONNX `Loop`
-(-> TensorRT ILoop) whose body calls the model's layers with T=1 through each RNN layer's `.cell` (MatMul,
+(-> TensorRT ILoop) whose body calls the network's layers with T=1 through each RNN layer's `.cell` (MatMul,
 Add, Sigmoid, Tanh, Mul: the cell's own code, no re-implemented LSTM math). TensorRT-friendly by construction:
   - no Multinomial / RandomUniform: the Gumbel noise comes from the NOISE input (-log(-log(u)));
   - top-k per row: TopK(k = V) sorts each row once, GatherElements picks the row's k-th value (threshold);
@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from charrnn.cli import parser
+from charrnn.cli import add_model_dir, parser
 from charrnn.contract import (
     GEN,
     OUTPUT_IDS,
@@ -48,11 +48,12 @@ from .guards import guard_gen_inputs
 from .onnx_export import OPSET, name_table_io, rename_value, table_spec
 
 
-def generation_function(model):
-    """The tf.function exported as the generation graph (also runnable in TF, for tests)."""
+def generation_function(net):
+    """The tf.function exported as the generation graph of the network `net` (also runnable in TF, for
+    tests)."""
     import tensorflow as tf
 
-    config = model.config
+    config = net.config
     contract = config.contract
     slots, vocab = state_slots(config.cell), config.vocab_size
     spec = table_spec(GEN, contract)
@@ -72,15 +73,15 @@ def generation_function(model):
         return tf.where(sample[:, 0], sampled, greedy)
 
     def cell_step(ids, state):
-        """One character through the model's own layers (T = 1): ids (B,) -> logits (B, V), state."""
-        x = model.embed(ids)  # (B, E)
+        """One character through the network's own layers (T = 1): ids (B,) -> logits (B, V), state."""
+        x = net.embed(ids)  # (B, E)
         new_layers = []
-        for layer_index, rnn in enumerate(model.rnns):
+        for layer_index, rnn in enumerate(net.rnns):
             previous = [state[:, s, layer_index, :] for s in range(slots)]
             x, final = rnn.cell(x, previous, training=False)  # dropout: identity at inference
             final = final if isinstance(final, (list, tuple)) else [final]
             new_layers.append(tf.stack(list(final), axis=1))  # (B, S, H)
-        return model.head(x), tf.stack(new_layers, axis=2)
+        return net.head(x), tf.stack(new_layers, axis=2)
 
     @tf.function(input_signature=spec)
     def sample_k(input_ids, state_in, noise, temperature, top_k):
@@ -90,7 +91,7 @@ def generation_function(model):
         # not refuse (docs/model.md): it keeps the GatherElements below in bounds there.
         k = tf.where((top_k <= 0) | (top_k > vocab), tf.fill(tf.shape(top_k), vocab), top_k)
         kth_index = k - 1  # (B, 1)
-        logits, state = model.step(input_ids, state_in)  # the prompt: ONNX LSTM ops
+        logits, state = net.step(input_ids, state_in)  # the prompt: ONNX LSTM ops
         first = choose(logits, noise[:, 0, :], temperature, kth_index)
         positions = tf.range(k_total)[None, :]  # (1, K)
         out = tf.where(tf.equal(positions, 0), first[:, None], tf.zeros([batch, k_total], tf.int32))
@@ -152,16 +153,16 @@ def hoist_loop_invariants(graph: onnx.GraphProto) -> int:
 
 
 def export_gen_onnx(
-    model, out: str | Path, opset: int = OPSET, guard: bool = True
+    net, out: str | Path, opset: int = OPSET, guard: bool = True
 ) -> onnx.ModelProto:
-    """Convert a charrnn.model.CharRNN's generation function to ONNX at `out`; returns the proto.
+    """Convert the network's (a charrnn.model.CharRNN) generation function to ONNX at `out`; returns the proto.
 
     guard: add the run-time input guards (export.guards; False only to measure or compare them).
     """
     import tf2onnx
 
-    contract = model.config.contract
-    sample_k, spec = generation_function(model)
+    contract = net.config.contract
+    sample_k, spec = generation_function(net)
     proto, _ = tf2onnx.convert.from_function(sample_k, input_signature=spec, opset=opset)
     graph = proto.graph
     hoist_loop_invariants(graph)
@@ -205,7 +206,7 @@ def check_gen_io(proto: onnx.ModelProto, contract: Contract) -> list[str]:
 @cli
 def main(argv: list[str] | None = None) -> int:
     p = parser("python -m export.gen_export", __doc__)
-    p.add_argument("--model", default="models/shakespeare-lstm-2x512", help="model directory")
+    add_model_dir(p)
     p.add_argument("--out", required=True, help="ONNX file to write")
     args = p.parse_args(argv)
     from charrnn.model import load_model_dir, use_cpu_only
@@ -213,8 +214,8 @@ def main(argv: list[str] | None = None) -> int:
     from .trt_check import check_model
 
     use_cpu_only()  # a visible GPU makes Keras emit CudnnRNNV3, which tf2onnx cannot convert
-    model, _, _ = load_model_dir(args.model)
-    proto = export_gen_onnx(model, args.out)
+    net, _, _ = load_model_dir(args.model_dir)
+    proto = export_gen_onnx(net, args.out)
     report = check_model(proto)
     print(report.text())
     return 0 if report.ready else 1

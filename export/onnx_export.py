@@ -1,8 +1,9 @@
-"""TF model directory -> ONNX step model with explicit, packed state (tf2onnx).
+"""TF network -> ONNX step model with explicit, packed state (tf2onnx).
 
-    python -m export.onnx_export --model models/shakespeare-lstm-2x512 --out /tmp/model.onnx
+    net, _, _ = charrnn.model.load_model_dir("models/shakespeare-lstm-2x512")
+    export_onnx(net, "/tmp/model.onnx")      # `python -m export` does this into the model repository
 
-The graph is the model's `step`:  INPUT_IDS int32 (B, T), STATE_IN fp32 (B, S, L, H)
+The graph is the network's `step`:  INPUT_IDS int32 (B, T), STATE_IN fp32 (B, S, L, H)
 -> LOGITS fp32 (B, V) (after the last input position), STATE_OUT fp32 (B, S, L, H); batch and T dynamic.
 tf2onnx rewrites each Keras LSTM layer into one ONNX LSTM op; Keras 3 GRU and SimpleRNN layers come out as an
 ONNX Loop per layer (both are in TensorRT's ONNX op list; export.trt_check checks every op).
@@ -87,20 +88,20 @@ def name_table_io(graph: onnx.GraphProto, which: str) -> None:
         name_dims(vi, dims.get(vi.name, DIM_NAMES))
 
 
-def export_onnx(model, out: str | Path, opset: int = OPSET, guard: bool = True) -> onnx.ModelProto:
-    """Convert a charrnn.model.CharRNN to ONNX at `out` with the contract's names; returns the proto.
+def export_onnx(net, out: str | Path, opset: int = OPSET, guard: bool = True) -> onnx.ModelProto:
+    """Convert the network `net` (a charrnn.model.CharRNN) to ONNX at `out` with the contract's names; returns the proto.
 
     guard: add the run-time input guards (export.guards; False only to measure or compare them).
     """
     import tensorflow as tf
     import tf2onnx
 
-    contract = model.config.contract
+    contract = net.config.contract
     spec = table_spec(STEP, contract)
 
     @tf.function(input_signature=spec)
     def step(input_ids, state_in):
-        logits, state_out = model.step(input_ids, state_in)
+        logits, state_out = net.step(input_ids, state_in)
         return {LOGITS: logits, STATE_OUT: state_out}  # dict keys become the ONNX output names
 
     proto, _ = tf2onnx.convert.from_function(step, input_signature=spec, opset=opset)

@@ -90,10 +90,10 @@ class Report:
         return "\n".join([head, *(f"  - {p}" for p in self.problems)])
 
 
-def check_model(model: onnx.ModelProto, ops_file: str | Path | None = None) -> Report:
+def check_model(proto: onnx.ModelProto, ops_file: str | Path | None = None) -> Report:
     ops = supported_ops(ops_file)
     rep = Report()
-    for node in _nodes(model.graph):
+    for node in _nodes(proto.graph):
         rep.op_counts[node.op_type] += 1
         if node.domain not in ("", "ai.onnx"):
             rep.problems.append(f"op {node.op_type} is in custom domain {node.domain!r}")
@@ -106,12 +106,12 @@ def check_model(model: onnx.ModelProto, ops_file: str | Path | None = None) -> R
             rep.problems.append(f"{node.op_type} {node.name}: layout must be 0 for TensorRT")
         if node.op_type == "LSTM" and attrs.get("input_forget", 0) != 0:
             rep.problems.append(f"LSTM {node.name}: input_forget must be 0 for TensorRT")
-    for imp in model.opset_import:
+    for imp in proto.opset_import:
         if imp.domain in ("", "ai.onnx") and not OPSET_RANGE[0] <= imp.version <= OPSET_RANGE[1]:
             rep.problems.append(
                 f"opset {imp.version} is outside TensorRT's parser range {OPSET_RANGE}"
             )
-    for vi in list(model.graph.input) + list(model.graph.output):
+    for vi in list(proto.graph.input) + list(proto.graph.output):
         t = vi.type.tensor_type
         if t.elem_type not in IO_DTYPES:
             rep.problems.append(
@@ -136,12 +136,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = p.parse_args(argv)
     try:
-        model = onnx.load(args.onnx)
+        proto = onnx.load(args.onnx)
     except (OSError, onnx.onnx_cpp2py_export.checker.ValidationError, Exception) as e:
         raise UserError(
             args.onnx, f"cannot load ONNX model ({type(e).__name__}: {e})", "run `make export`"
         ) from e
-    rep = check_model(model, args.ops)
+    rep = check_model(proto, args.ops)
     print(rep.text())
     if not rep.ready:
         raise CheckFailed(

@@ -1,6 +1,6 @@
-"""`make verify`: the sampleCharRNN "Expect/Received" check, ONNX Runtime vs the TensorFlow model.
+"""`make verify`: the sampleCharRNN "Expect/Received" check, ONNX Runtime vs the TensorFlow network.
 
-    python -m export.verify --model models/shakespeare-lstm-2x512 --onnx model_repository/charrnn_onnx/1/model.onnx
+    python -m export.verify --model-dir models/shakespeare-lstm-2x512 --onnx model_repository/charrnn_onnx/1/model.onnx
 
 1. Random batches (B up to 8) and long sequences, state carried chunk to chunk through the explicit
    STATE_IN/STATE_OUT tensors: max |logit difference| must be <= --tolerance (1e-4).
@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from charrnn import onnx_runtime
-from charrnn.cli import parser
+from charrnn.cli import add_model_dir, parser
 from charrnn.contract import INPUT_IDS, LOGITS, STATE_IN, STATE_OUT
 from charrnn.errors import CheckFailed, UserError, cli
 
@@ -52,16 +52,17 @@ def ort_step(session):
 
 
 def compare_logits(
-    model, session, batches=(1, 3, 8), length: int = 300, chunk: int = 64, seed: int = 0
+    net, session, batches=(1, 3, 8), length: int = 300, chunk: int = 64, seed: int = 0
 ) -> float:
-    """Max |Δ logit| between TF and ONNX over random text, state carried across chunks."""
+    """Max |Δ logit| between the TF network and the ONNX session over random text, state carried across
+    chunks."""
     rng = np.random.default_rng(seed)
     worst = 0.0
-    tf_step, onnx_step = model.step, ort_step(session)
-    V = model.config.vocab_size
+    tf_step, onnx_step = net.step, ort_step(session)
+    V = net.config.vocab_size
     for b in batches:
         ids = rng.integers(0, V, (b, length), dtype=np.int32)
-        tf_state = model.zero_state(b)
+        tf_state = net.zero_state(b)
         onnx_state = None
         for s in range(0, length, chunk):
             x = ids[:, s : s + chunk]
@@ -74,9 +75,7 @@ def compare_logits(
 @cli
 def main(argv: list[str] | None = None) -> int:
     p = parser("python -m export.verify", __doc__)
-    p.add_argument(
-        "--model", default="models/shakespeare-lstm-2x512", help="model directory (the reference)"
-    )
+    add_model_dir(p, help="model directory (the reference)")
     p.add_argument(
         "--onnx",
         default="model_repository/charrnn_onnx/1/model.onnx",
@@ -90,10 +89,10 @@ def main(argv: list[str] | None = None) -> int:
     from charrnn.sampling import Sampler, SamplingParams, sample_steps
 
     use_cpu_only()
-    model, vocab, _ = load_model_dir(args.model)
+    net, vocab, _ = load_model_dir(args.model_dir)
     session = ort_session(args.onnx)
     t0 = time.time()
-    delta = compare_logits(model, session)
+    delta = compare_logits(net, session)
     ok_logits = delta <= args.tolerance
     print(
         f"logits: batches 1/3/8 x 300 chars, state carried in chunks of 64: max |delta| = {delta:.2e} "
@@ -103,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     greedy = SamplingParams(greedy=True)
     for prompt in PROMPTS:
         prime = vocab.encode(prompt)
-        expect = vocab.decode(model.generate(prime, args.length, Sampler(greedy, len(vocab))))
+        expect = vocab.decode(net.generate(prime, args.length, Sampler(greedy, len(vocab))))
         received = vocab.decode(
             sample_steps(ort_step(session), prime, args.length, Sampler(greedy, len(vocab)))
         )

@@ -98,6 +98,8 @@ def values() -> dict[str, str]:
         "STATS_PORT": str(d.PROXY_STATS_PORT),
         "PROMETHEUS_PORT": str(d.PROMETHEUS_PORT),
         "REPLICA_SLOTS": str(d.REPLICA_SLOTS),
+        "PROXY_HTTP_BACKEND": d.PROXY_BACKENDS["http"],
+        "PROXY_GRPC_BACKEND": d.PROXY_BACKENDS["grpc"],
         "ADMIN_KEY_ENV": d.ADMIN_KEY_ENV,
         "INFER_KEY_ENV": INFER_KEY_ENV,
         "INFER_KEY_HEADER": INFER_KEY_HEADER,

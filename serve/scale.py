@@ -12,10 +12,10 @@ import sys
 import time
 import urllib.request
 
-from charrnn.deployment import PROXY_STATS_PORT
+from charrnn.deployment import PROXY_BACKENDS, PROXY_STATS_PORT
 
-# The backends of serve/haproxy.cfg: each lists every replica, as slots replica1..replica8.
-BACKENDS = ("triton_http", "triton_grpc")
+# The backends of serve/haproxy.cfg: each lists every replica, as slots replica1..replica<REPLICA_SLOTS>.
+BACKENDS = tuple(PROXY_BACKENDS.values())
 # docker-compose.yml publishes the stats port there (default PROXY_STATS_PORT)
 STATS_PORT_ENV = "HAPROXY_STATS_PORT"
 

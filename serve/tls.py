@@ -301,9 +301,8 @@ def main(argv: list[str] | None = None) -> int:
     sans = san_entries([*DEFAULT_HOSTS, *args.host])
     out = args.out.resolve()
     if not args.force and up_to_date(out, sans):
-        owner = key_owner(
-            args.server_uid
-        )  # the modes and the key's owner, as make_certificates() sets them
+        # the modes and the key's owner, as make_certificates() sets them
+        owner = key_owner(args.server_uid)
         os.chmod(out, 0o700)
         for name in KEYS + CERTS:
             os.chmod(out / name, 0o600 if name in KEYS else 0o644)

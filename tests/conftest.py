@@ -71,11 +71,11 @@ def tiny(tiny_model):
 # --- the shipped model and its export -------------------------------------------------------------------
 @pytest.fixture(scope="session")
 def shipped():
-    """(model, vocab) of the shipped model, loaded in TensorFlow (the reference)."""
+    """(net, vocab) of the shipped model directory, loaded in TensorFlow (the reference)."""
     from charrnn.model import load_model_dir
 
-    model, vocab, _ = load_model_dir(SHIPPED_MODEL)
-    return model, vocab
+    net, vocab, _ = load_model_dir(SHIPPED_MODEL)
+    return net, vocab
 
 
 @pytest.fixture(scope="session")
@@ -86,7 +86,7 @@ def shipped_repo(tmp_path_factory) -> Path:
     from export.__main__ import main as export_main
 
     out = tmp_path_factory.mktemp("shipped-repo")
-    assert export_main(["--model", str(SHIPPED_MODEL), "--repo", str(out)]) == 0
+    assert export_main(["--model-dir", str(SHIPPED_MODEL), "--repo", str(out)]) == 0
     return out
 
 

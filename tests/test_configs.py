@@ -108,9 +108,9 @@ def test_config_meets_the_documented_requirements(
     assert not c.HasField("dynamic_batching"), "the sequence batcher, not the dynamic batcher"
     assert list(sb.control_input) == [], "the graph has no START/READY inputs"
     # implicit state: only where the backend supports it (TensorRT, ONNX Runtime), exactly one packed state
-    kind_of = "trt" if name.endswith("_trt") else "onnx" if name.endswith("_onnx") else "python"
-    assert (kind_of != "python") == (name in repository.IMPLICIT_STATE_MODELS)
-    if kind_of != "python":
+    backend = repository.BY_NAME[name].backend
+    assert (backend != repository.PYTHON_BACKEND) == (name in repository.IMPLICIT_STATE_MODELS)
+    if backend != repository.PYTHON_BACKEND:
         assert len(sb.state) == 1
         s = sb.state[0]
         assert (s.input_name, s.output_name, s.data_type) == (STATE_IN, STATE_OUT, pb.TYPE_FP32)
@@ -127,10 +127,10 @@ def test_config_meets_the_documented_requirements(
         assert len(sb.state) == 0
     # platform / backend / instance kind
     kinds = [g.kind for g in c.instance_group]
-    if kind_of == "trt":
+    if backend == repository.TENSORRT:
         assert (c.platform, c.backend) == ("tensorrt_plan", "")
         assert kinds == [pb.ModelInstanceGroup.KIND_GPU]
-    elif kind_of == "onnx":
+    elif backend == repository.ONNXRUNTIME:
         assert (c.platform, c.backend) == ("onnxruntime_onnx", "")
         assert kinds == [pb.ModelInstanceGroup.KIND_AUTO]  # NVIDIA's images: GPU if present
     else:

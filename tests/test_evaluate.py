@@ -13,7 +13,7 @@ import pytest
 from charrnn.data import load_splits
 from charrnn.model import (
     ModelConfig,
-    build_model,
+    build_net,
     keras,  # TensorFlow's, with its environment set first
 )
 from tests.helpers import read_json
@@ -22,11 +22,11 @@ from train.evaluate import evaluate_loss
 
 
 def test_evaluate_loss_of_zero_weights_is_ln_v():
-    model = build_model(ModelConfig(vocab_size=3, hidden=2, embedding=2, layers=1))
-    for w in model.weights:
+    net = build_net(ModelConfig(vocab_size=3, hidden=2, embedding=2, layers=1))
+    for w in net.weights:
         w.assign(np.zeros(w.shape, np.float32))
     ids = np.random.default_rng(0).integers(0, 3, size=50, dtype=np.int32)
-    loss, count = evaluate_loss(model, ids, batch_size=4, seq_len=7)
+    loss, count = evaluate_loss(net, ids, batch_size=4, seq_len=7)
     assert count == 4 * ((50 - 1) // 4) == 48
     assert loss == pytest.approx(math.log(3), abs=1e-6)
 
@@ -41,11 +41,11 @@ def _numpy_ce(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
 @pytest.fixture(scope="module")
 def random_model():
     keras.utils.set_random_seed(7)
-    model = build_model(ModelConfig(vocab_size=5, hidden=6, embedding=4, layers=2))
+    net = build_net(ModelConfig(vocab_size=5, hidden=6, embedding=4, layers=2))
     # Larger weights than the default init so the logits (and losses) are far from uniform.
-    for w in model.weights:
+    for w in net.weights:
         w.assign(w.numpy() * 3)
-    return model
+    return net
 
 
 def test_evaluate_loss_matches_numpy_cross_entropy_single_stream(random_model):
@@ -76,7 +76,7 @@ def test_evaluate_cli_json_matches_card(tiny_model, corpus, capsys):
     capsys.readouterr()
     assert (
         evaluate_cli.main(
-            ["--model", str(tiny_model), "--data", str(corpus), "--split", "val", "--json"]
+            ["--model-dir", str(tiny_model), "--data", str(corpus), "--split", "val", "--json"]
         )
         == 0
     )
@@ -91,8 +91,11 @@ def test_evaluate_cli_json_matches_card(tiny_model, corpus, capsys):
     assert result["loss"] == pytest.approx(card["metrics"]["val_loss"], abs=1e-4)
 
 
-def test_evaluate_cli_bad_model_dir(tmp_path, capsys):
-    assert evaluate_cli.main(["--model", str(tmp_path / "nope"), "--json"]) == 2
+@pytest.mark.parametrize(
+    "flag", ["--model-dir", "--model"]
+)  # --model: its first spelling, still accepted
+def test_evaluate_cli_bad_model_dir(flag, tmp_path, capsys):
+    assert evaluate_cli.main([flag, str(tmp_path / "nope"), "--json"]) == 2
     assert capsys.readouterr().err.startswith(
         f"error: {tmp_path / 'nope'}: model directory not found"
     )
@@ -106,7 +109,9 @@ def test_shipped_model_beats_samplecharrnn_on_the_test_split(corpus, capsys):
     from tests.helpers import ROOT, SHIPPED_MODEL
 
     capsys.readouterr()
-    assert evaluate_cli.main(["--model", str(SHIPPED_MODEL), "--data", str(corpus), "--json"]) == 0
+    assert (
+        evaluate_cli.main(["--model-dir", str(SHIPPED_MODEL), "--data", str(corpus), "--json"]) == 0
+    )
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["split"] == "test" and result["perplexity"] < 4.940
     card = read_json(SHIPPED_MODEL / "model_card.json")

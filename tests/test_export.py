@@ -42,7 +42,7 @@ def test_export_idle_timeout_flag_sets_every_model_and_refuses_nonsense(
 
     assert (
         export_main(
-            ["--model", str(tiny_model), "--repo", str(tmp_path / "bad"), "--idle-timeout", "0"]
+            ["--model-dir", str(tiny_model), "--repo", str(tmp_path / "bad"), "--idle-timeout", "0"]
         )
         == 2
     )
@@ -50,7 +50,8 @@ def test_export_idle_timeout_flag_sets_every_model_and_refuses_nonsense(
     assert not (tmp_path / "bad").exists()
     repo = tmp_path / "repo"
     assert (
-        export_main(["--model", str(tiny_model), "--repo", str(repo), "--idle-timeout", "7.5"]) == 0
+        export_main(["--model-dir", str(tiny_model), "--repo", str(repo), "--idle-timeout", "7.5"])
+        == 0
     )
     for name in repository.SERVED_MODELS:
         c = repository.load_config(repo / name / "config.pbtxt")
@@ -114,7 +115,7 @@ def test_export_cli_rejects_a_bad_model_dir_and_writes_nothing(case, tiny_model,
     damage, pattern = BAD_MODEL_DIRS[case]
     damage(d)
     repo = tmp_path / "repo"
-    rc = export_main(["--model", str(d), "--repo", str(repo)])
+    rc = export_main(["--model-dir", str(d), "--repo", str(repo)])
     err = capsys.readouterr().err
     assert rc == 2, err
     errors = [line for line in err.splitlines() if line.startswith("error: ")]
@@ -132,7 +133,7 @@ def test_export_cli_rejects_a_config_json_that_is_not_an_object(
     d = _copy(tiny_model, tmp_path)
     (d / "config.json").write_text(content)
     repo = tmp_path / "repo"
-    rc = export_main(["--model", str(d), "--repo", str(repo)])
+    rc = export_main(["--model-dir", str(d), "--repo", str(repo)])
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith("error: ") and "config.json" in err, err
     assert not repo.exists()

@@ -16,6 +16,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from charrnn.deployment import CONTAINER_PORTS, PROXY_BACKENDS
 from charrnn.repository import PYTHON
 from charrnn.sampling import SamplingParams
 from serve.scale import servers, up, wait_for_replicas
@@ -75,18 +76,20 @@ def scale(s: Stack, n: int, env: dict | None = None) -> None:
 
 def up_addresses(s: Stack) -> set[str]:
     return {
-        row["addr"] for row in servers(s.stats)["triton_http"].values() if row["status"] == "UP"
+        row["addr"]
+        for row in servers(s.stats)[PROXY_BACKENDS["http"]].values()
+        if row["status"] == "UP"
     }
 
 
 def open_grpc_streams(s: Stack) -> int:
     """gRPC streams the proxy holds open to the replicas now (HAProxy's stats: scur of triton_grpc's servers)."""
-    return sum(int(row["scur"] or 0) for row in servers(s.stats)["triton_grpc"].values())
+    return sum(int(row["scur"] or 0) for row in servers(s.stats)[PROXY_BACKENDS["grpc"]].values())
 
 
 def address(s: Stack, container: str) -> str:
     networks = s.inspect(container)["NetworkSettings"]["Networks"]
-    return next(iter(networks.values()))["IPAddress"] + ":8000"
+    return f"{next(iter(networks.values()))['IPAddress']}:{CONTAINER_PORTS.http}"
 
 
 def run(s: Stack, n: int, length: int, protocol: str, shards: int, on_text=None, messages=None):

@@ -55,8 +55,8 @@ def test_gen_graph_contract_and_tensorrt_readiness(gen_proto, shipped):
     from export.gen_export import check_gen_io
     from export.trt_check import _nodes, check_model
 
-    model, _ = shipped
-    assert check_gen_io(gen_proto, model.config.contract) == []
+    net, _ = shipped
+    assert check_gen_io(gen_proto, net.config.contract) == []
     report = check_model(gen_proto)
     assert report.ready, report.text()
     ops = report.op_counts
@@ -97,8 +97,8 @@ def prime(session, prompt_ids, state):
 def test_gen_onnx_matches_tf_reference(gen_session, shipped, tf_texts):
     """ONNX Runtime, one call of K = LENGTH characters, and the same in calls of 7 (state and last id carried);
     the prompt longer than MAX_T is primed in chunks first."""
-    model, vocab = shipped
-    zero = model.config.contract.zero_state(1)
+    net, vocab = shipped
+    zero = net.config.contract.zero_state(1)
     for params, prompts in (
         (GREEDY, GEN_PROMPTS),
         (SEEDED[0], GEN_PROMPTS[:1]),
@@ -132,13 +132,13 @@ def test_gen_onnx_matches_tf_reference(gen_session, shipped, tf_texts):
 
 def test_gen_onnx_batch_rows_are_independent(gen_session, shipped):
     """Greedy, sampled and top-k rows in one batch each give what they give alone; TOP_K = V keeps all."""
-    model, vocab = shipped
+    net, vocab = shipped
     V = len(vocab)
     prompts = np.array(
         [vocab.encode(p) for p in ("ROMEO:", "JULIET", "HAMLET", "Romeo ", "IAGO: ")], np.int32
     )
     rng = np.random.default_rng(3)
-    state = (0.3 * rng.standard_normal((5, *model.config.contract.state_dims))).astype(np.float32)
+    state = (0.3 * rng.standard_normal((5, *net.config.contract.state_dims))).astype(np.float32)
     noise = rng.random((5, 24, V), dtype=np.float32) + np.float32(1e-7)
     temperature = [0.0, 0.8, 1.0, 1.5, 1.0]
     top_k = [0, 5, 0, 1, 0]
@@ -169,25 +169,25 @@ def test_gen_onnx_batch_rows_are_independent(gen_session, shipped):
 @pytest.mark.parametrize("cell, extra", [("gru", {"reset_after": False}), ("rnn", {})])
 def test_gen_export_of_one_slot_cells_matches_tf(cell, extra, tmp_path):
     """GRU (TF1-style reset gate) and SimpleRNN: the loop body calls their cells too (random weights)."""
-    from charrnn.model import ModelConfig, build_model
+    from charrnn.model import ModelConfig, build_net
     from export.gen_export import export_gen_onnx
     from export.trt_check import check_model
     from export.verify import ort_session
 
-    model = build_model(
+    net = build_net(
         ModelConfig(vocab_size=30, cell=cell, layers=2, hidden=16, embedding=8, **extra)
     )
-    proto = export_gen_onnx(model, tmp_path / "gen.onnx")
+    proto = export_gen_onnx(net, tmp_path / "gen.onnx")
     assert check_model(proto).ready, check_model(proto).text()
     session = ort_session(tmp_path / "gen.onnx")
     prime = np.array([3, 5, 7, 9, 11], np.int32)
     for params in (GREEDY, SamplingParams(temperature=0.7, top_k=7, seed=1)):
-        want = model.generate(prime, 40, Sampler(params, 30))
+        want = net.generate(prime, 40, Sampler(params, 30))
         t, k = (0.0, 0) if params.greedy else (params.temperature, params.top_k)
         ids, _ = run_gen(
             session,
             prime[None],
-            model.config.contract.zero_state(1),
+            net.config.contract.zero_state(1),
             noise_for(params, 40, 30)[None],
             t,
             k,

@@ -148,11 +148,11 @@ def tf1_reference(
 
 
 def keras_logits(model_dir: Path, ids: np.ndarray) -> np.ndarray:
-    """The imported model over ids (B, T), in two chunks with the packed state carried between them."""
-    model, _, _ = load_model_dir(model_dir)
+    """The imported network over ids (B, T), in two chunks with the packed state carried between them."""
+    net, _, _ = load_model_dir(model_dir)
     half = ids.shape[1] // 2
-    a, state = model(tf.constant(ids[:, :half]), None)
-    b, _ = model(tf.constant(ids[:, half:]), state)
+    a, state = net(tf.constant(ids[:, :half]), None)
+    b, _ = net(tf.constant(ids[:, half:]), state)
     return np.concatenate([a.numpy(), b.numpy()], axis=1)
 
 
@@ -283,8 +283,8 @@ def test_basic_rnn_with_onehot_input(tmp_path, capsys):
     )
     assert rc == 0, err
     assert "onehot" in stdout
-    model, _, card = load_model_dir(out)
-    assert np.array_equal(model.embed.get_weights()[0], np.eye(V, dtype=np.float32))
+    net, _, card = load_model_dir(out)
+    assert np.array_equal(net.embed.get_weights()[0], np.eye(V, dtype=np.float32))
     assert card["imported_from"]["input"] == "onehot" and card["architecture"]["embedding"] == V
     ids = seqs(V, 2)
     want = tf1_reference(w, "crazydonkey", "rnn", ids, 0.0, V, onehot=True)
@@ -436,19 +436,15 @@ def test_imported_wts_goes_through_export_and_verify(tmp_path, capsys):
     from export.verify import main as verify_main
 
     w = tf1_weights("crazydonkey", "lstm", 65, 16, 12, layers=2, seed=6)
-    write_wts(tmp_path / "char-rnn.wts", w)
-    model = tmp_path / "samplecharrnn"
-    rc, _, err = run(
-        ["--wts", tmp_path / "char-rnn.wts", "--vocab-builtin", "samplecharrnn", "--out", model],
-        capsys,
-    )
+    wts, model_dir = tmp_path / "char-rnn.wts", tmp_path / "samplecharrnn"
+    write_wts(wts, w)
+    rc, _, err = run(["--wts", wts, "--vocab-builtin", "samplecharrnn", "--out", model_dir], capsys)
     assert rc == 0, err
     repo = tmp_path / "repo"
-    assert export_main(["--model", str(model), "--repo", str(repo)]) == 0
+    assert export_main(["--model-dir", str(model_dir), "--repo", str(repo)]) == 0
     capsys.readouterr()
-    rc = verify_main(
-        ["--model", str(model), "--onnx", str(repo / ONNX / "1" / "model.onnx"), "--length", "200"]
-    )
+    onnx_path = str(repo / ONNX / "1" / "model.onnx")
+    rc = verify_main(["--model-dir", str(model_dir), "--onnx", onnx_path, "--length", "200"])
     out = capsys.readouterr().out
     assert rc == 0 and "PASS" in out and "FAIL" not in out, out
 
@@ -568,7 +564,9 @@ def test_imported_model_samples_greedy_like_tf1(tmp_path, capsys):
 
     prompt, length = "ROMEO", 30
     assert (
-        sample_main(["--model", str(out), "--greedy", "--prompt", prompt, "--length", str(length)])
+        sample_main(
+            ["--model-dir", str(out), "--greedy", "--prompt", prompt, "--length", str(length)]
+        )
         == 0
     )
     text = capsys.readouterr().out

@@ -15,7 +15,7 @@ from charrnn.model import (  # imports TensorFlow and Keras, with their environm
     VOCAB_FILE,
     WEIGHTS_FILE,
     ModelConfig,
-    build_model,
+    build_net,
     keras,
     load_model_dir,
     save_model_dir,
@@ -30,7 +30,7 @@ CELLS = ["lstm", "gru", "rnn"]
 
 def make(cell: str, seed: int = 0):
     keras.utils.set_random_seed(seed)
-    return build_model(ModelConfig(vocab_size=V, cell=cell, layers=L, hidden=H, embedding=E))
+    return build_net(ModelConfig(vocab_size=V, cell=cell, layers=L, hidden=H, embedding=E))
 
 
 def ids_batch(B: int, T: int, seed: int = 1) -> np.ndarray:
@@ -47,13 +47,13 @@ def lstm_dir(tmp_path_factory):
 
 @pytest.mark.parametrize("cell,slots", [("lstm", 2), ("gru", 1), ("rnn", 1)])
 def test_forward_shapes(cell, slots):
-    model = make(cell)
+    net = make(cell)
     B, T = 3, 4
-    logits, state = model(ids_batch(B, T))
+    logits, state = net(ids_batch(B, T))
     assert tuple(logits.shape) == (B, T, V)
     assert tuple(state.shape) == (B, slots, L, H)
-    assert model.config.contract.state_dims == (slots, L, H)
-    assert tuple(model.zero_state(B).shape) == (B, slots, L, H)
+    assert net.config.contract.state_dims == (slots, L, H)
+    assert tuple(net.zero_state(B).shape) == (B, slots, L, H)
     assert logits.dtype == tf.float32 and state.dtype == tf.float32
     assert np.all(np.isfinite(logits.numpy()))
     assert np.any(state.numpy() != 0)  # the state is really produced by the RNN
@@ -61,11 +61,11 @@ def test_forward_shapes(cell, slots):
 
 @pytest.mark.parametrize("cell", CELLS)
 def test_step_returns_last_position_logits(cell):
-    model = make(cell)
+    net = make(cell)
     ids = ids_batch(2, 6)
-    state0 = model.zero_state(2)
-    logits, state = model(ids, state0)
-    last, step_state = model.step(ids, state0)
+    state0 = net.zero_state(2)
+    logits, state = net(ids, state0)
+    last, step_state = net.step(ids, state0)
     assert tuple(last.shape) == (2, V)
     np.testing.assert_allclose(last.numpy(), logits.numpy()[:, -1, :], rtol=0, atol=1e-6)
     np.testing.assert_allclose(step_state.numpy(), state.numpy(), rtol=0, atol=1e-6)
@@ -74,38 +74,38 @@ def test_step_returns_last_position_logits(cell):
 
 @pytest.mark.parametrize("cell", CELLS)
 def test_state_carried_across_chunks_equals_one_pass(cell):
-    model = make(cell)
+    net = make(cell)
     ids = ids_batch(2, 12)
-    full, full_state = model(ids)
-    a, state_a = model(ids[:, :5], model.zero_state(2))
-    b, state_b = model(ids[:, 5:], state_a)
+    full, full_state = net(ids)
+    a, state_a = net(ids[:, :5], net.zero_state(2))
+    b, state_b = net(ids[:, 5:], state_a)
     np.testing.assert_allclose(
         np.concatenate([a.numpy(), b.numpy()], axis=1), full.numpy(), rtol=0, atol=1e-5
     )
     np.testing.assert_allclose(state_b.numpy(), full_state.numpy(), rtol=0, atol=1e-5)
     # One character at a time through `step` (what the sampler and the server do) gives the same logits.
-    state = model.zero_state(2)
+    state = net.zero_state(2)
     for t in range(12):
-        last, state = model.step(ids[:, t : t + 1], state)
+        last, state = net.step(ids[:, t : t + 1], state)
         np.testing.assert_allclose(last.numpy(), full.numpy()[:, t, :], rtol=0, atol=1e-5)
     # The state matters: restarting the second chunk from zero changes the logits.
-    fresh, _ = model(ids[:, 5:], model.zero_state(2))
+    fresh, _ = net(ids[:, 5:], net.zero_state(2))
     assert np.abs(fresh.numpy() - b.numpy()).max() > 1e-4
 
 
 def test_batch_rows_are_independent():
-    model = make("lstm")
+    net = make("lstm")
     ids = ids_batch(3, 8)
-    both, _ = model(ids)
-    one, _ = model(ids[1:2])
+    both, _ = net(ids)
+    one, _ = net(ids[1:2])
     np.testing.assert_allclose(both.numpy()[1:2], one.numpy(), rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("cell", CELLS)
 def test_save_load_round_trip_identical_outputs(tmp_path, cell):
-    model = make(cell, seed=3)
+    net = make(cell, seed=3)
     card = {"name": "x", "metrics": {"val_loss": 1.5}}
-    save_model_dir(tmp_path / "m", model, VOCAB, card=card)
+    save_model_dir(tmp_path / "m", net, VOCAB, card=card)
     for name in (CONFIG_FILE, VOCAB_FILE, WEIGHTS_FILE, CARD_FILE):
         assert (tmp_path / "m" / name).is_file()
     assert json.loads((tmp_path / "m" / CONFIG_FILE).read_text()) == {
@@ -117,15 +117,15 @@ def test_save_load_round_trip_identical_outputs(tmp_path, cell):
         "dropout": 0.0,
     }
     loaded, vocab, loaded_card = load_model_dir(tmp_path / "m")
-    assert loaded.config == model.config
+    assert loaded.config == net.config
     assert vocab == VOCAB
     assert loaded_card == card
     ids = ids_batch(2, 9, seed=5)
-    want, want_state = model(ids)
+    want, want_state = net(ids)
     got, got_state = loaded(ids)
     np.testing.assert_array_equal(got.numpy(), want.numpy())
     np.testing.assert_array_equal(got_state.numpy(), want_state.numpy())
-    # A model built with another seed differs, so the equality above is due to the weights file.
+    # A network built with another seed differs, so the equality above is due to the weights file.
     other, _ = make(cell, seed=4)(ids)
     assert not np.allclose(other.numpy(), want.numpy())
 

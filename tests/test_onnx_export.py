@@ -117,8 +117,8 @@ def test_shipped_model_onnx_state_matches_tf(shipped_onnx):
     from charrnn.model import load_model_dir
     from export.verify import ort_session
 
-    model, vocab, _ = load_model_dir(SHIPPED_MODEL)
-    e = Exported("lstm", SHIPPED_MODEL, model, vocab, shipped_onnx, None, ort_session(shipped_onnx))
+    net, vocab, _ = load_model_dir(SHIPPED_MODEL)
+    e = Exported("lstm", SHIPPED_MODEL, net, vocab, shipped_onnx, None, ort_session(shipped_onnx))
     rng = np.random.default_rng(4)
     ids = rng.integers(0, len(vocab), (3, 40), dtype=np.int32)
     tf_l, tf_s, ort_l, ort_s = both(e, ids, random_state(rng, e.contract, 3))

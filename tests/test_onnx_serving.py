@@ -353,7 +353,7 @@ def test_demo_generates_through_charrnn_onnx_and_says_so(ort_backend, shipped):
             main as export_main,
         )
 
-        assert export_main(["--model", str(SHIPPED_MODEL), "--repo", str(COMMITTED_REPO)]) == 0
+        assert export_main(["--model-dir", str(SHIPPED_MODEL), "--repo", str(COMMITTED_REPO)]) == 0
 
     r = subprocess.run(
         [sys.executable, "-m", "client.demo", "--prompt", "ROMEO:", "--length", "60", "--greedy"],

@@ -36,7 +36,7 @@ def cli_runs(tiny_model):
     env = {**os.environ, "PYTHONIOENCODING": "utf-8"}
     return {
         name: subprocess.run(
-            [PY, "-m", "train.sample", "--model", str(tiny_model), *args],
+            [PY, "-m", "train.sample", "--model-dir", str(tiny_model), *args],
             cwd=ROOT,
             env=env,
             capture_output=True,
@@ -89,7 +89,7 @@ def test_cli_bad_input_exits_2(tiny_model, capsys, args, message):
     from train.sample import main
 
     capsys.readouterr()
-    assert main(["--model", str(tiny_model), *args]) == 2
+    assert main(["--model-dir", str(tiny_model), *args]) == 2
     out, err = capsys.readouterr()
     assert err.startswith(message)
     assert out == ""

@@ -287,7 +287,9 @@ def test_proxy_finds_every_replica_through_dockers_dns_and_checks_them_up(stack)
         for ip in [n["IPAddress"] for n in stack.inspect(c)["NetworkSettings"]["Networks"].values()]
     )
     table = servers(stack.stats)
-    for backend, port in zip(BACKENDS, (8000, 8001)):
+    for backend, port in zip(
+        BACKENDS, (deployment.CONTAINER_PORTS.http, deployment.CONTAINER_PORTS.grpc)
+    ):
         rows = table[backend]
         assert sorted(rows) == sorted(f"replica{i}" for i in range(1, SLOTS + 1))
         assert sorted(r["addr"] for r in rows.values() if r["status"] == "UP") == sorted(

@@ -88,7 +88,7 @@ def test_tiny_model_directory_is_complete(tiny_model, corpus):
     state = read_json(tiny_model / "checkpoints" / "train_state.json")
     assert state["step"] == int(TINY["--max-steps"])
     assert state["config"] == read_json(tiny_model / "config.json")
-    model, vocab, card = load_model_dir(tiny_model)  # the directory loads as a model
+    net, vocab, card = load_model_dir(tiny_model)  # the directory loads as a network
     assert len(vocab) == 65 and card["name"] == tiny_model.name
 
 

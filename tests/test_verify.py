@@ -18,7 +18,7 @@ def test_verify_passes_on_the_shipped_export(shipped_onnx, capsys):
     from export.verify import PROMPTS
     from export.verify import main as verify_main
 
-    rc = verify_main(["--model", str(SHIPPED_MODEL), "--onnx", str(shipped_onnx)])
+    rc = verify_main(["--model-dir", str(SHIPPED_MODEL), "--onnx", str(shipped_onnx)])
     out, err = capsys.readouterr()
     assert rc == 0, out + err
     assert re.search(r"^logits: .*max \|delta\| = \S+ \(tolerance 1e-04\) PASS$", out, re.M), out
@@ -50,7 +50,7 @@ def test_verify_fails_on_a_tampered_onnx(exported, tmp_path, capsys):
     path = tmp_path / "tampered.onnx"
     onnx.save(tampered, str(path))
 
-    rc = verify_main(["--model", str(e.model_dir), "--onnx", str(path), "--length", "30"])
+    rc = verify_main(["--model-dir", str(e.model_dir), "--onnx", str(path), "--length", "30"])
     out, err = capsys.readouterr()
     assert rc == 1, out + err
     assert re.search(r"^logits: .* FAIL$", out, re.M), out
@@ -62,7 +62,7 @@ def test_verify_on_a_missing_onnx_is_a_usage_error(tmp_path, capsys):
     from export.verify import main as verify_main
 
     rc = verify_main(
-        ["--model", str(SHIPPED_MODEL), "--onnx", str(tmp_path / "none.onnx"), "--length", "5"]
+        ["--model-dir", str(SHIPPED_MODEL), "--onnx", str(tmp_path / "none.onnx"), "--length", "5"]
     )
     assert rc == 2
     assert capsys.readouterr().err.startswith(

@@ -1,6 +1,6 @@
 """Loss and perplexity of a model directory on the held-out test split (`make evaluate`).
 
-    python -m train.evaluate --model models/shakespeare-lstm-2x512 [--split test|val|train]
+    python -m train.evaluate --model-dir models/shakespeare-lstm-2x512 [--split test|val|train]
 
 Perplexity = exp(mean cross-entropy per predicted character), state carried through the whole split.
 Exit codes: 0 ok, 2 bad model directory or data.
@@ -14,15 +14,16 @@ import time
 
 import numpy as np
 
-from charrnn.cli import parser
+from charrnn.cli import add_model_dir, parser
 from charrnn.data import load_splits
 from charrnn.errors import cli
 
 
 def evaluate_loss(
-    model, ids: np.ndarray, batch_size: int = 32, seq_len: int = 200, progress: bool = False
+    net, ids: np.ndarray, batch_size: int = 32, seq_len: int = 200, progress: bool = False
 ) -> tuple[float, int]:
-    """Mean cross-entropy (nats) of predicting ids[1:] from ids[:-1], state carried along B streams.
+    """Mean cross-entropy (nats) of the network `net` (a charrnn.model.CharRNN) predicting ids[1:] from ids[:-1],
+    state carried along B streams.
 
     The text is cut into `batch_size` contiguous streams (the last < batch_size characters are
     dropped); each stream is read in chunks of `seq_len` with the state carried across chunks, so
@@ -36,18 +37,18 @@ def evaluate_loss(
     x_all = ids[: batch_size * per].reshape(batch_size, per)  # (B, N)
     y_all = ids[1 : batch_size * per + 1].reshape(batch_size, per)
 
-    chunk_loss = getattr(model, "_charrnn_chunk_loss", None)
-    if chunk_loss is None:  # one traced function per model, reused by every evaluation of it
+    chunk_loss = getattr(net, "_charrnn_chunk_loss", None)
+    if chunk_loss is None:  # one traced function per network, reused by every evaluation of it
 
         @tf.function(reduce_retracing=True)
         def chunk_loss(x, y, state):
-            logits, state = model(x, state, training=False)  # (B, t, V)
+            logits, state = net(x, state, training=False)  # (B, t, V)
             ce = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=y, logits=logits)
             return tf.reduce_sum(tf.cast(ce, tf.float64)), state
 
-        object.__setattr__(model, "_charrnn_chunk_loss", chunk_loss)
+        object.__setattr__(net, "_charrnn_chunk_loss", chunk_loss)
 
-    total, state = 0.0, model.zero_state(batch_size)
+    total, state = 0.0, net.zero_state(batch_size)
     starts = range(0, per, seq_len)
     if progress:
         from tqdm import tqdm
@@ -63,7 +64,7 @@ def evaluate_loss(
 @cli
 def main(argv: list[str] | None = None) -> int:
     p = parser("python -m train.evaluate", __doc__)
-    p.add_argument("--model", default="models/shakespeare-lstm-2x512", help="model directory")
+    add_model_dir(p)
     p.add_argument(
         "--data", default="data/tinyshakespeare.txt", help="corpus the model was trained on"
     )
@@ -82,11 +83,11 @@ def main(argv: list[str] | None = None) -> int:
     from charrnn.model import load_model_dir, use_cpu_only
 
     use_cpu_only()
-    model, vocab, card = load_model_dir(args.model)
+    net, vocab, card = load_model_dir(args.model_dir)
     _, train, val, test = load_splits(args.data, vocab)
     ids = {"train": train, "val": val, "test": test}[args.split]
     t0 = time.time()
-    loss, count = evaluate_loss(model, ids, args.batch_size, progress=not args.json)
+    loss, count = evaluate_loss(net, ids, args.batch_size, progress=not args.json)
     result = {
         "split": args.split,
         "loss": loss,
@@ -98,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(result))
     else:
         print(
-            f"{args.model}: {args.split} loss {loss:.4f} nats/char, perplexity {math.exp(loss):.3f} "
+            f"{args.model_dir}: {args.split} loss {loss:.4f} nats/char, perplexity {math.exp(loss):.3f} "
             f"over {count:,} characters ({result['seconds']} s)"
         )
     return 0

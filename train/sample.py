@@ -1,7 +1,7 @@
 """Reference sampler: generate text in-process with TensorFlow (`make sample`); the ground truth the
 ONNX, TensorRT and Triton paths are compared with.
 
-    python -m train.sample --model models/shakespeare-lstm-2x512 --prompt "ROMEO:" --length 500
+    python -m train.sample --model-dir models/shakespeare-lstm-2x512 --prompt "ROMEO:" --length 500
     python -m train.sample --greedy --length 200
     python -m train.sample --temperature 0.8 --top-k 20 --seed 7
 
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import sys
 
-from charrnn.cli import parser
+from charrnn.cli import add_model_dir, parser
 from charrnn.errors import UserError, cli
 from charrnn.sampling import Sampler, add_sampling_flags, sampling_params
 
@@ -20,10 +20,10 @@ from charrnn.sampling import Sampler, add_sampling_flags, sampling_params
 @cli
 def main(argv: list[str] | None = None) -> int:
     p = parser("python -m train.sample", __doc__)
-    p.add_argument("--model", default="models/shakespeare-lstm-2x512", help="model directory")
+    add_model_dir(p)
     add_sampling_flags(p)
     args = p.parse_args(argv)
-    # Validate everything the user typed before the (slow) model load.
+    # Validate everything the user typed before the (slow) load of the model directory.
     if args.length < 1:
         raise UserError("length", f"must be >= 1, got {args.length}")
     if not args.prompt:
@@ -31,11 +31,11 @@ def main(argv: list[str] | None = None) -> int:
     from charrnn.model import load_model_dir, use_cpu_only
 
     use_cpu_only()
-    model, vocab, _ = load_model_dir(args.model)
+    net, vocab, _ = load_model_dir(args.model_dir)
     sampler = Sampler(sampling_params(args), len(vocab))
     prime = vocab.encode(args.prompt)
     sys.stdout.write(args.prompt)
-    model.generate(
+    net.generate(
         prime,
         args.length,
         sampler,

@@ -6,8 +6,8 @@
 
 Batches follow char-rnn: the training split is cut into --batch-size contiguous streams, read
 --seq-length characters at a time, the RNN state carried from one batch to the next (reset each
-epoch). The best validation model is kept in --out (config.json, vocab.json, model.weights.h5,
-model_card.json); checkpoints/ holds the latest step for --resume; logs/ is for TensorBoard.
+epoch). The network with the best validation loss is kept in --out (config.json, vocab.json,
+model.weights.h5, model_card.json); checkpoints/ holds the latest step for --resume; logs/ is for TensorBoard.
 
 Exit codes: 0 ok, 2 bad flags or data.
 """
@@ -34,7 +34,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     g.add_argument(
         "--data", default="data/tinyshakespeare.txt", help="UTF-8 text corpus (any file works)"
     )
-    g = p.add_argument_group("model (default: NVIDIA sampleCharRNN)")
+    g = p.add_argument_group("network (default: NVIDIA sampleCharRNN)")
     g.add_argument("--cell", default="lstm", choices=["lstm", "gru", "rnn"], help="recurrent cell")
     g.add_argument("--num-layers", type=int, default=2, help="stacked recurrent layers")
     g.add_argument("--hidden-size", type=int, default=512, help="units per recurrent layer")
@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     from charrnn.model import (  # sets TF env first
         CARD_FILE,
         ModelConfig,
-        build_model,
+        build_net,
         load_model_dir,
         save_model_dir,
         use_cpu_only,
@@ -135,17 +135,18 @@ def main(argv: list[str] | None = None) -> int:
         embedding=args.embedding_size,
         dropout=args.dropout,
     )
-    model = build_model(config)
+    net = build_net(config)
     lr = keras.optimizers.schedules.CosineDecay(
         args.learning_rate, max_steps, alpha=args.lr_final_ratio
     )
     optimizer = keras.optimizers.Adam(lr, global_clipnorm=args.grad_clip)
-    optimizer.build(model.trainable_variables)
+    optimizer.build(net.trainable_variables)
 
     out = Path(args.out)
     ckpt_dir = out / "checkpoints"
     step_var = tf.Variable(0, dtype=tf.int64)
-    ckpt = tf.train.Checkpoint(model=model, optimizer=optimizer, step=step_var)
+    # The checkpoint key stays "model": checkpoints written before the rename keep loading.
+    ckpt = tf.train.Checkpoint(model=net, optimizer=optimizer, step=step_var)
     manager = tf.train.CheckpointManager(ckpt, str(ckpt_dir), max_to_keep=1)
     state_file = ckpt_dir / "train_state.json"
     best_val, best_step, elapsed_before = float("inf"), 0, 0.0
@@ -159,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError(
                 "--resume",
                 f"checkpoint was trained with {saved['config']}",
-                "pass the same model flags as the original run",
+                "pass the same network flags as the original run",
             )
         ckpt.restore(manager.latest_checkpoint).assert_existing_objects_matched()
         best_val, best_step = saved["best_val_loss"], saved["best_step"]
@@ -171,12 +172,12 @@ def main(argv: list[str] | None = None) -> int:
     @tf.function
     def train_step(x, y, state):
         with tf.GradientTape() as tape:
-            logits, new_state = model(x, state, training=True)  # (B, T, V)
+            logits, new_state = net(x, state, training=True)  # (B, T, V)
             loss = tf.reduce_mean(
                 tf.nn.sparse_softmax_cross_entropy_with_logits(labels=y, logits=logits)
             )
-        grads = tape.gradient(loss, model.trainable_variables)
-        optimizer.apply_gradients(zip(grads, model.trainable_variables))
+        grads = tape.gradient(loss, net.trainable_variables)
+        optimizer.apply_gradients(zip(grads, net.trainable_variables))
         return loss, tf.stop_gradient(new_state)
 
     def save_checkpoint():
@@ -198,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         return {
             "name": out.name,
             "architecture": json.loads(config.to_json()),
-            "parameters": int(sum(np.prod(v.shape) for v in model.trainable_variables)),
+            "parameters": int(sum(np.prod(v.shape) for v in net.trainable_variables)),
             "vocab_size": len(vocab),
             "corpus": {
                 "file": Path(args.data).name,
@@ -247,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     while step < max_steps:
         epoch, offset = divmod(step, steps_per_epoch)
         # each epoch (and a resume) starts from a zero state
-        state = model.zero_state(args.batch_size)
+        state = net.zero_state(args.batch_size)
         batches = stream_batches(train_ids, args.batch_size, args.seq_length, what=args.data)
         for i, (x, y) in enumerate(batches):
             if i < offset:
@@ -268,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
                 tf.summary.scalar("loss/train", loss)
                 tf.summary.scalar("learning_rate", float(lr(step)))
             if step % args.eval_every == 0 or step == max_steps:
-                val_loss, _ = evaluate_loss(model, val_ids)
+                val_loss, _ = evaluate_loss(net, val_ids)
                 with writer.as_default(step=step):
                     tf.summary.scalar("loss/val", val_loss)
                 bar.write(
@@ -277,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 if val_loss < best_val:
                     best_val, best_step = val_loss, step
-                    save_model_dir(out, model, vocab)
+                    save_model_dir(out, net, vocab)
             if step % args.checkpoint_every == 0 or step == max_steps:
                 save_checkpoint()
             if step >= max_steps:
@@ -285,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     bar.close()
     training_seconds = elapsed_before + time.time() - t_start
 
-    # Final numbers come from the best-validation model, the one written to --out.
+    # Final numbers come from the best-validation network, the one written to --out.
     best, _, _ = load_model_dir(out)
     sample_len = min(len(train_ids), len(val_ids) + len(test_ids))
     losses = {

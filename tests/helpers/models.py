@@ -72,11 +72,11 @@ def committed_text(name: str) -> str:
 # --- tiny exports of every cell -------------------------------------------------------------------------
 @dataclass
 class Exported:
-    """A model directory, its Keras model and vocab, and its ONNX export (path, proto, ORT session)."""
+    """A model directory, its Keras network and vocab, and its ONNX export (path, proto, ORT session)."""
 
     cell: str
     model_dir: Path
-    model: object
+    net: object
     vocab: Vocab
     onnx_path: Path
     proto: onnx.ModelProto
@@ -84,18 +84,18 @@ class Exported:
 
     @property
     def contract(self) -> Contract:
-        return self.model.config.contract
+        return self.net.config.contract
 
     @functools.cached_property
     def tf_step(self):
-        """model.step as one tf.function traced once for any (B, T): eager Keras RNNs are far too slow here."""
+        """The network's step as one tf.function traced once for any (B, T): eager Keras RNNs are far too slow here."""
         import tensorflow as tf
 
         spec = (
             tf.TensorSpec([None, None], tf.int32),
             tf.TensorSpec([None, *self.contract.state_dims], tf.float32),
         )
-        step = tf.function(lambda ids, state: self.model.step(ids, state), input_signature=spec)
+        step = tf.function(lambda ids, state: self.net.step(ids, state), input_signature=spec)
         return lambda ids, state: tuple(t.numpy() for t in step(ids, state))
 
 
@@ -105,10 +105,10 @@ def export_model(model_dir: Path, onnx_path: Path) -> Exported:
     from export.onnx_export import export_onnx
     from export.verify import ort_session
 
-    model, vocab, _ = load_model_dir(model_dir)
-    proto = export_onnx(model, onnx_path)
+    net, vocab, _ = load_model_dir(model_dir)
+    proto = export_onnx(net, onnx_path)
     return Exported(
-        model.config.cell, model_dir, model, vocab, onnx_path, proto, ort_session(onnx_path)
+        net.config.cell, model_dir, net, vocab, onnx_path, proto, ort_session(onnx_path)
     )
 
 

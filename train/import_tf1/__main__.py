@@ -162,8 +162,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from charrnn.model import use_cpu_only
 
-    use_cpu_only()  # before TensorFlow's first op, building the model (the checkpoint reader starts no device)
-    config, model = build_keras(imp)
+    use_cpu_only()  # before TensorFlow's first op, building the network (the checkpoint reader starts no device)
+    config, net = build_keras(imp)
     from charrnn.model import keras, save_model_dir, tf  # already imported by build_keras
 
     fb_note = (
@@ -179,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     card = {
         "name": out.name,
         "architecture": json.loads(config.to_json()),
-        "parameters": int(sum(np.prod(v.shape) for v in model.trainable_variables)),
+        "parameters": int(sum(np.prod(v.shape) for v in net.trainable_variables)),
         "vocab_size": imp.vocab_size,
         "imported_from": {
             "source": str(Path(source).resolve()),
@@ -208,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
         "imported_at": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "command": f"{PROG} " + " ".join(argv if argv is not None else sys.argv[1:]),
     }
-    save_model_dir(out, model, vocab, card)
+    save_model_dir(out, net, vocab, card)
     fb = (
         f", forget_bias {forget_bias:g} ({'flag' if args.forget_bias is not None else 'default'})"
         if imp.cell == "lstm"

@@ -1,4 +1,4 @@
-"""TF1 cell variables -> our Keras model: shape checks, gate reordering, the LSTM forget_bias."""
+"""TF1 cell variables -> our Keras network: shape checks, gate reordering, the LSTM forget_bias."""
 
 from __future__ import annotations
 
@@ -227,8 +227,8 @@ def _reject_lstm_extras(store: Store, layer: Layer, what: str) -> None:
 
 
 def build_keras(imp: Imported) -> tuple[ModelConfig, CharRNN]:
-    """Our Keras model holding the imported weights (this imports TensorFlow)."""
-    from charrnn.model import ModelConfig, build_model  # sets TF's environment first
+    """Our Keras network holding the imported weights (this imports TensorFlow)."""
+    from charrnn.model import ModelConfig, build_net  # sets TF's environment first
 
     config = ModelConfig(
         vocab_size=imp.vocab_size,
@@ -239,8 +239,8 @@ def build_keras(imp: Imported) -> tuple[ModelConfig, CharRNN]:
         dropout=0.0,
         reset_after=False if imp.cell == "gru" else True,
     )
-    model = build_model(config)
-    targets = {"embedding": model.embed, "head": model.head, **{r.name: r for r in model.rnns}}
+    net = build_net(config)
+    targets = {"embedding": net.embed, "head": net.head, **{r.name: r for r in net.rnns}}
     for name, arrays in imp.weights.items():
         layer = targets[name]
         want = [tuple(w.shape) for w in layer.get_weights()]
@@ -248,4 +248,4 @@ def build_keras(imp: Imported) -> tuple[ModelConfig, CharRNN]:
         if want != got:  # a bug here, not a user error: the conversion produced the wrong layout
             raise AssertionError(f"{name}: keras wants {want}, conversion gave {got}")
         layer.set_weights(arrays)
-    return config, model
+    return config, net
