@@ -37,6 +37,27 @@ class Server:
     env: str  # compose reads the host ports from ${<env>_HTTP_PORT} etc.
 
 
+# Every port the project publishes is on this address (compose, the local launcher): reach them from elsewhere
+# through a reverse proxy with TLS (docs/production.md).
+LOOPBACK = "127.0.0.1"
+
+
+class LoopbackUrls:
+    """grpc_url and http_url of a server on LOOPBACK at its `grpc_port` and `http_port` (the local launcher's
+    servers, the tests' compose stacks)."""
+
+    http_port: int
+    grpc_port: int
+
+    @property
+    def grpc_url(self) -> str:
+        return f"{LOOPBACK}:{self.grpc_port}"
+
+    @property
+    def http_url(self) -> str:
+        return f"{LOOPBACK}:{self.http_port}"
+
+
 MAIN = Server("main", Ports(http=8000, grpc=8001, metrics=8002), env="TRITON")
 STREAM = Server("stream", Ports(http=8010, grpc=8011, metrics=8012), env="TRITON_STREAM")
 SERVERS = (MAIN, STREAM)

@@ -38,7 +38,9 @@ from charrnn.deployment import (
     ADMIN_KEY_ENV,
     ENTRYPOINT_SOURCE,
     LOCAL_EXIT_TIMEOUT_S,
+    LOOPBACK,
     MAIN,
+    LoopbackUrls,
 )
 from charrnn.errors import UnavailableError, UserError
 from charrnn.repository import CONFIG, CPU_CONFIG_NAME, ONNX, ORT_MODELS, load_config
@@ -279,7 +281,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class LocalTriton:
+class LocalTriton(LoopbackUrls):
     """Start/stop one tritonserver process; a context manager for tests, the demo and the benchmark."""
 
     def __init__(
@@ -355,14 +357,6 @@ class LocalTriton:
         return removed
 
     @property
-    def grpc_url(self) -> str:
-        return f"127.0.0.1:{self.grpc_port}"
-
-    @property
-    def http_url(self) -> str:
-        return f"127.0.0.1:{self.http_port}"
-
-    @property
     def config_name(self) -> str | None:
         """The --model-config-name the server runs with (the last one given wins, as in Triton)."""
         name = None if self.tritonserver else CPU_CONFIG_NAME
@@ -424,7 +418,7 @@ class LocalTriton:
             {
                 "TRITONSERVER": binary,
                 "TRITON_MODEL_REPOSITORY": repo_arg,
-                "TRITON_ADDRESS": "127.0.0.1",
+                "TRITON_ADDRESS": LOOPBACK,
                 "TRITON_EXIT_TIMEOUT_S": str(LOCAL_EXIT_TIMEOUT_S),
                 ADMIN_KEY_ENV: self.admin_key,
                 INFER_KEY_ENV: self.infer_key,

@@ -9,6 +9,7 @@ from typing import ClassVar
 
 import pytest
 
+from charrnn.deployment import LoopbackUrls
 from tests.helpers.common import ROOT
 
 REQUIRE_DOCKER = os.environ.get("CHARRNN_REQUIRE_DOCKER") == "1"
@@ -29,7 +30,7 @@ def docker_or_skip() -> None:
 
 
 @dataclass
-class ComposeStack:
+class ComposeStack(LoopbackUrls):
     """One compose project of the PROFILES (set by a subclass) on free loopback ports."""
 
     PROFILES: ClassVar[tuple[str, ...]] = ()
@@ -37,14 +38,6 @@ class ComposeStack:
     env: dict
     http_port: int
     grpc_port: int
-
-    @property
-    def grpc_url(self) -> str:
-        return f"127.0.0.1:{self.grpc_port}"
-
-    @property
-    def http_url(self) -> str:
-        return f"127.0.0.1:{self.http_port}"
 
     @property
     def infer_key(self) -> str:
