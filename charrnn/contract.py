@@ -357,14 +357,14 @@ GUARD_MESSAGES = {
 # Triton's own texts have no code and are matched as constants: CAPACITY_MESSAGE (at capacity),
 # NOT_STARTED_MESSAGE (an implicit-state model does not know the sequence), RESTRICTED_MESSAGE (a header needed).
 class ErrorCode(str, Enum):
-    UNKNOWN_SEQUENCE = (
-        "CHARRNN_UNKNOWN_SEQUENCE"  # never started, ended, or evicted idle: re-prime it
-    )
-    SEQUENCE_ID_IN_USE = "CHARRNN_SEQUENCE_ID_IN_USE"  # a START under a live id (LIVE_ID_MESSAGE)
-    SEQUENCE_ID_MISSING = "CHARRNN_SEQUENCE_ID_MISSING"  # no sequence id: the model is stateful
-    INVALID_INPUT = (
-        "CHARRNN_INVALID_INPUT"  # a tensor outside the contract (its name, dtype, shape or values)
-    )
+    # never started, ended, or evicted idle: re-prime it
+    UNKNOWN_SEQUENCE = "CHARRNN_UNKNOWN_SEQUENCE"
+    # a START under a live id (LIVE_ID_MESSAGE)
+    SEQUENCE_ID_IN_USE = "CHARRNN_SEQUENCE_ID_IN_USE"
+    # no sequence id: the model is stateful
+    SEQUENCE_ID_MISSING = "CHARRNN_SEQUENCE_ID_MISSING"
+    # a tensor outside the contract (its name, dtype, shape or values)
+    INVALID_INPUT = "CHARRNN_INVALID_INPUT"
 
     def __str__(self) -> str:
         return self.value

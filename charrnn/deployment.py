@@ -85,9 +85,8 @@ class Deployment:
 
 # --- images -----------------------------------------------------------------------------------------------------
 TRITON_VERSION = "2.51.0"  # the nvidia-pytriton 0.7.0 wheel's server = NGC release 24.10's
-NGC_RELEASE = (
-    "24.10"  # every NGC image (server, SDK, TensorRT); compose's ${TRITON_RELEASE} overrides it
-)
+# every NGC image (server, SDK, TensorRT); compose's ${TRITON_RELEASE} overrides it
+NGC_RELEASE = "24.10"
 
 
 @dataclass(frozen=True)

@@ -380,9 +380,8 @@ _CODE_KINDS = {ErrorCode.UNKNOWN_SEQUENCE: LOST}
 
 def classify(error) -> str:
     code = error_code(message(error))
-    if (
-        code is not None
-    ):  # SEQUENCE_ID_IN_USE, SEQUENCE_ID_MISSING, INVALID_INPUT: a retry would not help
+    # SEQUENCE_ID_IN_USE, SEQUENCE_ID_MISSING, INVALID_INPUT: a retry would not help
+    if code is not None:
         return _CODE_KINDS.get(code, FATAL)
     text = message(error).lower()
     if is_restricted(text):

@@ -377,9 +377,10 @@ PORT_LABELS = {
 }
 
 
-def port_flag(server: Server, what: str) -> str:
-    """The flag of one of a server's ports: --grpc-port for the main server, --stream-grpc-port for the other."""
-    return f"--{'' if server is MAIN else server.name + '-'}{what}-port"
+def port_dest(server: Server, what: str) -> str:
+    """The argparse dest of one of a server's ports: grpc_port for the main server, stream_grpc_port for the
+    other (flag --grpc-port, --stream-grpc-port)."""
+    return f"{'' if server is MAIN else server.name + '_'}{what}_port"
 
 
 def build_servers(args, run_dir: Path, infer_key: str) -> list[LocalTriton]:
@@ -388,10 +389,7 @@ def build_servers(args, run_dir: Path, infer_key: str) -> list[LocalTriton]:
     run_dirs = (run_dir, stream_run_dir(run_dir))
     for server, models, server_dir in zip(SERVERS, model_groups(args), run_dirs):
         if models:
-            ports = {
-                f"{what}_port": getattr(args, port_flag(server, what)[2:].replace("-", "_"))
-                for what in PORT_LABELS
-            }
+            ports = {f"{what}_port": getattr(args, port_dest(server, what)) for what in PORT_LABELS}
             servers.append(LocalTriton(**ports, run_dir=server_dir, models=models, **common))
     for server in servers:  # every name and the kinds of each server checked before anything starts
         server.check()
@@ -522,7 +520,7 @@ def main(argv: list[str] | None = None) -> int:
         which = "" if server is MAIN else "the second server's (the decoupled model) "
         for what, label in PORT_LABELS.items():
             p.add_argument(
-                port_flag(server, what),
+                "--" + port_dest(server, what).replace("_", "-"),
                 type=int,
                 default=getattr(server.ports, what),
                 help=which + label,

@@ -125,9 +125,8 @@ def test_an_added_row_reaches_the_config_and_the_trt_profile(with_penalty):
         (64, 1),
         (64, 1),
     )
-    assert PENALTY.name not in profile_shapes(
-        (2, 2, 512), 64, 256
-    )  # the step graph has no such row
+    # the step graph has no such row
+    assert PENALTY.name not in profile_shapes((2, 2, 512), 64, 256)
 
 
 # --- the TensorRT profile, the python models, perf_analyzer, the client -------------------------------------

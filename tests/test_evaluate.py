@@ -91,9 +91,8 @@ def test_evaluate_cli_json_matches_card(tiny_model, corpus, capsys):
     assert result["loss"] == pytest.approx(card["metrics"]["val_loss"], abs=1e-4)
 
 
-@pytest.mark.parametrize(
-    "flag", ["--model-dir", "--model"]
-)  # --model: its first spelling, still accepted
+# --model: its first spelling, still accepted
+@pytest.mark.parametrize("flag", ["--model-dir", "--model"])
 def test_evaluate_cli_bad_model_dir(flag, tmp_path, capsys):
     assert evaluate_cli.main([flag, str(tmp_path / "nope"), "--json"]) == 2
     assert capsys.readouterr().err.startswith(

@@ -330,9 +330,8 @@ def test_triton_runs_the_entrypoint_with_every_project_flag(triton, argv):
         re.search(r"--[a-z-]+", part).group()
         for f, _ in dep.TRITONSERVER_FLAGS
         for part in f.split()
-        if not part.startswith(
-            "${"
-        )  # --model-config-name: only with TRITON_MODEL_CONFIG_NAME (the slim image)
+        # not --model-config-name: only with TRITON_MODEL_CONFIG_NAME (the slim image)
+        if not part.startswith("${")
     }
     assert names == want, names ^ want
     assert flag(argv, "--model-control-mode") == "none"
